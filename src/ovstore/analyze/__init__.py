@@ -1,0 +1,30 @@
+"""Analysis: OVAM maps for any attribution prompt from stored captures.
+
+Loads only a tokenizer and a text encoder plus the stored key projections; never a UNet.
+"""
+
+from .config import MapConfig
+from .engine import TokenBuckets, combine_layers, layer_keys, layer_token_maps, normalize_maps
+from .export import save_maps, write_overlays
+from .maps import MapPlan, compute_maps, iter_image_maps, split_by_prompt
+from .text import Attribution, TextEncoder, load_text_encoder
+from .words import word_maps
+
+__all__ = [
+    "Attribution",
+    "MapConfig",
+    "MapPlan",
+    "TextEncoder",
+    "TokenBuckets",
+    "combine_layers",
+    "compute_maps",
+    "iter_image_maps",
+    "layer_keys",
+    "layer_token_maps",
+    "load_text_encoder",
+    "normalize_maps",
+    "save_maps",
+    "write_overlays",
+    "split_by_prompt",
+    "word_maps",
+]

@@ -1,0 +1,71 @@
+"""Map settings: which layers and steps, and how to activate, aggregate and normalise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import InvalidInputError
+from ..selection import LayerSelection, parse_index_spec
+
+__all__ = ["MapConfig", "ACTIVATIONS", "REDUCTIONS", "NORMALIZATIONS"]
+
+ACTIVATIONS = ("token_softmax", "sigmoid", "linear")
+REDUCTIONS = ("sum", "mean")
+NORMALIZATIONS = ("none", "max", "minmax")
+
+
+@dataclass(frozen=True, slots=True)
+class MapConfig:
+    """How stored queries become one map per attribution token.
+
+    The defaults are the OVAM reference semantics: softmax over the attribution's tokens
+    (per pixel, step and head), sums over heads, steps and layers, bilinear upsampling of
+    each layer to the largest stored resolution, mid-block excluded, no normalisation.
+
+    Parameters
+    ----------
+    layers
+        Layer selection (default: every stored layer except the mid block).
+    steps
+        Positions along the stored step axis, e.g. ``"0:5,-1"`` (default: all).
+    branch
+        ``None`` takes the first stored half (the unconditional one by default); or
+        ``"uncond"``/``"cond"`` to pick a half by name.
+    activation
+        ``token_softmax`` (reference), ``sigmoid`` of the scaled scores, or ``linear``.
+    head_reduction, step_reduction, layer_reduction
+        ``sum`` (reference) or ``mean``.
+    normalize
+        ``none`` (reference), ``max`` (divide each map by its maximum) or ``minmax``.
+    size
+        Final ``(height, width)``; ``None`` keeps the largest layer resolution.
+    memory_budget
+        Bytes the score tensor of one pass may take; bounds memory whatever the number of
+        prompts.
+    """
+
+    layers: LayerSelection = field(default_factory=lambda: LayerSelection(include_mid=False))
+    steps: tuple[str, ...] | None = None
+    branch: str | None = None
+    activation: str = "token_softmax"
+    head_reduction: str = "sum"
+    step_reduction: str = "sum"
+    layer_reduction: str = "sum"
+    normalize: str = "none"
+    size: tuple[int, int] | None = None
+    memory_budget: int = 256 * 2**20
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise InvalidInputError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        for name in ("head_reduction", "step_reduction", "layer_reduction"):
+            if getattr(self, name) not in REDUCTIONS:
+                raise InvalidInputError(f"{name} {getattr(self, name)!r} is not one of sum, mean")
+        if self.normalize not in NORMALIZATIONS:
+            raise InvalidInputError(f"normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+        if self.branch not in (None, "uncond", "cond"):
+            raise InvalidInputError(f"branch {self.branch!r} is not one of uncond, cond")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise InvalidInputError(f"size {self.size} must be two positive integers (height width)")
+        if isinstance(self.steps, str):
+            object.__setattr__(self, "steps", parse_index_spec(self.steps))

@@ -1,0 +1,106 @@
+"""Writing maps: ``.npy`` for one attribution prompt, ``.zarr`` for many, PNG overlays."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+__all__ = ["save_maps", "write_overlays"]
+
+
+def save_maps(maps: xr.DataArray, out: str | Path) -> Path:
+    """Save maps by file suffix.
+
+    ``.npy``: float32 ``(n_images, n_tokens, h, w)``, one attribution prompt only.
+    ``.zarr``: an xarray Dataset (variable ``ovam_maps`` with every prompt and its
+    coordinates), readable with ``xarray.open_zarr``.
+    """
+    out = Path(out)
+    if out.suffix == ".npy":
+        if len(np.unique(maps["prompt_index"].values)) != 1:
+            raise InvalidInputError(
+                f"{out} is a .npy file, which holds one attribution prompt; with several prompts "
+                "write FILE.zarr instead"
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial.npy")
+        np.save(tmp, maps.values.astype(np.float32))
+        tmp.replace(out)
+        return out
+    if out.suffix == ".zarr":
+        ds = maps.to_dataset(name="ovam_maps")
+        ds.attrs = {k: v for k, v in maps.attrs.items()}
+        ds["ovam_maps"].attrs = {}
+        ds.to_zarr(out, mode="w", zarr_format=3, consolidated=False)
+        return out
+    raise InvalidInputError(f"--out {out}: use a .npy (one prompt) or .zarr (any number) file name")
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("</w>", "")).strip("_") or "token"
+
+
+def write_overlays(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], out_dir: str | Path,
+                   *, cmap: str = "jet", alpha: float = 0.5) -> list[Path]:
+    """Per-token heat-map overlays and one labelled sheet per image and prompt.
+
+    Maps are upsampled bilinearly to the image size and divided by their maximum (the
+    reference's display convention). Files: ``{image:05d}_p{prompt:03d}_t{pos:02d}_{token}.png``
+    and ``{image:05d}_p{prompt:03d}.png`` (the sheet).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colormap = matplotlib.colormaps[cmap]
+    written = []
+    prompt_index = maps["prompt_index"].values
+    for i, image in enumerate(maps["image"].values):
+        rgb = image_of(int(image))
+        h, w = rgb.shape[:2]
+        data = torch.from_numpy(np.ascontiguousarray(maps.values[i]))
+        up = F.interpolate(data[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
+        for k in np.unique(prompt_index):
+            cols = np.flatnonzero(prompt_index == k)
+            tiles = []
+            for col in cols:
+                m = up[col]
+                m = m / m.max() if m.max() > 0 else m
+                heat = (colormap(np.clip(m, 0, 1))[..., :3] * 255).astype(np.float32)
+                blend = ((1 - alpha) * rgb.astype(np.float32) + alpha * heat).round().astype(np.uint8)
+                token = str(maps["token_str"].values[col])
+                pos = int(maps["position"].values[col])
+                path = out_dir / f"{int(image):05d}_p{int(k):03d}_t{pos:02d}_{_safe(token)}.png"
+                Image.fromarray(blend).save(path)
+                written.append(path)
+                tiles.append((token.replace("</w>", ""), blend))
+            n = len(tiles) + 1
+            fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 1.9), dpi=100)
+            axes[0].imshow(rgb)
+            axes[0].set_title("image", fontsize=7)
+            for ax, (label, tile) in zip(axes[1:], tiles):
+                ax.imshow(tile)
+                ax.set_title(label, fontsize=7)
+            for ax in axes:
+                ax.axis("off")
+            fig.suptitle(str(maps["prompt"].values[cols[0]])[:80], fontsize=8)
+            sheet = out_dir / f"{int(image):05d}_p{int(k):03d}.png"
+            fig.savefig(sheet, bbox_inches="tight")
+            plt.close(fig)
+            written.append(sheet)
+    return written

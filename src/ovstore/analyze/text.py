@@ -1,0 +1,148 @@
+"""Attribution text: tokenizing and encoding attribution prompts with only the tokenizer and
+text encoder of the captured model (never its UNet or VAE)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidInputError, ModelLoadError
+from ..models import BUILTIN_MODELS, build_builtin_text_encoder, clip_tokenizer, hub_error, text_encoder_fingerprint
+from ..store.format import ModelIdentity
+
+__all__ = ["Attribution", "TextEncoder", "load_text_encoder"]
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """One attribution: a label, its token strings and their text embeddings.
+
+    ``embedding`` has shape ``(n_tokens, hidden)``: the text encoder's last hidden state
+    (the input of ``to_k``). It may come from a prompt or from an optimized token file.
+    """
+
+    label: str
+    tokens: tuple[str, ...]
+    embedding: Any  # torch.Tensor (n_tokens, hidden)
+    token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != int(self.embedding.shape[0]):
+            raise InvalidInputError(
+                f"attribution {self.label!r} has {len(self.tokens)} token names for "
+                f"{int(self.embedding.shape[0])} embedding rows"
+            )
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class TextEncoder:
+    """Tokenizer + text encoder of one model, for attribution prompts.
+
+    Prompts are tokenized without padding, keeping start- and end-of-text tokens; the
+    encoder's last hidden state of those tokens is the attribution embedding (the OVAM
+    reference semantics). Prompts of equal token count are encoded together.
+    """
+
+    def __init__(self, tokenizer: Any, model: Any, *, device: str = "cpu", name: str = "") -> None:
+        self.tokenizer = tokenizer
+        self.model = model.to(device).eval()
+        self.device = device
+        self.name = name
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", self.tokenizer.model_max_length))
+
+    def fingerprint(self) -> str:
+        return text_encoder_fingerprint(self.model)
+
+    def tokenize(self, prompt: str) -> tuple[list[int], list[str]]:
+        """Token ids and strings of ``prompt`` (no padding, SoT and EoT kept)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInputError("an attribution prompt is empty; give at least one word")
+        ids = self.tokenizer(prompt, padding=False, truncation=False, add_special_tokens=True)["input_ids"]
+        if len(ids) > self.max_length:
+            raise InvalidInputError(
+                f"attribution prompt {prompt[:40]!r}... has {len(ids)} tokens; the text encoder "
+                f"takes at most {self.max_length} (start and end included). Shorten or split it."
+            )
+        return list(ids), self.tokenizer.convert_ids_to_tokens(ids)
+
+    def encode(self, prompts: Sequence[str], *, batch_size: int = 256) -> list[Attribution]:
+        """Encode prompts into :class:`Attribution` objects (in the given order)."""
+        import torch
+
+        tokenized = [self.tokenize(p) for p in prompts]
+        by_length: dict[int, list[int]] = {}
+        for i, (ids, _) in enumerate(tokenized):
+            by_length.setdefault(len(ids), []).append(i)
+        embeddings: list[Any] = [None] * len(prompts)
+        with torch.inference_mode():
+            for indices in by_length.values():
+                for start in range(0, len(indices), batch_size):
+                    chunk = indices[start:start + batch_size]
+                    ids = torch.tensor([tokenized[i][0] for i in chunk], device=self.device)
+                    hidden = self.model(ids)[0].float()
+                    for row, i in enumerate(chunk):
+                        embeddings[i] = hidden[row].clone()
+        return [
+            Attribution(label=p, tokens=tuple(tok), embedding=emb, token_ids=tuple(ids))
+            for p, (ids, tok), emb in zip(prompts, tokenized, embeddings)
+        ]
+
+
+def load_text_encoder(identity: ModelIdentity, *, model: str | None = None, device: str = "cpu") -> TextEncoder:
+    """Load the tokenizer and text encoder recorded in a store (or ``model`` instead).
+
+    Resolution: ``model`` if given (a pipeline directory, hub id or built-in name), else the
+    recorded local path when it still exists, else the recorded id (hub or built-in).
+    """
+    target = model or identity.id
+    if model is None and identity.path and Path(identity.path).exists():
+        target = identity.path
+    if target in BUILTIN_MODELS:
+        return TextEncoder(clip_tokenizer(), build_builtin_text_encoder(target), device=device, name=target)
+    return _from_pretrained(target, identity, device)
+
+
+def _from_pretrained(target: str, identity: ModelIdentity, device: str) -> TextEncoder:
+    import transformers
+
+    encoder_folder = identity.text_encoder_subfolders[0] if identity.text_encoder_subfolders else "text_encoder"
+    tokenizer_folder = identity.tokenizer_subfolders[0] if identity.tokenizer_subfolders else "tokenizer"
+    class_name = identity.text_encoder_classes[0] if identity.text_encoder_classes else "CLIPTextModel"
+    encoder_class = getattr(transformers, class_name, None)
+    if encoder_class is None:
+        raise ModelLoadError(f"transformers has no class {class_name!r}; upgrade transformers")
+    local = Path(target).expanduser()
+    if local.exists() and not (local / encoder_folder).is_dir():
+        raise ModelLoadError(
+            f"{local} has no {encoder_folder}/ folder; pass a diffusers pipeline directory "
+            "(with text_encoder/ and tokenizer/) as --model"
+        )
+    kwargs = {} if local.exists() else {"revision": identity.revision}
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(target), subfolder=tokenizer_folder, **kwargs)
+        encoder = encoder_class.from_pretrained(str(target), subfolder=encoder_folder, **kwargs)
+    except Exception as exc:
+        raise hub_error(str(target), exc, what="text encoder") from exc
+    return TextEncoder(tokenizer, encoder, device=device, name=str(target))
+
+
+def embedding_matrix(attributions: Sequence[Attribution]) -> tuple[Any, list[int]]:
+    """Stack attributions into one ``(total_tokens, hidden)`` matrix and their offsets."""
+    import torch
+
+    offsets = list(np.cumsum([0] + [a.n_tokens for a in attributions]))
+    return torch.cat([a.embedding.float() for a in attributions], dim=0), offsets

@@ -1,0 +1,116 @@
+"""Loading diffusers pipelines the way diffusers users expect, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidInputError, ModelLoadError
+from ..models import (
+    BUILTIN_MODELS,
+    DEFAULT_MODEL,
+    build_builtin_pipeline,
+    hub_error,
+    text_encoder_fingerprint,
+)
+from ..store.format import ModelIdentity
+
+__all__ = ["load_pipeline", "model_identity"]
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def load_pipeline(model: str | None = None, *, torch_dtype: str = "float32", device: str = "cpu",
+                  revision: str | None = None) -> tuple[Any, ModelIdentity]:
+    """Load a text-to-image pipeline with ``DiffusionPipeline.from_pretrained``.
+
+    Parameters
+    ----------
+    model
+        A diffusers pipeline directory, a hub id, or ``None`` for the embedded default.
+    torch_dtype
+        Weights dtype (``float32``, ``float16``, ``bfloat16``).
+
+    Returns
+    -------
+    (pipeline, identity)
+        The pipeline on ``device`` and the :class:`ModelIdentity` recorded in stores.
+    """
+    import torch
+
+    if torch_dtype not in _DTYPES:
+        raise InvalidInputError(f"--torch-dtype {torch_dtype!r} is not one of {', '.join(_DTYPES)}")
+    model_id = model or DEFAULT_MODEL
+    if model_id in BUILTIN_MODELS:
+        pipe = build_builtin_pipeline(model_id)
+        source, path = "builtin", None
+    else:
+        pipe, source, path = _from_pretrained(model_id, getattr(torch, torch_dtype), revision)
+    try:
+        pipe = pipe.to(device, getattr(torch, torch_dtype)) if source == "builtin" else pipe.to(device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ModelLoadError(f"cannot move the pipeline to device {device!r}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not hasattr(unet, "config") or type(unet).__name__ != "UNet2DConditionModel":
+        raise InvalidInputError(
+            f"{model_id} is a {type(pipe).__name__} without a UNet2DConditionModel; ovstore "
+            "captures Stable-Diffusion-style text-to-image pipelines"
+        )
+    return pipe, model_identity(pipe, model_id, source=source, path=path, revision=revision,
+                                torch_dtype=torch_dtype)
+
+
+def _dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    import diffusers
+    from packaging.version import Version
+
+    # diffusers renamed torch_dtype to dtype in 0.36
+    key = "dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype"
+    return {key: dtype}
+
+
+def _from_pretrained(model_id: str, dtype: Any, revision: str | None) -> tuple[Any, str, str | None]:
+    from diffusers import DiffusionPipeline
+
+    local = Path(model_id).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{local} is not a diffusers pipeline directory (no model_index.json); pass the "
+                "folder written by pipeline.save_pretrained()"
+            )
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(local), **_dtype_kwargs(dtype))
+        except Exception as exc:
+            raise hub_error(str(local), exc) from exc
+        return pipe, "local", str(local.resolve())
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model_id, revision=revision, **_dtype_kwargs(dtype))
+    except Exception as exc:
+        raise hub_error(model_id, exc) from exc
+    return pipe, "hub", None
+
+
+def model_identity(pipe: Any, model_id: str, *, source: str, path: str | None = None,
+                   revision: str | None = None, torch_dtype: str = "float32") -> ModelIdentity:
+    """Describe ``pipe`` for the store: where it came from and how to find its text encoder."""
+    config = getattr(pipe, "config", {}) or {}
+    encoders = [name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
+    tokenizers = [name for name in ("tokenizer", "tokenizer_2") if getattr(pipe, name, None) is not None]
+    text_encoder = getattr(pipe, encoders[0]) if encoders else None
+    return ModelIdentity(
+        id=model_id,
+        source=source,
+        path=path,
+        revision=revision,
+        commit_hash=config.get("_commit_hash") if hasattr(config, "get") else None,
+        pipeline_class=type(pipe).__name__,
+        unet_class=type(pipe.unet).__name__,
+        text_encoder_subfolders=tuple(encoders),
+        tokenizer_subfolders=tuple(tokenizers),
+        text_encoder_classes=tuple(type(getattr(pipe, n)).__name__ for n in encoders),
+        torch_dtype=torch_dtype,
+        text_encoder_hidden_size=int(text_encoder.config.hidden_size) if text_encoder is not None else 0,
+        text_encoder_fingerprint=text_encoder_fingerprint(text_encoder) if text_encoder is not None else None,
+    )

@@ -1,0 +1,141 @@
+"""Recording queries during generation with forward hooks on each ``attn2.to_q``.
+
+A forward hook on the ``to_q`` linear sees exactly ``Q = to_q(hidden_states)`` under any
+attention processor and changes nothing in the computation, so generations with and
+without recording are identical. A pre-hook on the UNet counts calls and reads each
+call's timestep. Queries are copied off the device asynchronously into pinned host memory,
+so the denoising loop is not stalled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInputError
+from ..store.format import LayerInfo
+
+__all__ = ["QueryRecorder", "BatchQueries"]
+
+_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BatchQueries:
+    """Queries of one pipeline call: per layer, a list over stored calls of tensors shaped
+    ``(image, branch, head, y, x, channel)``, plus every UNet call's timestep."""
+
+    queries: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    timesteps: list[float] = field(default_factory=list)
+    n_calls: int = 0
+
+    def image_queries(self, index: int) -> dict[str, torch.Tensor]:
+        """Queries of one image of the batch: ``(branch, step, head, y, x, channel)``."""
+        return {name: torch.stack([t[index] for t in calls], dim=1) for name, calls in self.queries.items()}
+
+
+class QueryRecorder:
+    """Hooks that record ``to_q`` outputs of selected layers and UNet calls.
+
+    Use as a context manager around the pipeline call; hooks are always removed on exit.
+
+    Parameters
+    ----------
+    unet
+        The pipeline's ``UNet2DConditionModel``.
+    layers
+        ``(LayerInfo, attention_module)`` pairs to record.
+    calls
+        Indices of the UNet calls to keep (the others are not copied).
+    branches
+        Which half of the classifier-free-guidance batch to keep: ``("uncond",)``,
+        ``("cond",)`` or ``("uncond", "cond")``. Without guidance the single half is kept.
+    dtype
+        Storage dtype of the queries.
+    """
+
+    def __init__(self, unet: Any, layers: Sequence[tuple[LayerInfo, Any]], *, calls: Sequence[int],
+                 branches: Sequence[str], dtype: str = "float16") -> None:
+        self.unet = unet
+        self.layers = list(layers)
+        self.calls = set(int(c) for c in calls)
+        self.branches = tuple(branches)
+        self.dtype = _DTYPES[dtype]
+        self.batch_size = 0
+        self.result = BatchQueries()
+        self._handles: list[Any] = []
+        self.branch_labels = self.branches
+        self._call = -1
+
+    # ------------------------------------------------------------------ lifecycle
+    def start_batch(self, batch_size: int) -> None:
+        """Reset state for a pipeline call generating ``batch_size`` images."""
+        self.batch_size = batch_size
+        self.result = BatchQueries(queries={info.name: [] for info, _ in self.layers})
+        self.branch_labels: tuple[str, ...] = self.branches
+        self._call = -1
+
+    def __enter__(self) -> QueryRecorder:
+        names = set()
+        for info, module in self.layers:
+            if info.name in names:
+                raise InvalidInputError(f"layer {info.name} is registered twice")
+            names.add(info.name)
+            self._handles.append(module.to_q.register_forward_hook(self._make_hook(info)))
+        self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ------------------------------------------------------------------ hooks
+    def _on_unet_call(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self._call += 1
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.flatten()[0].item()
+        self.result.timesteps.append(float(timestep) if timestep is not None else float("nan"))
+        self.result.n_calls = self._call + 1
+
+    def _select(self, out: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
+        n = self.batch_size
+        if out.shape[0] == 2 * n:  # classifier-free guidance: [uncond..., cond...]
+            halves = {"uncond": out[:n], "cond": out[n:]}
+            return torch.stack([halves[b] for b in self.branches], dim=1), self.branches
+        if out.shape[0] == n:
+            if len(self.branches) > 1:
+                raise InvalidInputError(
+                    "--branch both needs classifier-free guidance (guidance > 1): with guidance "
+                    "<= 1 there is a single half; use --branch cond or uncond"
+                )
+            return out[:, None], ("cond",)
+        raise InvalidInputError(
+            f"the UNet was called with batch {out.shape[0]} for {n} images; ovstore expects "
+            "one image per prompt (num_images_per_prompt=1)"
+        )
+
+    def _make_hook(self, info: LayerInfo) -> Any:
+        def hook(module: Any, inputs: tuple, out: torch.Tensor) -> None:
+            if self._call not in self.calls:
+                return
+            q, labels = self._select(out.detach())
+            self.branch_labels = labels
+            b, nb, seq, _ = q.shape
+            if seq != info.height * info.width:
+                raise InvalidInputError(
+                    f"layer {info.name} produced {seq} query pixels, expected "
+                    f"{info.height}x{info.width}; is the UNet a standard UNet2DConditionModel?"
+                )
+            q = q.reshape(b, nb, info.height, info.width, info.heads, info.head_dim)
+            q = q.permute(0, 1, 4, 2, 3, 5)  # (image, branch, head, y, x, channel)
+            on_cuda = q.device.type == "cuda"
+            host = torch.empty(q.shape, dtype=self.dtype, device="cpu", pin_memory=on_cuda)
+            host.copy_(q, non_blocking=on_cuda)
+            self.result.queries[info.name].append(host)
+
+        return hook

@@ -1,0 +1,277 @@
+"""The ``ovstore`` command line: capture once, analyse forever.
+
+Each command parses its options, builds a config and calls one library function; errors
+that ovstore raises on purpose are printed as one line with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import OvstoreError, InvalidInputError
+
+app = typer.Typer(
+    name="ovstore",
+    help=(
+        "Open-vocabulary attention maps (OVAM) from stored diffusion captures.\n\n"
+        "1. ovstore capture [MODEL] --prompt 'a cat on a sofa' --out caps.zarr   (runs the pipeline once)\n\n"
+        "2. ovstore maps caps.zarr --attribution 'a cat and a sofa' --out maps.npy --png overlays/\n\n"
+        "Analysis never re-runs diffusion: any words, years later, from the store alone."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (download progress, deprecations) out of the user's terminal."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging helpers moved
+        pass
+
+
+def _progress(total: int, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, transient=False, disable=not sys.stderr.isatty() and total < 2)
+    return progress
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+@app.command()
+def capture(
+    model: Annotated[Optional[str], typer.Argument(help="Diffusers pipeline directory or hub id; omitted: the embedded tiny default.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt of one image; repeat for more.")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="One prompt per line, or JSONL with prompt/negative_prompt/seed.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Store directory (created, or appended to).")] = Path("captures.zarr"),
+    negative_prompt: Annotated[Optional[str], typer.Option(help="Negative prompt of every image (a JSONL line may override).")] = None,
+    seed: Annotated[int, typer.Option(help="Image i gets seed SEED+i (torch.Generator('cpu').manual_seed) unless its JSONL line names one.")] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps (PNDM makes steps+1 UNet calls).")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale; <= 1 disables it (one half, stored as 'cond').")] = 7.5,
+    height: Annotated[Optional[int], typer.Option(help="Image height (default: the pipeline's native size).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Image width (default: the pipeline's native size).")] = None,
+    branch: Annotated[str, typer.Option(help="Guidance half to store: uncond (reference default), cond or both.")] = "uncond",
+    dtype: Annotated[str, typer.Option(help="Stored query dtype: float16 or float32 (exact).")] = "float16",
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Keep layers whose module path matches this fnmatch pattern (repeatable), e.g. 'up_blocks.*'.")] = None,
+    resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Keep layers of this resolution, e.g. 16 or 16x16 (repeatable).")] = None,
+    calls: Annotated[Optional[str], typer.Option(help="UNet calls to store, e.g. '0:10,20,-1' (default: every call).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 1,
+    codec: Annotated[str, typer.Option(help="Query compression: blosc-zstd3-bitshuffle (default), zstd1, zstd3, blosc-zstd1-bitshuffle, blosc-zstd3-shuffle, none.")] = "blosc-zstd3-bitshuffle",
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1...")] = "cpu",
+    torch_dtype: Annotated[str, typer.Option(help="Model weights dtype: float32, float16, bfloat16.")] = "float32",
+    resume: Annotated[bool, typer.Option("--resume", help="Finish the store's incomplete images from their recorded prompts and seeds.")] = False,
+) -> None:
+    """Generate images and store their cross-attention queries for later analysis.
+
+    Example: ovstore capture --prompt "a cat on a sofa" --prompt "a dog" --steps 30 --out caps.zarr
+    """
+    from .capture import CaptureConfig, build_requests, load_pipeline, read_prompts_file
+    from .capture import capture as run_capture
+    from .capture import plan_capture
+    from .capture import resume as run_resume
+    from .selection import LayerSelection, parse_resolution
+
+    specs = [(p, None, None) for p in (prompt or [])]
+    if prompts_file is not None:
+        specs += read_prompts_file(prompts_file)
+    if resume and specs:
+        raise InvalidInputError("--resume finishes the recorded prompts; do not pass --prompt/--prompts-file with it")
+    if not resume and not specs:
+        raise InvalidInputError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    config = CaptureConfig(
+        num_inference_steps=steps, guidance=guidance, height=height, width=width, branch=branch,
+        dtype=dtype, calls=calls, batch_size=batch_size, codec=codec,
+        layers=LayerSelection(patterns=tuple(layer or ()),
+                              resolutions=tuple(parse_resolution(r) for r in (resolution or ()))),
+    )
+    requests = None if resume else build_requests(specs, seed=seed, negative_prompt=negative_prompt,
+                                                  guidance=guidance, num_inference_steps=steps)
+    _quiet_libraries()
+    pipe, identity = load_pipeline(model, torch_dtype=torch_dtype, device=device)
+    layout, _ = plan_capture(pipe, identity, config)
+    n = len(requests) if requests is not None else None
+    console.print(
+        f"[bold]{identity.id}[/]: {len(layout.layers)} cross-attention layers, {layout.n_steps} of "
+        f"{layout.num_unet_calls} UNet calls, branches {','.join(layout.branches)}, {layout.query_dtype}; "
+        f"about {_human(layout.query_bytes_per_image())} of queries per image before compression"
+    )
+    with _progress(n or 0, "capturing") as bar:
+        task = bar.add_task("capture", total=n)
+        step = lambda slot: bar.advance(task)  # noqa: E731
+        if resume:
+            result = run_resume(pipe, identity, out, config=config, progress=step)
+        else:
+            result = run_capture(pipe, identity, requests, out, config=config, progress=step)
+    console.print(f"stored images {_ranges(result.images)} in {out}")
+
+
+def _ranges(values) -> str:
+    values = list(values)
+    if not values:
+        return "(none)"
+    return f"{values[0]}..{values[-1]}" if len(values) > 1 else str(values[0])
+
+
+@app.command()
+def info(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> None:
+    """Summarise a store: images, layers, steps, sizes and the model."""
+    from rich.table import Table
+
+    from .store import open_store
+
+    s = open_store(store)
+    summary = s.summary()
+    layout = s.layout
+    console.print(f"[bold]{store}[/] (ovstore format v{s.format_version})")
+    m = layout.model
+    console.print(f"model: {m.id} ({m.source}{', ' + m.path if m.path else ''}), {m.pipeline_class}, "
+                  f"weights {m.torch_dtype}, text encoder hidden size {m.text_encoder_hidden_size}")
+    console.print(f"images: {summary.n_images} ({summary.n_complete} complete, "
+                  f"{summary.n_images - summary.n_complete} incomplete"
+                  + (f": {s.incomplete_images()[:10]}" if summary.n_complete < summary.n_images else "") + ")")
+    console.print(f"image size {layout.height}x{layout.width}, latent {layout.latent_height}x{layout.latent_width}; "
+                  f"steps stored: {layout.n_steps} of {layout.num_unet_calls} UNet calls; branches: "
+                  f"{','.join(layout.branches)}; queries {layout.query_dtype}, codec {layout.codec}")
+    table = Table("layer", "block", "h x w", "heads", "head_dim", "scale", "MB/image")
+    itemsize = 4 if layout.query_dtype == "float32" else 2
+    for l in layout.layers:
+        per = l.heads * l.head_dim * l.height * l.width * layout.n_steps * len(layout.branches) * itemsize
+        table.add_row(l.name, l.block, f"{l.height}x{l.width}", str(l.heads), str(l.head_dim),
+                      f"{l.scale:.4g}", f"{per / 1e6:.2f}")
+    Console().print(table)
+    console.print(f"on disk: {_human(summary.bytes_on_disk)} (queries {_human(summary.query_bytes_on_disk)}, "
+                  f"uncompressed {_human(summary.query_bytes_uncompressed)}, ratio {summary.compression_ratio:.2f}x)")
+
+
+@app.command()
+def images(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for PNG files named 00000.png, ...")] = Path("images"),
+) -> None:
+    """Write the stored images as PNG files named by image index."""
+    from PIL import Image
+
+    from .store import open_store
+
+    s = open_store(store)
+    out.mkdir(parents=True, exist_ok=True)
+    done = s.complete_images()
+    for i in done:
+        Image.fromarray(s.image(i)).save(out / f"{i:05d}.png")
+    console.print(f"wrote {len(done)} images to {out}")
+
+
+@app.command()
+def maps(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    attribution: Annotated[Optional[list[str]], typer.Option("--attribution", "-a", help="Attribution prompt (any words); repeatable.")] = None,
+    attributions_file: Annotated[Optional[Path], typer.Option(help="One attribution prompt per line.")] = None,
+    image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="FILE.npy (one prompt: float32 (images, tokens, h, w)) or FILE.zarr (any number, xarray).")] = Path("maps.npy"),
+    size: Annotated[Optional[tuple[int, int]], typer.Option(help="Upsample maps to H W (bilinear).")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Folder for per-token PNG overlays on the images.")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Use layers matching this pattern (repeatable); default: all but the mid block.")] = None,
+    resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Use layers of this resolution, e.g. 16x16 (repeatable).")] = None,
+    steps: Annotated[Optional[str], typer.Option(help="Stored steps to use, e.g. '0:5,-1' (default: all).")] = None,
+    branch: Annotated[Optional[str], typer.Option(help="Stored half to use: uncond or cond (default: the first stored).")] = None,
+    activation: Annotated[str, typer.Option(help="token_softmax (reference), sigmoid or linear.")] = "token_softmax",
+    aggregation: Annotated[str, typer.Option(help="sum (reference) or mean, over heads, steps and layers.")] = "sum",
+    normalize: Annotated[str, typer.Option(help="none (reference), max or minmax, per map.")] = "none",
+    model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Compute OVAM maps for attribution prompts over stored images (no diffusion re-run).
+
+    Example: ovstore maps caps.zarr -a "a cat and a sofa" -a "furniture" --out maps.zarr --png overlays/
+    """
+    from .analyze import MapConfig, compute_maps, save_maps, write_overlays
+    from .selection import LayerSelection, parse_resolution
+    from .store import open_store
+
+    prompts = list(attribution or [])
+    if attributions_file is not None:
+        try:
+            lines = attributions_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read --attributions-file {attributions_file}: {exc.strerror}") from None
+        prompts += [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+    if not prompts:
+        raise InvalidInputError("no attribution prompt; pass --attribution TEXT or --attributions-file FILE")
+    if out.suffix not in (".npy", ".zarr"):
+        raise InvalidInputError(f"--out {out}: use a .npy (one prompt) or .zarr (any number) file name")
+    if out.suffix == ".npy" and len(prompts) > 1:
+        raise InvalidInputError(f"--out {out} is .npy, which holds one attribution prompt; use FILE.zarr for {len(prompts)}")
+    config = MapConfig(
+        layers=LayerSelection(patterns=tuple(layer or ()), include_mid=False,
+                              resolutions=tuple(parse_resolution(r) for r in (resolution or ()))),
+        steps=steps, branch=branch, activation=activation, head_reduction=aggregation,
+        step_reduction=aggregation, layer_reduction=aggregation, normalize=normalize,
+        size=tuple(size) if size else None,
+    )
+    _quiet_libraries()
+    s = open_store(store)
+    chosen = s.check_images(image)
+    with _progress(len(chosen), "maps") as bar:
+        task = bar.add_task("maps", total=len(chosen))
+        result = compute_maps(s, prompts, images=chosen, config=config, model=model, device=device,
+                              progress=lambda _: bar.advance(task))
+    save_maps(result, out)
+    console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {len(prompts)} prompt(s) to {out}")
+    if png is not None:
+        files = write_overlays(result, s.image, png)
+        console.print(f"wrote {len(files)} PNG overlays to {png}")
+
+
+def main() -> None:
+    """Console entry point: one-line errors instead of tracebacks for expected failures."""
+    try:
+        app(standalone_mode=False)
+    except OvstoreError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; complete images are kept, resume with `ovstore capture --resume`")
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The ovstore store: a versioned Zarr v3 layout of captured cross-attention queries.
+
+Open one with :func:`open_store`; see ``docs/store-format.md`` for the format.
+"""
+
+from .format import FORMAT_VERSION, ImageRecord, LayerInfo, ModelIdentity, StoreLayout
+from .reader import Store, StoreSummary, open_store
+from .writer import StoreWriter, library_versions
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ImageRecord",
+    "LayerInfo",
+    "ModelIdentity",
+    "Store",
+    "StoreLayout",
+    "StoreSummary",
+    "StoreWriter",
+    "library_versions",
+    "open_store",
+]

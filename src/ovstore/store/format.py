@@ -1,0 +1,260 @@
+"""The ovstore on-disk format, version 1: names, metadata records and codecs.
+
+The format is documented for humans in ``docs/store-format.md``; this module is its single
+source of truth in code. Everything here is plain data (no torch), so a store can be read
+without the libraries that wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import dims
+from ..errors import StoreFormatError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SUPPORTED_VERSIONS",
+    "STATUS_RESERVED",
+    "STATUS_COMPLETE",
+    "LayerInfo",
+    "ModelIdentity",
+    "StoreLayout",
+    "query_codecs",
+    "CODEC_PRESETS",
+    "ImageRecord",
+]
+
+FORMAT_NAME = "ovstore"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+#: ``status`` values of an image slot. Anything but COMPLETE is incomplete.
+STATUS_RESERVED = 0
+STATUS_COMPLETE = 1
+
+#: Dimension names (kept in sync with :mod:`ovstore.dims`).
+IMAGE_DIM = dims.IMAGE
+STEP_DIM = dims.STEP
+QUERY_DIM_NAMES = dims.QUERY_DIMS
+
+#: Names of nodes inside the root group.
+LAYERS_GROUP = "layers"
+QUERIES = "queries"
+TO_K_WEIGHT = "to_k_weight"
+TO_K_BIAS = "to_k_bias"
+IMAGES = "images"
+STATUS = "status"
+PROMPT = "prompt"
+NEGATIVE_PROMPT = "negative_prompt"
+SEED = "seed"
+GUIDANCE = "guidance"
+NUM_INFERENCE_STEPS = "num_inference_steps"
+BRANCH_LABELS = "branch_labels"
+TIMESTEPS = "timesteps"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo:
+    """One cross-attention layer as stored.
+
+    ``height * width`` is the number of query pixels (row-major), ``heads * head_dim`` the
+    width of ``to_q``; ``scale`` multiplies ``Q·Kᵀ`` before the softmax.
+    """
+
+    name: str
+    block: str  # "down", "mid" or "up"
+    level: int  # number of 2x downsamplings from the latent
+    height: int
+    width: int
+    heads: int
+    head_dim: int
+    scale: float
+    key_input_dim: int
+    has_bias: bool = False
+    upcast_attention: bool = False
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LayerInfo:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """Enough to find the same text encoder again, years later.
+
+    ``id`` is what the user passed (hub id, local path or a built-in name); ``path`` the
+    resolved local directory at capture time; ``text_encoder_fingerprint`` a SHA-256 of the
+    text-encoder weights so that analysis can tell when another encoder is used.
+    """
+
+    id: str
+    source: str  # "hub", "local" or "builtin"
+    pipeline_class: str
+    path: str | None = None
+    revision: str | None = None
+    commit_hash: str | None = None
+    unet_class: str = "UNet2DConditionModel"
+    text_encoder_subfolders: tuple[str, ...] = ("text_encoder",)
+    tokenizer_subfolders: tuple[str, ...] = ("tokenizer",)
+    text_encoder_classes: tuple[str, ...] = ("CLIPTextModel",)
+    torch_dtype: str = "float32"
+    text_encoder_hidden_size: int = 0
+    text_encoder_fingerprint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelIdentity:
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                value = data[f.name]
+                kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLayout:
+    """What every image of a store shares: fixed when the store is created.
+
+    Appends must match it exactly, because the arrays' shapes follow from it.
+    """
+
+    model: ModelIdentity
+    layers: tuple[LayerInfo, ...]
+    height: int
+    width: int
+    latent_height: int
+    latent_width: int
+    branches: tuple[str, ...]  # requested halves: ("uncond",), ("cond",) or ("uncond", "cond")
+    num_unet_calls: int
+    calls: tuple[int, ...]  # indices of the stored UNet calls
+    query_dtype: str = "float16"
+    codec: str = "blosc-zstd3-bitshuffle"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.query_dtype not in ("float16", "float32", "bfloat16"):
+            raise StoreFormatError(f"unsupported query dtype {self.query_dtype!r}")
+        if self.codec not in CODEC_PRESETS:
+            raise StoreFormatError(
+                f"unknown codec {self.codec!r}; choose one of {', '.join(CODEC_PRESETS)}"
+            )
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.calls)
+
+    def layer(self, name: str) -> LayerInfo:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def query_bytes_per_image(self) -> int:
+        """Uncompressed bytes of queries one image adds to the store."""
+        itemsize = 4 if self.query_dtype == "float32" else 2
+        per_call = sum(l.heads * l.head_dim * l.height * l.width for l in self.layers)
+        return per_call * itemsize * self.n_steps * len(self.branches)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["model"] = self.model.to_json()
+        data["layers"] = [layer.to_json() for layer in self.layers]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoreLayout:
+        return cls(
+            model=ModelIdentity.from_json(data["model"]),
+            layers=tuple(LayerInfo.from_json(l) for l in data["layers"]),
+            height=data["height"],
+            width=data["width"],
+            latent_height=data["latent_height"],
+            latent_width=data["latent_width"],
+            branches=tuple(data["branches"]),
+            num_unet_calls=data["num_unet_calls"],
+            calls=tuple(data["calls"]),
+            query_dtype=data.get("query_dtype", "float16"),
+            codec=data.get("codec", "blosc-zstd3-bitshuffle"),
+            extra=dict(data.get("extra", {})),
+        )
+
+    def differences(self, other: StoreLayout) -> list[str]:
+        """Human-readable list of what differs from ``other`` (empty when compatible)."""
+        diffs = []
+        for name in ("height", "width", "branches", "num_unet_calls", "calls", "query_dtype"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                diffs.append(f"{name}: store has {a}, this capture has {b}")
+        if [l.name for l in self.layers] != [l.name for l in other.layers]:
+            diffs.append("layers: the selected cross-attention layers differ")
+        elif self.layers != other.layers:
+            diffs.append("layers: shapes or scales differ")
+        if self.model.text_encoder_fingerprint != other.model.text_encoder_fingerprint:
+            diffs.append(
+                f"model: store was captured with {self.model.id!r}, this capture uses "
+                f"{other.model.id!r} (text-encoder weights differ)"
+            )
+        return diffs
+
+
+def _blosc(shuffle: str, level: int) -> Any:
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="zstd", clevel=level, shuffle=shuffle)
+
+
+def _zstd(level: int) -> Any:
+    from zarr.codecs import ZstdCodec
+
+    return ZstdCodec(level=level)
+
+
+#: Named compressor chains for query arrays. Every chain ends with a CRC32C checksum so that
+#: a corrupted chunk is detected on read instead of being returned as data.
+CODEC_PRESETS: dict[str, Any] = {
+    "none": lambda: [],
+    "zstd1": lambda: [_zstd(1)],
+    "zstd3": lambda: [_zstd(3)],
+    "blosc-zstd1-bitshuffle": lambda: [_blosc("bitshuffle", 1)],
+    "blosc-zstd3-bitshuffle": lambda: [_blosc("bitshuffle", 3)],
+    "blosc-zstd3-shuffle": lambda: [_blosc("shuffle", 3)],
+}
+
+
+def query_codecs(preset: str) -> list[Any]:
+    """Compressors for a query array: the preset's chain followed by a CRC32C checksum."""
+    from zarr.codecs import Crc32cCodec
+
+    try:
+        chain = CODEC_PRESETS[preset]()
+    except KeyError:
+        raise StoreFormatError(
+            f"unknown codec {preset!r}; choose one of {', '.join(CODEC_PRESETS)}"
+        ) from None
+    return [*chain, Crc32cCodec()]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """What is needed to regenerate one image: stored before its data, so that an
+    interrupted capture can be resumed from the store alone."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    guidance: float = 7.5
+    num_inference_steps: int = 50

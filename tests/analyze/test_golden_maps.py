@@ -1,0 +1,131 @@
+"""Analysis reproduces the OVAM reference maps and keeps its invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ovstore.analyze import MapConfig, compute_maps, load_text_encoder, split_by_prompt, word_maps
+from ovstore.errors import IncompleteImageError, InvalidInputError
+from ovstore.selection import LayerSelection
+from ovstore.store import open_store
+
+
+@pytest.fixture(scope="module")
+def golden_encoder(golden_store):
+    return load_text_encoder(open_store(golden_store).layout.model)
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_maps_equal_golden(golden_store, golden_case, golden_encoder):
+    maps = compute_maps(golden_store, golden_case["attribution"], text_encoder=golden_encoder)
+    assert maps.dims == ("image", "token", "y", "x")
+    assert maps.shape == golden_case["maps"].shape
+    assert maps["token_str"].values.tolist() == golden_case["attribution_tokens"]
+    assert maps["token_id"].values.tolist() == golden_case["attribution_token_ids"]
+    assert _rel(maps.values, golden_case["maps"]) <= 1e-4
+    expanded = compute_maps(golden_store, golden_case["attribution"], text_encoder=golden_encoder,
+                            config=MapConfig(size=(64, 64)))
+    assert _rel(expanded.values, golden_case["maps_expanded"]) <= 1e-4
+
+
+def test_text_embedding_equals_golden(golden_case, golden_encoder):
+    (att,) = golden_encoder.encode([golden_case["attribution"]])
+    np.testing.assert_allclose(att.embedding.numpy(), golden_case["text_embedding"], atol=1e-5)
+
+
+def test_token_sum_invariant(golden_store, golden_case, golden_encoder):
+    maps = compute_maps(golden_store, ["a cat and a sofa", "a completely different sentence about dogs"],
+                        text_encoder=golden_encoder)
+    for part in split_by_prompt(maps):
+        np.testing.assert_allclose(part.sum("token").values, golden_case["checks"]["expected_sum_over_tokens"], rtol=1e-5)
+
+
+def test_float16_storage_error_is_small(tiny_pipe, tmp_path, golden_case, golden_encoder):
+    from ovstore.capture import CaptureConfig, build_requests, capture
+
+    pipe, identity = tiny_pipe
+    out = tmp_path / "fp16.zarr"
+    capture(pipe, identity, build_requests([(golden_case["prompt"], None, 0)], num_inference_steps=10), out,
+            config=CaptureConfig(num_inference_steps=10, dtype="float16"))
+    maps = compute_maps(out, golden_case["attribution"], text_encoder=golden_encoder).values
+    error = _rel(maps, golden_case["maps"])
+    # float16 keeps 11 bits: measured error about 2e-4 of the map maximum
+    assert 0 < error <= 1e-3
+
+
+def test_batched_prompts_equal_one_at_a_time(multi_store):
+    prompts = ["a cat and a sofa", "dog", "a red car on a street at night", "sofa", "a b c d e f g h", "cat"]
+    store = open_store(multi_store)
+    encoder = load_text_encoder(store.layout.model)
+    batched = compute_maps(store, prompts, text_encoder=encoder, config=MapConfig(memory_budget=50_000))
+    assert batched.sizes["image"] == 3
+    for k, part in enumerate(split_by_prompt(batched)):
+        single = compute_maps(store, [prompts[k]], text_encoder=encoder)
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-5, atol=1e-5)
+        assert part["prompt"].values[0] == prompts[k]
+
+
+def test_options_subsets_and_normalization(multi_store):
+    store = open_store(multi_store)
+    encoder = load_text_encoder(store.layout.model)
+    full = compute_maps(store, "a cat", text_encoder=encoder, images=[0])
+    low = compute_maps(store, "a cat", text_encoder=encoder, images=[0],
+                       config=MapConfig(layers=LayerSelection(resolutions=((16, 16),)), steps="0:2"))
+    assert low.sizes["y"] == 16 and low.attrs["steps"] == [0, 1]
+    # softmax rows sum to heads per layer and step: 2 steps x 3 layers x 4 heads
+    np.testing.assert_allclose(low.sum("token").values, 2 * 3 * 4, rtol=1e-5)
+    mean = compute_maps(store, "a cat", text_encoder=encoder, images=[0],
+                        config=MapConfig(head_reduction="mean", step_reduction="mean", layer_reduction="mean"))
+    np.testing.assert_allclose(mean.sum("token").values, 1.0, rtol=1e-5)
+    norm = compute_maps(store, "a cat", text_encoder=encoder, images=[0], config=MapConfig(normalize="minmax"))
+    assert np.allclose(norm.values.max(axis=(-2, -1)), 1) and np.allclose(norm.values.min(axis=(-2, -1)), 0)
+    with_mid = compute_maps(store, "a cat", text_encoder=encoder, images=[0],
+                            config=MapConfig(layers=LayerSelection(include_mid=True)))
+    assert not np.allclose(with_mid.values, full.values)
+
+
+def test_word_maps_combine_subtokens(golden_store, golden_encoder):
+    maps = compute_maps(golden_store, ["a photo of a cat on a sofa", "tabby kittens"], text_encoder=golden_encoder)
+    words = word_maps(maps)
+    assert words.dims == ("image", "word", "y", "x")
+    texts = words["word_str"].values.tolist()
+    assert texts[:3] == ["<|startoftext|>", "a", "photo"] and "kittens" in texts
+    kitten_tokens = maps.isel(token=(maps.prompt_index == 1).values)
+    tok = [t for t in kitten_tokens["token_str"].values.tolist() if t not in ("<|startoftext|>", "<|endoftext|>")]
+    assert "".join(tok).replace("</w>", "") == "tabbykittens"
+    np.testing.assert_allclose(words.sum("word").values, maps.sum("token").values, rtol=1e-5)
+
+
+def test_bad_inputs(multi_store):
+    store = open_store(multi_store)
+    encoder = load_text_encoder(store.layout.model)
+    with pytest.raises(InvalidInputError, match="empty"):
+        compute_maps(store, [""], text_encoder=encoder)
+    with pytest.raises(InvalidInputError, match="at most 77"):
+        compute_maps(store, [" ".join(["cat"] * 100)], text_encoder=encoder)
+    with pytest.raises(IncompleteImageError, match="out of range"):
+        compute_maps(store, ["cat"], text_encoder=encoder, images=[7])
+    with pytest.raises(InvalidInputError, match="matches no cross-attention layer"):
+        compute_maps(store, ["cat"], text_encoder=encoder, config=MapConfig(layers=LayerSelection(patterns=("nope*",))))
+    with pytest.raises(InvalidInputError, match="out of range"):
+        compute_maps(store, ["cat"], text_encoder=encoder, config=MapConfig(steps="40"))
+    with pytest.raises(InvalidInputError, match="branch 'cond' is not stored"):
+        compute_maps(store, ["cat"], text_encoder=encoder, config=MapConfig(branch="cond"))
+
+
+def test_non_square_latents(tiny_pipe, tmp_path):
+    from ovstore.capture import CaptureConfig, build_requests, capture
+
+    pipe, identity = tiny_pipe
+    out = tmp_path / "wide.zarr"
+    capture(pipe, identity, build_requests([("a wide landscape", None, 0)], num_inference_steps=2), out,
+            config=CaptureConfig(num_inference_steps=2, height=48, width=80))
+    store = open_store(out)
+    assert {l.resolution for l in store.layers} == {(24, 40), (12, 20), (6, 10)}
+    maps = compute_maps(store, "a landscape")
+    assert maps.shape == (1, 4, 24, 40)
+    np.testing.assert_allclose(maps.sum("token").values, 3 * 6 * 4, rtol=1e-5)
