@@ -86,7 +86,7 @@ def capture(
     resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Keep layers of this resolution, e.g. 16 or 16x16 (repeatable).")] = None,
     calls: Annotated[Optional[str], typer.Option(help="UNet calls to store, e.g. '0:10,20,-1' (default: every call).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 1,
-    codec: Annotated[str, typer.Option(help="Query compression: blosc-zstd3-bitshuffle (default), zstd1, zstd3, blosc-zstd1-bitshuffle, blosc-zstd3-shuffle, none.")] = "blosc-zstd3-bitshuffle",
+    codec: Annotated[str, typer.Option(help="Query compression preset: blosc-zstd1-bitshuffle (default), blosc-zstd3-bitshuffle, blosc-zstd3-shuffle, zstd1, zstd3, none. All add a CRC32C checksum.")] = "blosc-zstd1-bitshuffle",
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1...")] = "cpu",
     torch_dtype: Annotated[str, typer.Option(help="Model weights dtype: float32, float16, bfloat16.")] = "float32",
     resume: Annotated[bool, typer.Option("--resume", help="Finish the store's incomplete images from their recorded prompts and seeds.")] = False,

@@ -40,8 +40,8 @@ class MapConfig:
     size
         Final ``(height, width)``; ``None`` keeps the largest layer resolution.
     memory_budget
-        Bytes the score tensor of one pass may take; bounds memory whatever the number of
-        prompts.
+        Bytes of scores one pass may take: small enough to stay in cache (faster on CPU),
+        and memory stays bounded whatever the number of prompts; raise it on a GPU.
     """
 
     layers: LayerSelection = field(default_factory=lambda: LayerSelection(include_mid=False))
@@ -53,7 +53,7 @@ class MapConfig:
     layer_reduction: str = "sum"
     normalize: str = "none"
     size: tuple[int, int] | None = None
-    memory_budget: int = 256 * 2**20
+    memory_budget: int = 2 * 2**20
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:

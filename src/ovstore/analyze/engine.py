@@ -53,12 +53,20 @@ def layer_keys(embedding: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return keys * info.scale
 
 
-def _activate(scores: torch.Tensor, activation: str, inplace: bool) -> torch.Tensor:
+#: exp() of scores up to this magnitude neither overflows nor underflows in float32, even
+#: summed over 77 tokens, so the softmax may skip subtracting the row maximum.
+_SAFE_EXP = 80.0
+
+
+def _activate(scores: torch.Tensor, activation: str, inplace: bool, bounded: bool) -> torch.Tensor:
+    """Activation over the token axis (dim 2 of ``(head, prompt, token, step*pixel)``)."""
     if activation == "token_softmax":
         if not inplace:
-            return scores.softmax(dim=-1)
-        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-        return scores.div_(scores.sum(dim=-1, keepdim=True))
+            return scores.softmax(dim=2)
+        if not bounded:
+            scores.sub_(scores.amax(dim=2, keepdim=True))
+        scores.exp_()
+        return scores.div_(scores.sum(dim=2, keepdim=True))
     if activation == "sigmoid":
         return scores.sigmoid_() if inplace else scores.sigmoid()
     return scores
@@ -70,9 +78,14 @@ def layer_token_maps(
     buckets: TokenBuckets,
     *,
     activation: str = "token_softmax",
-    memory_budget: int = 256 * 2**20,
+    memory_budget: int = 2 * 2**20,
 ) -> torch.Tensor:
     """Maps of every token for one layer, summed over steps and heads.
+
+    Scores are laid out ``(head, token, step*pixel)`` so that the softmax over tokens and
+    the sums run over contiguous pixel vectors, and each chunk of prompts is sized to stay
+    in cache (``memory_budget`` bytes of scores). When ``|q|·|k|`` bounds every score below
+    80, the softmax skips the max-subtraction pass (exactly the same result in float32).
 
     Parameters
     ----------
@@ -88,19 +101,22 @@ def layer_token_maps(
         activation.
     """
     steps, heads, pixels, channels = queries.shape
-    q = queries.to(keys.dtype).transpose(0, 1).reshape(heads, steps * pixels, channels)
+    q = queries.to(keys.dtype).permute(1, 3, 0, 2).reshape(heads, channels, steps * pixels)
     inplace = not (torch.is_grad_enabled() and keys.requires_grad)
+    q_norm = float(q.detach().norm(dim=1).amax()) if activation == "token_softmax" else 0.0
+    k_norm = keys.detach().norm(dim=2)  # (head, token)
     out = torch.zeros((buckets.total, pixels), dtype=torch.float32, device=keys.device)
-    per_column = heads * steps * pixels * 4
+    per_prompt_token = heads * steps * pixels * 4
     for n_tokens, cols in buckets.buckets:
         cols = cols.to(keys.device)
         n_prompts = cols.numel() // n_tokens
-        chunk = max(1, min(n_prompts, memory_budget // max(per_column * n_tokens, 1)))
+        chunk = max(1, min(n_prompts, memory_budget // max(per_prompt_token * n_tokens, 1)))
         for p0 in range(0, n_prompts, chunk):
             c = cols[p0 * n_tokens:(p0 + chunk) * n_tokens]
-            scores = torch.bmm(q, keys[:, c].transpose(1, 2))  # (head, step*pixel, c*n)
-            scores = _activate(scores.view(heads, steps, pixels, -1, n_tokens), activation, inplace)
-            out[c] = scores.sum(dim=(0, 1)).reshape(pixels, -1).transpose(0, 1)  # (c*n, pixel)
+            bounded = q_norm * float(k_norm[:, c].amax()) < _SAFE_EXP
+            scores = torch.bmm(keys[:, c], q)  # (head, c*n, step*pixel)
+            scores = _activate(scores.view(heads, -1, n_tokens, steps * pixels), activation, inplace, bounded)
+            out[c] = scores.reshape(heads, -1, steps, pixels).sum(dim=(0, 2))  # (c*n, pixel)
     return out
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidInputError
 from ..selection import LayerSelection, parse_index_spec
-from ..store.format import CODEC_PRESETS
+from ..store.format import CODEC_PRESETS, DEFAULT_CODEC
 
 __all__ = ["CaptureConfig", "BRANCH_CHOICES"]
 
@@ -47,7 +47,7 @@ class CaptureConfig:
     layers: LayerSelection = field(default_factory=LayerSelection)
     calls: tuple[str, ...] | None = None
     batch_size: int = 1
-    codec: str = "blosc-zstd3-bitshuffle"
+    codec: str = DEFAULT_CODEC
 
     def __post_init__(self) -> None:
         if self.branch not in BRANCH_CHOICES:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, OvstoreError, StoreError
+from ..errors import InvalidInputError, StoreError
 from ..selection import resolve_indices
 from ..store.format import ImageRecord, StoreLayout
 from ..store.writer import StoreWriter

@@ -25,6 +25,7 @@ __all__ = [
     "StoreLayout",
     "query_codecs",
     "CODEC_PRESETS",
+    "DEFAULT_CODEC",
     "ImageRecord",
 ]
 
@@ -142,7 +143,7 @@ class StoreLayout:
     num_unet_calls: int
     calls: tuple[int, ...]  # indices of the stored UNet calls
     query_dtype: str = "float16"
-    codec: str = "blosc-zstd3-bitshuffle"
+    codec: str = "blosc-zstd1-bitshuffle"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -188,7 +189,7 @@ class StoreLayout:
             num_unet_calls=data["num_unet_calls"],
             calls=tuple(data["calls"]),
             query_dtype=data.get("query_dtype", "float16"),
-            codec=data.get("codec", "blosc-zstd3-bitshuffle"),
+            codec=data["codec"],
             extra=dict(data.get("extra", {})),
         )
 
@@ -225,6 +226,9 @@ def _zstd(level: int) -> Any:
 
 #: Named compressor chains for query arrays. Every chain ends with a CRC32C checksum so that
 #: a corrupted chunk is detected on read instead of being returned as data.
+#: The default: as small as the best measured preset (see BENCHMARKS.md) at the cheapest level.
+DEFAULT_CODEC = "blosc-zstd1-bitshuffle"
+
 CODEC_PRESETS: dict[str, Any] = {
     "none": lambda: [],
     "zstd1": lambda: [_zstd(1)],
