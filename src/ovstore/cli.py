@@ -207,6 +207,8 @@ def maps(
     activation: Annotated[str, typer.Option(help="token_softmax (reference), sigmoid or linear.")] = "token_softmax",
     aggregation: Annotated[str, typer.Option(help="sum (reference) or mean, over heads, steps and layers.")] = "sum",
     normalize: Annotated[str, typer.Option(help="none (reference), max or minmax, per map.")] = "none",
+    token: Annotated[Optional[list[Path]], typer.Option("--token", "-t", help="Learned token file from `ovstore optimize` (repeatable); evaluated as [SoT, class*].")] = None,
+    combine_tokens: Annotated[bool, typer.Option("--combine-tokens", help="Put all --token classes in one softmax ([SoT, a*, b*, ...]) so they compete.")] = False,
     model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
@@ -225,12 +227,15 @@ def maps(
         except OSError as exc:
             raise InvalidInputError(f"cannot read --attributions-file {attributions_file}: {exc.strerror}") from None
         prompts += [l.strip() for l in lines if l.strip() and not l.startswith("#")]
-    if not prompts:
-        raise InvalidInputError("no attribution prompt; pass --attribution TEXT or --attributions-file FILE")
+    if not prompts and not token:
+        raise InvalidInputError("no attribution; pass --attribution TEXT, --attributions-file FILE or --token FILE")
+    if combine_tokens and not token:
+        raise InvalidInputError("--combine-tokens needs --token files to combine")
+    n_attributions = len(prompts) + (1 if combine_tokens else len(token or ()))
     if out.suffix not in (".npy", ".zarr"):
         raise InvalidInputError(f"--out {out}: use a .npy (one prompt) or .zarr (any number) file name")
-    if out.suffix == ".npy" and len(prompts) > 1:
-        raise InvalidInputError(f"--out {out} is .npy, which holds one attribution prompt; use FILE.zarr for {len(prompts)}")
+    if out.suffix == ".npy" and n_attributions > 1:
+        raise InvalidInputError(f"--out {out} is .npy, which holds one attribution; use FILE.zarr for {n_attributions}")
     config = MapConfig(
         layers=LayerSelection(patterns=tuple(layer or ()), include_mid=False,
                               resolutions=tuple(parse_resolution(r) for r in (resolution or ()))),
@@ -241,15 +246,72 @@ def maps(
     _quiet_libraries()
     s = open_store(store)
     chosen = s.check_images(image)
+    attributions: list = list(prompts)
+    if token:
+        from .optimize import combined_attribution, load_token, token_attribution
+
+        files = [load_token(t) for t in token]
+        if combine_tokens:
+            attributions.append(combined_attribution(files, s.layout.model))
+        else:
+            attributions += [token_attribution(f, s.layout.model) for f in files]
     with _progress(len(chosen), "maps") as bar:
         task = bar.add_task("maps", total=len(chosen))
-        result = compute_maps(s, prompts, images=chosen, config=config, model=model, device=device,
+        result = compute_maps(s, attributions, images=chosen, config=config, model=model, device=device,
                               progress=lambda _: bar.advance(task))
     save_maps(result, out)
-    console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {len(prompts)} prompt(s) to {out}")
+    console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {n_attributions} attribution(s) to {out}")
     if png is not None:
         files = write_overlays(result, s.image, png)
         console.print(f"wrote {len(files)} PNG overlays to {png}")
+
+
+@app.command()
+def optimize(
+    store: Annotated[Path, typer.Argument(help="Store holding the annotated images.")],
+    image: Annotated[list[int], typer.Option("--image", "-i", help="Training image index; pair each with a --mask (repeatable).")],
+    mask: Annotated[list[Path], typer.Option("--mask", "-m", help="Binary mask image of the class in the matching --image (any size).")],
+    init: Annotated[str, typer.Option(help="Word to start from (its token in the context sentence).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Token file to write (.safetensors).")],
+    name: Annotated[Optional[str], typer.Option(help="Class name stored in the token (default: the init word).")] = None,
+    context: Annotated[str, typer.Option(help="Sentence encoded to initialise the rows; {} is the init word.")] = "A photograph of a {}",
+    recipe: Annotated[str, typer.Option(help="Optimization recipe: reference (OVAM's).")] = "reference",
+    epochs: Annotated[int, typer.Option(help="SGD epochs (reference: 800).")] = 800,
+    lr: Annotated[float, typer.Option(help="Learning rate (reference: 100; maps are min-max normalised).")] = 100.0,
+    lr_step: Annotated[int, typer.Option(help="StepLR period in epochs (reference: 120).")] = 120,
+    lr_gamma: Annotated[float, typer.Option(help="StepLR factor (reference: 0.7).")] = 0.7,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Use layers matching this pattern (repeatable).")] = None,
+    resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Use layers of this resolution (repeatable).")] = None,
+    steps: Annotated[Optional[str], typer.Option(help="Stored steps to use, e.g. '0:5,-1'.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Text encoder to initialise from instead of the recorded one.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Learn a class token from annotated masks, from the store alone (no UNet).
+
+    Example: ovstore optimize caps.zarr --image 0 --mask cat0.png --init cat --out cat.safetensors
+    """
+    from .analyze import MapConfig
+    from .optimize import OptimizeConfig, TokenTask, optimize_tokens, save_token
+    from .selection import LayerSelection, parse_resolution
+
+    if out.suffix != ".safetensors":
+        raise InvalidInputError(f"--out {out}: a token file must end in .safetensors")
+    config = OptimizeConfig(
+        recipe=recipe, context=context, epochs=epochs, lr=lr, lr_step=lr_step, lr_gamma=lr_gamma,
+        maps=MapConfig(layers=LayerSelection(patterns=tuple(layer or ()), include_mid=False,
+                                             resolutions=tuple(parse_resolution(r) for r in (resolution or ()))),
+                       steps=steps),
+    )
+    task = TokenTask(init_word=init, images=tuple(image), masks=tuple(mask), name=name)
+    _quiet_libraries()
+    with _progress(epochs, "optimizing") as bar:
+        progress_task = bar.add_task("optimize", total=epochs)
+        (token,) = optimize_tokens(store, [task], config=config, model=model, device=device,
+                                   progress=lambda epoch, losses: bar.update(progress_task, completed=epoch + 1))
+    save_token(token, out)
+    t = token.training
+    console.print(f"wrote {out}: loss {t['best_loss']:.4f}, training IoU {t['train_iou']:.3f} "
+                  f"(plain word {init!r}: {t['plain_word_iou']:.3f})")
 
 
 def main() -> None:

@@ -32,40 +32,37 @@ __all__ = ["compute_maps", "iter_image_maps", "split_by_prompt", "MapPlan"]
 
 
 class MapPlan:
-    """Everything resolved before the pass over images: layers, steps, branch and keys."""
+    """Everything resolved before the pass over images: layers, steps, branch and the
+    stored key projections. Keys for any embedding follow from :meth:`keys`, so the same
+    plan serves fixed prompts and token optimization."""
 
-    def __init__(self, store: Store, attributions: Sequence[Attribution], config: MapConfig,
-                 device: str = "cpu") -> None:
+    def __init__(self, store: Store, config: MapConfig, device: str = "cpu") -> None:
         self.store = store
         self.config = config
         self.device = device
-        self.attributions = list(attributions)
         names = config.layers.select([(l.name, l.resolution) for l in store.layers])
         self.layers: list[LayerInfo] = [store.layout.layer(n) for n in names]
         self.steps = resolve_indices(config.steps, store.layout.n_steps, what="stored step")
         self.branch = self._branch_index(config.branch)
         largest = max(self.layers, key=lambda l: l.height * l.width)
         self.target = (largest.height, largest.width)
-        embedding, self.offsets = embedding_matrix(self.attributions)
-        hidden = int(embedding.shape[1])
+        self.projections = {}
+        for info in self.layers:
+            w, b = store.key_projection(info.name)
+            self.projections[info.name] = (torch.from_numpy(w).to(device), torch.from_numpy(b).to(device))
+
+    def keys(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scaled keys ``(head, token, channel)`` per layer for ``(token, hidden)`` embeddings."""
+        hidden = int(embedding.shape[-1])
         for info in self.layers:
             if info.key_input_dim != hidden:
                 raise InvalidInputError(
                     f"the text embeddings have {hidden} channels but layer {info.name} projects "
                     f"{info.key_input_dim}; use the text encoder of the captured model "
-                    f"({store.layout.model.id})"
+                    f"({self.store.layout.model.id})"
                 )
-        self.buckets = TokenBuckets.from_offsets(self.offsets)
-        embedding = embedding.to(device)
-        self.keys = {}
-        for info in self.layers:
-            w, b = store.key_projection(info.name)
-            self.keys[info.name] = layer_keys(embedding, torch.from_numpy(w).to(device),
-                                              torch.from_numpy(b).to(device), info)
-
-    @property
-    def requires_grad(self) -> bool:
-        return any(k.requires_grad for k in self.keys.values())
+        embedding = embedding.to(self.device)
+        return {info.name: layer_keys(embedding, *self.projections[info.name], info) for info in self.layers}
 
     def _branch_index(self, branch: str | None) -> int:
         branches = self.store.layout.branches
@@ -85,14 +82,15 @@ class MapPlan:
             out[info.name] = torch.from_numpy(q).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
         return out
 
-    def image_maps(self, queries: dict[str, torch.Tensor]) -> torch.Tensor:
+    def image_maps(self, queries: dict[str, torch.Tensor], keys: dict[str, torch.Tensor],
+                   buckets: TokenBuckets) -> torch.Tensor:
         """Maps of every token for one image: ``(token, height, width)`` float32."""
         cfg = self.config
         per_layer = {}
         for info in self.layers:
-            keys = self.keys[info.name]
-            maps = layer_token_maps(queries[info.name].to(keys.device, non_blocking=True), keys,
-                                    self.buckets, activation=cfg.activation,
+            k = keys[info.name]
+            maps = layer_token_maps(queries[info.name].to(k.device, non_blocking=True), k,
+                                    buckets, activation=cfg.activation,
                                     memory_budget=cfg.memory_budget)
             if cfg.head_reduction == "mean":
                 maps = maps / info.heads
@@ -126,7 +124,8 @@ def _attributions(store: Store, items: Sequence[str | Attribution], text_encoder
     return [encoded[x] if isinstance(x, str) else x for x in items]
 
 
-def iter_image_maps(plan: MapPlan, images: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
+def iter_image_maps(plan: MapPlan, images: Sequence[int], keys: dict[str, torch.Tensor],
+                    buckets: TokenBuckets) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(image, maps)`` while the next image's queries are read in a thread."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovstore-read") as pool:
         pending = pool.submit(plan.read, images[0]) if images else None
@@ -134,8 +133,8 @@ def iter_image_maps(plan: MapPlan, images: Sequence[int]) -> Iterator[tuple[int,
             queries = pending.result()
             if k + 1 < len(images):
                 pending = pool.submit(plan.read, images[k + 1])
-            with torch.inference_mode(not plan.requires_grad):
-                maps = plan.image_maps(queries)
+            with torch.inference_mode():
+                maps = plan.image_maps(queries, keys, buckets)
             yield image, maps
 
 
@@ -188,9 +187,11 @@ def compute_maps(
     config = config or MapConfig()
     images = store.check_images(images)
     atts = _attributions(store, attributions, text_encoder, model, device)
-    plan = MapPlan(store, atts, config, device=device)
+    plan = MapPlan(store, config, device=device)
+    embedding, offsets = embedding_matrix(atts)
+    keys = plan.keys(embedding)
     out = None
-    for k, (image, maps) in enumerate(iter_image_maps(plan, images)):
+    for k, (image, maps) in enumerate(iter_image_maps(plan, images, keys, TokenBuckets.from_offsets(offsets))):
         if out is None:
             out = np.empty((len(images), *maps.shape), dtype=np.float32)
         out[k] = maps.detach().cpu().numpy()

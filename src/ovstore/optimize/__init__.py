@@ -1,3 +1,26 @@
-"""Token optimization from cached features (learned class embeddings); see the roadmap."""
+"""Token optimization: learn a class embedding from annotated masks, entirely from a store.
 
-__all__: list[str] = []
+The learned [SoT, class] rows replace a word's text embedding in any later analysis
+(``ovstore maps --token FILE``); see :func:`optimize_tokens`.
+"""
+
+from .config import DEFAULT_CONTEXT, RECIPES, OptimizeConfig
+from .masks import load_mask
+from .tokens import TokenFile, combined_attribution, load_token, save_token, token_attribution
+from .trainer import TokenTask, initial_rows, mask_iou, optimize_tokens
+
+__all__ = [
+    "DEFAULT_CONTEXT",
+    "OptimizeConfig",
+    "RECIPES",
+    "TokenFile",
+    "TokenTask",
+    "combined_attribution",
+    "initial_rows",
+    "load_mask",
+    "load_token",
+    "mask_iou",
+    "optimize_tokens",
+    "save_token",
+    "token_attribution",
+]

@@ -1,0 +1,50 @@
+"""Reading annotation masks for token optimization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidInputError
+
+__all__ = ["load_mask"]
+
+
+def load_mask(path: str | Path | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A binary mask resized (nearest) to ``size = (height, width)``.
+
+    Any image mode works: a pixel belongs to the class when it is non-zero (for RGB(A),
+    when any colour channel is). Raises a one-line error for unreadable or empty masks.
+    """
+    if isinstance(path, np.ndarray):
+        array = np.asarray(path)
+        name = "the mask array"
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        name = str(path)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                array = np.asarray(image.convert("RGBA") if image.mode in ("P", "PA") else image)
+        except FileNotFoundError:
+            raise InvalidInputError(f"mask {name} does not exist") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InvalidInputError(f"mask {name} is not a readable image ({exc}); save it as PNG") from None
+    if array.ndim == 3:
+        array = array[..., :3].any(axis=-1) if array.shape[-1] in (3, 4) else array.any(axis=-1)
+    if array.ndim != 2:
+        raise InvalidInputError(f"{name} has shape {array.shape}; expected a 2-D mask image")
+    binary = array != 0
+    if binary.shape != tuple(size):
+        from PIL import Image
+
+        resized = Image.fromarray(binary.astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)
+        binary = np.asarray(resized) > 127
+    if not binary.any():
+        raise InvalidInputError(f"{name} is empty (no foreground pixel at {size[0]}x{size[1]}); "
+                                "mark the object with non-zero pixels")
+    if binary.all():
+        raise InvalidInputError(f"{name} covers the whole image; a mask needs background pixels too")
+    return binary

@@ -1,0 +1,121 @@
+"""Token files: a learned [SoT, class] embedding with its provenance, as safetensors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..analyze.text import Attribution
+from ..errors import InvalidInputError
+from ..store.format import ModelIdentity
+
+__all__ = ["TokenFile", "save_token", "load_token", "token_attribution", "combined_attribution"]
+
+TOKEN_FORMAT = "ovstore-token"
+TOKEN_FORMAT_VERSION = 1
+SOT = "<|startoftext|>"
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """A learned token: ``embedding`` is ``(2, hidden)``: rows [start-of-text, class]."""
+
+    name: str
+    embedding: Any  # torch.Tensor
+    init_word: str
+    model_id: str
+    text_encoder_fingerprint: str | None
+    hidden_size: int
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": TOKEN_FORMAT,
+            "format_version": str(TOKEN_FORMAT_VERSION),
+            "ovstore_version": __version__,
+            "name": self.name,
+            "init_word": self.init_word,
+            "model_id": self.model_id,
+            "text_encoder_fingerprint": self.text_encoder_fingerprint or "",
+            "hidden_size": str(self.hidden_size),
+            "hyperparameters": json.dumps(self.hyperparameters, sort_keys=True),
+            "training": json.dumps(self.training, sort_keys=True),
+        }
+
+
+def save_token(token: TokenFile, path: str | Path) -> Path:
+    """Write ``token`` as safetensors (atomically: a temporary file, then a rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise InvalidInputError(f"--out {path}: a token file must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file({"embedding": token.embedding.detach().float().cpu().contiguous()}, str(tmp),
+              metadata=token.metadata())
+    tmp.replace(path)
+    return path
+
+
+def load_token(path: str | Path) -> TokenFile:
+    """Read a token file written by :func:`save_token`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            embedding = f.get_tensor("embedding")
+    except FileNotFoundError:
+        raise InvalidInputError(f"token file {path} does not exist") from None
+    except Exception as exc:
+        raise InvalidInputError(f"{path} is not a readable safetensors token file ({exc})") from None
+    if meta.get("format") != TOKEN_FORMAT:
+        raise InvalidInputError(f"{path} is a safetensors file but not an ovstore token (no format metadata)")
+    if int(meta.get("format_version", 0)) > TOKEN_FORMAT_VERSION:
+        raise InvalidInputError(f"{path} has token format {meta['format_version']}; upgrade ovstore")
+    return TokenFile(
+        name=meta["name"], embedding=embedding, init_word=meta["init_word"], model_id=meta["model_id"],
+        text_encoder_fingerprint=meta.get("text_encoder_fingerprint") or None,
+        hidden_size=int(meta["hidden_size"]), hyperparameters=json.loads(meta.get("hyperparameters", "{}")),
+        training=json.loads(meta.get("training", "{}")),
+    )
+
+
+def _check_model(token: TokenFile, identity: ModelIdentity, path: str = "") -> None:
+    where = f" {path}" if path else ""
+    if token.hidden_size != identity.text_encoder_hidden_size or (
+        token.text_encoder_fingerprint and identity.text_encoder_fingerprint
+        and token.text_encoder_fingerprint != identity.text_encoder_fingerprint
+    ):
+        raise InvalidInputError(
+            f"token{where} ({token.name}) was learned for model {token.model_id!r} (hidden size "
+            f"{token.hidden_size}); this store was captured with {identity.id!r} (hidden size "
+            f"{identity.text_encoder_hidden_size}). Optimize a token on a store of this model."
+        )
+
+
+def token_attribution(token: TokenFile, identity: ModelIdentity) -> Attribution:
+    """The token alone, as the reference evaluates it: rows [SoT, class]."""
+    _check_model(token, identity)
+    return Attribution(label=token.name, tokens=(SOT, f"{token.name}*"), embedding=token.embedding.float())
+
+
+def combined_attribution(tokens: Sequence[TokenFile], identity: ModelIdentity) -> Attribution:
+    """Several tokens in one softmax, so that their classes compete: [SoT, a*, b*, ...]."""
+    import torch
+
+    if not tokens:
+        raise InvalidInputError("no token to combine")
+    for token in tokens:
+        _check_model(token, identity)
+    rows = [tokens[0].embedding[0]] + [t.embedding[1] for t in tokens]
+    return Attribution(label="+".join(f"{t.name}*" for t in tokens),
+                       tokens=(SOT, *(f"{t.name}*" for t in tokens)),
+                       embedding=torch.stack(rows).float())
