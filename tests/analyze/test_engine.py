@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ovstore.analyze.engine import TokenBuckets, layer_keys, layer_token_maps
+from ovstore.analyze.engine import TokenBuckets, layer_keys, layer_token_maps, prepare_queries
 from ovstore.store.format import LayerInfo
 
 INFO = LayerInfo(name="l", block="up", level=0, height=4, width=6, heads=3, head_dim=5, scale=5 ** -0.5,
@@ -36,11 +36,11 @@ def test_engine_matches_naive_softmax(magnitude):
     expected = naive(queries, embedding, weight, offsets)
     assert torch.isfinite(expected).all()
     for budget in (1, 10_000, 2**30):  # one prompt per chunk up to all at once
-        got = layer_token_maps(queries, keys, buckets, memory_budget=budget)
+        got = layer_token_maps(prepare_queries(queries), keys, buckets, memory_budget=budget)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     # the differentiable path (token optimization) gives the same maps
     keys_grad = keys.clone().requires_grad_(True)
-    got = layer_token_maps(queries, keys_grad, buckets)
+    got = layer_token_maps(prepare_queries(queries), keys_grad, buckets)
     torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-4)
     got.sum().backward()
     assert keys_grad.grad is not None and torch.isfinite(keys_grad.grad).all()

@@ -4,7 +4,15 @@ Loads only a tokenizer and a text encoder plus the stored key projections; never
 """
 
 from .config import MapConfig
-from .engine import TokenBuckets, combine_layers, layer_keys, layer_token_maps, normalize_maps
+from .engine import (
+    PreparedQueries,
+    TokenBuckets,
+    combine_layers,
+    layer_keys,
+    layer_token_maps,
+    normalize_maps,
+    prepare_queries,
+)
 from .export import save_maps, write_overlays
 from .maps import MapPlan, compute_maps, iter_image_maps, split_by_prompt
 from .text import Attribution, TextEncoder, load_text_encoder
@@ -14,6 +22,7 @@ __all__ = [
     "Attribution",
     "MapConfig",
     "MapPlan",
+    "PreparedQueries",
     "TextEncoder",
     "TokenBuckets",
     "combine_layers",
@@ -23,6 +32,7 @@ __all__ = [
     "layer_token_maps",
     "load_text_encoder",
     "normalize_maps",
+    "prepare_queries",
     "save_maps",
     "write_overlays",
     "split_by_prompt",

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 from ..store.format import LayerInfo
 
-__all__ = ["TokenBuckets", "layer_keys", "layer_token_maps", "combine_layers", "normalize_maps"]
+__all__ = [
+    "PreparedQueries",
+    "TokenBuckets",
+    "combine_layers",
+    "layer_keys",
+    "layer_token_maps",
+    "normalize_maps",
+    "prepare_queries",
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,26 @@ class TokenBuckets:
             total=int(offsets[-1]),
             buckets=tuple((n, torch.tensor(cols, dtype=torch.long)) for n, cols in groups.items()),
         )
+
+
+@dataclass(frozen=True)
+class PreparedQueries:
+    """One layer's queries laid out for the engine: ``data`` is ``(head, channel, step*pixel)``
+    float32; ``max_norm`` bounds every query's length (for the overflow-free softmax)."""
+
+    data: torch.Tensor
+    steps: int
+    pixels: int
+    max_norm: float
+
+
+def prepare_queries(queries: torch.Tensor, device: str | torch.device | None = None) -> PreparedQueries:
+    """Lay out ``(step, head, pixel, channel)`` queries once, so that repeated passes (many
+    prompt chunks, or every epoch of token optimization) do not copy them again."""
+    steps, heads, pixels, channels = queries.shape
+    q = queries.to(device or queries.device, non_blocking=True).to(torch.float32)
+    q = q.permute(1, 3, 0, 2).reshape(heads, channels, steps * pixels)
+    return PreparedQueries(q, steps, pixels, float(q.norm(dim=1).amax()))
 
 
 def layer_keys(embedding: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -73,7 +101,7 @@ def _activate(scores: torch.Tensor, activation: str, inplace: bool, bounded: boo
 
 
 def layer_token_maps(
-    queries: torch.Tensor,
+    queries: PreparedQueries,
     keys: torch.Tensor,
     buckets: TokenBuckets,
     *,
@@ -90,7 +118,7 @@ def layer_token_maps(
     Parameters
     ----------
     queries
-        ``(step, head, pixel, channel)``, any float dtype.
+        From :func:`prepare_queries`.
     keys
         ``(head, token, channel)`` from :func:`layer_keys`.
 
@@ -100,10 +128,10 @@ def layer_token_maps(
         ``(token, pixel)`` float32: for each token, the sum over steps and heads of its
         activation.
     """
-    steps, heads, pixels, channels = queries.shape
-    q = queries.to(keys.dtype).permute(1, 3, 0, 2).reshape(heads, channels, steps * pixels)
+    q, steps, pixels = queries.data, queries.steps, queries.pixels
+    heads = q.shape[0]
     inplace = not (torch.is_grad_enabled() and keys.requires_grad)
-    q_norm = float(q.detach().norm(dim=1).amax()) if activation == "token_softmax" else 0.0
+    q_norm = queries.max_norm
     k_norm = keys.detach().norm(dim=2)  # (head, token)
     out = torch.zeros((buckets.total, pixels), dtype=torch.float32, device=keys.device)
     per_prompt_token = heads * steps * pixels * 4

@@ -22,7 +22,15 @@ from ..selection import resolve_indices
 from ..store.format import LayerInfo
 from ..store.reader import Store, open_store
 from .config import MapConfig
-from .engine import TokenBuckets, combine_layers, layer_keys, layer_token_maps, normalize_maps
+from .engine import (
+    PreparedQueries,
+    TokenBuckets,
+    combine_layers,
+    layer_keys,
+    layer_token_maps,
+    normalize_maps,
+    prepare_queries,
+)
 from .text import Attribution, TextEncoder, embedding_matrix, load_text_encoder
 
 if TYPE_CHECKING:
@@ -74,22 +82,22 @@ class MapPlan:
             )
         return branches.index(branch)
 
-    def read(self, image: int) -> dict[str, torch.Tensor]:
-        """One image's queries for the planned layers and steps, ``(step, head, pixel, ch)``."""
+    def read(self, image: int) -> dict[str, PreparedQueries]:
+        """One image's queries for the planned layers and steps, laid out for the engine."""
         out = {}
         for info in self.layers:
             q = self.store.queries(info.name, image, branch=self.branch, steps=self.steps)
-            out[info.name] = torch.from_numpy(q).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
+            q = torch.from_numpy(q).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
+            out[info.name] = prepare_queries(q, self.device)
         return out
 
-    def image_maps(self, queries: dict[str, torch.Tensor], keys: dict[str, torch.Tensor],
+    def image_maps(self, queries: dict[str, PreparedQueries], keys: dict[str, torch.Tensor],
                    buckets: TokenBuckets) -> torch.Tensor:
         """Maps of every token for one image: ``(token, height, width)`` float32."""
         cfg = self.config
         per_layer = {}
         for info in self.layers:
-            k = keys[info.name]
-            maps = layer_token_maps(queries[info.name].to(k.device, non_blocking=True), k,
+            maps = layer_token_maps(queries[info.name], keys[info.name],
                                     buckets, activation=cfg.activation,
                                     memory_budget=cfg.memory_budget)
             if cfg.head_reduction == "mean":

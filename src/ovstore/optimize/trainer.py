@@ -87,7 +87,7 @@ class _Forward:
         self.plan = plan
         self.images = list(images)
         self.size = size
-        self.queries = [{k: v.to(plan.device, torch.float32) for k, v in plan.read(i).items()} for i in self.images]
+        self.queries = [plan.read(i) for i in self.images]  # laid out once, on the device
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows``: (classes, 2, hidden) → maps (image, classes, 2, H, W)."""
