@@ -314,6 +314,93 @@ def optimize(
                   f"(plain word {init!r}: {t['plain_word_iou']:.3f})")
 
 
+def _parse_thresholds(items: list[str] | None) -> dict[str, float]:
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise InvalidInputError(f"--class-threshold {item!r}: write CLASS=VALUE, e.g. cat=0.5")
+    return out
+
+
+@app.command()
+def label(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset folder (VOC tree + COCO JSON).")],
+    classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names, numbered from 1 in this order.")] = None,
+    classes_file: Annotated[Optional[Path], typer.Option(help="One class name per line.")] = None,
+    prompt_template: Annotated[str, typer.Option(help="Sentence of a class word; {} is the class.")] = "a photograph of a {}",
+    token: Annotated[Optional[list[Path]], typer.Option("--token", help="Learned token file; used for the class it names (repeatable).")] = None,
+    mode: Annotated[str, typer.Option(help="separate: each class its own softmax; compete: all classes in one softmax.")] = "separate",
+    threshold: Annotated[float, typer.Option(help="Threshold on max-normalised maps (reference ≈0.4 for words).")] = 0.4,
+    class_threshold: Annotated[Optional[list[str]], typer.Option("--class-threshold", help="CLASS=VALUE per-class threshold (repeatable).")] = None,
+    adaptive: Annotated[bool, typer.Option("--adaptive", help="DiffuMask adaptive threshold per class and image (most stable area over a sweep).")] = False,
+    crf: Annotated[bool, typer.Option("--crf", help="DenseCRF refinement (pip install 'ovstore[crf]').")] = False,
+    min_component: Annotated[int, typer.Option(help="Remove class regions smaller than this many pixels.")] = 0,
+    prompt_classes_only: Annotated[bool, typer.Option("--prompt-classes-only", help="Only label classes named in each image's prompt.")] = False,
+    image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="'synchronous' (in-process), or a dask.distributed scheduler address; default: a LocalCluster.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="LocalCluster worker processes (default: one per core).")] = None,
+    partition_size: Annotated[int, typer.Option(help="Images per task (bounds memory per worker).")] = 8,
+    write_maps: Annotated[bool, typer.Option("--write-maps", help="Also write the float class maps to OUT/maps.zarr.")] = False,
+    model: Annotated[Optional[str], typer.Option(help="Text encoder to use instead of the recorded one.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Label every complete image into a segmentation dataset (VOC PNGs + COCO RLE JSON).
+
+    Re-running the same command resumes: finished images are skipped.
+    Example: ovstore label caps.zarr --classes cat,dog,sofa --out dataset/
+    """
+    from .label import LabelConfig, label_store
+    from .optimize import load_token
+    from .store import open_store
+
+    names: list[str] = [c for c in (classes or "").split(",") if c.strip()]
+    if classes_file is not None:
+        try:
+            names += [l.strip() for l in classes_file.read_text(encoding="utf-8").splitlines() if l.strip()]
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read --classes-file {classes_file}: {exc.strerror}") from None
+    tokens = {load_token(t).name: t for t in (token or ())}
+    for name in tokens:
+        if name not in names:
+            names.append(name)
+    config = LabelConfig(classes=tuple(names), prompt_template=prompt_template, tokens=tokens, mode=mode,
+                         threshold=threshold, class_thresholds=_parse_thresholds(class_threshold),
+                         adaptive=adaptive, crf=crf, min_component=min_component,
+                         prompt_classes_only=prompt_classes_only)
+    _quiet_libraries()
+    total = len(open_store(store).check_images(image))
+    with _progress(total, "labelling") as bar:
+        task = bar.add_task("label", total=total)
+        result = label_store(store, out, config, images=image, scheduler=scheduler, workers=workers,
+                             partition_size=partition_size, write_maps=write_maps, model=model, device=device,
+                             progress=lambda _: bar.advance(task))
+        bar.update(task, completed=total)
+    console.print(f"labelled {len(result.labelled)} images ({len(result.skipped)} already done) into {out}; "
+                  f"COCO: {result.coco}")
+
+
+@app.command()
+def evaluate(
+    pred_dir: Annotated[Path, typer.Argument(help="Predicted label PNGs (a folder or a VOC tree).")],
+    gt_dir: Annotated[Path, typer.Argument(help="Ground-truth label PNGs, matched by file name (255 = ignore).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for report.json, report.md and report.png.")] = None,
+) -> None:
+    """Per-class IoU, mIoU, precision/recall and confusion matrix (I and U summed over the set)."""
+    from .label import evaluate_dirs, write_report
+
+    report = evaluate_dirs(pred_dir, gt_dir)
+    Console().print(report.to_markdown(), markup=False, highlight=False)
+    if out is not None:
+        files = write_report(report, out)
+        console.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
 def main() -> None:
     """Console entry point: one-line errors instead of tracebacks for expected failures."""
     try:

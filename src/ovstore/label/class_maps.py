@@ -1,0 +1,76 @@
+"""Class maps: each class's attribution (a template sentence or a learned token), evaluated
+for many images at once, summed over the class word's sub-tokens and max-normalised."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..analyze.maps import compute_maps
+from ..analyze.config import MapConfig
+from ..analyze.text import Attribution, TextEncoder
+from ..errors import InvalidInputError
+from ..optimize.tokens import SOT, load_token, token_attribution
+from ..store.reader import Store
+from .config import LabelConfig
+
+__all__ = ["ClassAttributions", "class_attributions", "class_maps"]
+
+
+@dataclass(frozen=True)
+class ClassAttributions:
+    """Attributions to evaluate and, per class, the columns of their token axis to sum."""
+
+    attributions: tuple[Attribution, ...]
+    columns: tuple[tuple[int, ...], ...]
+
+
+def _word_rows(encoder: TextEncoder, word: str, template: str) -> tuple[Attribution, list[int]]:
+    sentence = template.format(word)
+    (att,) = encoder.encode([sentence])
+    word_ids = list(encoder.tokenizer(word, add_special_tokens=False)["input_ids"])
+    ids = list(att.token_ids or ())
+    for start in range(1, len(ids) - len(word_ids) + 1):
+        if ids[start:start + len(word_ids)] == word_ids:
+            return att, list(range(start, start + len(word_ids)))
+    raise InvalidInputError(f"class {word!r} is not tokenized the same inside {sentence!r}; "
+                            "change --prompt-template")
+
+
+def class_attributions(store: Store, config: LabelConfig, encoder: TextEncoder) -> ClassAttributions:
+    """Build the attributions of ``config.classes`` for ``store``'s model."""
+    per_class: list[tuple[Attribution, list[int]]] = []
+    for name in config.classes:
+        if name in config.tokens:
+            per_class.append((token_attribution(load_token(config.tokens[name]), store.layout.model), [1]))
+        else:
+            per_class.append(_word_rows(encoder, name, config.prompt_template))
+    if config.mode == "separate":
+        columns, offset = [], 0
+        for att, rows in per_class:
+            columns.append(tuple(offset + r for r in rows))
+            offset += att.n_tokens
+        return ClassAttributions(tuple(a for a, _ in per_class), tuple(columns))
+    # compete: one softmax over [SoT, class rows of every class]
+    sot = per_class[0][0].embedding[0:1]
+    rows, tokens, columns = [sot], [SOT], []
+    for (att, idx), name in zip(per_class, config.classes):
+        start = len(tokens)
+        rows.append(att.embedding[idx])
+        tokens += [att.tokens[i] for i in idx]
+        columns.append(tuple(range(start, len(tokens))))
+    joint = Attribution(label=" | ".join(config.classes), tokens=tuple(tokens), embedding=torch.cat(rows))
+    return ClassAttributions((joint,), tuple(columns))
+
+
+def class_maps(store: Store, images: Sequence[int], attributions: ClassAttributions, *,
+               size: tuple[int, int], device: str = "cpu") -> np.ndarray:
+    """Max-normalised class maps ``(image, class, H, W)`` float32 at ``size``."""
+    maps = compute_maps(store, list(attributions.attributions), images=images,
+                        config=MapConfig(size=size), device=device).values
+    out = np.stack([maps[:, list(cols)].sum(axis=1) for cols in attributions.columns], axis=1)
+    peak = out.max(axis=(-2, -1), keepdims=True)
+    return (out / np.maximum(peak, np.finfo(np.float32).tiny)).astype(np.float32)
