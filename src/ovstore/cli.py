@@ -55,9 +55,9 @@ def _quiet_libraries() -> None:
 def _progress(total: int, description: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, transient=False, disable=not sys.stderr.isatty() and total < 2)
-    return progress
+    # bars only on terminals: logs of batch jobs get the one-line summaries instead
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=False, disable=not console.is_terminal)
 
 
 def _human(n: float) -> str:
@@ -90,6 +90,8 @@ def capture(
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1...")] = "cpu",
     torch_dtype: Annotated[str, typer.Option(help="Model weights dtype: float32, float16, bfloat16.")] = "float32",
     resume: Annotated[bool, typer.Option("--resume", help="Finish the store's incomplete images from their recorded prompts and seeds.")] = False,
+    reserve_only: Annotated[bool, typer.Option("--reserve-only", help="Only record the prompts as incomplete slots; generate them later with --resume (e.g. one --worker per GPU).")] = False,
+    worker: Annotated[Optional[str], typer.Option(help="With --resume: K/N generates only slots with slot %% N == K, so N processes share one store.")] = None,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
@@ -106,6 +108,16 @@ def capture(
         specs += read_prompts_file(prompts_file)
     if resume and specs:
         raise InvalidInputError("--resume finishes the recorded prompts; do not pass --prompt/--prompts-file with it")
+    if resume and reserve_only:
+        raise InvalidInputError("--reserve-only records new prompts; it cannot be combined with --resume")
+    if worker is not None and not resume:
+        raise InvalidInputError("--worker K/N splits the work of --resume; add --resume")
+    worker_split = None
+    if worker is not None:
+        k, sep, n_workers = worker.partition("/")
+        if not (sep and k.isdigit() and n_workers.isdigit()):
+            raise InvalidInputError(f"--worker {worker!r}: write K/N, e.g. 0/4")
+        worker_split = (int(k), int(n_workers))
     if not resume and not specs:
         raise InvalidInputError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
     config = CaptureConfig(
@@ -129,10 +141,12 @@ def capture(
         task = bar.add_task("capture", total=n)
         step = lambda slot: bar.advance(task)  # noqa: E731
         if resume:
-            result = run_resume(pipe, identity, out, config=config, progress=step)
+            result = run_resume(pipe, identity, out, config=config, progress=step, worker=worker_split)
         else:
-            result = run_capture(pipe, identity, requests, out, config=config, progress=step)
-    console.print(f"stored images {_ranges(result.images)} in {out}")
+            result = run_capture(pipe, identity, requests, out, config=config, progress=step,
+                                 reserve_only=reserve_only)
+    action = "reserved" if reserve_only else "stored"
+    console.print(f"{action} images {_ranges(result.images)} in {out}")
 
 
 def _ranges(values) -> str:
@@ -171,6 +185,42 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> Non
     Console().print(table)
     console.print(f"on disk: {_human(summary.bytes_on_disk)} (queries {_human(summary.query_bytes_on_disk)}, "
                   f"uncompressed {_human(summary.query_bytes_uncompressed)}, ratio {summary.compression_ratio:.2f}x)")
+
+
+@app.command()
+def verify(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> None:
+    """Read every chunk of every complete image and check its checksum; list damage by image and layer.
+
+    Exit status 1 when anything is missing or corrupt.
+    """
+    from .store import open_store, verify_store
+
+    s = open_store(store)
+    n = len(s.complete_images())
+    with _progress(n, "verifying") as bar:
+        task = bar.add_task("verify", total=n)
+        report = verify_store(s, progress=lambda _: bar.advance(task))
+    for problem in report.problems:
+        console.print(f"[red]damaged:[/] {problem}", highlight=False)
+    console.print(f"checked {report.checked_images} complete images; {len(report.incomplete)} incomplete "
+                  f"{report.incomplete[:20] if report.incomplete else ''}; "
+                  + ("no damage found" if report.ok else f"{len(report.damaged_images)} damaged images: "
+                     f"{report.damaged_images[:20]}"))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Store to merge into (created, or appended to).")],
+    sources: Annotated[list[Path], typer.Argument(help="Stores to merge (same model and capture settings).")],
+) -> None:
+    """Merge separately captured stores (e.g. one per GPU) into one, without duplicates."""
+    from .store import merge_stores
+
+    result = merge_stores(out, sources)
+    console.print(f"merged {result.added} images into {out} ({result.duplicates} duplicates and "
+                  f"{result.incomplete_skipped} incomplete images skipped)")
 
 
 @app.command()
@@ -404,7 +454,9 @@ def evaluate(
 def main() -> None:
     """Console entry point: one-line errors instead of tracebacks for expected failures."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except OvstoreError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)

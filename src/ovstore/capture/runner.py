@@ -136,6 +136,7 @@ def capture(
     *,
     config: CaptureConfig,
     progress: Callable[[int], None] | None = None,
+    reserve_only: bool = False,
 ) -> CaptureResult:
     """Generate one image per request and store its queries, images and records.
 
@@ -149,6 +150,9 @@ def capture(
         Store directory; created, or appended to when it exists and matches.
     progress
         Called with each slot once it is complete.
+    reserve_only
+        Only record the requests (slots stay incomplete); several processes can then
+        generate them in parallel with :func:`resume` and ``worker=(k, n)``.
 
     Returns
     -------
@@ -159,18 +163,26 @@ def capture(
     writer = StoreWriter.open(out, layout)
     writer.write_key_projections(_key_projections(layers))
     slots = writer.reserve(requests)
-    _generate(pipe, layers, writer, list(zip(slots, requests)), config, progress)
+    if not reserve_only:
+        _generate(pipe, layers, writer, list(zip(slots, requests)), config, progress)
     return CaptureResult(store=Path(out), images=tuple(slots), layout=writer.store.layout)
 
 
 def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig,
-           progress: Callable[[int], None] | None = None) -> CaptureResult:
-    """Finish every incomplete image of a store from its recorded request."""
+           progress: Callable[[int], None] | None = None, worker: tuple[int, int] | None = None) -> CaptureResult:
+    """Finish every incomplete image of a store from its recorded request.
+
+    With ``worker=(k, n)`` only slots with ``slot % n == k`` are generated, so ``n``
+    processes (one per GPU) can finish one store together, writing disjoint slots.
+    """
+    if worker is not None and not (worker[1] >= 1 and 0 <= worker[0] < worker[1]):
+        raise InvalidInputError(f"--worker {worker[0]}/{worker[1]}: write K/N with 0 <= K < N")
     layout, layers = plan_capture(pipe, identity, config)
     writer = StoreWriter.open(out, layout)
     writer.write_key_projections(_key_projections(layers))
     store = writer.store
-    todo = [(slot, store.record(slot)) for slot in store.incomplete_images()]
+    todo = [(slot, store.record(slot)) for slot in store.incomplete_images()
+            if worker is None or slot % worker[1] == worker[0]]
     for slot, record in todo:
         if (record.guidance, record.num_inference_steps) != (config.guidance, config.num_inference_steps):
             raise InvalidInputError(

@@ -14,7 +14,7 @@ __all__ = ["load_mask"]
 def load_mask(path: str | Path | np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A binary mask resized (nearest) to ``size = (height, width)``.
 
-    Any image mode works: a pixel belongs to the class when it is non-zero (for RGB(A),
+    Any size with the image's aspect ratio works (another aspect ratio is refused). Any image mode works: a pixel belongs to the class when it is non-zero (for RGB(A),
     when any colour channel is). Raises a one-line error for unreadable or empty masks.
     """
     if isinstance(path, np.ndarray):
@@ -37,6 +37,12 @@ def load_mask(path: str | Path | np.ndarray, size: tuple[int, int]) -> np.ndarra
     if array.ndim != 2:
         raise InvalidInputError(f"{name} has shape {array.shape}; expected a 2-D mask image")
     binary = array != 0
+    h, w = binary.shape
+    if abs(h / w - size[0] / size[1]) > 0.01 * size[0] / size[1]:
+        raise InvalidInputError(
+            f"{name} is {w}x{h} but the image is {size[1]}x{size[0]} (another aspect ratio); "
+            "draw the mask on the stored image (ovstore images STORE --out DIR)"
+        )
     if binary.shape != tuple(size):
         from PIL import Image
 

@@ -4,6 +4,8 @@ Open one with :func:`open_store`; see ``docs/store-format.md`` for the format.
 """
 
 from .format import FORMAT_VERSION, ImageRecord, LayerInfo, ModelIdentity, StoreLayout
+from .integrity import Problem, VerifyReport, verify_store
+from .merge import MergeResult, merge_stores
 from .reader import Store, StoreSummary, open_store
 from .writer import StoreWriter, library_versions
 
@@ -18,4 +20,9 @@ __all__ = [
     "StoreWriter",
     "library_versions",
     "open_store",
+    "Problem",
+    "VerifyReport",
+    "verify_store",
+    "MergeResult",
+    "merge_stores",
 ]

@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from .. import dims
-from ..errors import IncompleteImageError, InvalidInputError, StoreFormatError
+from ..errors import IncompleteImageError, InvalidInputError, StoreError, StoreFormatError
 from . import format as fmt
 from .format import ImageRecord, LayerInfo, StoreLayout
 
@@ -182,14 +182,38 @@ class Store:
         """Stored queries of one image and layer, shape ``(step, head, y, x, channel)``.
 
         ``steps`` are positions along the stored step axis (default: all).
+
+        Raises
+        ------
+        StoreError
+            The image's data is missing or fails its checksum (never returned as data).
         """
         arr = self._queries_array(layer)
-        if steps is None:
-            return np.asarray(arr[image, branch])
-        steps = list(steps)
-        if steps == list(range(steps[0], steps[-1] + 1)):
-            return np.asarray(arr[image, branch, steps[0]:steps[-1] + 1])
-        return np.asarray(arr.get_orthogonal_selection((image, branch, steps)))
+        if not self.chunk_exists(arr, (image,)):
+            raise StoreError(
+                f"image {image}, layer {layer}: query data is missing from {self.path} although the "
+                "image is marked complete; run `ovstore verify` and recapture it"
+            )
+        try:
+            if steps is None:
+                return np.asarray(arr[image, branch])
+            steps = list(steps)
+            if steps == list(range(steps[0], steps[-1] + 1)):
+                return np.asarray(arr[image, branch, steps[0]:steps[-1] + 1])
+            return np.asarray(arr.get_orthogonal_selection((image, branch, steps)))
+        except Exception as exc:
+            raise StoreError(
+                f"image {image}, layer {layer}: stored queries are corrupted ({type(exc).__name__}: {exc}); "
+                "run `ovstore verify` to list damaged images"
+            ) from exc
+
+    def chunk_exists(self, arr: zarr.Array, leading: tuple[int, ...]) -> bool:
+        """Whether the storage object (chunk or shard) starting at ``leading`` coordinates
+        exists; zarr would silently return fill values for a missing one."""
+        grid = arr.shards or arr.chunks
+        coords = tuple(leading) + (0,) * (len(grid) - len(leading))
+        key = arr.metadata.encode_chunk_key(tuple(c // g for c, g in zip(coords, grid)))
+        return (self.path / arr.path / key).exists()
 
     def key_projection(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """``to_k`` weight (inner, text_dim) and bias (inner,) of a layer, float32."""

@@ -9,9 +9,11 @@ and resumable from their recorded request.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,10 @@ class StoreWriter:
 
     def write_key_projections(self, weights: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
         """Store each layer's ``to_k`` weight and bias (float32), once per store."""
+        with _os_errors(self.store.path):
+            self._write_key_projections(weights)
+
+    def _write_key_projections(self, weights: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
         layers = self._root[fmt.LAYERS_GROUP]
         for name, (weight, bias) in weights.items():
             g = layers[name]
@@ -150,7 +156,15 @@ class StoreWriter:
 
     # ------------------------------------------------------------------ images
     def reserve(self, records: Sequence[ImageRecord]) -> list[int]:
-        """Add slots for ``records`` and store their generation requests (status: reserved)."""
+        """Add slots for ``records`` and store their generation requests (status: reserved).
+
+        Only one process may reserve at a time (it rewrites array metadata); writers of
+        already-reserved slots may run concurrently (see ``ovstore capture --worker``).
+        """
+        with _os_errors(self.store.path):
+            return self._reserve(records)
+
+    def _reserve(self, records: Sequence[ImageRecord]) -> list[int]:
         root = self._root
         start = root[fmt.STATUS].shape[0]
         n = start + len(records)
@@ -190,7 +204,13 @@ class StoreWriter:
         layout = self.store.layout
         if root[fmt.STATUS][slot] == fmt.STATUS_COMPLETE:
             raise StoreError(f"image {slot} is already complete; refusing to overwrite it")
-        for info in layout.layers:
+        with zarr.config.set({"array.write_empty_chunks": True}), _os_errors(self.store.path):
+            self._write_image(slot, image, queries, timesteps, branch_labels)
+
+    def _write_image(self, slot: int, image: np.ndarray, queries: Mapping[str, np.ndarray],
+                     timesteps: Sequence[float], branch_labels: Sequence[str]) -> None:
+        root = self._root
+        for info in self.store.layout.layers:
             arr = root[fmt.LAYERS_GROUP][info.name][fmt.QUERIES]
             data = queries[info.name]
             if data.shape != arr.shape[1:]:
@@ -210,4 +230,21 @@ class StoreWriter:
 
     def mark_complete(self, slot: int) -> None:
         """The completion marker: written last, after every other piece of the image."""
-        self._root[fmt.STATUS][slot] = fmt.STATUS_COMPLETE
+        with _os_errors(self.store.path):
+            self._root[fmt.STATUS][slot] = fmt.STATUS_COMPLETE
+
+
+@contextlib.contextmanager
+def _os_errors(path: Path) -> Iterator[None]:
+    """Disk full, read-only or permission failures as one clear error (the store stays valid:
+    every zarr write is a rename of a complete temporary file)."""
+    try:
+        yield
+    except OSError as exc:
+        reasons = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+                   errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}
+        reason = reasons.get(exc.errno, exc.strerror or str(exc))
+        raise StoreError(
+            f"cannot write to store {path}: {reason}. Complete images are intact; free space or fix "
+            "permissions, then finish with `ovstore capture --resume`"
+        ) from exc
