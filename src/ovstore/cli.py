@@ -60,6 +60,14 @@ def _progress(total: int, description: str):
                     console=console, transient=False, disable=not console.is_terminal)
 
 
+def _layer_selection(patterns: list[str] | None, resolutions: list[str] | None, *, include_mid: bool):
+    """``--layer``/``--resolution`` options as a LayerSelection (shared by every command)."""
+    from .selection import LayerSelection, parse_resolution
+
+    return LayerSelection(patterns=tuple(patterns or ()), include_mid=include_mid,
+                          resolutions=tuple(parse_resolution(r) for r in (resolutions or ())))
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -101,7 +109,6 @@ def capture(
     from .capture import capture as run_capture
     from .capture import plan_capture
     from .capture import resume as run_resume
-    from .selection import LayerSelection, parse_resolution
 
     specs = [(p, None, None) for p in (prompt or [])]
     if prompts_file is not None:
@@ -123,8 +130,7 @@ def capture(
     config = CaptureConfig(
         num_inference_steps=steps, guidance=guidance, height=height, width=width, branch=branch,
         dtype=dtype, calls=calls, batch_size=batch_size, codec=codec,
-        layers=LayerSelection(patterns=tuple(layer or ()),
-                              resolutions=tuple(parse_resolution(r) for r in (resolution or ()))),
+        layers=_layer_selection(layer, resolution, include_mid=True),
     )
     requests = None if resume else build_requests(specs, seed=seed, negative_prompt=negative_prompt,
                                                   guidance=guidance, num_inference_steps=steps)
@@ -267,7 +273,6 @@ def maps(
     Example: ovstore maps caps.zarr -a "a cat and a sofa" -a "furniture" --out maps.zarr --png overlays/
     """
     from .analyze import MapConfig, compute_maps, save_maps, write_overlays
-    from .selection import LayerSelection, parse_resolution
     from .store import open_store
 
     prompts = list(attribution or [])
@@ -287,8 +292,7 @@ def maps(
     if out.suffix == ".npy" and n_attributions > 1:
         raise InvalidInputError(f"--out {out} is .npy, which holds one attribution; use FILE.zarr for {n_attributions}")
     config = MapConfig(
-        layers=LayerSelection(patterns=tuple(layer or ()), include_mid=False,
-                              resolutions=tuple(parse_resolution(r) for r in (resolution or ()))),
+        layers=_layer_selection(layer, resolution, include_mid=False),
         steps=steps, branch=branch, activation=activation, head_reduction=aggregation,
         step_reduction=aggregation, layer_reduction=aggregation, normalize=normalize,
         size=tuple(size) if size else None,
@@ -342,15 +346,12 @@ def optimize(
     """
     from .analyze import MapConfig
     from .optimize import OptimizeConfig, TokenTask, optimize_tokens, save_token
-    from .selection import LayerSelection, parse_resolution
 
     if out.suffix != ".safetensors":
         raise InvalidInputError(f"--out {out}: a token file must end in .safetensors")
     config = OptimizeConfig(
         recipe=recipe, context=context, epochs=epochs, lr=lr, lr_step=lr_step, lr_gamma=lr_gamma,
-        maps=MapConfig(layers=LayerSelection(patterns=tuple(layer or ()), include_mid=False,
-                                             resolutions=tuple(parse_resolution(r) for r in (resolution or ()))),
-                       steps=steps),
+        maps=MapConfig(layers=_layer_selection(layer, resolution, include_mid=False), steps=steps),
     )
     task = TokenTask(init_word=init, images=tuple(image), masks=tuple(mask), name=name)
     _quiet_libraries()

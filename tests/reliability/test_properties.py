@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ovstore.analyze.engine import TokenBuckets, combine_layers, layer_keys, layer_token_maps, prepare_queries
 from ovstore.store import ImageRecord, LayerInfo, ModelIdentity, StoreLayout, StoreWriter, open_store
 
-text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -51,6 +51,15 @@ def test_store_round_trip(tmp_path_factory, records, heads, size, steps, dtype, 
         np.testing.assert_array_equal(store.image(slot), image)
     np.testing.assert_array_equal(store.key_projection(layer.name)[0],
                                   np.asarray(weight, np.float32).reshape(heads * 4, 6))
+
+
+def test_nul_characters_are_refused():
+    import pytest
+
+    from ovstore.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="NUL"):
+        ImageRecord(prompt="a cat\x00")
 
 
 @settings(max_examples=25, deadline=None)

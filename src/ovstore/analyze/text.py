@@ -14,7 +14,7 @@ from ..errors import InvalidInputError, ModelLoadError
 from ..models import BUILTIN_MODELS, build_builtin_text_encoder, clip_tokenizer, hub_error, text_encoder_fingerprint
 from ..store.format import ModelIdentity
 
-__all__ = ["Attribution", "TextEncoder", "load_text_encoder"]
+__all__ = ["Attribution", "TextEncoder", "load_text_encoder", "word_in_context"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,22 @@ class TextEncoder:
             Attribution(label=p, tokens=tuple(tok), embedding=emb, token_ids=tuple(ids))
             for p, (ids, tok), emb in zip(prompts, tokenized, embeddings)
         ]
+
+
+def word_in_context(encoder: TextEncoder, word: str, template: str) -> tuple[Attribution, list[int]]:
+    """Encode ``template.format(word)`` and find the positions of ``word``'s tokens in it.
+
+    Token optimization starts from these rows and labelling sums them into a class map.
+    """
+    sentence = template.format(word)
+    (att,) = encoder.encode([sentence])
+    word_ids = list(encoder.tokenizer(word, add_special_tokens=False)["input_ids"])
+    ids = list(att.token_ids or ())
+    for start in range(1, len(ids) - len(word_ids) + 1):
+        if ids[start:start + len(word_ids)] == word_ids:
+            return att, list(range(start, start + len(word_ids)))
+    raise InvalidInputError(f"{word!r} is not tokenized the same inside {sentence!r}; choose a template "
+                            "where it stands as a separate word")
 
 
 def load_text_encoder(identity: ModelIdentity, *, model: str | None = None, device: str = "cpu") -> TextEncoder:

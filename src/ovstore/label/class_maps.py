@@ -11,8 +11,7 @@ import torch
 
 from ..analyze.maps import compute_maps
 from ..analyze.config import MapConfig
-from ..analyze.text import Attribution, TextEncoder
-from ..errors import InvalidInputError
+from ..analyze.text import Attribution, TextEncoder, word_in_context
 from ..optimize.tokens import SOT, load_token, token_attribution
 from ..store.reader import Store
 from .config import LabelConfig
@@ -28,18 +27,6 @@ class ClassAttributions:
     columns: tuple[tuple[int, ...], ...]
 
 
-def _word_rows(encoder: TextEncoder, word: str, template: str) -> tuple[Attribution, list[int]]:
-    sentence = template.format(word)
-    (att,) = encoder.encode([sentence])
-    word_ids = list(encoder.tokenizer(word, add_special_tokens=False)["input_ids"])
-    ids = list(att.token_ids or ())
-    for start in range(1, len(ids) - len(word_ids) + 1):
-        if ids[start:start + len(word_ids)] == word_ids:
-            return att, list(range(start, start + len(word_ids)))
-    raise InvalidInputError(f"class {word!r} is not tokenized the same inside {sentence!r}; "
-                            "change --prompt-template")
-
-
 def class_attributions(store: Store, config: LabelConfig, encoder: TextEncoder) -> ClassAttributions:
     """Build the attributions of ``config.classes`` for ``store``'s model."""
     per_class: list[tuple[Attribution, list[int]]] = []
@@ -47,7 +34,7 @@ def class_attributions(store: Store, config: LabelConfig, encoder: TextEncoder) 
         if name in config.tokens:
             per_class.append((token_attribution(load_token(config.tokens[name]), store.layout.model), [1]))
         else:
-            per_class.append(_word_rows(encoder, name, config.prompt_template))
+            per_class.append(word_in_context(encoder, name, config.prompt_template))
     if config.mode == "separate":
         columns, offset = [], 0
         for att, rows in per_class:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..analyze.engine import TokenBuckets
 from ..analyze.maps import MapPlan
-from ..analyze.text import TextEncoder, load_text_encoder
+from ..analyze.text import TextEncoder, load_text_encoder, word_in_context
 from ..errors import InvalidInputError
 from ..store.reader import Store, open_store
 from .config import OptimizeConfig
@@ -58,15 +58,8 @@ def initial_rows(encoder: TextEncoder, word: str, context: str) -> torch.Tensor:
     A word split into several sub-tokens is represented by its last one (the one that
     sees the whole word through the causal text encoder).
     """
-    sentence = context.format(word)
-    (att,) = encoder.encode([sentence])
-    word_ids = encoder.tokenizer(word, add_special_tokens=False)["input_ids"]
-    ids = list(att.token_ids or ())
-    for start in range(1, len(ids) - len(word_ids) + 1):
-        if ids[start:start + len(word_ids)] == list(word_ids):
-            return att.embedding[[0, start + len(word_ids) - 1]].clone()
-    raise InvalidInputError(f"the init word {word!r} is not tokenized the same inside {sentence!r}; "
-                            "choose a context where it stands as a separate word")
+    att, positions = word_in_context(encoder, word, context)
+    return att.embedding[[0, positions[-1]]].clone()
 
 
 def mask_iou(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> float:

@@ -262,3 +262,11 @@ class ImageRecord:
     seed: int = 0
     guidance: float = 7.5
     num_inference_steps: int = 50
+
+    def __post_init__(self) -> None:
+        from ..errors import InvalidInputError
+
+        for name in ("prompt", "negative_prompt"):
+            if "\x00" in getattr(self, name):
+                raise InvalidInputError(f"the {name.replace('_', ' ')} {getattr(self, name)[:40]!r} contains a "
+                                        "NUL character, which cannot be stored; remove it")
