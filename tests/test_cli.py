@@ -37,14 +37,14 @@ def test_capture_records_prompts_and_seeds(cli_store):
     assert store.complete_images() == [0, 1, 2]
     assert [store.record(i).prompt for i in range(3)] == ["a cat on a sofa", "a dog in a park", "a bird on a branch"]
     assert [store.record(i).seed for i in range(3)] == [5, 11, 7]
-    assert store.layout.model.source == "builtin"
+    assert store.layout.model.source == "builtin" and store.layout.model.id == "ovstore/toy-shapes"
     assert any(l.block == "mid" for l in store.layers)  # default: every cross-attention layer
 
 
 def test_info(cli_store):
     result = runner.invoke(app, ["info", str(cli_store)])
     assert result.exit_code == 0, result.output
-    assert "3 complete" in result.output and "ovstore/tiny-random-sd" in result.output
+    assert "3 complete" in result.output and "ovstore/toy-shapes" in result.output
 
 
 def test_images(cli_store, tmp_path):
@@ -55,6 +55,7 @@ def test_images(cli_store, tmp_path):
     first = np.asarray(Image.open(tmp_path / "png" / "00000.png"))
     np.testing.assert_array_equal(first, open_store(cli_store).image(0))
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    assert first.shape == (32, 32, 3)
 
 
 def test_maps_npy_png_and_zarr(cli_store, tmp_path):
@@ -72,7 +73,7 @@ def test_maps_npy_png_and_zarr(cli_store, tmp_path):
     assert result.exit_code == 0, result.output
     ds = xr.open_zarr(zout, consolidated=False)
     assert ds["ovam_maps"].dims == ("image", "token", "y", "x")
-    assert ds["ovam_maps"].shape == (3, 7, 32, 32)
+    assert ds["ovam_maps"].shape == (3, 7, 16, 16)  # the toy model's largest layers are 16x16
     assert ds["prompt"].values.tolist().count("furniture") == 3
 
 

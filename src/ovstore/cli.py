@@ -93,6 +93,7 @@ def capture(
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Keep layers whose module path matches this fnmatch pattern (repeatable), e.g. 'up_blocks.*'.")] = None,
     resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Keep layers of this resolution, e.g. 16 or 16x16 (repeatable).")] = None,
     calls: Annotated[Optional[str], typer.Option(help="UNet calls to store, e.g. '0:10,20,-1' (default: every call).")] = None,
+    preset: Annotated[str, typer.Option(help="Storage preset: full, no-finest (drop the latent-resolution layers), half-calls (every other UNet call), no-finest-half-calls. Sizes in BENCHMARKS.md.")] = "full",
     batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 1,
     codec: Annotated[str, typer.Option(help="Query compression preset: blosc-zstd1-bitshuffle (default), blosc-zstd3-bitshuffle, blosc-zstd3-shuffle, zstd1, zstd3, none. All add a CRC32C checksum.")] = "blosc-zstd1-bitshuffle",
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1...")] = "cpu",
@@ -129,7 +130,7 @@ def capture(
         raise InvalidInputError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
     config = CaptureConfig(
         num_inference_steps=steps, guidance=guidance, height=height, width=width, branch=branch,
-        dtype=dtype, calls=calls, batch_size=batch_size, codec=codec,
+        dtype=dtype, calls=calls, batch_size=batch_size, codec=codec, preset=preset,
         layers=_layer_selection(layer, resolution, include_mid=True),
     )
     requests = None if resume else build_requests(specs, seed=seed, negative_prompt=negative_prompt,
@@ -450,6 +451,20 @@ def evaluate(
     if out is not None:
         files = write_report(report, out)
         console.print(f"wrote {', '.join(str(f) for f in files)}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the captures, pictures and report.md.")] = Path("ovstore-demo"),
+    epochs: Annotated[int, typer.Option(help="Token-optimization epochs.")] = 300,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """The whole method on the embedded toy-world model, offline, in minutes: capture, maps of
+    prompt words and of new words, a learned token, labels, and a Markdown report."""
+    from .demo import run_demo
+
+    _quiet_libraries()
+    run_demo(out, device=device, epochs=epochs, log=lambda m: console.print(m, highlight=False))
 
 
 def main() -> None:

@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "TOY_MODEL",
+    "TINY_RANDOM_MODEL",
     "BUILTIN_MODELS",
+    "packaged_model_path",
     "clip_tokenizer",
     "build_builtin_text_encoder",
     "build_builtin_pipeline",
@@ -28,13 +31,25 @@ __all__ = [
     "hub_error",
 ]
 
-#: The embedded default: a tiny Stable-Diffusion-1.x-shaped pipeline with random weights,
-#: built in code (seeded, so every machine builds the same weights) and the real CLIP BPE
-#: tokenizer shipped with ovstore. It loads offline and runs in about a second on a CPU.
-DEFAULT_MODEL = "ovstore/tiny-random-sd"
-BUILTIN_MODELS = (DEFAULT_MODEL,)
+#: The embedded default: a small Stable Diffusion pipeline trained from scratch on the toy
+#: world of ``ovstore.toyworld`` (flat coloured shapes; 32x32 images), shipped inside the
+#: package in ``save_pretrained`` format, so its words really bind to image regions.
+TOY_MODEL = "ovstore/toy-shapes"
+#: A tiny Stable-Diffusion-1.x-shaped pipeline with random weights, built in code (seeded,
+#: so every machine builds the same weights) with the real CLIP tokenizer: maps show the
+#: mechanics, not semantics.
+TINY_RANDOM_MODEL = "ovstore/tiny-random-sd"
+DEFAULT_MODEL = TOY_MODEL
+BUILTIN_MODELS = (TOY_MODEL, TINY_RANDOM_MODEL)
+_PACKAGED = {TOY_MODEL: "toy-shapes"}
 
 _SEEDS = {"text_encoder": 1, "unet": 2, "vae": 3}
+
+
+def packaged_model_path(model_id: str) -> Path | None:
+    """Directory of a built-in model shipped as files (``None`` for models built in code)."""
+    folder = _PACKAGED.get(model_id)
+    return Path(str(resources.files("ovstore") / "data" / folder)) if folder else None
 
 
 def clip_tokenizer() -> Any:
@@ -45,8 +60,8 @@ def clip_tokenizer() -> Any:
     return CLIPTokenizer.from_pretrained(str(path))
 
 
-def build_builtin_text_encoder(model_id: str = DEFAULT_MODEL) -> Any:
-    """The built-in model's text encoder, rebuilt from its seed (no UNet needed)."""
+def build_builtin_text_encoder(model_id: str = TINY_RANDOM_MODEL) -> Any:
+    """The built-in random model's text encoder, rebuilt from its seed (no UNet needed)."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -62,8 +77,8 @@ def build_builtin_text_encoder(model_id: str = DEFAULT_MODEL) -> Any:
     return model.eval()
 
 
-def build_builtin_pipeline(model_id: str = DEFAULT_MODEL) -> Any:
-    """The built-in model as a ``StableDiffusionPipeline`` (64x64 images, latent 32x32)."""
+def build_builtin_pipeline(model_id: str = TINY_RANDOM_MODEL) -> Any:
+    """The built-in random model as a ``StableDiffusionPipeline`` (64x64 images, latent 32x32)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -94,7 +109,7 @@ def build_builtin_pipeline(model_id: str = DEFAULT_MODEL) -> Any:
 
 
 def _check_builtin(model_id: str) -> None:
-    if model_id not in BUILTIN_MODELS:
+    if model_id != TINY_RANDOM_MODEL:
         raise ModelLoadError(f"{model_id!r} is not a built-in model; built-in: {', '.join(BUILTIN_MODELS)}")
 
 

@@ -120,3 +120,21 @@ def test_call_selection_and_layer_selection(tiny_pipe, tmp_path):
     assert store.layout.calls == (0, 2, 3, 4)
     assert {l.resolution for l in store.layers} == {(16, 16)}
     assert len(store.timesteps(0)) == 4 and store.queries(store.layers[0].name, 0).shape[0] == 4
+
+
+def test_storage_presets(tiny_pipe, tmp_path):
+    import pytest
+
+    from ovstore.errors import InvalidInputError
+
+    pipe, identity = tiny_pipe
+    out = tmp_path / "compact.zarr"
+    capture(pipe, identity, build_requests([("a cat", None, None)], num_inference_steps=4), out,
+            config=CaptureConfig(num_inference_steps=4, preset="no-finest-half-calls"))
+    store = open_store(out)
+    assert store.layout.calls == (0, 2, 4) and store.layout.extra["preset"] == "no-finest-half-calls"
+    assert {l.resolution for l in store.layers} == {(16, 16), (8, 8)}  # the 32x32 layers are dropped
+    with pytest.raises(InvalidInputError, match="chooses the UNet calls"):
+        CaptureConfig(preset="half-calls", calls="0:2")
+    with pytest.raises(InvalidInputError, match="--preset"):
+        CaptureConfig(preset="tiny")

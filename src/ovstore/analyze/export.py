@@ -50,12 +50,13 @@ def _safe(text: str) -> str:
 
 
 def write_overlays(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], out_dir: str | Path,
-                   *, cmap: str = "jet", alpha: float = 0.5) -> list[Path]:
+                   *, cmap: str = "jet", alpha: float = 0.5, min_size: int = 128) -> list[Path]:
     """Per-token heat-map overlays and one labelled sheet per image and prompt.
 
     Maps are upsampled bilinearly to the image size and divided by their maximum (the
     reference's display convention). Files: ``{image:05d}_p{prompt:03d}_t{pos:02d}_{token}.png``
-    and ``{image:05d}_p{prompt:03d}.png`` (the sheet).
+    and ``{image:05d}_p{prompt:03d}.png`` (the sheet). Images smaller than ``min_size`` are
+    enlarged (nearest neighbour) so that small models' pictures stay legible.
     """
     import matplotlib
 
@@ -72,6 +73,8 @@ def write_overlays(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], ou
     prompt_index = maps["prompt_index"].values
     for i, image in enumerate(maps["image"].values):
         rgb = image_of(int(image))
+        factor = max(1, -(-min_size // max(rgb.shape[:2])))
+        rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
         h, w = rgb.shape[:2]
         data = torch.from_numpy(np.ascontiguousarray(maps.values[i]))
         up = F.interpolate(data[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()

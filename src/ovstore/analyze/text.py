@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError, ModelLoadError
-from ..models import BUILTIN_MODELS, build_builtin_text_encoder, clip_tokenizer, hub_error, text_encoder_fingerprint
+from ..models import (
+    BUILTIN_MODELS,
+    build_builtin_text_encoder,
+    clip_tokenizer,
+    hub_error,
+    packaged_model_path,
+    text_encoder_fingerprint,
+)
 from ..store.format import ModelIdentity
 
 __all__ = ["Attribution", "TextEncoder", "load_text_encoder", "word_in_context"]
@@ -125,8 +132,11 @@ def load_text_encoder(identity: ModelIdentity, *, model: str | None = None, devi
     recorded local path when it still exists, else the recorded id (hub or built-in).
     """
     target = model or identity.id
-    if model is None and identity.path and Path(identity.path).exists():
+    if model is None and identity.source != "builtin" and identity.path and Path(identity.path).exists():
         target = identity.path
+    packaged = packaged_model_path(target)
+    if packaged is not None:  # shipped with ovstore: found wherever it is installed
+        return _from_pretrained(str(packaged), identity, device)
     if target in BUILTIN_MODELS:
         return TextEncoder(clip_tokenizer(), build_builtin_text_encoder(target), device=device, name=target)
     return _from_pretrained(target, identity, device)

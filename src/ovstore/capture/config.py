@@ -8,9 +8,19 @@ from ..errors import InvalidInputError
 from ..selection import LayerSelection, parse_index_spec
 from ..store.format import CODEC_PRESETS, DEFAULT_CODEC
 
-__all__ = ["CaptureConfig", "BRANCH_CHOICES"]
+__all__ = ["CaptureConfig", "BRANCH_CHOICES", "PRESETS"]
 
 BRANCH_CHOICES = {"uncond": ("uncond",), "cond": ("cond",), "both": ("uncond", "cond")}
+
+#: Storage presets, named for what they keep. ``finest`` layers run at the latent resolution
+#: (SD 1.5: the 64x64 layers, 57 % of the bytes); sizes and measured map deviations are in
+#: BENCHMARKS.md. Explicit --layer/--resolution/--calls replace a preset's choice.
+PRESETS = {
+    "full": {"skip_finest": False, "calls": None},
+    "no-finest": {"skip_finest": True, "calls": None},
+    "half-calls": {"skip_finest": False, "calls": "::2"},
+    "no-finest-half-calls": {"skip_finest": True, "calls": "::2"},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +46,10 @@ class CaptureConfig:
         Images per pipeline call.
     codec
         Compressor preset for query arrays.
+    preset
+        Storage preset (see :data:`PRESETS`): ``full`` (default), ``no-finest`` (without the
+        layers at the latent resolution), ``half-calls`` (every other UNet call) or
+        ``no-finest-half-calls``.
     """
 
     num_inference_steps: int = 50
@@ -48,8 +62,13 @@ class CaptureConfig:
     calls: tuple[str, ...] | None = None
     batch_size: int = 1
     codec: str = DEFAULT_CODEC
+    preset: str = "full"
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise InvalidInputError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.preset != "full" and (self.calls is not None and PRESETS[self.preset]["calls"]):
+            raise InvalidInputError(f"--preset {self.preset} chooses the UNet calls; drop --calls or the preset")
         if self.branch not in BRANCH_CHOICES:
             raise InvalidInputError(f"--branch {self.branch!r} is not one of uncond, cond, both")
         if self.dtype not in ("float16", "float32"):
@@ -71,6 +90,19 @@ class CaptureConfig:
             )
         if isinstance(self.calls, str):
             object.__setattr__(self, "calls", parse_index_spec(self.calls))
+
+    @property
+    def skip_finest(self) -> bool:
+        """Whether the preset drops the layers at the latent resolution (unless layers are named)."""
+        return bool(PRESETS[self.preset]["skip_finest"]) and not (self.layers.patterns or self.layers.resolutions)
+
+    @property
+    def call_spec(self) -> tuple[str, ...] | None:
+        """The UNet calls to keep: ``calls`` if given, else the preset's."""
+        if self.calls is not None:
+            return self.calls
+        spec = PRESETS[self.preset]["calls"]
+        return parse_index_spec(spec) if spec else None
 
     @property
     def branches(self) -> tuple[str, ...]:

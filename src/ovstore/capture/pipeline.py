@@ -11,6 +11,7 @@ from ..models import (
     DEFAULT_MODEL,
     build_builtin_pipeline,
     hub_error,
+    packaged_model_path,
     text_encoder_fingerprint,
 )
 from ..store.format import ModelIdentity
@@ -41,13 +42,17 @@ def load_pipeline(model: str | None = None, *, torch_dtype: str = "float32", dev
     if torch_dtype not in _DTYPES:
         raise InvalidInputError(f"--torch-dtype {torch_dtype!r} is not one of {', '.join(_DTYPES)}")
     model_id = model or DEFAULT_MODEL
-    if model_id in BUILTIN_MODELS:
+    packaged = packaged_model_path(model_id)
+    if packaged is not None:
+        pipe, _, _ = _from_pretrained(str(packaged), getattr(torch, torch_dtype), None)
+        source, path = "builtin", str(packaged)
+    elif model_id in BUILTIN_MODELS:
         pipe = build_builtin_pipeline(model_id)
         source, path = "builtin", None
     else:
         pipe, source, path = _from_pretrained(model_id, getattr(torch, torch_dtype), revision)
     try:
-        pipe = pipe.to(device, getattr(torch, torch_dtype)) if source == "builtin" else pipe.to(device)
+        pipe = pipe.to(device, getattr(torch, torch_dtype)) if source == "builtin" and path is None else pipe.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise ModelLoadError(f"cannot move the pipeline to device {device!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)

@@ -58,15 +58,17 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
         raise InvalidInputError(f"--height/--width must be multiples of the VAE factor {factor}")
     lh, lw = height // factor, width // factor
     found = cross_attention_layers(pipe.unet, lh, lw)
+    if config.skip_finest:
+        found = [(info, module) for info, module in found if info.level > 0] or found
     chosen = set(config.layers.select([(info.name, info.resolution) for info, _ in found]))
     layers = [(info, module) for info, module in found if info.name in chosen]
     n_calls = _unet_calls(pipe, config.num_inference_steps)
-    calls = resolve_indices(config.calls, n_calls, what="UNet call")
+    calls = resolve_indices(config.call_spec, n_calls, what="UNet call")
     layout = StoreLayout(
         model=identity, layers=tuple(info for info, _ in layers), height=height, width=width,
         latent_height=lh, latent_width=lw, branches=config.branches, num_unet_calls=n_calls,
         calls=tuple(calls), query_dtype=config.dtype, codec=config.codec,
-        extra={"scheduler": type(pipe.scheduler).__name__,
+        extra={"preset": config.preset, "scheduler": type(pipe.scheduler).__name__,
                "scheduler_config": dict(pipe.scheduler.config)},
     )
     return layout, layers

@@ -143,7 +143,7 @@ def _scheduler(scheduler: Any, workers: int | None) -> tuple[Any, Callable[[], N
 
 
 def label_store(
-    store: str | Path,
+    store: Store | str | Path,
     out: str | Path,
     config: LabelConfig,
     *,
@@ -174,7 +174,7 @@ def label_store(
     LabelResult
         Images labelled now, images skipped as already finished, and the COCO file.
     """
-    opened: Store = open_store(store)
+    opened = store if isinstance(store, Store) else open_store(store)
     out = Path(out)
     chosen = opened.check_images(images)
     paths = _paths(out)

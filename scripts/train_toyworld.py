@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""Train the toy-world text-to-image pipeline from scratch on CPU.
+
+Two stages:
+
+1. the autoencoder alone (reconstruction + a tiny KL term), then frozen; its latent
+   scaling factor is set so that latents have unit standard deviation;
+2. UNet and CLIP text encoder jointly on the frozen latents: epsilon prediction with
+   min-SNR weighting, AdamW with warm-up, EMA of the weights, caption dropout to the
+   empty prompt (for classifier-free guidance).
+
+Every batch is drawn from a generator seeded by ``(seed, step)`` and so is the noise,
+so a run resumed from a checkpoint (``--resume``) continues exactly as if it had never
+stopped. Checkpoints, the exported pipeline and ``training.json`` are written atomically
+(temporary file, then rename). A periodic probe generates images, rebuilds the
+cross-attention (OVAM-style) maps of the colour and shape words and reports their top-k
+IoU against the masks recovered from the generated images, next to baselines.
+
+Example::
+
+    python scripts/train_toyworld.py --out /root/ovstore-train/run1 --steps 16000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ovstore.toyworld.model import build_toy_pipeline, parameter_counts, save_toy_pipeline  # noqa: E402
+from ovstore.toyworld.probe import probe_grid, probe_scenes, run_probe  # noqa: E402
+from ovstore.toyworld.world import sample_scene, scenes_to_array  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="run folder: checkpoints, logs, pipeline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--tokenizer", default=None, help="CLIPTokenizer folder (default: the one in ovstore)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--text-hidden", type=int, default=64)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--unet-channels", default="32,64,64")
+    p.add_argument("--unet-layers", type=int, default=1)
+    p.add_argument("--unet-heads", type=int, default=4)
+    p.add_argument("--freeze-text", action="store_true", help="keep the random text encoder frozen")
+    # autoencoder stage
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=3e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-6)
+    # diffusion stage
+    p.add_argument("--steps", type=int, default=16000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay to this fraction of --lr")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0 disables")
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    # bookkeeping
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--probe-every", type=int, default=1000)
+    p.add_argument("--probe-per-count", type=int, default=4, help="probe captions per object count (1,2,3)")
+    p.add_argument("--probe-steps", type=int, default=20)
+    p.add_argument("--probe-guidance", type=float, default=3.0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if present")
+    return p.parse_args(argv)
+
+
+class Log:
+    """Print and append to ``OUT/train.log`` (flushed, so ``tail -f`` works)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a", buffering=1)
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        self.file.write(line + "\n")
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_json(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def hardware() -> dict[str, object]:
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": "cpu", "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def batch_images(seed: int, stream: int, step: int, n: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """Scenes of one step: a pure function of (seed, stream, step), hence resumable."""
+    rng = np.random.default_rng([seed, stream, step])
+    scenes = [sample_scene(rng, image_size=image_size) for _ in range(n)]
+    return torch.from_numpy(scenes_to_array(scenes)), [s.caption for s in scenes]
+
+
+def train_vae(vae, args: argparse.Namespace, log: Log) -> dict[str, float]:
+    """Plain autoencoder training; returns reconstruction figures and the scaling factor."""
+    from ovstore.toyworld.world import classify_pixels
+
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(args.vae_steps):
+        x, _ = batch_images(args.seed, 1, step, args.vae_batch, args.image_size)
+        cosine = 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
+        lr = args.vae_lr * min(1.0, (step + 1) / 100) * (0.9 * cosine + 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        post = vae.encode(x).latent_dist
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        mse = torch.nn.functional.mse_loss(rec, x)
+        kl = post.kl().mean() / x[0].numel()
+        loss = mse + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % args.log_every == 0 or step == args.vae_steps - 1:
+            log(f"vae step {step} mse {mse.item():.5f} kl {kl.item():.3f} lr {lr:.2e} "
+                f"{(step + 1) / (time.time() - t0):.2f} steps/s")
+    vae.eval().requires_grad_(False)
+    x, _ = batch_images(args.seed, 4, 0, 256, args.image_size)
+    with torch.no_grad():
+        lat = vae.encode(x).latent_dist.mean
+        rec = vae.decode(lat).sample
+    std = float(lat.std())
+    to_u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
+    acc = float(np.mean([(classify_pixels(a) == classify_pixels(b)).mean() for a, b in zip(to_u8(x), to_u8(rec))]))
+    stats = {"vae_steps": args.vae_steps, "vae_mse": float(torch.nn.functional.mse_loss(rec, x)),
+             "vae_pixel_class_agreement": acc, "latent_std": std, "scaling_factor": 1.0 / std,
+             "vae_seconds": time.time() - t0}
+    log(f"vae done: {stats}")
+    return stats
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def ema_pipeline(pipe, ema_unet, ema_text):
+    """The pipeline with EMA weights (shares tokenizer, VAE and scheduler config)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=ema_text, tokenizer=pipe.tokenizer, unet=ema_unet,
+        scheduler=pipe.scheduler.__class__.from_config(pipe.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def do_probe(pipe, args: argparse.Namespace, step: int, log: Log) -> dict[str, float]:
+    scenes = probe_scenes(args.seed, args.probe_per_count, args.image_size)
+    t0 = time.time()
+    res = run_probe(pipe, [s.caption for s in scenes], seed=args.seed, steps=args.probe_steps,
+                    guidance_scale=args.probe_guidance, image_size=args.image_size)
+    Image.fromarray(probe_grid(res)).save(args.out / f"probe_{step:06d}.png")
+    metrics = {"step": step, **res.metrics, "seconds": time.time() - t0}
+    log("probe " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "train.log")
+    ckpt_path = args.out / "ckpt.pt"
+    vae_path = args.out / "vae.pt"
+    if ckpt_path.exists() and not args.resume:
+        raise SystemExit(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+    log(f"args {vars(args)}")
+
+    pipe = build_toy_pipeline(
+        seed=args.seed, tokenizer_path=args.tokenizer, text_hidden=args.text_hidden, text_layers=args.text_layers,
+        unet_channels=tuple(int(c) for c in args.unet_channels.split(",")), unet_layers_per_block=args.unet_layers,
+        unet_heads=args.unet_heads, image_size=args.image_size,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    counts = parameter_counts(pipe)
+    log(f"parameters {counts}")
+    vae, unet, text = pipe.vae, pipe.unet, pipe.text_encoder
+
+    # Stage 1: autoencoder (skipped when its result is on disk).
+    if args.resume and vae_path.exists():
+        saved = torch.load(vae_path, weights_only=False)
+        vae.load_state_dict(saved["state"])
+        vae_stats = saved["stats"]
+        log(f"loaded autoencoder from {vae_path}")
+    else:
+        vae_stats = train_vae(vae, args, log)
+        atomic_torch_save({"state": vae.state_dict(), "stats": vae_stats}, vae_path)
+    vae.eval().requires_grad_(False)
+    vae.register_to_config(scaling_factor=vae_stats["scaling_factor"])
+    sf = vae_stats["scaling_factor"]
+
+    # Stage 2: diffusion.
+    text.requires_grad_(not args.freeze_text)
+    params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
+    ema_text = copy.deepcopy(text).eval().requires_grad_(False)
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    live_params = list(unet.parameters()) + list(text.parameters())
+    alphas = pipe.scheduler.alphas_cumprod.float()
+    tok = pipe.tokenizer
+    token_cache: dict[str, torch.Tensor] = {}
+
+    def tokenize(captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in token_cache]
+        if missing:
+            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            token_cache.update(zip(missing, ids))
+        return torch.stack([token_cache[c] for c in captions])
+
+    start, elapsed, history, probes = 0, 0.0, [], []
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        unet.load_state_dict(ck["unet"])
+        text.load_state_dict(ck["text"])
+        ema_unet.load_state_dict(ck["ema_unet"])
+        ema_text.load_state_dict(ck["ema_text"])
+        opt.load_state_dict(ck["opt"])
+        start, elapsed, history, probes = ck["step"], ck["elapsed"], ck["history"], ck["probes"]
+        log(f"resumed at step {start}")
+
+    def record(finished: bool) -> None:
+        info = {
+            "finished": finished, "steps": step_done, "batch": args.batch, "seconds_diffusion": elapsed,
+            "steps_per_second": step_done / elapsed if elapsed else None, "seed": args.seed,
+            "hardware": hardware(),
+            "hyperparameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "parameters": counts, "autoencoder": vae_stats, "loss_history": history, "probes": probes,
+            "pipeline": str(args.out / "pipeline"),
+            "probe_captions": [sc.caption for sc in probe_scenes(args.seed, args.probe_per_count, args.image_size)],
+        }
+        folder = args.out / "pipeline"
+        files = folder.rglob("*") if folder.exists() else []
+        info["pipeline_bytes"] = sum(f.stat().st_size for f in files if f.is_file()) or None
+        atomic_json(info, args.out / "training.json")
+
+    def checkpoint() -> None:
+        atomic_torch_save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
+                           "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step_done,
+                           "elapsed": elapsed, "history": history, "probes": probes}, ckpt_path)
+        save_toy_pipeline(ema_pipeline(pipe, ema_unet, ema_text), args.out / "pipeline")
+        record(False)
+
+    unet.train()
+    text.train()
+    step_done = start
+    window_loss, window_n, t_window = 0.0, 0, time.time()
+    for step in range(start, args.steps):
+        t_step = time.time()
+        x, captions = batch_images(args.seed, 2, step, args.batch, args.image_size)
+        rng = np.random.default_rng([args.seed, 5, step])
+        captions = ["" if rng.random() < args.caption_dropout else c for c in captions]
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 7 * step + 1)
+        with torch.no_grad():
+            z0 = vae.encode(x).latent_dist.mean * sf
+        t = torch.randint(0, alphas.numel(), (args.batch,), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        emb = text(tokenize(captions))[0]
+        pred = unet(zt, t, emb).sample
+        per = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
+        if args.snr_gamma > 0:
+            snr = alphas[t] / (1 - alphas[t])
+            per = per * torch.clamp(snr, max=args.snr_gamma) / snr
+        loss = per.mean()
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
+        step_done = step + 1
+        elapsed += time.time() - t_step
+        window_loss += loss.item()
+        window_n += 1
+        if step_done % args.log_every == 0 or step_done == args.steps:
+            rate = window_n / (time.time() - t_window)
+            history.append({"step": step_done, "loss": window_loss / window_n, "lr": lr, "steps_per_s": rate})
+            log(f"step {step_done} loss {window_loss / window_n:.4f} lr {lr:.2e} {rate:.2f} steps/s "
+                f"elapsed {elapsed / 60:.1f} min")
+            window_loss, window_n = 0.0, 0
+        probe_now = step_done % args.probe_every == 0 or step_done == args.steps
+        if probe_now:
+            probes.append(do_probe(ema_pipeline(pipe, ema_unet, ema_text), args, step_done, log))
+        if step_done % args.ckpt_every == 0 or step_done == args.steps or probe_now:
+            checkpoint()
+            log(f"checkpoint at step {step_done}")
+        if probe_now or step_done % args.log_every == 0:
+            t_window = time.time()
+
+    if start >= args.steps:
+        log(f"nothing to do: checkpoint is at step {start} >= --steps {args.steps}")
+    step_done = max(start, args.steps)
+    save_toy_pipeline(ema_pipeline(pipe, ema_unet, ema_text), args.out / "pipeline")
+    record(True)
+    log(f"done: pipeline in {args.out / 'pipeline'}")
+
+
+if __name__ == "__main__":
+    main()
