@@ -1,10 +1,21 @@
-"""Fault injection: kill `ovstore capture` (SIGKILL) at random points and check the store.
+"""Fault injection: kill `ovstore capture` (SIGKILL) and check the store.
 
-After every kill the store must open; every image marked complete must be bit-identical to
-the same image of an uninterrupted run; the rest must be reported incomplete; and
-`ovstore capture --resume` (the same command) must finish exactly the missing images.
+After every kill the store must open (or not exist yet); every image marked complete must be
+bit-identical (image, queries of every branch, request, timesteps) to the same image of an
+uninterrupted run; the rest must be reported incomplete; `ovstore verify` must find no
+damage; and the same command with `--resume` must finish exactly the missing images.
+
+Two modes:
+
+* random (default): ``--trials`` kills of a real `ovstore capture` process, either at a
+  random time (start-up, model loading, store creation, generation) or right after a random
+  number of images completed (so most kills interrupt a capture with partial progress).
+* ``--kill-points``: deterministic kills inside zarr's writes (store creation, key
+  projections, reserve, mid-shard with half a temporary file written, completion marker,
+  merge), each followed by the documented resume command.
 
     python scripts/fault_injection.py --trials 20 [--images 8] [--seed 0]
+    python scripts/fault_injection.py --kill-points
 """
 
 from __future__ import annotations
@@ -12,11 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,29 +43,83 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "ovstore.cli", *args]
 
 
+def capture_args(out: Path, prompts: Path, steps: int) -> list[str]:
+    # batch size 1: a resume batches the remaining images differently, and batched
+    # convolutions may round differently (bit-identity holds for batch size 1)
+    return ["capture", str(TINY), "--prompts-file", str(prompts), "--steps", str(steps), "--out", str(out)]
+
+
 def capture_command(out: Path, prompts: Path, steps: int, resume: bool) -> list[str]:
-    # batch size 1: batched convolutions may round differently, and a resume batches differently
-    base = ["capture", str(TINY), "--out", str(out), "--steps", str(steps)]
-    return _cli(*base, "--resume") if resume else _cli(*base, "--prompts-file", str(prompts))
+    """The capture command; with ``resume`` the same command plus ``--resume``."""
+    return _cli(*capture_args(out, prompts, steps), *(["--resume"] if resume else []))
 
 
 def check_against(store_path: Path, reference) -> tuple[list[int], list[int]]:
-    """Open after a kill: complete images must equal the reference bit for bit."""
+    """Open after a kill: complete images must equal the reference bit for bit, slot by slot
+    (requests are reserved in order, so slot i holds the i-th prompt)."""
     from ovstore.store import open_store, verify_store
 
     store = open_store(store_path)
     complete = store.complete_images()
     for i in complete:
+        assert store.record(i) == reference.record(i), f"request of image {i} differs"
         assert np.array_equal(store.image(i), reference.image(i)), f"image {i} differs"
+        assert np.array_equal(store.timesteps(i), reference.timesteps(i)), f"timesteps of image {i} differ"
+        assert store.branch_labels(i) == reference.branch_labels(i), f"branch labels of image {i} differ"
         for layer in store.layers:
-            assert np.array_equal(store.queries(layer.name, i), reference.queries(layer.name, i)), (i, layer.name)
+            assert np.array_equal(store.queries(layer.name, i, branch=None),
+                                  reference.queries(layer.name, i, branch=None)), (i, layer.name)
+    for i in store.incomplete_images():  # incomplete slots keep their request for --resume
+        assert store.record(i) == reference.record(i), f"request of incomplete slot {i} differs"
     report = verify_store(store)
     assert report.ok, [str(p) for p in report.problems]
     return complete, store.incomplete_images()
 
 
-def run(workdir: Path, trials: int, images: int = 8, steps: int = 3, seed: int = 0, log=print) -> dict:
-    """Run ``trials`` killed captures (rounds restart when a store completes)."""
+def _complete_markers(target: Path) -> int:
+    """Completion markers written so far (status chunks exist only for complete images)."""
+    folder = target / "status" / "c"
+    try:
+        return sum(1 for p in folder.iterdir() if not p.name.endswith(".partial"))
+    except OSError:
+        return 0
+
+
+def _kill_when(proc: subprocess.Popen, target: Path, rng: random.Random, images: int,
+               by_progress: bool) -> tuple[bool, str]:
+    """Wait, then SIGKILL ``proc``: at a random time, or once a random number of images is
+    complete (plus a random fraction of the next image). Returns (killed, description)."""
+    if by_progress:
+        k = rng.randint(1, max(1, images // 2))  # several images left: the kill lands before the end
+        extra = rng.uniform(0.0, 0.3)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _complete_markers(target) >= k:
+                time.sleep(extra)
+                break
+            time.sleep(0.02)
+        what = f"after {k} complete images + {extra:.2f}s"
+    else:
+        delay = rng.uniform(2.0, 9.0)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            pass
+        what = f"after {delay:.1f}s"
+    if proc.poll() is not None:
+        return False, "finished"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True, f"killed {what}"
+
+
+def run(workdir: Path, trials: int, images: int = 8, steps: int = 3, seed: int = 0, log=print,
+        progress_share: float = 0.5) -> dict:
+    """Run ``trials`` killed captures (a round restarts when its store completes).
+
+    ``progress_share`` of the kills are triggered by progress (after a random number of
+    complete images), the others at a random time.
+    """
     from ovstore.store import open_store
 
     rng = random.Random(seed)
@@ -60,47 +127,174 @@ def run(workdir: Path, trials: int, images: int = 8, steps: int = 3, seed: int =
     prompts = workdir / "prompts.txt"
     prompts.write_text("\n".join(f"a photo of object number {i}" for i in range(images)) + "\n")
     ref_path = workdir / "reference.zarr"
-    if not ref_path.exists():
-        subprocess.run(capture_command(ref_path, prompts, steps, False), env=ENV, check=True, capture_output=True)
+    if not ref_path.exists():  # in this process (one torch thread, like the killed ones)
+        run_cli(*capture_args(ref_path, prompts, steps))
     reference = open_store(ref_path)
-    round_no, resume, kills, interrupted = 0, False, 0, 0
+    round_no, resume, kills, interrupted, mid_write = 0, False, 0, 0, 0
     target = workdir / f"crash-{round_no}.zarr"
     for trial in range(trials):
-        proc = subprocess.Popen(capture_command(target, prompts, steps, resume), env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # startup (imports, model load) takes a few seconds; kill anywhere in start-up or capture
-        delay = rng.uniform(2.0, 9.0)
-        try:
-            proc.wait(timeout=delay)
-            finished = True
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            finished = False
-            kills += 1
-        if not target.exists() or not (target / "zarr.json").exists():
-            log(f"trial {trial}: killed after {delay:.1f}s before the store existed")
-            shutil.rmtree(target, ignore_errors=True)
-            resume = False
+        before = set(workdir.rglob("*.partial"))
+        log_path = workdir / f"trial-{trial}.log"
+        with open(log_path, "wb") as err:  # a file, not a pipe: a full pipe would stall the process
+            proc = subprocess.Popen(capture_command(target, prompts, steps, resume), env=ENV,
+                                    stdout=subprocess.DEVNULL, stderr=err)
+            killed, what = _kill_when(proc, target, rng, images, rng.random() < progress_share)
+        if not killed:
+            assert proc.returncode == 0, log_path.read_text(errors="replace")[-2000:]
+        kills += killed
+        partial = sorted(set(workdir.rglob("*.partial")) - before)  # left by this kill
+        mid_write += bool(killed and partial)
+        resume = True  # from now on: the same command with --resume
+        if not (target / "zarr.json").exists():
+            log(f"trial {trial}: {what} before the store existed")
             continue
         complete, incomplete = check_against(target, reference)
         if incomplete and complete:
             interrupted += 1
-        log(f"trial {trial}: {'finished' if finished else f'killed after {delay:.1f}s'}; "
-            f"complete {complete}, incomplete {incomplete}")
-        resume = True
+        log(f"trial {trial}: {what}; complete {complete}, incomplete {incomplete}"
+            + (f"; {len(partial)} temporary files of interrupted writes" if partial else ""))
         if not incomplete and len(complete) == images:
             round_no += 1
             target = workdir / f"crash-{round_no}.zarr"
             resume = False
-    # finish the last round with the same resume command
-    if target.exists():
-        subprocess.run(capture_command(target, prompts, steps, True), env=ENV, check=True, capture_output=True)
-        complete, incomplete = check_against(target, reference)
-        assert not incomplete and complete == list(range(images)), (complete, incomplete)
-        assert open_store(target).n_images == images  # nothing lost, nothing duplicated
+    # finish the last round with the same command plus --resume (in this process: faster)
+    run_cli(*capture_args(target, prompts, steps), "--resume")
+    complete, incomplete = check_against(target, reference)
+    assert not incomplete and complete == list(range(images)), (complete, incomplete)
+    assert open_store(target).n_images == images  # nothing lost, nothing duplicated
     return {"trials": trials, "kills": kills, "interrupted_with_partial_progress": interrupted,
-            "rounds": round_no + 1}
+            "kills_with_temporary_files": mid_write, "rounds": round_no + 1}
+
+
+# ---------------------------------------------------------------------- deterministic kill points
+def _creating(name: str) -> str:
+    return re.escape(f".{name}.creating-") + r"[^/]+"
+
+
+#: name -> (regular expression over the written path, given the store's file name; N-th match;
+#: write half of the temporary file first). Each is a point inside a real zarr write.
+KILL_POINTS: dict[str, tuple[Callable[[str], str], int, bool]] = {
+    "create-root-metadata": (lambda n: _creating(n) + r"/zarr\.json$", 1, True),
+    "create-to_k": (lambda n: _creating(n) + r"/layers/[^/]+/to_k_weight/c/", 3, True),
+    "reserve-records": (lambda n: "/" + re.escape(n) + r"/prompt/c/", 2, True),
+    "reserve-status": (lambda n: "/" + re.escape(n) + r"/status/zarr\.json$", 1, True),
+    "mid-shard": (lambda n: "/" + re.escape(n) + r"/layers/up_blocks[^/]*/queries/c/1/", 1, True),
+    "image-chunk": (lambda n: "/" + re.escape(n) + r"/images/c/1/", 1, True),
+    "mark-complete": (lambda n: "/" + re.escape(n) + r"/status/c/1$", 1, False),
+}
+
+
+def install_kill(pattern: str, nth: int = 1, half: bool = False) -> None:
+    """SIGKILL this process at the ``nth`` zarr write whose path matches ``pattern``; with
+    ``half``, first write half of the bytes into the temporary file, as a write cut short."""
+    from zarr.storage import _local
+
+    original = _local._put
+    count = [0]
+
+    def put(path, value, exclusive=False):
+        if re.search(pattern, str(path)):
+            count[0] += 1
+            if count[0] == nth:
+                if half:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    data = bytes(value.as_buffer_like())
+                    with open(path.with_suffix(".killed.partial"), "wb") as f:
+                        f.write(data[: len(data) // 2])
+                        f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(path, value, exclusive=exclusive)
+
+    _local._put = put
+
+
+def killed_run(fn: Callable[[], object], pattern: str, nth: int = 1, half: bool = False) -> int:
+    """Run ``fn`` in a forked child that is SIGKILLed at the kill point; returns the child's
+    wait status (check it with ``os.WIFSIGNALED``: the point was reached)."""
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            install_kill(pattern, nth, half)
+            fn()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def run_cli(*args: str) -> None:
+    """``ovstore ARGS`` in this process; raises on a non-zero exit."""
+    from ovstore.cli import main
+
+    saved = sys.argv
+    sys.argv = ["ovstore", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise RuntimeError(f"ovstore {' '.join(map(str, args))} exited with {exc.code}") from None
+    finally:
+        sys.argv = saved
+
+
+def kill_point_trial(name: str, workdir: Path, prompts: Path, reference, steps: int = 2) -> dict:
+    """Kill a capture at the named point, check what is left, resume with the documented
+    command, and check the finished store against ``reference``."""
+    from ovstore.store import open_store
+
+    make_pattern, nth, half = KILL_POINTS[name]
+    out = workdir / f"{name}.zarr"
+    args = capture_args(out, prompts, steps)
+    status = killed_run(lambda: run_cli(*args), make_pattern(out.name), nth, half)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{name}: the kill point was not reached"
+    left = {"partial": sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*.partial")),
+            "lock": (out / ".ovstore.lock").exists(), "store": (out / "zarr.json").exists()}
+    if half:
+        assert left["partial"], f"{name}: no half-written temporary file"
+    complete: list[int] = []
+    if left["store"]:
+        complete, _ = check_against(out, reference)
+    left["complete"] = complete
+    # the documented resume: `--resume --out STORE` once the store holds the requests,
+    # otherwise the same command with --resume
+    n = reference.n_images
+    if left["store"] and open_store(out).n_images == n:
+        run_cli("capture", "--resume", "--out", out)
+    else:
+        run_cli(*args, "--resume")
+    final, incomplete = check_against(out, reference)
+    assert final == list(range(n)) and not incomplete, (name, final, incomplete)
+    assert open_store(out).n_images == n, f"{name}: slots were duplicated"
+    assert not (out / ".ovstore.lock").exists(), f"{name}: a lock file was left"
+    assert not [p for p in workdir.iterdir() if ".creating-" in p.name], f"{name}: a half-built store was left"
+    return left
+
+
+def run_kill_points(workdir: Path, log=print, steps: int = 2) -> dict:
+    from ovstore.store import open_store
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("a cat on a sofa\na red car\na dog in a park\n")
+    ref = workdir / "reference.zarr"
+    if not ref.exists():
+        run_cli(*capture_args(ref, prompts, steps))
+    results = {}
+    for name in KILL_POINTS:
+        point_dir = workdir / name
+        shutil.rmtree(point_dir, ignore_errors=True)
+        point_dir.mkdir()
+        results[name] = kill_point_trial(name, point_dir, prompts, open_store(ref), steps)
+        log(f"{name}: {results[name]}")
+    return results
 
 
 def main() -> None:
@@ -109,9 +303,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kill-points", action="store_true", help="run the deterministic kill points instead")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"ovstore-faults-{int(time.time())}"
+    import torch
+
+    torch.set_num_threads(1)  # as the killed processes (OMP_NUM_THREADS=1): same rounding
+    if args.kill_points:
+        print(run_kill_points(workdir))
+        return
     summary = run(workdir, args.trials, args.images, args.steps, args.seed)
     print(summary)
 

@@ -12,6 +12,8 @@ __all__ = [
     "ModelLoadError",
     "StoreError",
     "StoreFormatError",
+    "StoreDamagedError",
+    "StoreLockedError",
     "IncompatibleStoreError",
     "IncompleteImageError",
 ]
@@ -35,6 +37,15 @@ class StoreError(OvstoreError):
 
 class StoreFormatError(StoreError):
     """A path is not an ovstore store, or has a format version this library cannot read."""
+
+
+class StoreDamagedError(StoreFormatError):
+    """A store's metadata or an array's description cannot be read (truncated or edited
+    ``zarr.json``, missing keys): the store is damaged, not merely of another kind."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store's lock while it adds image slots."""
 
 
 class IncompatibleStoreError(StoreError):

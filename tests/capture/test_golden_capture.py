@@ -104,7 +104,10 @@ def test_batched_capture_equals_single(tiny_pipe, tmp_path, multi_store):
     capture(pipe, identity, req, out, config=CaptureConfig(num_inference_steps=4))
     single, multi = open_store(out), open_store(multi_store)
     assert multi.record(1).seed == 8 and multi.record(2).seed == 42 and multi.record(1).negative_prompt == "blurry"
-    np.testing.assert_array_equal(single.image(0), multi.image(1))
+    # A batch of two changes the float32 summation order of the UNet's matrix products, so
+    # pixels may round to the neighbouring grey level; anything more is a slot or seed mix-up.
+    diff = np.abs(single.image(0).astype(int) - multi.image(1).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     for info in single.layers:
         np.testing.assert_allclose(single.queries(info.name, 0), multi.queries(info.name, 1), atol=2e-3)
 

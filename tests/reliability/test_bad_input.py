@@ -20,10 +20,13 @@ TINY = Path(__file__).resolve().parents[1] / "data" / "golden" / "tiny-sd15"
 
 
 def digest(path: Path) -> str:
+    """Every file's bytes and every directory's name under ``path``: a created output
+    folder or store counts as a change."""
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(path.rglob("*")):
         h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
+        if f.is_file():
+            h.update(f.read_bytes())
     return h.hexdigest()
 
 
@@ -39,8 +42,12 @@ def run_cli(monkeypatch, capsys, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory, multi_store):
+def fixtures(tmp_path_factory, multi_store, tiny_pipe):
+    from ovstore.capture import CaptureConfig, build_requests, capture
+
     root = tmp_path_factory.mktemp("bad")
+    capture(*tiny_pipe, build_requests([("a cat", None, 0)], num_inference_steps=2), root / "other_settings.zarr",
+            config=CaptureConfig(num_inference_steps=2))
     store = root / "store.zarr"
     shutil.copytree(multi_store, store)
     (root / "empty_dir").mkdir()
@@ -76,6 +83,12 @@ def fixtures(tmp_path_factory, multi_store):
     Image.fromarray(good).save(root / "mask.png")
     (root / "prompts.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "seed": -3}\n')
     (root / "prompts_bad_json.jsonl").write_text('a cat\n{"prompt": "a dog",\n')
+    (root / "a_file.txt").write_text("not a store\n")
+    (root / "not_a_store").mkdir()
+    (root / "not_a_store" / "notes.txt").write_text("unrelated data\n")
+    from safetensors.torch import save_file
+
+    save_file({"embedding": torch.zeros(4)}, str(root / "plain.safetensors"))
     (root / "pred").mkdir()
     (root / "gt").mkdir()
     Image.fromarray(good).save(root / "gt" / "00000.png")
@@ -103,7 +116,20 @@ CASES = [
     ("mask count differs from image count", ["optimize", "{store}", "--image", "0", "--image", "1", "--mask", "{root}/mask.png", "--init", "cat", "--out", "{root}/t.safetensors"], "one --mask per --image"),
     ("prompts file with a bad value (line number)", ["capture", "--prompts-file", "{root}/prompts.jsonl", "--out", "{root}/o4.zarr"], "line 2"),
     ("prompts file with bad JSON (line number)", ["capture", "--prompts-file", "{root}/prompts_bad_json.jsonl", "--out", "{root}/o5.zarr"], "line 2"),
-    ("conflicting flags: --resume with --prompt", ["capture", "--resume", "--prompt", "x", "--out", "{store}"], "--resume"),
+    ("conflicting flags: --resume with --reserve-only", ["capture", "--resume", "--reserve-only", "--out", "{store}"], "--reserve-only"),
+    ("conflicting flags: --worker with prompts", ["capture", "--resume", "--worker", "0/2", "--prompt", "x", "--out", "{store}"], "--reserve-only"),
+    ("--worker out of range", ["capture", "--resume", "--worker", "3/2", "--out", "{store}"], "0 <= K < N"),
+    ("--resume of a store that does not exist", ["capture", "--resume", "--out", "{root}/typo.zarr"], "nothing to resume"),
+    ("--out is a file", ["capture", "--prompt", "x", "--out", "{root}/a_file.txt"], "is a file"),
+    ("--out is a directory that is not a store", ["capture", "--prompt", "x", "--out", "{root}/not_a_store"], "not an ovstore store"),
+    ("--prompts-file is a directory", ["capture", "--prompts-file", "{root}/empty_dir", "--out", "{root}/o9.zarr"], "is a directory"),
+    ("appending with other settings", ["capture", "--prompt", "x", "--steps", "2", "--out", "{store}"], "Leave those options out"),
+    ("appending with another model", ["capture", "ovstore/toy-shapes", "--prompt", "x", "--out", "{store}"], "text-encoder weights differ"),
+    ("resuming with another model", ["capture", "ovstore/toy-shapes", "--resume", "--prompt", "x", "--out", "{store}"], "cannot resume"),
+    ("merging stores of other settings", ["merge", "--out", "{root}/merged.zarr", "{store}", "{root}/other_settings.zarr"], "cannot merge"),
+    ("merging into a source", ["merge", "--out", "{store}", "{store}"], "must differ"),
+    ("images --out is a file", ["images", "{store}", "--out", "{root}/a_file.txt"], "is a file"),
+    ("not an ovstore token", ["maps", "{store}", "--token", "{root}/plain.safetensors", "--out", "{root}/m.npy"], "not an ovstore token"),
     ("conflicting flags: --worker without --resume", ["capture", "--prompt", "x", "--worker", "0/2", "--out", "{root}/o6.zarr"], "--worker"),
     ("conflicting flags: several prompts into .npy", ["maps", "{store}", "-a", "cat", "-a", "dog", "--out", "{root}/m.npy"], "use FILE.zarr"),
     ("branch both without guidance", ["capture", "--prompt", "x", "--branch", "both", "--guidance", "1", "--out", "{root}/o7.zarr"], "needs classifier-free guidance"),
@@ -118,10 +144,10 @@ CASES = [
 @pytest.mark.parametrize("what,args,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(fixtures, monkeypatch, capsys, what, args, message):
     store = fixtures / "store.zarr"
-    before = digest(store)
+    before = digest(fixtures)  # the stores, and the --out targets, which must not be created
     line = run_cli(monkeypatch, capsys, *[a.format(root=fixtures, store=store) for a in args])
     assert message in line, line
-    assert digest(store) == before  # existing data unchanged
+    assert digest(fixtures) == before  # existing data unchanged, no output created
 
 
 def test_hub_id_without_network(monkeypatch, capsys, tmp_path):
@@ -169,3 +195,43 @@ def test_nan_queries_are_refused_before_writing(multi_store, tmp_path):
         writer.write_image(slot, image=store.image(0), queries=queries, timesteps=store.timesteps(0),
                            branch_labels=("uncond",))
     assert open_store(copy).incomplete_images() == [slot]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["capture", "--steps", "abc"], "Invalid value for '--steps'"),
+    (["maps"], "Missing argument"),
+    (["info", "x.zarr", "--bogus"], "No such option: --bogus"),
+    (["frobnicate"], "No such command"),
+    (["merge", "--out", "x.zarr"], "Missing argument"),
+])
+def test_usage_errors_are_not_tracebacks(monkeypatch, capsys, tmp_path, args, message):
+    """Click's usage errors (raised by the copy of click that typer bundles) end with usage,
+    one error line and exit status 2."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ovstore", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_when_the_recorded_local_model_is_gone(monkeypatch, capsys, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(TINY, model)
+    out = tmp_path / "s.zarr"
+    monkeypatch.setattr(sys, "argv", ["ovstore", "capture", str(model), "--prompt", "x", "--steps", "2",
+                                      "--out", str(out), "--reserve-only"])
+    main()
+    capsys.readouterr()
+    shutil.rmtree(model)
+    before = digest(out)
+    line = run_cli(monkeypatch, capsys, "capture", "--resume", "--out", out)
+    assert "no longer exists" in line and "MODEL" in line and digest(out) == before
+
+
+def test_mistyped_relative_model_path_is_not_taken_for_a_hub_id(fixtures, monkeypatch, capsys):
+    monkeypatch.chdir(fixtures)
+    before = digest(fixtures)
+    line = run_cli(monkeypatch, capsys, "capture", "empty_dir/nomodel", "--prompt", "x", "--out", "o10.zarr")
+    assert "model path empty_dir/nomodel does not exist" in line and digest(fixtures) == before

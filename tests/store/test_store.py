@@ -142,5 +142,7 @@ def test_corrupted_chunk_is_detected(multi_store, tmp_path):
     data = bytearray(files[0].read_bytes())
     data[len(data) // 3] ^= 0xFF
     files[0].write_bytes(bytes(data))
-    with pytest.raises(Exception):
+    from ovstore.errors import StoreError
+
+    with pytest.raises(StoreError, match="corrupted"):
         open_store(copy).queries(layer, 0)

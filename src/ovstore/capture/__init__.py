@@ -9,16 +9,17 @@ Typical use::
     capture(pipe, identity, requests, "captures.zarr", config=CaptureConfig(num_inference_steps=30))
 """
 
-from .config import BRANCH_CHOICES, CaptureConfig
+from .config import BRANCH_CHOICES, PRESETS, CaptureConfig, store_settings
 from .layers import cross_attention_layers
 from .pipeline import load_pipeline, model_identity
 from .recorder import QueryRecorder
 from .requests import build_requests, read_prompts_file
-from .runner import CaptureResult, capture, plan_capture, resume
+from .runner import CaptureResult, capture, check_requests, plan_capture, resume
 
 __all__ = [
     "BRANCH_CHOICES",
     "CaptureConfig",
+    "PRESETS",
     "CaptureResult",
     "QueryRecorder",
     "build_requests",
@@ -29,4 +30,6 @@ __all__ = [
     "plan_capture",
     "read_prompts_file",
     "resume",
+    "check_requests",
+    "store_settings",
 ]

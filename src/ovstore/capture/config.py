@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidInputError
 from ..selection import LayerSelection, parse_index_spec
-from ..store.format import CODEC_PRESETS, DEFAULT_CODEC
+from ..store.format import CODEC_PRESETS, DEFAULT_CODEC, ImageRecord, StoreLayout
 
-__all__ = ["CaptureConfig", "BRANCH_CHOICES", "PRESETS"]
+__all__ = ["CaptureConfig", "BRANCH_CHOICES", "PRESETS", "store_settings"]
 
 BRANCH_CHOICES = {"uncond": ("uncond",), "cond": ("cond",), "both": ("uncond", "cond")}
 
@@ -110,3 +110,34 @@ class CaptureConfig:
         if self.guidance <= 1:
             return ("cond",)
         return BRANCH_CHOICES[self.branch]
+
+
+def store_settings(layout: StoreLayout, records: list[ImageRecord] | None = None) -> dict:
+    """The :class:`CaptureConfig` arguments that reproduce ``layout`` (for appending to or
+    resuming a store without repeating its settings).
+
+    Steps and guidance come from the first of ``records`` (the requests to be generated), else
+    from the layout's recorded capture settings; they are left out when neither exists.
+    """
+    settings: dict = {
+        "height": layout.height,
+        "width": layout.width,
+        "dtype": layout.query_dtype,
+        "codec": layout.codec,
+        "layers": LayerSelection(patterns=tuple(l.name for l in layout.layers), include_mid=True),
+        "calls": None if tuple(layout.calls) == tuple(range(layout.num_unet_calls))
+        else tuple(str(c) for c in layout.calls),
+        "preset": "full",
+    }
+    branches = tuple(layout.branches)
+    settings["branch"] = {v: k for k, v in BRANCH_CHOICES.items()}.get(branches, "uncond")
+    steps, guidance = layout.extra.get("num_inference_steps"), layout.extra.get("guidance")
+    if records:
+        steps, guidance = records[0].num_inference_steps, records[0].guidance
+    if steps is not None:
+        settings["num_inference_steps"] = int(steps)
+    if guidance is not None:
+        settings["guidance"] = float(guidance)
+        if float(guidance) > 1 and branches == ("cond",):
+            settings["branch"] = "cond"
+    return settings

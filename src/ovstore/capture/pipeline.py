@@ -90,6 +90,12 @@ def _from_pretrained(model_id: str, dtype: Any, revision: str | None) -> tuple[A
         except Exception as exc:
             raise hub_error(str(local), exc) from exc
         return pipe, "local", str(local.resolve())
+    if local.parent != Path(".") and local.parent.is_dir():
+        # "runs/model" where ./runs exists is a mistyped local path far more often than a hub id
+        raise ModelLoadError(
+            f"model path {model_id} does not exist (its folder {local.parent} does); pass an existing "
+            "pipeline directory, or run from another folder to load the hub id"
+        )
     try:
         pipe = DiffusionPipeline.from_pretrained(model_id, revision=revision, **_dtype_kwargs(dtype))
     except Exception as exc:

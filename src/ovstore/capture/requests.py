@@ -24,9 +24,14 @@ def read_prompts_file(path: str | Path) -> list[PromptSpec]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise InvalidInputError(f"prompts file {path} does not exist") from None
+        raise InvalidInputError(f"prompts file {path} does not exist; check the --prompts-file path") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"prompts file {path} is a directory; pass a text or JSONL file") from None
     except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"prompts file {path} is not UTF-8 text ({exc.reason})") from None
+        raise InvalidInputError(f"prompts file {path} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise InvalidInputError(f"prompts file {path} cannot be read ({exc.strerror or exc}); check the path "
+                                "and its permissions") from None
     specs: list[PromptSpec] = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()

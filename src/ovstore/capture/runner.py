@@ -17,15 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, StoreError
+from ..errors import InvalidInputError, StoreError, StoreFormatError
 from ..selection import resolve_indices
+from ..store import format as fmt
 from ..store.format import ImageRecord, StoreLayout
+from ..store.reader import open_store
 from ..store.writer import StoreWriter
-from .config import CaptureConfig
+from .config import CaptureConfig, store_settings
 from .layers import cross_attention_layers
 from .recorder import BatchQueries, QueryRecorder
 
-__all__ = ["capture", "plan_capture", "resume", "CaptureResult"]
+__all__ = ["capture", "plan_capture", "resume", "CaptureResult", "check_requests", "match_requests"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,8 @@ class CaptureResult:
     store: Path
     images: tuple[int, ...]
     layout: StoreLayout
+    #: Requests given to :func:`resume` that were already complete (skipped).
+    already_complete: tuple[int, ...] = ()
 
 
 def _native_size(pipe: Any) -> tuple[int, int]:
@@ -69,7 +73,8 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
         latent_height=lh, latent_width=lw, branches=config.branches, num_unet_calls=n_calls,
         calls=tuple(calls), query_dtype=config.dtype, codec=config.codec,
         extra={"preset": config.preset, "scheduler": type(pipe.scheduler).__name__,
-               "scheduler_config": dict(pipe.scheduler.config)},
+               "scheduler_config": dict(pipe.scheduler.config),
+               "num_inference_steps": config.num_inference_steps, "guidance": config.guidance},
     )
     return layout, layers
 
@@ -106,7 +111,10 @@ class _BackgroundWriter:
             except BaseException as exc:  # handed to the generating thread
                 self.error = exc
 
-    def _write(self, slots: list[int], images: np.ndarray, batch: BatchQueries, labels: tuple) -> None:
+    def _write(self, slots: list[int], images: np.ndarray, batch: BatchQueries, labels: tuple,
+               copied: Any = None) -> None:
+        if copied is not None:  # the asynchronous device-to-host copies of this batch are done
+            copied.synchronize()
         stored_timesteps = [batch.timesteps[c] for c in self.writer.store.layout.calls]
         for k, slot in enumerate(slots):
             queries = {name: t.numpy() for name, t in batch.image_queries(k).items()}
@@ -130,6 +138,19 @@ class _BackgroundWriter:
         self.raise_error()
 
 
+def check_requests(requests: Sequence[ImageRecord], config: CaptureConfig) -> None:
+    """Refuse requests whose steps or guidance differ from the config's: the store records
+    each request as the recipe of its image, so it must be what the pipeline runs."""
+    for i, r in enumerate(requests):
+        if (r.num_inference_steps, float(r.guidance)) != (config.num_inference_steps, float(config.guidance)):
+            raise InvalidInputError(
+                f"request {i} ({r.prompt[:40]!r}) asks for {r.num_inference_steps} steps and guidance {r.guidance}, "
+                f"but the capture runs {config.num_inference_steps} steps with guidance {config.guidance}; build the "
+                "requests with build_requests(..., num_inference_steps=config.num_inference_steps, "
+                "guidance=config.guidance)"
+            )
+
+
 def capture(
     pipe: Any,
     identity: Any,
@@ -147,7 +168,8 @@ def capture(
     pipe, identity
         From :func:`ovstore.capture.load_pipeline`.
     requests
-        Per-image prompt, negative prompt, seed (see :func:`build_requests`).
+        Per-image prompt, negative prompt, seed (see :func:`build_requests`); their steps and
+        guidance must equal the config's.
     out
         Store directory; created, or appended to when it exists and matches.
     progress
@@ -161,39 +183,107 @@ def capture(
     CaptureResult
         The store path and the slots written.
     """
+    check_requests(requests, config)
     layout, layers = plan_capture(pipe, identity, config)
-    writer = StoreWriter.open(out, layout)
-    writer.write_key_projections(_key_projections(layers))
+    writer = StoreWriter.open(out, layout, key_projections=_key_projections(layers))
     slots = writer.reserve(requests)
     if not reserve_only:
         _generate(pipe, layers, writer, list(zip(slots, requests)), config, progress)
     return CaptureResult(store=Path(out), images=tuple(slots), layout=writer.store.layout)
 
 
-def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig,
-           progress: Callable[[int], None] | None = None, worker: tuple[int, int] | None = None) -> CaptureResult:
-    """Finish every incomplete image of a store from its recorded request.
+def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig | None = None,
+           requests: Sequence[ImageRecord] | None = None, progress: Callable[[int], None] | None = None,
+           worker: tuple[int, int] | None = None) -> CaptureResult:
+    """Finish the incomplete images of a store from their recorded requests.
 
-    With ``worker=(k, n)`` only slots with ``slot % n == k`` are generated, so ``n``
-    processes (one per GPU) can finish one store together, writing disjoint slots.
+    Settings (size, layers, calls, branches, dtype, codec) come from the store and each image
+    is generated with its own recorded steps and guidance; ``config`` only supplies the batch
+    size (and every setting when ``requests`` are given and the store does not exist yet).
+
+    With ``requests`` (the prompts of the original command) this is idempotent: requests
+    already complete are skipped, recorded incomplete ones are finished, and requests the
+    store does not hold yet (the run died before reserving them, or before creating the
+    store) are added. Without ``requests`` every incomplete slot is finished; with
+    ``worker=(k, n)`` only slots with ``slot % n == k``, so ``n`` processes (one per GPU) can
+    finish one store together, writing disjoint slots.
     """
     if worker is not None and not (worker[1] >= 1 and 0 <= worker[0] < worker[1]):
         raise InvalidInputError(f"--worker {worker[0]}/{worker[1]}: write K/N with 0 <= K < N")
-    layout, layers = plan_capture(pipe, identity, config)
-    writer = StoreWriter.open(out, layout)
-    writer.write_key_projections(_key_projections(layers))
-    store = writer.store
-    todo = [(slot, store.record(slot)) for slot in store.incomplete_images()
-            if worker is None or slot % worker[1] == worker[0]]
-    for slot, record in todo:
-        if (record.guidance, record.num_inference_steps) != (config.guidance, config.num_inference_steps):
-            raise InvalidInputError(
-                f"image {slot} was requested with guidance {record.guidance} and "
-                f"{record.num_inference_steps} steps; resume with --guidance {record.guidance} "
-                f"--steps {record.num_inference_steps}"
+    if worker is not None and requests is not None:
+        raise InvalidInputError("--worker K/N finishes recorded slots; record the prompts first with "
+                                "--reserve-only, then run --resume --worker K/N without prompts")
+    out = Path(out)
+    if not (out / "zarr.json").is_file():
+        if requests is None:
+            raise StoreFormatError(
+                f"store {out} does not exist, so there is nothing to resume; start the capture without --resume "
+                "(or give the original prompts with --resume)"
             )
-    _generate(pipe, layers, writer, todo, config, progress)
-    return CaptureResult(store=Path(out), images=tuple(s for s, _ in todo), layout=layout)
+        if config is None:
+            raise InvalidInputError(f"store {out} does not exist; give a CaptureConfig to create it")
+        return capture(pipe, identity, requests, out, config=config, progress=progress)
+    store = open_store(out)
+    todo, new, done = match_requests(store, requests, worker=worker)
+    records = store.records()
+    if not todo and not new:
+        return CaptureResult(store=out, images=(), layout=store.layout, already_complete=tuple(done))
+    first = [records[i] for i in todo] or list(new)
+    settings = store_settings(store.layout, first)
+    if config is not None:
+        settings["batch_size"] = config.batch_size
+    run_config = CaptureConfig(**settings)
+    layout, layers = plan_capture(pipe, identity, run_config)
+    writer = StoreWriter.open(out, layout, key_projections=_key_projections(layers))
+    if new:
+        for r in new:
+            _check_fits(pipe, r, layout)
+        todo += writer.reserve(new)
+        records = writer.store.records()
+    work = [(slot, records[slot]) for slot in todo]
+    _generate(pipe, layers, writer, work, run_config, progress)
+    return CaptureResult(store=out, images=tuple(todo), layout=writer.store.layout, already_complete=tuple(done))
+
+
+def match_requests(store: Any, requests: Sequence[ImageRecord] | None, *,
+                   worker: tuple[int, int] | None = None) -> tuple[list[int], list[ImageRecord], list[int]]:
+    """What :func:`resume` would do: ``(slots to generate, requests to add, slots already
+    complete)``. Requests match recorded slots as a multiset (the same request twice needs
+    two slots); without requests every incomplete slot (of this worker) is to be generated."""
+    status = store.status()
+    records = store.records()
+    if requests is None:
+        todo = [i for i in range(len(records)) if status[i] != fmt.STATUS_COMPLETE
+                and (worker is None or i % worker[1] == worker[0])]
+        return todo, [], []
+    complete_of: dict[ImageRecord, list[int]] = {}
+    open_of: dict[ImageRecord, list[int]] = {}
+    for i, r in enumerate(records):
+        (complete_of if status[i] == fmt.STATUS_COMPLETE else open_of).setdefault(r, []).append(i)
+    todo, new, done = [], [], []
+    for r in requests:
+        if complete_of.get(r):
+            done.append(complete_of[r].pop(0))
+        elif open_of.get(r):
+            todo.append(open_of[r].pop(0))
+        else:
+            new.append(r)
+    return todo, new, done
+
+
+def _check_fits(pipe: Any, record: ImageRecord, layout: StoreLayout) -> None:
+    """A request can join a store when it makes the store's UNet calls and halves."""
+    calls = _unet_calls(pipe, record.num_inference_steps)
+    if calls != layout.num_unet_calls:
+        raise InvalidInputError(
+            f"prompt {record.prompt[:40]!r} asks for {record.num_inference_steps} steps ({calls} UNet calls); "
+            f"the store holds {layout.num_unet_calls} calls per image: leave --steps out to use the store's"
+        )
+    if record.guidance <= 1 and tuple(layout.branches) != ("cond",):
+        raise InvalidInputError(
+            f"prompt {record.prompt[:40]!r} asks for guidance {record.guidance} (no classifier-free guidance, a "
+            f"single half) but the store holds the {','.join(layout.branches)} half: leave --guidance out"
+        )
 
 
 def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int, ImageRecord]],
@@ -206,16 +296,21 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
     background = _BackgroundWriter(writer, progress)
     try:
         with recorder:
-            for start in range(0, len(work), config.batch_size):
-                chunk = work[start:start + config.batch_size]
+            for chunk in _batches(work, config.batch_size):
                 recorder.start_batch(len(chunk))
                 records = [r for _, r in chunk]
+                steps, guidance = records[0].num_inference_steps, records[0].guidance
+                if _unet_calls(pipe, steps) != layout.num_unet_calls:
+                    raise StoreError(
+                        f"image {chunk[0][0]} was requested with {steps} steps, which make "
+                        f"{_unet_calls(pipe, steps)} UNet calls; the store holds {layout.num_unet_calls}"
+                    )
                 output = pipe(
                     prompt=[r.prompt for r in records],
                     negative_prompt=[r.negative_prompt for r in records],
                     generator=[torch.Generator("cpu").manual_seed(r.seed) for r in records],
-                    num_inference_steps=config.num_inference_steps,
-                    guidance_scale=config.guidance,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
                     height=layout.height,
                     width=layout.width,
                     output_type="np",
@@ -227,9 +322,31 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
                         "were expected from its scheduler; this scheduler is not supported"
                     )
                 images = np.round(np.clip(output.images, 0, 1) * 255).astype(np.uint8)
-                background.put(([s for s, _ in chunk], images, batch, recorder.branch_labels))
+                copied = None
+                device = getattr(pipe, "device", None)
+                if device is not None and getattr(device, "type", "") == "cuda":
+                    # queries were copied with non_blocking=True: the writer thread waits for
+                    # this event (recorded after every copy of the batch) before reading them
+                    copied = torch.cuda.Event()
+                    copied.record(torch.cuda.current_stream(device))
+                background.put(([s for s, _ in chunk], images, batch, recorder.branch_labels, copied))
     except BaseException:
         background.queue.put(None)
         background.thread.join()
         raise
     background.close()
+
+
+def _batches(work: list[tuple[int, ImageRecord]], size: int) -> list[list[tuple[int, ImageRecord]]]:
+    """Consecutive batches of at most ``size`` images sharing steps and guidance (each image
+    is generated exactly as its request says)."""
+    batches: list[list[tuple[int, ImageRecord]]] = []
+    for item in work:
+        r = item[1]
+        last = batches[-1] if batches else None
+        if last and len(last) < size and (last[0][1].num_inference_steps, last[0][1].guidance) == \
+                (r.num_inference_steps, r.guidance):
+            last.append(item)
+        else:
+            batches.append([item])
+    return batches

@@ -24,6 +24,7 @@ __all__ = [
     "ModelIdentity",
     "StoreLayout",
     "query_codecs",
+    "checked_codecs",
     "CODEC_PRESETS",
     "DEFAULT_CODEC",
     "ImageRecord",
@@ -56,6 +57,21 @@ GUIDANCE = "guidance"
 NUM_INFERENCE_STEPS = "num_inference_steps"
 BRANCH_LABELS = "branch_labels"
 TIMESTEPS = "timesteps"
+
+#: Arrays with one entry per image slot (besides the per-layer ``queries``).
+PER_IMAGE_ARRAYS = (STATUS, PROMPT, NEGATIVE_PROMPT, SEED, GUIDANCE, NUM_INFERENCE_STEPS,
+                    BRANCH_LABELS, TIMESTEPS, IMAGES)
+#: The generation request of a slot, written when it is reserved.
+RECORD_ARRAYS = (PROMPT, NEGATIVE_PROMPT, SEED, GUIDANCE, NUM_INFERENCE_STEPS)
+
+#: Root-attribute flags of stores written by ovstore >= 0.x with full integrity support:
+#: every array ends with a CRC32C checksum, and every chunk of a reserved slot's request and
+#: of a complete image is written even when it equals the fill value (so a missing chunk is
+#: always damage).
+INTEGRITY = {"checksums": "every-array", "chunks_always_written": True}
+
+#: Lock file (inside the store directory) held while a process adds image slots.
+LOCK_FILE = ".ovstore.lock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +266,13 @@ def query_codecs(preset: str) -> list[Any]:
             f"unknown codec {preset!r}; choose one of {', '.join(CODEC_PRESETS)}"
         ) from None
     return [*chain, Crc32cCodec()]
+
+
+def checked_codecs(level: int = 3) -> list[Any]:
+    """Compressors of every array besides the queries: zstd followed by a CRC32C checksum."""
+    from zarr.codecs import Crc32cCodec
+
+    return [_zstd(level), Crc32cCodec()]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,18 @@
-"""Verifying a store: every chunk of every complete image is read and its checksum checked."""
+"""Verifying a store: every chunk of every complete image is read and its checksum checked.
+
+Nothing here raises on damage: unreadable metadata, missing or corrupt chunks, non-finite
+values and leftovers of interrupted writes are all collected into one report.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from ..errors import OvstoreError
 from . import format as fmt
 from .reader import Store
 
@@ -15,7 +21,8 @@ __all__ = ["Problem", "VerifyReport", "verify_store"]
 
 @dataclass(frozen=True)
 class Problem:
-    """One damaged piece: ``kind`` is ``missing`` or ``corrupt``."""
+    """One damaged piece: ``kind`` is ``missing``, ``corrupt``, ``unreadable metadata``,
+    ``wrong shape`` or ``not finite``; ``image`` is None for store-level pieces."""
 
     image: int | None
     array: str
@@ -29,11 +36,18 @@ class Problem:
 
 @dataclass
 class VerifyReport:
-    """Result of :func:`verify_store`."""
+    """Result of :func:`verify_store`.
+
+    ``leftovers`` are temporary files (``*.partial``) of writes that were interrupted, and a
+    stale lock file: harmless (readers ignore them) and safe to delete when no capture or
+    merge is running.
+    """
 
     checked_images: int = 0
     incomplete: list[int] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    leftovers: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -43,42 +57,149 @@ class VerifyReport:
     def damaged_images(self) -> list[int]:
         return sorted({p.image for p in self.problems if p.image is not None})
 
+    @property
+    def store_problems(self) -> list[Problem]:
+        """Problems that belong to no single image (metadata, key projections)."""
+        return [p for p in self.problems if p.image is None]
 
-def _read(store: Store, arr, image: int | None, name: str, report: VerifyReport, *, must_exist: bool = False) -> None:
-    if must_exist and image is not None and not store.chunk_exists(arr, (image,)):
-        report.problems.append(Problem(image, name, "missing"))
-        return
-    try:
-        np.asarray(arr[image] if image is not None else arr[...])
-    except Exception as exc:  # checksum or codec failure
-        report.problems.append(Problem(image, name, "corrupt", f"{type(exc).__name__}: {exc}"[:200]))
+    def summary(self) -> str:
+        """One line: what was checked and what was found."""
+        parts = [f"checked {self.checked_images} complete images",
+                 f"{len(self.incomplete)} incomplete" + (f" {self.incomplete[:20]}" if self.incomplete else "")]
+        if self.ok:
+            parts.append("no damage found")
+        else:
+            if self.damaged_images:
+                parts.append(f"{len(self.damaged_images)} damaged images: {self.damaged_images[:20]}")
+            if self.store_problems:
+                parts.append(f"{len(self.store_problems)} store-level problems (listed above)")
+        if self.leftovers:
+            parts.append(f"{len(self.leftovers)} leftover temporary files of interrupted writes (harmless; "
+                         "delete them when no capture or merge runs: find STORE -name '*.partial' -delete)")
+        return "; ".join(parts)
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
+class _Checker:
+    def __init__(self, store: Store, report: VerifyReport) -> None:
+        self.store = store
+        self.report = report
+        self.arrays: dict[str, object] = {}
+
+    def array(self, name: str, *, shape: tuple[int, ...] | None = None):
+        """Open an array, reporting unreadable metadata or a wrong shape (then None)."""
+        if name in self.arrays:
+            return self.arrays[name]
+        arr = None
+        try:
+            arr = self.store.array(name)
+        except OvstoreError as exc:
+            kind = "missing" if "has no array" in str(exc) else "unreadable metadata"
+            self.report.problems.append(Problem(None, name, kind, "" if kind == "missing" else _short(exc.__cause__ or exc)))
+        if arr is not None and shape is not None and tuple(arr.shape[1:]) != shape:
+            self.report.problems.append(Problem(None, name, "wrong shape",
+                                                f"{tuple(arr.shape)}; the layout expects (n, {', '.join(map(str, shape))})"))
+            arr = None
+        self.arrays[name] = arr
+        return arr
+
+    def read(self, name: str, image: int | None, label: str, *, must_exist: bool, finite: bool = False):
+        arr = self.array(name)
+        if arr is None:
+            return None
+        if must_exist and image is not None and not self.store.chunk_exists(arr, (image,)):
+            self.report.problems.append(Problem(image, label, "missing"))
+            return None
+        try:
+            data = np.asarray(arr[image] if image is not None else arr[...])
+        except Exception as exc:  # checksum or codec failure
+            self.report.problems.append(Problem(image, label, "corrupt", _short(exc)))
+            return None
+        if finite and data.dtype.kind == "f" and not np.isfinite(data).all():
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            self.report.problems.append(Problem(image, label, "not finite", f"{bad} NaN or Inf values"))
+        return data
 
 
 def verify_store(store: Store, *, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Read everything a complete image consists of, and the key projections.
 
-    Missing chunks (which zarr would return as fill values) and chunks that fail their
-    CRC32C checksum are reported by image and array (layer); nothing is modified.
+    Missing chunks (which zarr would return as fill values), chunks that fail their CRC32C
+    checksum, unreadable array metadata and NaN/Inf in queries or timesteps are reported by
+    image and array (layer); nothing is modified.
     """
-    root = store._root
-    report = VerifyReport(incomplete=store.incomplete_images())
-    for info in store.layers:
-        group = root[fmt.LAYERS_GROUP][info.name]
-        for name in (fmt.TO_K_WEIGHT, fmt.TO_K_BIAS):
-            if name not in group:
-                report.problems.append(Problem(None, f"{info.name}/{name}", "missing"))
-            else:
-                _read(store, group[name], None, f"{info.name}/{name}", report)
-    # records may equal their fill value (seed 0, empty negative prompt) and then have no
-    # chunk; images, timesteps and queries are always written, so their absence is damage
-    records = [fmt.PROMPT, fmt.NEGATIVE_PROMPT, fmt.SEED, fmt.GUIDANCE, fmt.NUM_INFERENCE_STEPS, fmt.BRANCH_LABELS]
-    for image in store.complete_images():
-        for name in records:
-            _read(store, root[name], image, name, report)
-        for name in (fmt.IMAGES, fmt.TIMESTEPS):
-            _read(store, root[name], image, name, report, must_exist=True)
-        for info in store.layers:
-            _read(store, root[fmt.LAYERS_GROUP][info.name][fmt.QUERIES], image, info.name, report, must_exist=True)
+    report = VerifyReport()
+    check = _Checker(store, report)
+    layout = store.layout
+    dense = store.fully_checksummed
+    if not dense:
+        report.notes.append("this store was written before every array had a checksum: only queries and "
+                            "images are protected; records and key projections are read but cannot be checked")
+    report.leftovers = sorted(p for p in store.path.rglob("*.partial"))
+    if (store.path / fmt.LOCK_FILE).exists():
+        report.notes.append(f"a lock file {fmt.LOCK_FILE} exists: a capture or merge is adding images, or one "
+                            "was killed (the next writer removes a stale lock)")
+
+    # --- layout-level arrays
+    expected = {
+        fmt.TIMESTEPS: (layout.n_steps,),
+        fmt.IMAGES: (layout.height, layout.width, 3),
+        **{name: () for name in (fmt.STATUS, *fmt.RECORD_ARRAYS, fmt.BRANCH_LABELS)},
+    }
+    for info in layout.layers:
+        expected[f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}"] = (
+            len(layout.branches), layout.n_steps, info.heads, info.height, info.width, info.head_dim)
+    for name, shape in expected.items():
+        check.array(name, shape=shape)
+    for info in layout.layers:
+        for kind in (fmt.TO_K_WEIGHT, fmt.TO_K_BIAS):
+            name = f"{fmt.LAYERS_GROUP}/{info.name}/{kind}"
+            arr = check.array(name)
+            if arr is not None:
+                # written whole; an all-zero bias of an older store may have no chunk
+                must = kind == fmt.TO_K_WEIGHT or dense
+                if must and not store.chunk_exists(arr, (0,)):
+                    report.problems.append(Problem(None, name, "missing"))
+                else:
+                    check.read(name, None, name, must_exist=False, finite=True)
+
+    # --- status, chunk by chunk: a corrupt status entry makes its image unknown
+    status_arr = check.array(fmt.STATUS)
+    if status_arr is None:
+        return report
+    n = int(status_arr.shape[0])
+    complete = []
+    try:
+        status = np.asarray(status_arr[...])
+    except Exception:
+        status = np.full(n, fmt.STATUS_RESERVED, np.uint8)
+        for i in range(n):
+            value = check.read(fmt.STATUS, i, "status", must_exist=False)
+            if value is not None:
+                status[i] = value
+    for name in expected:
+        arr = check.arrays.get(name)
+        if arr is not None and arr.shape[0] < n:
+            report.problems.append(Problem(None, name, "wrong shape",
+                                           f"{arr.shape[0]} entries for {n} image slots"))
+            check.arrays[name] = None
+    complete = [i for i in range(n) if status[i] == fmt.STATUS_COMPLETE]
+    report.incomplete = [i for i in range(n) if status[i] != fmt.STATUS_COMPLETE]
+
+    # --- every piece of every complete image
+    for image in complete:
+        for name in fmt.RECORD_ARRAYS:
+            # older stores skipped chunks equal to the fill value (seed 0, no negative prompt)
+            check.read(name, image, name, must_exist=dense or name == fmt.PROMPT, finite=name == fmt.GUIDANCE)
+        check.read(fmt.BRANCH_LABELS, image, fmt.BRANCH_LABELS, must_exist=dense)
+        check.read(fmt.IMAGES, image, fmt.IMAGES, must_exist=True)
+        check.read(fmt.TIMESTEPS, image, fmt.TIMESTEPS, must_exist=True, finite=True)
+        for info in layout.layers:
+            check.read(f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}", image, info.name, must_exist=True,
+                       finite=True)
         report.checked_images += 1
         if progress is not None:
             progress(image)

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import IncompatibleStoreError, InvalidInputError
 from . import format as fmt
 from .reader import open_store
-from .writer import StoreWriter
+from .writer import MERGE_HINT, StoreWriter
 
 __all__ = ["MergeResult", "merge_stores"]
 
@@ -25,18 +25,15 @@ class MergeResult:
     incomplete_skipped: int
 
 
-def _key(record: fmt.ImageRecord) -> tuple:
-    """Identical requests generate identical images: such an image is a duplicate."""
-    return (record.prompt, record.negative_prompt, record.seed, record.guidance, record.num_inference_steps)
-
-
 def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
                  progress: Callable[[int], None] | None = None) -> MergeResult:
     """Copy every complete image of ``sources`` into ``out`` (created or appended to).
 
     Sources must share the layout (model, layers, size, calls, branches, dtype). An image
     whose request (prompt, negative prompt, seed, guidance, steps) is already complete in
-    ``out`` or in an earlier source is skipped, so merging twice adds nothing.
+    ``out`` or in an earlier source is skipped, so merging twice adds nothing. A merge that
+    was interrupted left incomplete slots in ``out``: running it again fills those slots
+    instead of adding new ones, so nothing is duplicated.
     """
     if not sources:
         raise InvalidInputError("no store to merge; give one or more source stores")
@@ -45,32 +42,45 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
     for other in stores[1:]:
         diffs = layout.differences(other.layout)
         if diffs:
-            raise IncompatibleStoreError(f"cannot merge {other.path} with {stores[0].path}: " + "; ".join(diffs))
+            raise IncompatibleStoreError(
+                f"cannot merge {other.path} with {stores[0].path}: " + "; ".join(diffs)
+                + ". Only stores captured with the same model and settings can be merged; merge the others "
+                "into a separate --out"
+            )
     if Path(out).resolve() in {s.path.resolve() for s in stores}:
         raise InvalidInputError("--out must differ from every source store")
-    writer = StoreWriter.open(out, layout)
     src = stores[0]
-    writer.write_key_projections({l.name: src.key_projection(l.name) for l in layout.layers})
+    keys = {l.name: src.key_projection(l.name) for l in layout.layers}
+    for store in stores[1:]:  # same layout, different weights would be another model
+        for layer in layout.layers:
+            if not all(np.array_equal(a, b) for a, b in zip(store.key_projection(layer.name), keys[layer.name])):
+                raise IncompatibleStoreError(f"cannot merge {store.path}: to_k of {layer.name} differs from "
+                                             f"{src.path}'s; not the same model")
+    writer = StoreWriter.open(out, layout, key_projections=keys, hint=MERGE_HINT)
     target = writer.store
-    seen = {_key(target.record(i)) for i in target.complete_images()}
+    status = target.status()
+    records = target.records()
+    seen = {records[i] for i in range(len(records)) if status[i] == fmt.STATUS_COMPLETE}
+    # slots of an interrupted merge (or capture) of the same request, to be filled first
+    open_slots: dict[fmt.ImageRecord, list[int]] = {}
+    for i in range(len(records)):
+        if status[i] != fmt.STATUS_COMPLETE:
+            open_slots.setdefault(records[i], []).append(i)
     added = duplicates = skipped = 0
     for store in stores:
-        for layer in layout.layers:  # same layout, different weights would be another model
-            if not all(np.array_equal(a, b) for a, b in zip(store.key_projection(layer.name), src.key_projection(layer.name))):
-                raise IncompatibleStoreError(f"{store.path}: to_k of {layer.name} differs; not the same model")
         skipped += len(store.incomplete_images())
         for image in store.complete_images():
             record = store.record(image)
-            if _key(record) in seen:
+            if record in seen:
                 duplicates += 1
                 continue
-            (slot,) = writer.reserve([record])
-            root = store._root
-            queries = {l.name: np.asarray(root[fmt.LAYERS_GROUP][l.name][fmt.QUERIES][image]) for l in layout.layers}
+            waiting = open_slots.get(record)
+            (slot,) = [waiting.pop(0)] if waiting else writer.reserve([record])
+            queries = {l.name: store.queries(l.name, image, branch=None) for l in layout.layers}
             writer.write_image(slot, image=store.image(image), queries=queries, timesteps=store.timesteps(image),
                                branch_labels=store.branch_labels(image))
             writer.mark_complete(slot)
-            seen.add(_key(record))
+            seen.add(record)
             added += 1
             if progress is not None:
                 progress(slot)

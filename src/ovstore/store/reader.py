@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from .. import dims
-from ..errors import IncompleteImageError, InvalidInputError, StoreError, StoreFormatError
+from ..errors import IncompleteImageError, InvalidInputError, StoreDamagedError, StoreError, StoreFormatError
 from . import format as fmt
 from .format import ImageRecord, LayerInfo, StoreLayout
 
@@ -41,10 +41,15 @@ def open_store(path: str | Path, *, mode: str = "r") -> Store:
     StoreFormatError
         ``path`` is missing, not a Zarr group, not an ovstore store, or written by a newer
         format version than this library reads.
+    StoreDamagedError
+        The root metadata exists but cannot be read (truncated ``zarr.json``, missing keys).
     """
     path = Path(path)
     if not path.exists():
         raise StoreFormatError(f"store {path} does not exist; create it with `ovstore capture ... --out {path}`")
+    if not path.is_dir():
+        raise StoreFormatError(f"{path} is a file, not a store directory; pass the directory given to "
+                               "`ovstore capture --out`")
     if not (path / "zarr.json").is_file():
         raise StoreFormatError(
             f"{path} is not an ovstore store (no zarr.json, so not a Zarr v3 group); "
@@ -53,7 +58,10 @@ def open_store(path: str | Path, *, mode: str = "r") -> Store:
     try:
         root = zarr.open_group(path, mode=mode, zarr_format=3)
     except Exception as exc:  # zarr raises several types for unreadable metadata
-        raise StoreFormatError(f"{path} cannot be opened as a Zarr v3 group: {exc}") from exc
+        raise StoreDamagedError(
+            f"{path}/zarr.json cannot be read ({_short(exc)}); the store's root metadata is damaged: "
+            "restore it from a backup or a copy of the store"
+        ) from exc
     meta = root.attrs.get("ovstore")
     if not isinstance(meta, dict) or meta.get("format") != fmt.FORMAT_NAME:
         raise StoreFormatError(
@@ -66,7 +74,33 @@ def open_store(path: str | Path, *, mode: str = "r") -> Store:
             f"{path} has store format version {version}; this ovstore reads versions "
             f"{', '.join(map(str, fmt.SUPPORTED_VERSIONS))}. Upgrade ovstore (pip install -U ovstore)."
         )
-    return Store(path, root, meta)
+    try:
+        layout = StoreLayout.from_json(meta["layout"])
+    except StoreFormatError:
+        raise
+    except Exception as exc:  # a missing or mistyped key of the layout record
+        raise StoreDamagedError(
+            f"{path}/zarr.json: the store's layout record is damaged ({_short(exc)}); restore it from a "
+            "backup or a copy of the store"
+        ) from exc
+    return Store(path, root, meta, layout)
+
+
+def _runs(steps: list[int]) -> list[tuple[int, int]]:
+    """``[0, 1, 2, 7, 9, 10]`` as half-open runs ``[(0, 3), (7, 8), (9, 11)]`` (order kept)."""
+    runs: list[tuple[int, int]] = []
+    for s in steps:
+        s = int(s)
+        if runs and runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], s + 1)
+        else:
+            runs.append((s, s + 1))
+    return runs
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +121,12 @@ class StoreSummary:
 class Store:
     """A read view of one store (see :func:`open_store`)."""
 
-    def __init__(self, path: Path, root: zarr.Group, meta: dict[str, Any]) -> None:
+    def __init__(self, path: Path, root: zarr.Group, meta: dict[str, Any],
+                 layout: StoreLayout | None = None) -> None:
         self.path = path
         self._root = root
         self.meta = meta
-        self.layout = StoreLayout.from_json(meta["layout"])
+        self.layout = layout if layout is not None else StoreLayout.from_json(meta["layout"])
 
     def __repr__(self) -> str:
         return (f"<ovstore.Store {str(self.path)!r}: {self.n_images} images "
@@ -108,11 +143,62 @@ class Store:
 
     @property
     def n_images(self) -> int:
-        return int(self._root[fmt.STATUS].shape[0])
+        return int(self.array(fmt.STATUS).shape[0])
+
+    @property
+    def fully_checksummed(self) -> bool:
+        """Whether every array carries a CRC32C checksum and every chunk of a slot is written
+        (stores made before this was so checksum only queries and images)."""
+        return self.meta.get("integrity") == fmt.INTEGRITY
+
+    def array(self, name: str) -> zarr.Array:
+        """A Zarr array of the store by path (``status``, ``layers/<name>/queries``...).
+
+        Raises :class:`StoreDamagedError` when its metadata is unreadable and
+        :class:`StoreFormatError` when it is missing.
+        """
+        try:
+            node = self._root[name]
+        except KeyError:
+            raise StoreFormatError(
+                f"store {self.path} has no array {name!r}; the store is incomplete or damaged: run "
+                "`ovstore verify`"
+            ) from None
+        except Exception as exc:
+            raise StoreDamagedError(
+                f"{self.path}/{name}/zarr.json cannot be read ({_short(exc)}); the store is damaged: run "
+                "`ovstore verify`"
+            ) from exc
+        if not isinstance(node, zarr.Array):
+            raise StoreDamagedError(f"{self.path}/{name} is not an array; the store is damaged")
+        return node
+
+    def read(self, name: str, image: int | None = None, *, what: str | None = None,
+             must_exist: bool = False) -> np.ndarray:
+        """Read an array (whole, or one image's entry), checksum failures as :class:`StoreError`.
+
+        With ``must_exist`` a missing chunk of ``image`` raises instead of reading as fill
+        values.
+        """
+        arr = self.array(name)
+        what = what or name
+        if must_exist and image is not None and not self.chunk_exists(arr, (image,)):
+            raise StoreError(
+                f"image {image}, {what}: the data is missing from {self.path} (a chunk was deleted or never "
+                "written); run `ovstore verify` to list damaged images"
+            )
+        try:
+            return np.asarray(arr[...] if image is None else arr[image])
+        except Exception as exc:
+            where = f"image {image}, " if image is not None else ""
+            raise StoreError(
+                f"{where}{what}: stored data of {self.path} is corrupted ({_short(exc)}); run "
+                "`ovstore verify` to list damaged images"
+            ) from exc
 
     def status(self) -> np.ndarray:
         """Status of every slot: 1 complete, anything else incomplete."""
-        return np.asarray(self._root[fmt.STATUS][...])
+        return self.read(fmt.STATUS)
 
     def complete_images(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(self.status() == fmt.STATUS_COMPLETE)]
@@ -125,7 +211,10 @@ class Store:
         complete = self.complete_images()
         if images is None:
             if not complete:
-                raise IncompleteImageError(f"store {self.path} has no complete image yet")
+                raise IncompleteImageError(
+                    f"store {self.path} has no complete image yet; finish its images with `ovstore capture "
+                    f"--resume --out {self.path}` or add some with `ovstore capture --prompt ... --out {self.path}`"
+                )
             return complete
         done = set(complete)
         out = []
@@ -146,64 +235,101 @@ class Store:
 
     # ------------------------------------------------------------------ records
     def record(self, image: int) -> ImageRecord:
-        r = self._root
+        """The generation request of a slot (prompt, negative prompt, seed, guidance, steps)."""
+        image = int(image)
+        if not 0 <= image < self.n_images:
+            raise IncompleteImageError(f"image {image} is out of range: store {self.path} has {self.n_images} images")
+        must = self.fully_checksummed
+        get = lambda name: self.read(name, image, what=f"record {name}", must_exist=must)[()]  # noqa: E731
         return ImageRecord(
-            prompt=str(r[fmt.PROMPT][image]),
-            negative_prompt=str(r[fmt.NEGATIVE_PROMPT][image]),
-            seed=int(r[fmt.SEED][image]),
-            guidance=float(r[fmt.GUIDANCE][image]),
-            num_inference_steps=int(r[fmt.NUM_INFERENCE_STEPS][image]),
+            prompt=str(get(fmt.PROMPT)),
+            negative_prompt=str(get(fmt.NEGATIVE_PROMPT)),
+            seed=int(get(fmt.SEED)),
+            guidance=float(get(fmt.GUIDANCE)),
+            num_inference_steps=int(get(fmt.NUM_INFERENCE_STEPS)),
         )
 
+    def records(self) -> list[ImageRecord]:
+        """Every slot's generation request, read array by array (faster than :meth:`record`)."""
+        n = self.n_images
+        columns = {name: self.read(name, what=f"record {name}")[:n] for name in fmt.RECORD_ARRAYS}
+        return [
+            ImageRecord(prompt=str(columns[fmt.PROMPT][i]), negative_prompt=str(columns[fmt.NEGATIVE_PROMPT][i]),
+                        seed=int(columns[fmt.SEED][i]), guidance=float(columns[fmt.GUIDANCE][i]),
+                        num_inference_steps=int(columns[fmt.NUM_INFERENCE_STEPS][i]))
+            for i in range(n)
+        ]
+
     def branch_labels(self, image: int) -> tuple[str, ...]:
-        text = str(self._root[fmt.BRANCH_LABELS][image])
+        text = str(self.read(fmt.BRANCH_LABELS, int(image), what="branch labels")[()])
         return tuple(text.split(",")) if text else ()
 
     def timesteps(self, image: int) -> np.ndarray:
-        return np.asarray(self._root[fmt.TIMESTEPS][image])
+        return self.read(fmt.TIMESTEPS, int(image), what="timesteps")
 
     def image(self, image: int) -> np.ndarray:
-        """The generated image as uint8 (height, width, 3)."""
-        self.check_images([image])
-        return np.asarray(self._root[fmt.IMAGES][image])
-
-    # ------------------------------------------------------------------ queries
-    def _queries_array(self, layer: str) -> zarr.Array:
-        try:
-            return self._root[fmt.LAYERS_GROUP][layer][fmt.QUERIES]
-        except KeyError:
-            raise InvalidInputError(
-                f"layer {layer!r} is not in store {self.path}; stored layers: "
-                + ", ".join(l.name for l in self.layers)
-            ) from None
-
-    def queries(self, layer: str, image: int, *, branch: int = 0,
-                steps: Sequence[int] | None = None) -> np.ndarray:
-        """Stored queries of one image and layer, shape ``(step, head, y, x, channel)``.
-
-        ``steps`` are positions along the stored step axis (default: all).
+        """The generated image as uint8 (height, width, 3).
 
         Raises
         ------
+        IncompleteImageError
+            The image is out of range or not marked complete.
+        StoreError
+            Its chunk is missing or fails its checksum (never returned as data).
+        """
+        (image,) = self.check_images([image])
+        return self.read(fmt.IMAGES, image, what="image", must_exist=True)
+
+    # ------------------------------------------------------------------ queries
+    def _queries_array(self, layer: str) -> zarr.Array:
+        if layer not in {l.name for l in self.layers}:
+            raise InvalidInputError(
+                f"layer {layer!r} is not in store {self.path}; stored layers: "
+                + ", ".join(l.name for l in self.layers)
+            )
+        return self.array(f"{fmt.LAYERS_GROUP}/{layer}/{fmt.QUERIES}")
+
+    def queries(self, layer: str, image: int, *, branch: int | None = 0,
+                steps: Sequence[int] | None = None) -> np.ndarray:
+        """Stored queries of one image and layer, shape ``(step, head, y, x, channel)``.
+
+        ``steps`` are positions along the stored step axis (default: all); ``branch=None``
+        returns every stored half, shape ``(branch, step, head, y, x, channel)``.
+
+        Raises
+        ------
+        IncompleteImageError
+            The image is out of range or not marked complete (its data may be partial).
         StoreError
             The image's data is missing or fails its checksum (never returned as data).
         """
         arr = self._queries_array(layer)
+        image = int(image)
+        if not 0 <= image < self.n_images or int(self.read(fmt.STATUS, image)[()]) != fmt.STATUS_COMPLETE:
+            self.check_images([image])  # raises with the reason and the fix
         if not self.chunk_exists(arr, (image,)):
             raise StoreError(
                 f"image {image}, layer {layer}: query data is missing from {self.path} although the "
                 "image is marked complete; run `ovstore verify` and recapture it"
             )
+        if steps is not None:
+            n_steps = arr.shape[2]
+            steps = [int(t) + n_steps if int(t) < 0 else int(t) for t in steps]
+            if not steps or not all(0 <= t < n_steps for t in steps):
+                raise InvalidInputError(f"stored step indices {steps} are out of range: there are {n_steps} "
+                                        f"stored steps (0..{n_steps - 1})")
         try:
             if steps is None:
-                return np.asarray(arr[image, branch])
-            steps = list(steps)
-            if steps == list(range(steps[0], steps[-1] + 1)):
-                return np.asarray(arr[image, branch, steps[0]:steps[-1] + 1])
-            return np.asarray(arr.get_orthogonal_selection((image, branch, steps)))
+                return np.asarray(arr[image] if branch is None else arr[image, branch])
+            # runs of consecutive steps as slices: zarr's orthogonal selection inside a shard
+            # is several times slower than reading the whole shard (measured, zarr 3.1)
+            pick = slice(None) if branch is None else branch
+            axis = 1 if branch is None else 0
+            parts = [np.asarray(arr[image, pick, start:stop]) for start, stop in _runs(steps)]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
         except Exception as exc:
             raise StoreError(
-                f"image {image}, layer {layer}: stored queries are corrupted ({type(exc).__name__}: {exc}); "
+                f"image {image}, layer {layer}: stored queries are corrupted ({_short(exc)}); "
                 "run `ovstore verify` to list damaged images"
             ) from exc
 
@@ -217,10 +343,22 @@ class Store:
 
     def key_projection(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """``to_k`` weight (inner, text_dim) and bias (inner,) of a layer, float32."""
-        g = self._root[fmt.LAYERS_GROUP][layer]
-        if fmt.TO_K_WEIGHT not in g:
-            raise StoreFormatError(f"store {self.path} has no key projection for layer {layer}")
-        return np.asarray(g[fmt.TO_K_WEIGHT][...]), np.asarray(g[fmt.TO_K_BIAS][...])
+        self._queries_array(layer)  # a known layer
+        out = []
+        for name in (fmt.TO_K_WEIGHT, fmt.TO_K_BIAS):
+            path = f"{fmt.LAYERS_GROUP}/{layer}/{name}"
+            try:
+                arr = self.array(path)
+            except StoreDamagedError:
+                raise
+            except StoreFormatError:
+                raise StoreFormatError(f"store {self.path} has no key projection for layer {layer} ({name}); "
+                                       "run `ovstore verify`") from None
+            # written whole, never equal to the fill value everywhere: a missing chunk is damage
+            if not self.chunk_exists(arr, (0,)) and (name == fmt.TO_K_WEIGHT or self.fully_checksummed):
+                raise StoreError(f"layer {layer}: {name} is missing from {self.path}; run `ovstore verify`")
+            out.append(self.read(path, what=f"layer {layer} {name}"))
+        return out[0], out[1]
 
     # ------------------------------------------------------------------ xarray views
     def query_view(self, layer: str) -> xr.DataArray:
@@ -235,7 +373,8 @@ class Store:
         import xarray as xr
 
         arr = self._queries_array(layer)
-        data = da.from_zarr(arr)
+        n = self.n_images  # data arrays may be longer after an interrupted reserve
+        data = da.from_zarr(arr)[:n]
         return xr.DataArray(
             data,
             dims=dims.QUERY_DIMS,
@@ -244,18 +383,18 @@ class Store:
                 dims.STEP: np.asarray(self.layout.calls),
                 dims.BRANCH: list(self.layout.branches) if len(self.layout.branches) == arr.shape[1]
                 else list(range(arr.shape[1])),
-                "timestep": ((dims.IMAGE, dims.STEP), np.asarray(self._root[fmt.TIMESTEPS][...])),
+                "timestep": ((dims.IMAGE, dims.STEP), self.read(fmt.TIMESTEPS)[:n]),
             },
             attrs={"layer": self.layout.layer(layer).to_json()},
         )
 
     def _image_coords(self) -> dict[str, Any]:
-        r = self._root
+        n = self.n_images
         return {
-            dims.IMAGE: np.arange(self.n_images),
+            dims.IMAGE: np.arange(n),
             "complete": (dims.IMAGE, self.status() == fmt.STATUS_COMPLETE),
-            "prompt": (dims.IMAGE, np.asarray(r[fmt.PROMPT][...], dtype=object)),
-            "seed": (dims.IMAGE, np.asarray(r[fmt.SEED][...])),
+            "prompt": (dims.IMAGE, np.asarray(self.read(fmt.PROMPT)[:n], dtype=object)),
+            "seed": (dims.IMAGE, self.read(fmt.SEED)[:n]),
         }
 
     def images_view(self) -> xr.DataArray:
@@ -263,8 +402,8 @@ class Store:
         import dask.array as da
         import xarray as xr
 
-        arr = self._root[fmt.IMAGES]
-        return xr.DataArray(da.from_zarr(arr), dims=(dims.IMAGE, dims.IMAGE_Y, dims.IMAGE_X, dims.RGB),
+        arr = self.array(fmt.IMAGES)
+        return xr.DataArray(da.from_zarr(arr)[:self.n_images], dims=(dims.IMAGE, dims.IMAGE_Y, dims.IMAGE_X, dims.RGB),
                             coords=self._image_coords(), name="images")
 
     def to_dataset(self) -> xr.Dataset:
@@ -275,11 +414,11 @@ class Store:
         """
         import xarray as xr
 
-        r = self._root
+        n = self.n_images
         ds = xr.Dataset(coords=self._image_coords())
-        ds["negative_prompt"] = (dims.IMAGE, np.asarray(r[fmt.NEGATIVE_PROMPT][...], dtype=object))
-        ds["guidance"] = (dims.IMAGE, np.asarray(r[fmt.GUIDANCE][...]))
-        ds["num_inference_steps"] = (dims.IMAGE, np.asarray(r[fmt.NUM_INFERENCE_STEPS][...]))
+        ds["negative_prompt"] = (dims.IMAGE, np.asarray(self.read(fmt.NEGATIVE_PROMPT)[:n], dtype=object))
+        ds["guidance"] = (dims.IMAGE, self.read(fmt.GUIDANCE)[:n])
+        ds["num_inference_steps"] = (dims.IMAGE, self.read(fmt.NUM_INFERENCE_STEPS)[:n])
         ds["images"] = self.images_view()
         for k, info in enumerate(self.layers):
             view = self.query_view(info.name).drop_vars([dims.BRANCH])
@@ -291,13 +430,20 @@ class Store:
     # ------------------------------------------------------------------ summary
     @cached_property
     def _local_sizes(self) -> tuple[int, int]:
+        """Bytes of the whole directory, and of the query shards of complete images (the
+        figure the compression ratio compares with: partial shards of incomplete images,
+        key projections and metadata are left out)."""
         total = queries = 0
+        complete = set(self.complete_images())
         layers_dir = self.path / fmt.LAYERS_GROUP
         for dirpath, _, files in os.walk(self.path):
             size = sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
             total += size
-            if dirpath.startswith(str(layers_dir)):
-                queries += size
+            rel = Path(dirpath).relative_to(layers_dir).parts if dirpath.startswith(str(layers_dir)) else ()
+            # layers/<name>/queries/c/<image>/...
+            if len(rel) >= 4 and rel[1] == fmt.QUERIES and rel[2] == "c" and rel[3].isdigit() \
+                    and int(rel[3]) in complete:
+                queries += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files if not f.endswith(".partial"))
         return total, queries
 
     def summary(self) -> StoreSummary:

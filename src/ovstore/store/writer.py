@@ -1,10 +1,20 @@
 """Writing captures into a store: create or append, reserve slots, write, mark complete.
 
-Crash safety comes from ordering. A slot is first *reserved* (its generation request is
-written, status 0), then its data is written, and only then is its status set to complete.
-Every zarr write of a local store is an atomic rename, so a process killed at any point
-leaves a store that opens, with complete images intact and the others marked incomplete
-and resumable from their recorded request.
+Crash safety comes from ordering and atomic renames:
+
+* A new store is built completely (root metadata, every array, the ``to_k`` key
+  projections) in a hidden sibling directory and renamed into place, so the store path holds
+  either nothing or a valid empty store. A killed creation leaves only the hidden directory,
+  which the next writer removes.
+* A slot is first *reserved* (its generation request is written, status 0, under a lock
+  file so that two processes never reserve the same slots), then its data is written, and
+  only then is its status set to complete.
+* Every chunk and metadata write of zarr >= 3.1.3 on a local store is a rename of a complete
+  temporary file (``*.partial``), so a process killed at any point leaves a store that opens,
+  with complete images intact and the others marked incomplete and resumable from their
+  recorded request.
+
+Durability against power loss depends on the file system: nothing here calls fsync.
 """
 
 from __future__ import annotations
@@ -12,7 +22,13 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import json
+import os
 import platform
+import shutil
+import socket
+import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -20,12 +36,18 @@ import numpy as np
 import zarr
 
 from .._version import __version__
-from ..errors import IncompatibleStoreError, InvalidInputError, StoreError
+from ..errors import (
+    IncompatibleStoreError,
+    InvalidInputError,
+    StoreError,
+    StoreFormatError,
+    StoreLockedError,
+)
 from . import format as fmt
 from .format import ImageRecord, StoreLayout
 from .reader import Store, open_store
 
-__all__ = ["StoreWriter", "library_versions"]
+__all__ = ["StoreWriter", "library_versions", "store_lock", "describe_os_error", "CAPTURE_HINT", "MERGE_HINT"]
 
 _PER_IMAGE_SCALARS = {
     fmt.SEED: ("int64", 0),
@@ -33,6 +55,15 @@ _PER_IMAGE_SCALARS = {
     fmt.NUM_INFERENCE_STEPS: ("int32", 0),
 }
 _PER_IMAGE_TEXT = (fmt.PROMPT, fmt.NEGATIVE_PROMPT, fmt.BRANCH_LABELS)
+
+#: What to do after a write failed, per command.
+CAPTURE_HINT = "then finish with `ovstore capture --resume --out {path}`"
+MERGE_HINT = "then re-run the same `ovstore merge` command (it fills the incomplete slots)"
+
+_CREATING = ".creating-"
+#: Seconds a writer waits for another process's lock before giving up.
+LOCK_TIMEOUT = 60.0
+_DENSE = {"array.write_empty_chunks": True}
 
 
 def library_versions() -> dict[str, str]:
@@ -55,137 +86,150 @@ class StoreWriter:
     existing one is compatible.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, hint: str = CAPTURE_HINT) -> None:
         self.store = store
         self._root = store._root
+        self.hint = hint
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def open(cls, path: str | Path, layout: StoreLayout) -> StoreWriter:
+    def open(cls, path: str | Path, layout: StoreLayout, *,
+             key_projections: Mapping[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
+             hint: str = CAPTURE_HINT) -> StoreWriter:
         """Create a store at ``path`` or open an existing one for appending.
+
+        A new store is built in a hidden sibling directory (with ``key_projections`` when
+        given) and renamed into place, so a kill or a full disk never leaves a half-made store.
+        For an existing store, missing key projections are written and present ones compared.
 
         Raises
         ------
         IncompatibleStoreError
             The existing store was made with another model, layers, size or settings.
+        StoreError
+            The store cannot be created or written (disk full, read-only, permissions).
         """
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            store = open_store(path, mode="r+")
-            diffs = store.layout.differences(layout)
-            if diffs:
-                raise IncompatibleStoreError(
-                    f"cannot append to {path}: " + "; ".join(diffs)
-                    + ". Capture into a new store (--out NEW.zarr) or use matching settings."
-                )
-            return cls(store)
+        _check_zarr_version()
         if path.exists() and not path.is_dir():
-            raise InvalidInputError(f"{path} exists and is not a directory; choose another --out")
+            raise InvalidInputError(f"--out {path} exists and is not a directory; choose another --out")
+        _remove_stale_creations(path)
+        if not _is_empty_dir(path):
+            return cls._open_existing(path, layout, key_projections, hint)
         try:
-            cls._create(path, layout)
-        except PermissionError as exc:
-            raise StoreError(f"cannot create store at {path}: {exc}. Choose a writable --out.") from exc
-        return cls(open_store(path, mode="r+"))
+            _create_atomically(path, layout, key_projections, hint)
+        except _Raced:  # another process created it meanwhile: append to it
+            return cls._open_existing(path, layout, key_projections, hint)
+        return cls(open_store(path, mode="r+"), hint=hint)
 
-    @staticmethod
-    def _create(path: Path, layout: StoreLayout) -> None:
-        root = zarr.open_group(path, mode="w", zarr_format=3)
-        i = fmt.IMAGE_DIM
-        root.create_array(
-            fmt.STATUS, shape=(0,), chunks=(1,), dtype="uint8",
-            fill_value=fmt.STATUS_RESERVED, dimension_names=(i,),
-        )
-        for name in _PER_IMAGE_TEXT:
-            root.create_array(name, shape=(0,), chunks=(1,), dtype=str, fill_value="",
-                              dimension_names=(i,))
-        for name, (dtype, fill) in _PER_IMAGE_SCALARS.items():
-            root.create_array(name, shape=(0,), chunks=(1,), dtype=dtype, fill_value=fill,
-                              dimension_names=(i,))
-        root.create_array(
-            fmt.TIMESTEPS, shape=(0, layout.n_steps), chunks=(1, layout.n_steps),
-            dtype="float64", fill_value=np.nan, dimension_names=(i, fmt.STEP_DIM),
-        )
-        root.create_array(
-            fmt.IMAGES, shape=(0, layout.height, layout.width, 3),
-            chunks=(1, layout.height, layout.width, 3), dtype="uint8", fill_value=0,
-            dimension_names=(i, "image_y", "image_x", "rgb"),
-            compressors=fmt.query_codecs("zstd3"),
-        )
-        layers = root.create_group(fmt.LAYERS_GROUP)
-        nb = len(layout.branches)
-        for info in layout.layers:
-            g = layers.create_group(info.name, attributes={"layer": info.to_json()})
-            inner = (1, 1, 1, info.heads, info.height, info.width, info.head_dim)
-            shard = (1, nb, layout.n_steps, info.heads, info.height, info.width, info.head_dim)
-            g.create_array(
-                fmt.QUERIES, shape=(0, *shard[1:]), chunks=inner, shards=shard,
-                dtype=layout.query_dtype, fill_value=0.0,
-                compressors=fmt.query_codecs(layout.codec),
-                dimension_names=fmt.QUERY_DIM_NAMES,
+    @classmethod
+    def _open_existing(cls, path: Path, layout: StoreLayout, key_projections, hint: str) -> StoreWriter:
+        try:
+            store = open_store(path, mode="r+")
+        except StoreFormatError as exc:
+            if (path / "zarr.json").is_file() or not path.is_dir():
+                raise
+            raise StoreFormatError(f"--out {path} is a directory that is not an ovstore store; choose a new "
+                                   "--out (or an existing store to append to)") from exc
+        diffs = store.layout.differences(layout)
+        if diffs:
+            raise IncompatibleStoreError(
+                f"cannot append to {path}: " + "; ".join(diffs)
+                + ". Leave those options out to use the store's settings, or capture into a new --out"
             )
-        meta = {
-            "format": fmt.FORMAT_NAME,
-            "format_version": fmt.FORMAT_VERSION,
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "created_with": library_versions(),
-            "layout": layout.to_json(),
-        }
-        root.attrs["ovstore"] = meta
+        writer = cls(store, hint=hint)
+        if key_projections is not None:
+            writer.write_key_projections(key_projections)
+        return writer
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the store's lock file (see :func:`store_lock`), with disk errors made clear."""
+        with self._os_errors(), store_lock(self.store.path, timeout=LOCK_TIMEOUT if timeout is None else timeout):
+            yield
 
     def write_key_projections(self, weights: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
-        """Store each layer's ``to_k`` weight and bias (float32), once per store."""
-        with _os_errors(self.store.path):
-            self._write_key_projections(weights)
+        """Store each layer's ``to_k`` weight and bias (float32), once per store.
+
+        Missing ones (a store made without them, or a write that was interrupted) are
+        written; present ones must equal ``weights``, otherwise this is another model.
+        """
+        if self._key_projections_match(weights):
+            return
+        with self.locked(), self._os_errors():
+            if not self._key_projections_match(weights):  # re-checked under the lock
+                self._write_key_projections(weights)
+
+    def _key_projections_match(self, weights: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> bool:
+        """True when every projection is stored and equal; False when some are missing.
+
+        Raises :class:`IncompatibleStoreError` when a stored one differs.
+        """
+        store = self.store
+        complete = True
+        for name, (weight, bias) in weights.items():
+            for kind, value in ((fmt.TO_K_WEIGHT, weight), (fmt.TO_K_BIAS, bias)):
+                path = f"{fmt.LAYERS_GROUP}/{name}/{kind}"
+                try:
+                    arr = store.array(path)
+                except StoreFormatError:
+                    complete = False
+                    continue
+                expected = _key_array(value, weight, kind)
+                if not store.chunk_exists(arr, (0,)):
+                    if kind == fmt.TO_K_BIAS and not expected.any() and not store.fully_checksummed:
+                        continue  # older stores skipped all-zero bias chunks
+                    complete = False
+                    continue
+                existing = store.read(path, what=f"layer {name} {kind}")
+                if existing.shape != expected.shape or not np.array_equal(existing, expected):
+                    raise IncompatibleStoreError(
+                        f"cannot append to {store.path}: the {kind} of layer {name} differs from the store's; "
+                        "this is another model. Capture into a new --out"
+                    )
+        return complete
 
     def _write_key_projections(self, weights: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
         layers = self._root[fmt.LAYERS_GROUP]
         for name, (weight, bias) in weights.items():
-            g = layers[name]
-            if fmt.TO_K_WEIGHT in g:
-                existing = g[fmt.TO_K_WEIGHT][...]
-                if existing.shape != weight.shape or not np.array_equal(existing, weight):
-                    raise IncompatibleStoreError(
-                        f"cannot append: the to_k weights of layer {name} differ from the "
-                        "store's; this is another model. Capture into a new store."
-                    )
-                continue
-            w = np.asarray(weight, dtype=np.float32)
-            b = np.zeros(w.shape[0], np.float32) if bias is None else np.asarray(bias, np.float32)
-            g.create_array(fmt.TO_K_WEIGHT, data=w, dimension_names=("key_channel", "text_channel"))
-            g.create_array(fmt.TO_K_BIAS, data=b, dimension_names=("key_channel",))
+            _write_key_arrays(layers[name], weight, bias)
 
     # ------------------------------------------------------------------ images
     def reserve(self, records: Sequence[ImageRecord]) -> list[int]:
         """Add slots for ``records`` and store their generation requests (status: reserved).
 
-        Only one process may reserve at a time (it rewrites array metadata); writers of
-        already-reserved slots may run concurrently (see ``ovstore capture --worker``).
+        Holds the store's lock file, so concurrent writers (captures, merges) never get the
+        same slots; writers of already-reserved slots may run concurrently (see
+        ``ovstore capture --worker``).
         """
-        with _os_errors(self.store.path):
+        with self.locked(), self._os_errors():
             return self._reserve(records)
 
     def _reserve(self, records: Sequence[ImageRecord]) -> list[int]:
-        root = self._root
-        start = root[fmt.STATUS].shape[0]
+        store = self.store
+        start = store.array(fmt.STATUS).shape[0]
         n = start + len(records)
-        # data arrays first, the status array last: the status length is the truth
-        for info in self.store.layout.layers:
-            arr = root[fmt.LAYERS_GROUP][info.name][fmt.QUERIES]
-            arr.resize((n, *arr.shape[1:]))
-        for name in (fmt.IMAGES, fmt.TIMESTEPS, *_PER_IMAGE_TEXT, *_PER_IMAGE_SCALARS):
-            arr = root[name]
-            arr.resize((n, *arr.shape[1:]))
-        slots = list(range(start, n))
-        if records:
+        if not records:
+            return []
+        with zarr.config.set(_DENSE):
+            # data arrays first, the status array last: the status length is the truth, so a
+            # reserve killed half-way adds no slot (longer data arrays are cut back next time)
+            for info in store.layout.layers:
+                arr = store.array(f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}")
+                arr.resize((n, *arr.shape[1:]))
+            for name in (fmt.IMAGES, fmt.TIMESTEPS, *_PER_IMAGE_TEXT, *_PER_IMAGE_SCALARS):
+                arr = store.array(name)
+                arr.resize((n, *arr.shape[1:]))
             sl = slice(start, n)
-            root[fmt.PROMPT][sl] = np.array([r.prompt for r in records], dtype=object)
-            root[fmt.NEGATIVE_PROMPT][sl] = np.array([r.negative_prompt or "" for r in records], dtype=object)
-            root[fmt.SEED][sl] = np.array([r.seed for r in records], dtype=np.int64)
-            root[fmt.GUIDANCE][sl] = np.array([r.guidance for r in records], dtype=np.float64)
-            root[fmt.NUM_INFERENCE_STEPS][sl] = np.array([r.num_inference_steps for r in records], dtype=np.int32)
-        status = root[fmt.STATUS]
-        status.resize((n,))
-        return slots
+            store.array(fmt.PROMPT)[sl] = np.array([r.prompt for r in records], dtype=object)
+            store.array(fmt.NEGATIVE_PROMPT)[sl] = np.array([r.negative_prompt or "" for r in records], dtype=object)
+            store.array(fmt.SEED)[sl] = np.array([r.seed for r in records], dtype=np.int64)
+            store.array(fmt.GUIDANCE)[sl] = np.array([r.guidance for r in records], dtype=np.float64)
+            store.array(fmt.NUM_INFERENCE_STEPS)[sl] = np.array([r.num_inference_steps for r in records],
+                                                                dtype=np.int32)
+            status = store.array(fmt.STATUS)
+            status.resize((n,))
+        return list(range(start, n))
 
     def write_image(
         self,
@@ -200,18 +244,17 @@ class StoreWriter:
 
         ``queries[name]`` has shape ``(branch, step, head, y, x, channel)``.
         """
-        root = self._root
-        layout = self.store.layout
-        if root[fmt.STATUS][slot] == fmt.STATUS_COMPLETE:
+        if int(self.store.read(fmt.STATUS, slot)[()]) == fmt.STATUS_COMPLETE:
             raise StoreError(f"image {slot} is already complete; refusing to overwrite it")
-        with zarr.config.set({"array.write_empty_chunks": True}), _os_errors(self.store.path):
+        with zarr.config.set(_DENSE), self._os_errors():
             self._write_image(slot, image, queries, timesteps, branch_labels)
 
     def _write_image(self, slot: int, image: np.ndarray, queries: Mapping[str, np.ndarray],
                      timesteps: Sequence[float], branch_labels: Sequence[str]) -> None:
-        root = self._root
-        for info in self.store.layout.layers:
-            arr = root[fmt.LAYERS_GROUP][info.name][fmt.QUERIES]
+        store = self.store
+        arrays = {}
+        for info in store.layout.layers:  # every check before the first write
+            arr = store.array(f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}")
             data = queries[info.name]
             if data.shape != arr.shape[1:]:
                 raise StoreError(
@@ -223,28 +266,260 @@ class StoreWriter:
                     f"queries of layer {info.name} for image {slot} contain NaN or Inf; the "
                     "generation diverged (try float32 weights or another seed); nothing written"
                 )
+            arrays[info.name] = (arr, data)
+        for arr, data in arrays.values():
             arr[slot] = data
-        root[fmt.IMAGES][slot] = image
-        root[fmt.TIMESTEPS][slot] = np.asarray(timesteps, dtype=np.float64)
-        root[fmt.BRANCH_LABELS][slot] = ",".join(branch_labels)
+        store.array(fmt.IMAGES)[slot] = image
+        store.array(fmt.TIMESTEPS)[slot] = np.asarray(timesteps, dtype=np.float64)
+        store.array(fmt.BRANCH_LABELS)[slot] = ",".join(branch_labels)
 
     def mark_complete(self, slot: int) -> None:
         """The completion marker: written last, after every other piece of the image."""
-        with _os_errors(self.store.path):
-            self._root[fmt.STATUS][slot] = fmt.STATUS_COMPLETE
+        with self._os_errors():
+            self.store.array(fmt.STATUS)[slot] = fmt.STATUS_COMPLETE
+
+    def _os_errors(self) -> contextlib.AbstractContextManager[None]:
+        return _os_errors(self.store.path, self.hint)
+
+
+# ---------------------------------------------------------------------- creation helpers
+def _check_zarr_version() -> None:
+    """Crash safety needs zarr's atomic local writes (temporary file + rename), new in 3.1.3."""
+    parts = []
+    for piece in zarr.__version__.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) < (3, 1, 3):
+        raise StoreError(f"zarr {zarr.__version__} writes chunks in place, so a killed capture could leave a "
+                         "half-written chunk; install zarr>=3.1.3 (pip install -U 'zarr>=3.1.3') to write stores")
+
+
+
+class _Raced(Exception):
+    """The store path was created by another process while this one built its own."""
+
+
+def _is_empty_dir(path: Path) -> bool:
+    if not path.exists():
+        return True
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _creation_prefix(path: Path) -> str:
+    return f".{path.name}{_CREATING}"
+
+
+def _remove_stale_creations(path: Path) -> None:
+    """Remove hidden half-built stores of ``path`` left by killed processes of this host."""
+    parent = path.parent
+    if not parent.is_dir():
+        return
+    prefix = _creation_prefix(path)
+    host = socket.gethostname()
+    try:
+        entries = [e for e in parent.iterdir() if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            owner, pid, _ = entry.name[len(prefix):].rsplit("-", 2)
+            stale = owner == host and not _pid_alive(int(pid))
+        except ValueError:
+            stale = False
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child that its parent has not reaped yet is a zombie: not alive
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _create_atomically(path: Path, layout: StoreLayout, key_projections, hint: str) -> None:
+    parent = path.parent
+    tmp = parent / f"{_creation_prefix(path)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    renaming = False
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _build(tmp, layout, key_projections)
+        renaming = True
+        os.rename(tmp, path)  # atomic; replaces an empty directory, fails on a non-empty one
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if renaming and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise _Raced() from exc
+        raise StoreError(
+            f"cannot create store {path}: {_reason(exc)}; nothing was created. Free space, fix permissions "
+            "or choose another --out, then run the same command again"
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _build(path: Path, layout: StoreLayout, key_projections) -> None:
+    """Write an empty store (no slot) with ``layout`` at ``path``."""
+    meta = {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_with": library_versions(),
+        "integrity": fmt.INTEGRITY,
+        "layout": layout.to_json(),
+    }
+    root = zarr.open_group(path, mode="w", zarr_format=3, attributes={"ovstore": meta})
+    i = fmt.IMAGE_DIM
+    checked = fmt.checked_codecs
+    root.create_array(
+        fmt.STATUS, shape=(0,), chunks=(1,), dtype="uint8",
+        fill_value=fmt.STATUS_RESERVED, dimension_names=(i,), compressors=checked(),
+    )
+    for name in _PER_IMAGE_TEXT:
+        root.create_array(name, shape=(0,), chunks=(1,), dtype=str, fill_value="",
+                          dimension_names=(i,), compressors=checked())
+    for name, (dtype, fill) in _PER_IMAGE_SCALARS.items():
+        root.create_array(name, shape=(0,), chunks=(1,), dtype=dtype, fill_value=fill,
+                          dimension_names=(i,), compressors=checked())
+    root.create_array(
+        fmt.TIMESTEPS, shape=(0, layout.n_steps), chunks=(1, layout.n_steps),
+        dtype="float64", fill_value=np.nan, dimension_names=(i, fmt.STEP_DIM), compressors=checked(),
+    )
+    root.create_array(
+        fmt.IMAGES, shape=(0, layout.height, layout.width, 3),
+        chunks=(1, layout.height, layout.width, 3), dtype="uint8", fill_value=0,
+        dimension_names=(i, "image_y", "image_x", "rgb"),
+        compressors=fmt.query_codecs("zstd3"),
+    )
+    layers = root.create_group(fmt.LAYERS_GROUP)
+    nb = len(layout.branches)
+    for info in layout.layers:
+        g = layers.create_group(info.name, attributes={"layer": info.to_json()})
+        inner = (1, 1, 1, info.heads, info.height, info.width, info.head_dim)
+        shard = (1, nb, layout.n_steps, info.heads, info.height, info.width, info.head_dim)
+        g.create_array(
+            fmt.QUERIES, shape=(0, *shard[1:]), chunks=inner, shards=shard,
+            dtype=layout.query_dtype, fill_value=0.0,
+            compressors=fmt.query_codecs(layout.codec),
+            dimension_names=fmt.QUERY_DIM_NAMES,
+        )
+        if key_projections is not None:
+            weight, bias = key_projections[info.name]
+            _write_key_arrays(g, weight, bias)
+
+
+def _key_array(value: np.ndarray | None, weight: np.ndarray, kind: str) -> np.ndarray:
+    if kind == fmt.TO_K_WEIGHT:
+        return np.asarray(weight, dtype=np.float32)
+    return np.zeros(np.shape(weight)[0], np.float32) if value is None else np.asarray(value, np.float32)
+
+
+def _write_key_arrays(group: zarr.Group, weight: np.ndarray, bias: np.ndarray | None) -> None:
+    """(Re)write a layer's ``to_k`` weight and bias, every chunk written and checksummed."""
+    w = _key_array(weight, weight, fmt.TO_K_WEIGHT)
+    b = _key_array(bias, weight, fmt.TO_K_BIAS)
+    with zarr.config.set(_DENSE):
+        for name, data, dims in ((fmt.TO_K_WEIGHT, w, ("key_channel", "text_channel")),
+                                 (fmt.TO_K_BIAS, b, ("key_channel",))):
+            arr = group.create_array(name, shape=data.shape, chunks=data.shape, dtype="float32",
+                                     fill_value=0.0, dimension_names=dims,
+                                     compressors=fmt.checked_codecs(), overwrite=True)
+            arr[...] = data
+
+
+# ---------------------------------------------------------------------- lock
+@contextlib.contextmanager
+def store_lock(path: str | Path, *, timeout: float = 60.0) -> Iterator[None]:
+    """Hold ``PATH/.ovstore.lock`` (created with O_EXCL) while adding slots to a store.
+
+    A lock left by a process of this host that no longer runs is removed. A lock held
+    longer than ``timeout`` seconds raises :class:`StoreLockedError` naming the holder.
+    """
+    lock = Path(path) / fmt.LOCK_FILE
+    deadline = time.monotonic() + timeout
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is None:  # stale, removed: try again at once
+                continue
+            if time.monotonic() >= deadline:
+                raise StoreLockedError(
+                    f"store {path} is locked by process {holder.get('pid')} on {holder.get('host')} since "
+                    f"{holder.get('since')} (another capture or merge is adding images); wait for it, or delete "
+                    f"{lock} if no such process runs"
+                ) from None
+            time.sleep(0.05)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    """The lock's holder, or None after removing a stale lock (or when it vanished)."""
+    try:
+        text = lock.read_text(encoding="utf-8")
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        holder = json.loads(text)
+    except ValueError:  # killed between creating and filling it
+        holder = {} if age < 5 else {"stale": True}
+    stale = holder.get("stale") or (holder.get("host") == socket.gethostname()
+                                    and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]))
+    if not stale:
+        return holder
+    claimed = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:8]}")
+    with contextlib.suppress(OSError):  # only one process wins the rename
+        os.rename(lock, claimed)
+        claimed.unlink()
+    return None
+
+
+# ---------------------------------------------------------------------- errors
+_REASONS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``the disk is full``, ``the file system is read-only``, ... for an OSError (for one-line
+    errors of every command that writes files)."""
+    return _REASONS.get(exc.errno, exc.strerror or str(exc))
+
+
+_reason = describe_os_error
 
 
 @contextlib.contextmanager
-def _os_errors(path: Path) -> Iterator[None]:
-    """Disk full, read-only or permission failures as one clear error (the store stays valid:
-    every zarr write is a rename of a complete temporary file)."""
+def _os_errors(path: Path, hint: str = CAPTURE_HINT) -> Iterator[None]:
+    """Disk full, read-only or permission failures as one clear error. The store stays
+    valid: every zarr write is a rename of a complete temporary file, and a slot counts only
+    once its completion marker is written."""
     try:
         yield
     except OSError as exc:
-        reasons = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-                   errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}
-        reason = reasons.get(exc.errno, exc.strerror or str(exc))
         raise StoreError(
-            f"cannot write to store {path}: {reason}. Complete images are intact; free space or fix "
-            "permissions, then finish with `ovstore capture --resume`"
+            f"cannot write to store {path}: {_reason(exc)}. Complete images are intact; free space or fix "
+            f"permissions, {hint.format(path=path)}"
         ) from exc
