@@ -1,20 +1,33 @@
 """Maps for many attribution prompts on one stored image: ovstore's batched engine vs a
 straightforward per-prompt loop written like the reference implementation, side by side.
 
-Both sides include text encoding and read the same stored queries (already in memory for the
-baseline, read from the store by ovstore). ``--sd15`` adds an SD-1.5-shaped store (random
-weights); ``--e2e N`` times whole processes (start-up included): ``ovstore maps`` with N
-prompts vs this file run as a reference-style script on the same prompts. Run:
+Both sides encode the prompts with the same text encoder and read the same stored queries
+(the baseline holds them in memory, ovstore reads them from the store). The baseline runs
+one prompt at a time with a Python loop over layers and UNet calls, heads batched, softmax
+over the token axis (as the reference). Both use the same number of torch threads.
 
-    python benchmarks/bench_maps.py [--counts 1 10 100 1000 10000] [--sd15] [--e2e 5000]
-    python benchmarks/bench_maps.py --reference-script STORE PROMPTS_FILE   (the e2e baseline)
+Besides the speed-up, each table states a bound that no exact implementation can beat on
+this machine, measured in the same run:
+
+- tiny pipeline: every score needs one exponential; ``exp bound`` is the time of
+  ``torch.exp2`` over that many floats in cache;
+- SD-1.5-shaped store: the Q·Kᵀ and text-encoder FLOPs at the throughput of a large
+  float32 matrix product (``torch.mm`` 2048³).
+
+``--e2e N`` times whole processes (start-up included): ``ovstore maps`` with N prompts vs
+this file run as a reference-style script on the same prompts. Run:
+
+    python benchmarks/bench_maps.py [--counts 1 10 100 1000 10000] [--threads 1] [--sd15] [--e2e 5000]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +76,7 @@ def reference_style(store, encoder, texts: list[str]) -> np.ndarray:
 
 
 def reference_script(store_path: str, prompts_file: str) -> None:
-    """The end-to-end baseline process: load, then one prompt at a time."""
+    """The end-to-end baseline process: load, then one prompt at a time, then save."""
     from ovstore.analyze import load_text_encoder
     from ovstore.store import open_store
 
@@ -73,45 +86,87 @@ def reference_script(store_path: str, prompts_file: str) -> None:
     np.save(Path(prompts_file).with_suffix(".baseline.npy"), maps)
 
 
-def table(label: str, store, encoder, counts: list[int], baseline_max: int) -> None:
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - t0
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def exp_seconds_per_element(n: int = 1 << 18, repeats: int = 200) -> float:
+    x, out = torch.rand(n), torch.empty(n)
+    torch.exp2(x, out=out)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        torch.exp2(x, out=out)
+    return (time.perf_counter() - t0) / (n * repeats)
+
+
+def work(store, encoder, texts: list[str]) -> tuple[int, float, float]:
+    """(scores, Q·Kᵀ FLOPs, text-encoder FLOPs) of evaluating ``texts`` on one image."""
+    layers = [l for l in store.layers if l.block != "mid"]
+    tokens = sum(len(encoder.tokenizer(t)["input_ids"]) for t in texts)
+    calls = store.layout.n_steps
+    scores = sum(calls * l.heads * l.height * l.width for l in layers) * tokens
+    qk = sum(2 * calls * l.heads * l.head_dim * l.height * l.width for l in layers) * tokens
+    cfg = encoder.model.config
+    weights = sum(p.numel() for n, p in encoder.model.named_parameters() if "embeddings" not in n)
+    # 2 FLOPs per weight per token, plus attention over (at most) the prompt's own tokens
+    text = 2 * weights * tokens + 4 * cfg.num_hidden_layers * cfg.hidden_size * sum(
+        len(encoder.tokenizer(t)["input_ids"]) ** 2 for t in texts)
+    return scores, float(qk), float(text)
+
+
+def table(label: str, store, encoder, counts: list[int], baseline_max: int, bound: str) -> None:
     from ovstore.analyze import compute_maps
 
     compute_maps(store, prompts(4), text_encoder=encoder)  # warm-up
-    reference_style(store, encoder, prompts(4))
+    reference_style(store, encoder, prompts(2))
+    gflops = gemm_gflops()
+    exp_s = exp_seconds_per_element()
     print(f"\n{label}\n")
-    print("| prompts | ovstore s | ovstore prompts/s | baseline s | baseline prompts/s | speed-up | max abs diff |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"measured in this run: float32 matrix product {gflops:.0f} GFLOP/s; exp2 {exp_s * 1e9:.2f} ns/element\n")
+    print(f"| prompts | ovstore s | ovstore prompts/s | baseline s | baseline prompts/s | speed-up | {bound} | "
+          "ovstore ÷ bound | max abs diff |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base_rate = None
     for n in counts:
         texts = prompts(n, seed=n)
-        t0 = time.perf_counter()
-        ours = compute_maps(store, texts, text_encoder=encoder).values[0]
-        t_ours = time.perf_counter() - t0
-        if n <= args.baseline_max:
-            t0 = time.perf_counter()
-            base = reference_style(store, encoder, texts)
-            t_base = time.perf_counter() - t0
-            diff = float(np.abs(ours - base).max())
-            print(f"| {n} | {t_ours:.3f} | {n / t_ours:.0f} | {t_base:.3f} | {n / t_base:.0f} | "
-                  f"{t_base / t_ours:.1f}x | {diff:.1e} |")
-        else:
-            print(f"| {n} | {t_ours:.3f} | {n / t_ours:.0f} | - | - | - | - |")
+        ours, t_ours = _timed(lambda: compute_maps(store, texts, text_encoder=encoder).values[0])
+        scores, qk, text = work(store, encoder, texts)
+        limit = scores * exp_s if bound == "exp bound s" else (qk + text) / (gflops * 1e9)
+        if n <= baseline_max:
+            base, t_base = _timed(reference_style, store, encoder, texts)
+            base_rate = n / t_base
+            diff = f"{float(np.abs(ours - base).max()):.1e}"
+            base_cols = f"{t_base:.3f} | {base_rate:.1f}"
+            speed = f"{t_base / t_ours:.1f}x"
+        else:  # the baseline is linear in prompts: its rate at the largest measured count
+            diff = "-"
+            base_cols = f"({n / base_rate:.0f}) | ({base_rate:.1f})" if base_rate else "- | -"
+            speed = f"({n / base_rate / t_ours:.1f}x)" if base_rate else "-"
+        print(f"| {n} | {t_ours:.3f} | {n / t_ours:.1f} | {base_cols} | {speed} | {limit:.3f} | "
+              f"{t_ours / limit:.2f} | {diff} |")
+    print(f"\n(parentheses: baseline extrapolated from its measured rate at {baseline_max} prompts)")
 
 
-def end_to_end(store_path: Path, n: int) -> None:
-    import subprocess
-    import sys
-
+def end_to_end(store_path: Path, n: int, threads: int) -> None:
     prompts_file = store_path.parent / f"prompts-{n}.txt"
     prompts_file.write_text("\n".join(prompts(n, seed=7)) + "\n")
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
-    subprocess.run(["ovstore", "maps", str(store_path), "--attributions-file", str(prompts_file),
-                    "--out", str(store_path.parent / "e2e.zarr")], check=True, env=env, capture_output=True)
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--reference-script", str(store_path), str(prompts_file)],
-                   check=True, env=env, capture_output=True)
-    t_base = time.perf_counter() - t0
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    ours = ["ovstore", "maps", str(store_path), "--attributions-file", str(prompts_file),
+            "--out", str(store_path.parent / "e2e.zarr")]
+    base = [sys.executable, __file__, "--reference-script", str(store_path), str(prompts_file), "--threads", str(threads)]
+    _, t_ours = _timed(lambda: subprocess.run(ours, env=env, check=True, capture_output=True))
+    _, t_base = _timed(lambda: subprocess.run(base, env=env, check=True, capture_output=True))
     print(f"\nEnd to end, {n} prompts, whole processes (start-up, model load, text encoding, maps, writing):\n")
     print("| prompts | `ovstore maps` s | reference-style script s | speed-up |")
     print("|---:|---:|---:|---:|")
@@ -120,11 +175,13 @@ def end_to_end(store_path: Path, n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--counts", type=int, nargs="+", default=[1, 100, 1000])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--baseline-max", type=int, default=1000, help="largest count the baseline runs")
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100, 1000, 10000])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    parser.add_argument("--baseline-max", type=int, default=1000, help="largest count the baseline runs (tiny)")
     parser.add_argument("--sd15", action="store_true", help="also an SD-1.5-shaped store (random weights)")
     parser.add_argument("--sd15-calls", type=int, default=10)
+    parser.add_argument("--sd15-counts", type=int, nargs="+", default=[1, 10, 100, 1000])
+    parser.add_argument("--sd15-baseline-max", type=int, default=10)
     parser.add_argument("--e2e", type=int, default=0, help="end-to-end process timing with this many prompts")
     parser.add_argument("--reference-script", nargs=2, metavar=("STORE", "PROMPTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,22 +199,21 @@ def main() -> None:
     capture(pipe, identity, build_requests([("a photo of a cat on a sofa", None, 0)], num_inference_steps=10),
             tmp, config=CaptureConfig(num_inference_steps=10, dtype="float16"))
     store = open_store(tmp)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
-          f"torch {torch.__version__}")
-    table("Tiny pipeline (6 layers, 4 heads, 11 calls, latent 32x32)", store,
-          load_text_encoder(store.layout.model), args.counts, args.baseline_max)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
+    table("Tiny pipeline (6 layers, 4 heads, 11 calls, latent 32x32, float16 storage)", store,
+          load_text_encoder(store.layout.model), args.counts, args.baseline_max, "exp bound s")
     if args.sd15:
-        import sys
-
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from sd15_shaped import make_sd15_store, make_text_encoder_dir
 
         sd15 = open_store(make_sd15_store(tmp.parent / "sd15.zarr", make_text_encoder_dir(tmp.parent / "clip-l"),
                                           n_calls=args.sd15_calls))
-        table(f"SD-1.5-shaped (15 layers, 8 heads, {args.sd15_calls} calls, latent 64x64, CLIP-L text encoder)",
-              sd15, load_text_encoder(sd15.layout.model), [c for c in args.counts if c <= 1000], min(args.baseline_max, 100))
+        table(f"SD-1.5-shaped (15 layers, 8 heads, {args.sd15_calls} calls, latent 64x64, CLIP ViT-L/14-shaped "
+              "text encoder, float16 storage)", sd15, load_text_encoder(sd15.layout.model), args.sd15_counts,
+              args.sd15_baseline_max, "matmul bound s")
     if args.e2e:
-        end_to_end(tmp, args.e2e)
+        end_to_end(tmp, args.e2e, args.threads)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,12 @@ def test_maps_npy_png_and_zarr(cli_store, tmp_path):
     assert ds["ovam_maps"].dims == ("image", "token", "y", "x")
     assert ds["ovam_maps"].shape == (3, 7, 16, 16)  # the toy model's largest layers are 16x16
     assert ds["prompt"].values.tolist().count("furniture") == 3
+    from ovstore.analyze import compute_maps
+
+    expected = compute_maps(cli_store, ["a cat", "furniture"])
+    np.testing.assert_array_equal(ds["ovam_maps"].values, expected.values)
+    assert ds["token_str"].values.tolist() == expected["token_str"].values.tolist()
+    assert ds.attrs["layers"] == expected.attrs["layers"] and not (tmp_path / "maps.zarr.partial").exists()
 
 
 def test_errors_are_one_line(tmp_path):

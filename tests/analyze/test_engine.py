@@ -44,3 +44,31 @@ def test_engine_matches_naive_softmax(magnitude):
     torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-4)
     got.sum().backward()
     assert keys_grad.grad is not None and torch.isfinite(keys_grad.grad).all()
+
+
+@pytest.mark.parametrize("budget", [1, 3000, 2**30])  # one prompt per chunk, a few, all at once
+def test_shared_beginnings_are_computed_once_and_change_nothing(budget):
+    """Prompts whose first rows are identical (a causal encoder's common beginning) take the
+    shared-prefix path: the same maps as the naive per-prompt softmax."""
+    g = torch.Generator().manual_seed(1)
+    queries = torch.randn(3, INFO.heads, 24, INFO.head_dim, generator=g)
+    template = torch.randn(3, 7, generator=g)  # rows 0-2 shared by the 5-token prompts
+    embedding, offsets, keys_of_rows = [], [0], []
+    for k, n in enumerate([5, 5, 2, 5, 3, 5]):
+        rows = torch.randn(n, 7, generator=g)
+        keys = [(k, i) for i in range(n)]
+        if n == 5:
+            rows[:3] = template
+            keys[:3] = [("template", i) for i in range(3)]
+        embedding.append(rows)
+        keys_of_rows += keys
+        offsets.append(offsets[-1] + n)
+    embedding = torch.cat(embedding)
+    weight = torch.randn(INFO.heads * INFO.head_dim, 7, generator=g)
+    keys = layer_keys(embedding, weight, None, INFO)
+    buckets = TokenBuckets.from_offsets(offsets, keys_of_rows)
+    five = next((start, stop) for n, start, stop in buckets.groups if n == 5)
+    assert buckets.shared_prefix(*five, 5) == 3
+    expected = naive(queries, embedding, weight, offsets)
+    got = layer_token_maps(prepare_queries(queries), keys, buckets, memory_budget=budget)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)

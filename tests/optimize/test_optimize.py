@@ -113,6 +113,19 @@ def test_bad_masks(tmp_path):
         TokenTask("cat", (0, 1), (mask,))
 
 
+def test_masks_of_any_encoding_and_scale(tmp_path):
+    soft = np.zeros((64, 64), np.uint8)
+    soft[10:40, 10:40] = 255
+    soft[8:42, 8:10] = 40  # an anti-aliased fringe: not the object
+    Image.fromarray(soft).save(tmp_path / "soft.png")
+    mask = load_mask(tmp_path / "soft.png", (64, 64))
+    assert mask[10:40, 10:40].all() and not mask[:, 8:10].any() and mask.sum() == 900
+    Image.fromarray((soft == 255).astype(np.uint8)).save(tmp_path / "ones.png")  # 0/1 values
+    np.testing.assert_array_equal(load_mask(tmp_path / "ones.png", (64, 64)), mask)
+    half = load_mask(tmp_path / "soft.png", (32, 32))  # any scale of the image's shape
+    assert half.shape == (32, 32) and half[6:19, 6:19].all()
+
+
 def test_cli_optimize_and_maps_with_tokens(golden_store, tmp_path):
     from typer.testing import CliRunner
 
@@ -133,3 +146,27 @@ def test_cli_optimize_and_maps_with_tokens(golden_store, tmp_path):
                                  "--out", str(tmp_path / "both.npy")])
     assert result.exit_code == 0, result.output
     assert np.load(tmp_path / "both.npy").shape == (1, 3, 32, 32)
+
+
+def test_cli_tasks_file_trains_several_classes_in_one_run(golden_store, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ovstore.cli import app
+
+    Image.fromarray(square_mask().astype(np.uint8) * 255).save(tmp_path / "a.png")
+    Image.fromarray(square_mask(30, 20, 20).astype(np.uint8) * 255).save(tmp_path / "b.png")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"init": "cat", "images": [0], "masks": ["a.png"]}) + "\n"
+                     + json.dumps({"init": "sofa", "images": [0], "masks": ["b.png"], "name": "couch"}) + "\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["optimize", str(golden_store), "--tasks-file", str(tasks), "--epochs", "3",
+                                 "--out", str(tmp_path / "tokens")])
+    assert result.exit_code == 0, result.output
+    cat, couch = load_token(tmp_path / "tokens" / "cat.safetensors"), load_token(tmp_path / "tokens" / "couch.safetensors")
+    assert (cat.init_word, couch.init_word, couch.name) == ("cat", "sofa", "couch")
+    tasks.write_text(json.dumps({"init": "cat", "images": [0], "masks": ["a.png"]}) + "\n{not json}\n")
+    result = runner.invoke(app, ["optimize", str(golden_store), "--tasks-file", str(tasks), "--out", str(tmp_path / "t2")])
+    assert result.exit_code != 0 and "line 2" in str(result.exception)
+    assert not (tmp_path / "t2").exists()

@@ -13,8 +13,8 @@ from .engine import (
     normalize_maps,
     prepare_queries,
 )
-from .export import save_maps, write_overlays
-from .maps import MapPlan, compute_maps, iter_image_maps, split_by_prompt
+from .export import save_maps, write_maps_zarr, write_overlays
+from .maps import MapPlan, compute_maps, iter_image_maps, iter_map_blocks, split_by_prompt
 from .text import Attribution, TextEncoder, load_text_encoder
 from .words import word_maps
 
@@ -28,12 +28,14 @@ __all__ = [
     "combine_layers",
     "compute_maps",
     "iter_image_maps",
+    "iter_map_blocks",
     "layer_keys",
     "layer_token_maps",
     "load_text_encoder",
     "normalize_maps",
     "prepare_queries",
     "save_maps",
+    "write_maps_zarr",
     "write_overlays",
     "split_by_prompt",
     "word_maps",

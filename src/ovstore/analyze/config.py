@@ -40,8 +40,11 @@ class MapConfig:
     size
         Final ``(height, width)``; ``None`` keeps the largest layer resolution.
     memory_budget
-        Bytes of scores one pass may take: small enough to stay in cache (faster on CPU),
-        and memory stays bounded whatever the number of prompts; raise it on a GPU.
+        Bytes of scores (and of queries) one pass may take. ``None``: 2 MiB on CPU (the
+        passes stay in cache), 256 MiB on a GPU (fewer, larger kernels).
+    block_budget
+        Bytes of keys and maps held for one block of prompts on one image: many prompts are
+        evaluated in blocks of this size, so memory stays bounded whatever their number.
     """
 
     layers: LayerSelection = field(default_factory=lambda: LayerSelection(include_mid=False))
@@ -53,7 +56,8 @@ class MapConfig:
     layer_reduction: str = "sum"
     normalize: str = "none"
     size: tuple[int, int] | None = None
-    memory_budget: int = 2 * 2**20
+    memory_budget: int | None = None
+    block_budget: int = 512 * 2**20
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:

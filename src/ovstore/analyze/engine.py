@@ -9,7 +9,7 @@ chunks sized to a memory budget. Nothing here knows about stores or files.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,30 +24,75 @@ __all__ = [
     "layer_keys",
     "layer_token_maps",
     "normalize_maps",
+    "ordered_token_maps",
     "prepare_queries",
+    "upsample_sum",
 ]
 
 
 @dataclass(frozen=True)
 class TokenBuckets:
-    """Attribution tokens grouped by prompt length: ``(n_tokens, column indices)`` pairs.
+    """Attribution tokens grouped by prompt length, for the engine.
 
-    The columns index the concatenated token axis; within a bucket they are laid out
-    prompt-major, so ``scores[..., cols]`` reshapes to ``(..., n_prompts, n_tokens)``.
+    The engine visits token columns in ``order`` (a permutation of the concatenated token
+    axis) in which prompts of equal token count are adjacent, so that each group
+    ``(n_tokens, start, stop)`` is one contiguous slice that reshapes to
+    ``(..., n_prompts, n_tokens)``: the per-prompt softmax is then one vectorised call with
+    no padding, no mask and no gather.
+
+    ``rows`` (engine order) numbers the distinct embedding rows: equal numbers mean equal
+    rows, hence equal keys and scores. A causal text encoder (CLIP) gives every prompt the
+    same start-of-text row and prompts with a common beginning ("a photo of a ...") the
+    same rows for it; prompts are sorted so that such prompts are adjacent, and the engine
+    computes a row shared by a whole chunk of prompts once.
     """
 
     total: int
-    buckets: tuple[tuple[int, torch.Tensor], ...]
+    order: torch.Tensor
+    groups: tuple[tuple[int, int, int], ...]
+    rows: torch.Tensor
 
     @classmethod
-    def from_offsets(cls, offsets: Sequence[int]) -> TokenBuckets:
-        groups: dict[int, list[int]] = {}
+    def from_offsets(cls, offsets: Sequence[int], row_keys: Sequence[object] | None = None) -> TokenBuckets:
+        """``row_keys``: one hashable per token, equal for identical embedding rows
+        (default: every row distinct)."""
+        total = int(offsets[-1])
+        keys = list(range(total)) if row_keys is None else list(row_keys)
+        ids: dict[object, int] = {}
+        row_id = [ids.setdefault(k, len(ids)) for k in keys]
+        by_length: dict[int, list[tuple[int, int]]] = {}
         for start, stop in zip(offsets[:-1], offsets[1:]):
-            groups.setdefault(stop - start, []).extend(range(start, stop))
-        return cls(
-            total=int(offsets[-1]),
-            buckets=tuple((n, torch.tensor(cols, dtype=torch.long)) for n, cols in groups.items()),
-        )
+            by_length.setdefault(stop - start, []).append((start, stop))
+        order: list[int] = []
+        groups = []
+        for n_tokens, prompts in by_length.items():
+            prompts.sort(key=lambda span: row_id[span[0]:span[1]])  # shared beginnings side by side
+            groups.append((n_tokens, len(order), len(order) + n_tokens * len(prompts)))
+            for start, stop in prompts:
+                order.extend(range(start, stop))
+        return cls(total=total, order=torch.tensor(order, dtype=torch.long), groups=tuple(groups),
+                   rows=torch.tensor([row_id[i] for i in order], dtype=torch.long))
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """Indices that restore the token order: ``ordered[inverse]``."""
+        return torch.argsort(self.order)
+
+    @property
+    def longest(self) -> int:
+        return max((n for n, _, _ in self.groups), default=1)
+
+    def shared_prefix(self, start: int, stop: int, n_tokens: int) -> int:
+        """How many leading token positions all prompts in engine columns ``start:stop`` share
+        (at most ``n_tokens - 1``; 0 for a single prompt)."""
+        rows = self.rows[start:stop].view(-1, n_tokens)
+        if rows.shape[0] < 2:
+            return 0
+        same = (rows == rows[:1]).all(dim=0).tolist()
+        k = 0
+        while k < n_tokens - 1 and same[k]:
+            k += 1
+        return k
 
 
 @dataclass(frozen=True)
@@ -84,20 +129,56 @@ def layer_keys(embedding: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 #: exp() of scores up to this magnitude neither overflows nor underflows in float32, even
 #: summed over 77 tokens, so the softmax may skip subtracting the row maximum.
 _SAFE_EXP = 80.0
+_LOG2_E = 1.4426950408889634
 
 
-def _activate(scores: torch.Tensor, activation: str, inplace: bool, bounded: bool) -> torch.Tensor:
-    """Activation over the token axis (dim 2 of ``(head, prompt, token, step*pixel)``)."""
+def _activate(scores: torch.Tensor, activation: str) -> torch.Tensor:
+    """``(head, prompt, token, step*pixel)`` scores → activated, for autograd (token optimization)."""
     if activation == "token_softmax":
-        if not inplace:
-            return scores.softmax(dim=2)
-        if not bounded:
-            scores.sub_(scores.amax(dim=2, keepdim=True))
-        scores.exp_()
-        return scores.div_(scores.sum(dim=2, keepdim=True))
+        return scores.softmax(dim=2)
     if activation == "sigmoid":
-        return scores.sigmoid_() if inplace else scores.sigmoid()
+        return scores.sigmoid()
     return scores
+
+
+def _activate_inplace(keys: torch.Tensor, keys_log2e: torch.Tensor | None, q: torch.Tensor, out: torch.Tensor,
+                      n_tokens: int, activation: str, bounded: bool) -> torch.Tensor:
+    """Scores of ``keys`` against ``q`` written into ``out`` and activated there.
+
+    Bounded softmax scores take ``exp2`` of the scores of ``keys_log2e`` (the keys times
+    log2(e): folded into the few keys, not the many scores): the same values as ``exp`` in
+    float32, at a fraction of its cost on CPU. The token sum is inverted once and
+    multiplied in.
+    """
+    if activation == "token_softmax":
+        if bounded and keys_log2e is not None:
+            torch.bmm(keys_log2e, q, out=out)
+            out.exp2_()
+        else:
+            torch.bmm(keys, q, out=out)
+            grouped = out.view(out.shape[0], -1, n_tokens, out.shape[-1])
+            grouped.sub_(grouped.amax(dim=2, keepdim=True))
+            out.exp_()
+        grouped = out.view(out.shape[0], -1, n_tokens, out.shape[-1])
+        grouped.mul_(grouped.sum(dim=2, keepdim=True).reciprocal_())
+        return out
+    torch.bmm(keys, q, out=out)
+    return out.sigmoid_() if activation == "sigmoid" else out
+
+
+def _width_tiles(steps: int, pixels: int, max_width: int) -> list[tuple[int, int, int, int]]:
+    """Split the ``step*pixel`` axis into tiles of at most ``max_width`` columns.
+
+    A tile is ``(first step, pixel start, pixel stop, steps)``: several whole steps when a
+    step is small, else a pixel range of one step. A tile's queries stay in cache while every
+    prompt chunk meets them, so queries are read from memory once per pass, not once per chunk.
+    """
+    if pixels <= max_width:
+        k = max(1, min(steps, max_width // pixels))
+        return [(s, 0, pixels, min(k, steps - s)) for s in range(0, steps, k)]
+    n = min(pixels, -(-pixels // max(1, max_width)))
+    edges = [round(i * pixels / n) for i in range(n + 1)]
+    return [(s, a, b, 1) for s in range(steps) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def layer_token_maps(
@@ -110,10 +191,13 @@ def layer_token_maps(
 ) -> torch.Tensor:
     """Maps of every token for one layer, summed over steps and heads.
 
-    Scores are laid out ``(head, token, step*pixel)`` so that the softmax over tokens and
-    the sums run over contiguous pixel vectors, and each chunk of prompts is sized to stay
-    in cache (``memory_budget`` bytes of scores). When ``|q|·|k|`` bounds every score below
-    80, the softmax skips the max-subtraction pass (exactly the same result in float32).
+    Work is tiled twice: the ``step*pixel`` axis into tiles whose queries fit
+    ``memory_budget`` bytes, and, within a tile, the prompts into chunks whose scores fit it
+    too, written into one reused buffer. Scores are laid out ``(head, token, pixel)`` so the
+    softmax over tokens and the sums run over contiguous pixel vectors. When ``|q|·|k|``
+    bounds every score below 80, the softmax skips the max-subtraction pass (the same
+    result in float32). With gradients enabled for ``keys`` (token optimization) the same
+    maps come from out-of-place, differentiable operations.
 
     Parameters
     ----------
@@ -128,39 +212,134 @@ def layer_token_maps(
         ``(token, pixel)`` float32: for each token, the sum over steps and heads of its
         activation.
     """
+    ordered = ordered_token_maps(queries, keys[:, buckets.order.to(keys.device)], buckets,
+                                 activation=activation, memory_budget=memory_budget)
+    return ordered[buckets.inverse.to(keys.device)]
+
+
+def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: TokenBuckets, *,
+                       activation: str = "token_softmax", memory_budget: int = 2 * 2**20) -> torch.Tensor:
+    """:func:`layer_token_maps` with keys and maps in engine order (``buckets.order``).
+
+    Sums over layers are linear, so a caller combining layers can stay in engine order and
+    restore the token order once, with ``buckets.inverse``.
+    """
     q, steps, pixels = queries.data, queries.steps, queries.pixels
-    heads = q.shape[0]
-    inplace = not (torch.is_grad_enabled() and keys.requires_grad)
-    q_norm = queries.max_norm
-    k_norm = keys.detach().norm(dim=2)  # (head, token)
-    out = torch.zeros((buckets.total, pixels), dtype=torch.float32, device=keys.device)
-    per_prompt_token = heads * steps * pixels * 4
-    for n_tokens, cols in buckets.buckets:
-        cols = cols.to(keys.device)
-        n_prompts = cols.numel() // n_tokens
-        chunk = max(1, min(n_prompts, memory_budget // max(per_prompt_token * n_tokens, 1)))
-        for p0 in range(0, n_prompts, chunk):
-            c = cols[p0 * n_tokens:(p0 + chunk) * n_tokens]
-            bounded = q_norm * float(k_norm[:, c].amax()) < _SAFE_EXP
-            scores = torch.bmm(keys[:, c], q)  # (head, c*n, step*pixel)
-            scores = _activate(scores.view(heads, -1, n_tokens, steps * pixels), activation, inplace, bounded)
-            out[c] = scores.reshape(heads, -1, steps, pixels).sum(dim=(0, 2))  # (c*n, pixel)
-    return out
+    heads, channels, _ = q.shape
+    if torch.is_grad_enabled() and keys.requires_grad:
+        ordered = _differentiable_maps(queries, keys, buckets, activation)
+    else:
+        ordered = torch.zeros((buckets.total, pixels), dtype=torch.float32, device=keys.device)
+        k_norm = keys.norm(dim=2).amax(dim=0)  # (token,)
+        keys_log2e = keys * _LOG2_E if activation == "token_softmax" else None
+        # tiles narrow enough that their queries fit the budget and that a chunk holds several
+        # prompts (a prefix shared by a chunk is computed once)
+        wanted = min(buckets.total, max(8 * buckets.longest, 64))
+        tiles = _width_tiles(steps, pixels, max(1, memory_budget // (4 * heads * max(channels, wanted))))
+        widest = max(k * (b - a) for _, a, b, k in tiles)
+        columns = max(buckets.longest, memory_budget // (heads * widest * 4))
+        buffer = torch.empty(heads * min(columns, buckets.total) * widest, dtype=torch.float32, device=keys.device)
+        prefixes: dict[tuple[int, int], int] = {}
+        for step, a, b, k in tiles:
+            if b - a == pixels:
+                q_tile = q[:, :, step * pixels:(step + k) * pixels]
+            else:
+                q_tile = q[:, :, step * pixels + a:step * pixels + b]
+            width = q_tile.shape[-1]
+            for n_tokens, start, stop in buckets.groups:
+                chunk = max(1, columns // n_tokens) * n_tokens
+                for c0 in range(start, stop, chunk):
+                    c1 = min(stop, c0 + chunk)
+                    bounded = queries.max_norm * float(k_norm[c0:c1].amax()) < _SAFE_EXP
+                    shared = 0
+                    if keys_log2e is not None and bounded:
+                        if (c0, c1) not in prefixes:
+                            prefixes[(c0, c1)] = buckets.shared_prefix(c0, c1, n_tokens)
+                        shared = prefixes[(c0, c1)]
+                    if shared >= 2:  # measured: one shared row (the start of text alone) gains nothing
+                        _shared_prefix_softmax(keys_log2e[:, c0:c1], q_tile, buffer, n_tokens, shared, k,
+                                               ordered[c0:c1].view(-1, n_tokens, pixels)[:, :, a:b])
+                        continue
+                    scores = buffer[:heads * (c1 - c0) * width].view(heads, c1 - c0, width)
+                    _activate_inplace(keys[:, c0:c1], None if keys_log2e is None else keys_log2e[:, c0:c1],
+                                      q_tile, scores, n_tokens, activation, bounded)
+                    if k > 1:  # steps first (contiguous pixel rows), then heads: far faster than one sum
+                        scores = scores.view(heads, c1 - c0, k, b - a).sum(dim=2)
+                    ordered[c0:c1, a:b] += scores.sum(dim=0)
+    return ordered
+
+
+def _shared_prefix_softmax(keys_log2e: torch.Tensor, q: torch.Tensor, buffer: torch.Tensor, n_tokens: int,
+                           shared: int, steps: int, out: torch.Tensor) -> None:
+    """Token softmax of a chunk of prompts whose first ``shared`` tokens are the same rows.
+
+    The shared rows' exponentials are computed once for the chunk, not once per prompt;
+    they enter every prompt's denominator and each prompt's map of them is its own
+    normalisation of them. Adds the step- and head-summed maps into ``out``
+    ``(prompt, token, pixel)``.
+    """
+    heads, _, channels = keys_log2e.shape
+    width = q.shape[-1]
+    prompts, rest = keys_log2e.shape[1] // n_tokens, n_tokens - shared
+    grouped = keys_log2e.view(heads, prompts, n_tokens, channels)
+    own = buffer[:heads * prompts * rest * width].view(heads, prompts * rest, width)
+    torch.bmm(grouped[:, :, shared:].reshape(heads, prompts * rest, channels), q, out=own)
+    own = own.exp2_().view(heads, prompts, rest, width)
+    common = torch.bmm(grouped[:, 0, :shared], q).exp2_()  # (head, shared, width)
+    inverse = own.sum(dim=2).add_(common.sum(dim=1, keepdim=True)).reciprocal_()  # (head, prompt, width)
+    own.mul_(inverse[:, :, None])
+    products = buffer[own.numel():own.numel() + heads * prompts * shared * width]
+    common = torch.mul(common[:, None], inverse[:, :, None], out=products.view(heads, prompts, shared, width))
+    pixels = width // steps
+    for part, tokens in ((common, slice(0, shared)), (own, slice(shared, n_tokens))):
+        if steps > 1:
+            part = part.reshape(heads, prompts, -1, steps, pixels).sum(dim=3)
+        out[:, tokens] += part.sum(dim=0)
+
+
+def _differentiable_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: TokenBuckets,
+                         activation: str) -> torch.Tensor:
+    """The maps of :func:`layer_token_maps` from out-of-place operations, for autograd."""
+    q, heads = queries.data, queries.data.shape[0]
+    pieces = []
+    for n_tokens, start, stop in buckets.groups:
+        scores = torch.bmm(keys[:, start:stop], q).view(heads, -1, n_tokens, q.shape[-1])
+        scores = _activate(scores, activation)
+        pieces.append(scores.reshape(heads, stop - start, queries.steps, queries.pixels).sum(dim=2).sum(dim=0))
+    return torch.cat(pieces)
 
 
 def combine_layers(layer_maps: Mapping[str, torch.Tensor], layers: Sequence[LayerInfo],
                    target: tuple[int, int], *, reduction: str = "sum") -> torch.Tensor:
     """Upsample each ``(token, pixel)`` layer map to ``target`` (bilinear, align_corners=False,
     as the reference) and reduce over layers; returns ``(token, height, width)``."""
+    return upsample_sum(((info, layer_maps[info.name]) for info in layers), target, reduction=reduction)
+
+
+def upsample_sum(layer_maps: Iterable[tuple[LayerInfo, torch.Tensor]], target: tuple[int, int], *,
+                 reduction: str = "sum") -> torch.Tensor:
+    """:func:`combine_layers` over ``(layer, (token, pixel) maps)`` pairs, consumed one at a time.
+
+    Upsampling is linear, so layers of one resolution are summed as they come and each
+    resolution is upsampled once: memory holds one sum per resolution, not every layer.
+    """
+    by_size: dict[tuple[int, int], torch.Tensor] = {}
+    count = 0
+    for info, maps in layer_maps:
+        size = (info.height, info.width)
+        by_size[size] = maps.clone() if size not in by_size else by_size[size].add_(maps)
+        count += 1
+    if not count:
+        raise ValueError("combining layer maps needs at least one layer")
     total = None
-    for info in layers:
-        maps = layer_maps[info.name].view(-1, 1, info.height, info.width)
-        if (info.height, info.width) != tuple(target):
+    for (height, width), maps in by_size.items():
+        maps = maps.view(-1, 1, height, width)
+        if (height, width) != tuple(target):
             maps = F.interpolate(maps, size=target, mode="bilinear", align_corners=False)
-        total = maps if total is None else total + maps
+        total = maps if total is None else total.add_(maps)
     assert total is not None
     if reduction == "mean":
-        total = total / len(layers)
+        total = total / count
     return total[:, 0]
 
 

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, StoreError
+from ..store.reader import Store
+from ..store.writer import describe_os_error
+from .config import MapConfig
+from .text import Attribution, TextEncoder
 
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["save_maps", "write_overlays"]
+__all__ = ["overlay_dir", "save_maps", "write_maps_zarr", "write_overlays"]
 
 
 def save_maps(maps: xr.DataArray, out: str | Path) -> Path:
@@ -45,6 +49,78 @@ def save_maps(maps: xr.DataArray, out: str | Path) -> Path:
     raise InvalidInputError(f"--out {out}: use a .npy (one prompt) or .zarr (any number) file name")
 
 
+def write_maps_zarr(
+    store: Store | str | Path,
+    attributions: Sequence[str | Attribution] | str,
+    out: str | Path,
+    *,
+    images: Sequence[int] | None = None,
+    config: MapConfig | None = None,
+    text_encoder: TextEncoder | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Compute maps and stream them into ``out`` (a Zarr v3 xarray dataset), block by block.
+
+    The same maps as :func:`~ovstore.analyze.compute_maps`, but memory holds one block of
+    prompts on one image, whatever the number of prompts and images. The dataset is
+    written to ``OUT.partial`` and renamed when complete, so ``out`` is never half-written;
+    open it with ``xarray.open_zarr(out)``. Chunks: one image × up to ~2 MB of tokens.
+    """
+    import shutil
+
+    import dask.array as da
+    import xarray as xr
+    import zarr
+
+    from .. import dims
+    from ..store.reader import open_store
+    from .maps import MapPlan, iter_map_blocks, map_attrs, map_coords, prepare_attributions
+
+    out = Path(out)
+    store = store if isinstance(store, Store) else open_store(store)
+    config = config or MapConfig()
+    images = store.check_images(images)
+    atts = prepare_attributions(store, attributions, text_encoder=text_encoder, model=model, device=device)
+    plan = MapPlan(store, config, device=device)
+    total = sum(a.n_tokens for a in atts)
+    height, width = plan.size
+    token_chunk = int(min(total, max(1, 2**21 // (4 * height * width))))
+    template = xr.DataArray(
+        da.zeros((len(images), total, height, width), chunks=(1, token_chunk, height, width), dtype=np.float32),
+        dims=(dims.IMAGE, dims.TOKEN, dims.Y, dims.X), coords=map_coords(store, images, atts), name="ovam_maps",
+    ).to_dataset()
+    template.attrs = map_attrs(store, plan)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        if partial.exists():
+            shutil.rmtree(partial)
+        template.to_zarr(partial, mode="w", zarr_format=3, consolidated=False, compute=False)
+        array = zarr.open_array(partial / "ovam_maps", mode="r+")
+        for block in iter_map_blocks(plan, images, atts, block_budget=config.block_budget):
+            array[block.position, block.tokens] = block.maps.detach().cpu().numpy()
+            if progress is not None and block.tokens.stop == total:
+                progress(block.image)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        partial.rename(out)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise StoreError(f"cannot write maps to {out}: {describe_os_error(exc)}; nothing was written there, "
+                         "free space or fix permissions and run the command again") from exc
+    return out
+
+
+def overlay_dir(path: str | Path) -> Path:
+    """The folder for PNG overlays, created; a clear error if ``path`` is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"--png {path} is a file; give a folder for the overlays")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace("</w>", "")).strip("_") or "token"
 
@@ -66,8 +142,7 @@ def write_overlays(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], ou
     import torch.nn.functional as F
     from PIL import Image
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = overlay_dir(out_dir)
     colormap = matplotlib.colormaps[cmap]
     written = []
     prompt_index = maps["prompt_index"].values
@@ -76,7 +151,7 @@ def write_overlays(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], ou
         factor = max(1, -(-min_size // max(rgb.shape[:2])))
         rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
         h, w = rgb.shape[:2]
-        data = torch.from_numpy(np.ascontiguousarray(maps.values[i]))
+        data = torch.from_numpy(np.ascontiguousarray(maps.isel(image=i).values))  # one image (lazy arrays)
         up = F.interpolate(data[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
         for k in np.unique(prompt_index):
             cols = np.flatnonzero(prompt_index == k)

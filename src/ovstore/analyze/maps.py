@@ -1,14 +1,20 @@
 """OVAM maps from a store: the public entry point of analysis.
 
-Reads each image's stored queries once per call, evaluates every attribution prompt in
-batched passes, and returns one :class:`xarray.DataArray` for all of them.
+Reads each image's stored queries once per call and evaluates every attribution prompt in
+batched passes. Prompts are split into blocks whose keys and maps fit a memory budget, so
+ten thousand prompts over a thousand images run in bounded memory: :func:`iter_map_blocks`
+yields one (image, block of tokens) at a time, :func:`compute_maps` gathers them into one
+:class:`xarray.DataArray`, and :func:`~ovstore.analyze.export.write_maps_zarr` streams them
+to disk.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import dims
-from ..errors import InvalidInputError
+from ..devices import check_device
+from ..errors import InvalidInputError, StoreError
 from ..selection import resolve_indices
 from ..store.format import LayerInfo
 from ..store.reader import Store, open_store
@@ -25,18 +32,28 @@ from .config import MapConfig
 from .engine import (
     PreparedQueries,
     TokenBuckets,
-    combine_layers,
     layer_keys,
-    layer_token_maps,
     normalize_maps,
+    ordered_token_maps,
     prepare_queries,
+    upsample_sum,
 )
-from .text import Attribution, TextEncoder, embedding_matrix, load_text_encoder
+from .text import Attribution, TextEncoder, embedding_matrix, load_text_encoder, row_keys
 
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["compute_maps", "iter_image_maps", "split_by_prompt", "MapPlan"]
+__all__ = [
+    "MapBlock",
+    "MapPlan",
+    "PromptBlock",
+    "compute_maps",
+    "iter_image_maps",
+    "iter_map_blocks",
+    "map_coords",
+    "prepare_attributions",
+    "split_by_prompt",
+]
 
 
 class MapPlan:
@@ -47,17 +64,32 @@ class MapPlan:
     def __init__(self, store: Store, config: MapConfig, device: str = "cpu") -> None:
         self.store = store
         self.config = config
-        self.device = device
+        self.device = check_device(device)
+        self.memory_budget = config.memory_budget or (2 * 2**20 if self.device.type == "cpu" else 256 * 2**20)
         names = config.layers.select([(l.name, l.resolution) for l in store.layers])
         self.layers: list[LayerInfo] = [store.layout.layer(n) for n in names]
         self.steps = resolve_indices(config.steps, store.layout.n_steps, what="stored step")
         self.branch = self._branch_index(config.branch)
+        # as the reference: the largest resolution among the layers used (--size for another)
         largest = max(self.layers, key=lambda l: l.height * l.width)
         self.target = (largest.height, largest.width)
+        self.size = tuple(config.size) if config.size is not None else self.target
         self.projections = {}
         for info in self.layers:
             w, b = store.key_projection(info.name)
             self.projections[info.name] = (torch.from_numpy(w).to(device), torch.from_numpy(b).to(device))
+
+    def bytes_per_token(self) -> int:
+        """Memory one attribution token takes while one image is evaluated: its keys (twice:
+        the softmax keeps a log2(e)-scaled copy), one running sum per resolution and the
+        upsampled map."""
+        keys = sum(info.heads * info.head_dim for info in self.layers)
+        sums = sum(h * w for h, w in {(l.height, l.width) for l in self.layers})
+        return 4 * (2 * keys + sums + 2 * self.target[0] * self.target[1] + self.size[0] * self.size[1])
+
+    def ordered_keys(self, embedding: torch.Tensor, buckets: TokenBuckets) -> dict[str, torch.Tensor]:
+        """:meth:`keys` of the tokens in engine order (``buckets.order``), as :meth:`image_maps` takes them."""
+        return self.keys(embedding[buckets.order.to(embedding.device)])
 
     def keys(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         """Scaled keys ``(head, token, channel)`` per layer for ``(token, hidden)`` embeddings."""
@@ -88,31 +120,92 @@ class MapPlan:
         for info in self.layers:
             q = self.store.queries(info.name, image, branch=self.branch, steps=self.steps)
             q = torch.from_numpy(q).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
-            out[info.name] = prepare_queries(q, self.device)
+            prepared = prepare_queries(q, self.device)
+            if not math.isfinite(prepared.max_norm):
+                raise StoreError(
+                    f"image {image}, layer {info.name}: the stored queries hold NaN or Inf (the generation "
+                    "overflowed, e.g. float16 on CPU); recapture the image with --torch-dtype float32"
+                )
+            out[info.name] = prepared
         return out
 
     def image_maps(self, queries: dict[str, PreparedQueries], keys: dict[str, torch.Tensor],
                    buckets: TokenBuckets) -> torch.Tensor:
-        """Maps of every token for one image: ``(token, height, width)`` float32."""
+        """Maps of every token for one image: ``(token, height, width)`` float32, in token
+        order; ``keys`` from :meth:`ordered_keys`."""
         cfg = self.config
-        per_layer = {}
-        for info in self.layers:
-            maps = layer_token_maps(queries[info.name], keys[info.name],
-                                    buckets, activation=cfg.activation,
-                                    memory_budget=cfg.memory_budget)
-            if cfg.head_reduction == "mean":
-                maps = maps / info.heads
-            if cfg.step_reduction == "mean":
-                maps = maps / len(self.steps)
-            per_layer[info.name] = maps
-        maps = combine_layers(per_layer, self.layers, self.target, reduction=cfg.layer_reduction)
-        if cfg.size is not None and tuple(cfg.size) != self.target:
-            maps = F.interpolate(maps[:, None], size=tuple(cfg.size), mode="bilinear", align_corners=False)[:, 0]
+
+        def per_layer():  # consumed one layer at a time: only one sum per resolution is kept
+            for info in self.layers:  # engine order (equal-length prompts adjacent) until the end
+                maps = ordered_token_maps(queries[info.name], keys[info.name], buckets,
+                                          activation=cfg.activation, memory_budget=self.memory_budget)
+                if cfg.head_reduction == "mean":
+                    maps = maps / info.heads
+                if cfg.step_reduction == "mean":
+                    maps = maps / len(self.steps)
+                yield info, maps
+
+        maps = upsample_sum(per_layer(), self.target, reduction=cfg.layer_reduction)
+        maps = maps[buckets.inverse.to(maps.device)]
+        if self.size != self.target:
+            maps = F.interpolate(maps[:, None], size=self.size, mode="bilinear", align_corners=False)[:, 0]
         return normalize_maps(maps, cfg.normalize)
 
 
-def _attributions(store: Store, items: Sequence[str | Attribution], text_encoder: TextEncoder | None,
-                  model: str | None, device: str) -> list[Attribution]:
+@dataclass(frozen=True)
+class PromptBlock:
+    """Consecutive attributions whose keys and maps fit the memory budget together.
+
+    ``tokens`` is the block's slice of the concatenated token axis of all attributions.
+    """
+
+    attributions: tuple[Attribution, ...]
+    tokens: slice
+    embedding: torch.Tensor
+    buckets: TokenBuckets
+
+
+@dataclass(frozen=True)
+class MapBlock:
+    """Maps of one block of tokens on one image: ``maps`` is ``(tokens, height, width)``.
+
+    ``position`` is the image's index in the requested list, ``image`` its store index and
+    ``tokens`` the block's slice of the token axis.
+    """
+
+    position: int
+    image: int
+    tokens: slice
+    maps: torch.Tensor
+
+
+def prompt_blocks(attributions: Sequence[Attribution], bytes_per_token: int,
+                  budget: int) -> list[PromptBlock]:
+    """Split attributions (never one prompt) into blocks of at most ``budget`` bytes."""
+    limit = max(1, budget // max(bytes_per_token, 1))
+    blocks: list[PromptBlock] = []
+    start, first, count = 0, 0, 0
+    for k, att in enumerate(attributions):
+        if count and count + att.n_tokens > limit:
+            blocks.append(_block(attributions[first:k], start))
+            start, first, count = start + count, k, 0
+        count += att.n_tokens
+    if count:
+        blocks.append(_block(attributions[first:], start))
+    return blocks
+
+
+def _block(attributions: Sequence[Attribution], start: int) -> PromptBlock:
+    embedding, offsets = embedding_matrix(attributions)
+    return PromptBlock(tuple(attributions), slice(start, start + int(offsets[-1])), embedding,
+                       TokenBuckets.from_offsets(offsets, row_keys(attributions)))
+
+
+def prepare_attributions(store: Store, items: Sequence[str | Attribution] | str, *,
+                         text_encoder: TextEncoder | None = None, model: str | None = None,
+                         device: str = "cpu") -> list[Attribution]:
+    """Encode attribution prompts (with the recorded text encoder unless one is given) and
+    keep ready :class:`Attribution` objects (e.g. learned tokens) as they are."""
     if isinstance(items, (str, Attribution)):
         items = [items]
     if not items:
@@ -132,12 +225,38 @@ def _attributions(store: Store, items: Sequence[str | Attribution], text_encoder
     return [encoded[x] if isinstance(x, str) else x for x in items]
 
 
+def iter_map_blocks(plan: MapPlan, images: Sequence[int], attributions: Sequence[Attribution], *,
+                    block_budget: int = 512 * 2**20) -> Iterator[MapBlock]:
+    """Yield the maps of every (image, prompt block), images in order, in bounded memory.
+
+    Each image's queries are read once (the next image's in a background thread while this
+    one is computed) and meet every block. With one block its keys are computed once; with
+    several, each block's keys are recomputed per image (a small fraction of the work) so
+    that memory holds one block's keys and maps whatever the number of prompts.
+    """
+    blocks = prompt_blocks(attributions, plan.bytes_per_token(), block_budget)
+    cached = plan.ordered_keys(blocks[0].embedding, blocks[0].buckets) if len(blocks) == 1 else None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovstore-read") as pool:
+        pending = pool.submit(plan.read, images[0]) if images else None
+        for position, image in enumerate(images):
+            assert pending is not None
+            queries = pending.result()
+            if position + 1 < len(images):
+                pending = pool.submit(plan.read, images[position + 1])
+            with torch.inference_mode():
+                for block in blocks:
+                    keys = cached if cached is not None else plan.ordered_keys(block.embedding, block.buckets)
+                    yield MapBlock(position, image, block.tokens, plan.image_maps(queries, keys, block.buckets))
+
+
 def iter_image_maps(plan: MapPlan, images: Sequence[int], keys: dict[str, torch.Tensor],
                     buckets: TokenBuckets) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(image, maps)`` while the next image's queries are read in a thread."""
+    """Yield ``(image, maps)`` for fixed keys (from :meth:`MapPlan.ordered_keys`), reading
+    the next image's queries in a thread."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovstore-read") as pool:
         pending = pool.submit(plan.read, images[0]) if images else None
         for k, image in enumerate(images):
+            assert pending is not None
             queries = pending.result()
             if k + 1 < len(images):
                 pending = pool.submit(plan.read, images[k + 1])
@@ -175,14 +294,17 @@ def compute_maps(
         one. Only the tokenizer and text encoder are loaded, never the UNet.
     device
         ``"cpu"`` or ``"cuda"``.
+    progress
+        Called with each image index when its maps are done.
 
     Returns
     -------
     xarray.DataArray
-        float32 with dims ``(image, token, y, x)``. The ``token`` axis concatenates the
-        tokens of every attribution; its coordinates ``prompt``, ``prompt_index``,
-        ``position``, ``token_str`` and ``token_id`` say which is which (see
-        :func:`split_by_prompt`).
+        float32 with dims ``(image, token, y, x)``, held in memory (to stream many prompts
+        and images to disk instead, use :func:`~ovstore.analyze.write_maps_zarr`). The
+        ``token`` axis concatenates the tokens of every attribution; its coordinates
+        ``prompt``, ``prompt_index``, ``position``, ``token_str`` and ``token_id`` say which
+        is which (see :func:`split_by_prompt`).
 
     Examples
     --------
@@ -194,24 +316,21 @@ def compute_maps(
     store = store if isinstance(store, Store) else open_store(store)
     config = config or MapConfig()
     images = store.check_images(images)
-    atts = _attributions(store, attributions, text_encoder, model, device)
+    atts = prepare_attributions(store, attributions, text_encoder=text_encoder, model=model, device=device)
     plan = MapPlan(store, config, device=device)
-    embedding, offsets = embedding_matrix(atts)
-    keys = plan.keys(embedding)
-    out = None
-    for k, (image, maps) in enumerate(iter_image_maps(plan, images, keys, TokenBuckets.from_offsets(offsets))):
-        if out is None:
-            out = np.empty((len(images), *maps.shape), dtype=np.float32)
-        out[k] = maps.detach().cpu().numpy()
-        if progress is not None:
-            progress(image)
-    assert out is not None
+    total = sum(a.n_tokens for a in atts)
+    out = np.empty((len(images), total, *plan.size), dtype=np.float32)
+    for block in iter_map_blocks(plan, images, atts, block_budget=config.block_budget):
+        out[block.position, block.tokens] = block.maps.detach().cpu().numpy()
+        if progress is not None and block.tokens.stop == total:
+            progress(block.image)
     return xr.DataArray(out, dims=(dims.IMAGE, dims.TOKEN, dims.Y, dims.X),
-                        coords=_coords(store, images, atts), name="ovam_maps",
-                        attrs=_attrs(store, plan))
+                        coords=map_coords(store, images, atts), name="ovam_maps",
+                        attrs=map_attrs(store, plan))
 
 
-def _coords(store: Store, images: Sequence[int], atts: Sequence[Attribution]) -> dict[str, Any]:
+def map_coords(store: Store, images: Sequence[int], atts: Sequence[Attribution]) -> dict[str, Any]:
+    """Coordinates of maps over ``images`` × the tokens of ``atts``."""
     prompt, prompt_index, position, token_str, token_id = [], [], [], [], []
     for k, att in enumerate(atts):
         for j, tok in enumerate(att.tokens):
@@ -231,7 +350,8 @@ def _coords(store: Store, images: Sequence[int], atts: Sequence[Attribution]) ->
     }
 
 
-def _attrs(store: Store, plan: MapPlan) -> dict[str, Any]:
+def map_attrs(store: Store, plan: MapPlan) -> dict[str, Any]:
+    """Provenance of maps: store, model, layers, steps, branch and the map settings."""
     cfg = plan.config
     return {
         "store": str(store.path),

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..devices import check_device
 from ..errors import InvalidInputError, ModelLoadError
 from ..models import (
     BUILTIN_MODELS,
@@ -36,6 +37,9 @@ class Attribution:
     tokens: tuple[str, ...]
     embedding: Any  # torch.Tensor (n_tokens, hidden)
     token_ids: tuple[int, ...] | None = None
+    #: one hashable per token, equal across attributions for identical embedding rows (set
+    #: by causal text encoders, whose row i depends only on tokens 0..i); None: all distinct
+    row_keys: tuple[Any, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.tokens) != int(self.embedding.shape[0]):
@@ -59,7 +63,7 @@ class TextEncoder:
 
     def __init__(self, tokenizer: Any, model: Any, *, device: str = "cpu", name: str = "") -> None:
         self.tokenizer = tokenizer
-        self.model = model.to(device).eval()
+        self.model = model.to(check_device(device)).eval()
         self.device = device
         self.name = name
 
@@ -73,6 +77,12 @@ class TextEncoder:
 
     def fingerprint(self) -> str:
         return text_encoder_fingerprint(self.model)
+
+    @property
+    def causal(self) -> bool:
+        """Whether row i of an embedding depends only on tokens 0..i (CLIP's causal mask), so
+        that prompts with a common beginning share those rows."""
+        return getattr(self.model.config, "model_type", "") == "clip_text_model"
 
     def tokenize(self, prompt: str) -> tuple[list[int], list[str]]:
         """Token ids and strings of ``prompt`` (no padding, SoT and EoT kept)."""
@@ -103,10 +113,24 @@ class TextEncoder:
                     hidden = self.model(ids)[0].float()
                     for row, i in enumerate(chunk):
                         embeddings[i] = hidden[row].clone()
-        return [
-            Attribution(label=p, tokens=tuple(tok), embedding=emb, token_ids=tuple(ids))
-            for p, (ids, tok), emb in zip(prompts, tokenized, embeddings)
-        ]
+        if not self.causal:
+            return [Attribution(label=p, tokens=tuple(tok), embedding=emb, token_ids=tuple(ids))
+                    for p, (ids, tok), emb in zip(prompts, tokenized, embeddings)]
+        # Rows of a common beginning are the same function of the same tokens: make them the
+        # same numbers (not just equal to rounding), so that analysis may compute them once.
+        first: dict[tuple[int, ...], Any] = {}
+        out = []
+        with torch.inference_mode():
+            for p, (ids, tok), emb in zip(prompts, tokenized, embeddings):
+                keys = tuple(tuple(ids[:i + 1]) for i in range(len(ids)))
+                for i, key in enumerate(keys):
+                    if key in first:
+                        emb[i] = first[key]
+                    else:
+                        first[key] = emb[i]
+                out.append(Attribution(label=p, tokens=tuple(tok), embedding=emb, token_ids=tuple(ids),
+                                       row_keys=keys))
+        return out
 
 
 def word_in_context(encoder: TextEncoder, word: str, template: str) -> tuple[Attribution, list[int]]:
@@ -172,3 +196,11 @@ def embedding_matrix(attributions: Sequence[Attribution]) -> tuple[Any, list[int
 
     offsets = list(np.cumsum([0] + [a.n_tokens for a in attributions]))
     return torch.cat([a.embedding.float() for a in attributions], dim=0), offsets
+
+
+def row_keys(attributions: Sequence[Attribution]) -> list[Any]:
+    """One key per token of the stacked attributions, equal only for identical rows."""
+    keys: list[Any] = []
+    for k, att in enumerate(attributions):
+        keys.extend(att.row_keys if att.row_keys is not None else ((id(att), i) for i in range(att.n_tokens)))
+    return keys

@@ -18,11 +18,13 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 _WORD_END = "</w>"
 
 
-def _words(tokens: list[str]) -> list[tuple[str, list[int]]]:
+def _words(tokens: list[str], token_ids: list[int] | None = None) -> list[tuple[str, list[int]]]:
+    """Group token positions into words. Special tokens and learned tokens (no vocabulary
+    id: ``token_id`` < 0) are words of their own; other pieces end a word at ``</w>``."""
     words: list[tuple[str, list[int]]] = []
     current: list[int] = []
     for i, tok in enumerate(tokens):
-        if tok in SPECIAL_TOKENS:
+        if tok in SPECIAL_TOKENS or (token_ids is not None and token_ids[i] < 0):
             if current:
                 words.append(("".join(tokens[j] for j in current), current))
                 current = []
@@ -51,7 +53,7 @@ def word_maps(maps: xr.DataArray, *, reduction: str = "sum") -> xr.DataArray:
     -------
     xarray.DataArray
         Dims ``(image, word, y, x)`` with coordinates ``prompt``, ``prompt_index`` and
-        ``word_str``; start/end-of-text tokens stay words of their own.
+        ``word_str``; start/end-of-text tokens and learned tokens stay words of their own.
     """
     import xarray as xr
 
@@ -61,7 +63,8 @@ def word_maps(maps: xr.DataArray, *, reduction: str = "sum") -> xr.DataArray:
     for k in np.unique(maps["prompt_index"].values):
         cols = np.flatnonzero(maps["prompt_index"].values == k)
         tokens = [str(t) for t in maps["token_str"].values[cols]]
-        for text, members in _words(tokens):
+        ids = [int(i) for i in maps["token_id"].values[cols]] if "token_id" in maps.coords else None
+        for text, members in _words(tokens, ids):
             sel = maps.isel(token=cols[members])
             pieces.append(sel.sum(dims.TOKEN) if reduction == "sum" else sel.mean(dims.TOKEN))
             prompt.append(str(maps["prompt"].values[cols[0]]))

@@ -7,7 +7,8 @@ The learned [SoT, class] rows replace a word's text embedding in any later analy
 from .config import DEFAULT_CONTEXT, RECIPES, OptimizeConfig
 from .masks import load_mask
 from .tokens import TokenFile, combined_attribution, load_token, save_token, token_attribution
-from .trainer import TokenTask, initial_rows, mask_iou, optimize_tokens
+from .tasks import TokenTask, read_tasks_file
+from .trainer import initial_rows, mask_iou, optimize_tokens
 
 __all__ = [
     "DEFAULT_CONTEXT",
@@ -21,6 +22,7 @@ __all__ = [
     "load_token",
     "mask_iou",
     "optimize_tokens",
+    "read_tasks_file",
     "save_token",
     "token_attribution",
 ]

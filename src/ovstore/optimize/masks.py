@@ -14,8 +14,11 @@ __all__ = ["load_mask"]
 def load_mask(path: str | Path | np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A binary mask resized (nearest) to ``size = (height, width)``.
 
-    Any size with the image's aspect ratio works (another aspect ratio is refused). Any image mode works: a pixel belongs to the class when it is non-zero (for RGB(A),
-    when any colour channel is). Raises a one-line error for unreadable or empty masks.
+    Any size with the image's aspect ratio works (another aspect ratio is refused: the mask
+    was not drawn on this image). Any image mode works: a pixel belongs to the class when its brightest channel is above half of the
+    mask's maximum, so 0/1 and 0/255 masks both work and the soft fringe of an anti-aliased
+    or JPEG-compressed mask does not count as foreground. Raises a one-line error for
+    unreadable or empty masks.
     """
     if isinstance(path, np.ndarray):
         array = np.asarray(path)
@@ -33,12 +36,14 @@ def load_mask(path: str | Path | np.ndarray, size: tuple[int, int]) -> np.ndarra
         except (UnidentifiedImageError, OSError) as exc:
             raise InvalidInputError(f"mask {name} is not a readable image ({exc}); save it as PNG") from None
     if array.ndim == 3:
-        array = array[..., :3].any(axis=-1) if array.shape[-1] in (3, 4) else array.any(axis=-1)
+        array = array[..., :3].max(axis=-1) if array.shape[-1] in (3, 4) else array.max(axis=-1)
     if array.ndim != 2:
         raise InvalidInputError(f"{name} has shape {array.shape}; expected a 2-D mask image")
-    binary = array != 0
+    array = array.astype(np.float32)
+    peak = float(array.max()) if array.size else 0.0
+    binary = array > peak / 2 if peak > 0 else np.zeros(array.shape, dtype=bool)
     h, w = binary.shape
-    if abs(h / w - size[0] / size[1]) > 0.01 * size[0] / size[1]:
+    if abs(h / w - size[0] / size[1]) > 0.01 * size[0] / size[1]:  # "the wrong size": not just a scale
         raise InvalidInputError(
             f"{name} is {w}x{h} but the image is {size[1]}x{size[0]} (another aspect ratio); "
             "draw the mask on the stored image (ovstore images STORE --out DIR)"

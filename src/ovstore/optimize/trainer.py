@@ -8,7 +8,6 @@ is one pass over the cached (on-device) queries per layer, with no loop over ste
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,34 +21,10 @@ from ..errors import InvalidInputError
 from ..store.reader import Store, open_store
 from .config import OptimizeConfig
 from .masks import load_mask
+from .tasks import TokenTask
 from .tokens import TokenFile
 
-__all__ = ["TokenTask", "optimize_tokens", "initial_rows", "mask_iou"]
-
-
-@dataclass(frozen=True)
-class TokenTask:
-    """One class to learn: its init word and one or more (image, mask) pairs.
-
-    Masks are file paths or arrays of any size; they are resized to the image size.
-    """
-
-    init_word: str
-    images: tuple[int, ...]
-    masks: tuple[object, ...]
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.init_word.strip():
-            raise InvalidInputError("--init needs a word (the class name to start from)")
-        if len(self.images) != len(self.masks) or not self.images:
-            raise InvalidInputError(
-                f"give one --mask per --image (got {len(self.images)} images and {len(self.masks)} masks)"
-            )
-
-    @property
-    def label(self) -> str:
-        return self.name or self.init_word
+__all__ = ["optimize_tokens", "initial_rows", "mask_iou"]
 
 
 def initial_rows(encoder: TextEncoder, word: str, context: str) -> torch.Tensor:
@@ -85,8 +60,8 @@ class _Forward:
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows``: (classes, 2, hidden) → maps (image, classes, 2, H, W)."""
         n_classes = rows.shape[0]
-        keys = self.plan.keys(rows.reshape(-1, rows.shape[-1]))
         buckets = TokenBuckets.from_offsets(list(range(0, 2 * n_classes + 1, 2)))
+        keys = self.plan.ordered_keys(rows.reshape(-1, rows.shape[-1]), buckets)
         out = []
         for queries in self.queries:
             maps = self.plan.image_maps(queries, keys, buckets)  # (2C, h, w)

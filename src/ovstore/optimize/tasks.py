@@ -1,0 +1,72 @@
+"""What to learn: one class per :class:`TokenTask`, from the API or a JSON-lines file."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidInputError
+
+__all__ = ["TokenTask", "read_tasks_file"]
+
+
+@dataclass(frozen=True)
+class TokenTask:
+    """One class to learn: its init word and one or more (image, mask) pairs.
+
+    Masks are file paths or arrays of any size; they are resized to the image size.
+    """
+
+    init_word: str
+    images: tuple[int, ...]
+    masks: tuple[object, ...]
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.init_word.strip():
+            raise InvalidInputError("--init needs a word (the class name to start from)")
+        if len(self.images) != len(self.masks) or not self.images:
+            raise InvalidInputError(
+                f"give one --mask per --image (got {len(self.images)} images and {len(self.masks)} masks)"
+            )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.init_word
+
+
+def read_tasks_file(path: str | Path) -> list[TokenTask]:
+    """Tasks from JSON lines: ``{"init": "cat", "images": [0, 4], "masks": ["cat0.png",
+    "cat4.png"], "name": "cat"}`` (``name`` optional; mask paths relative to the file).
+
+    Errors name the line. Class names must be distinct and usable as file names, since
+    each token is written to ``NAME.safetensors``.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read --tasks-file {path}: {exc.strerror}") from None
+    tasks: list[TokenTask] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{path}, line {number}"
+        try:
+            item = json.loads(line)
+            init, images, masks = item["init"], item["images"], item["masks"]
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise InvalidInputError(f"{where}: expected a JSON object with init, images and masks ({exc})") from None
+        if not isinstance(images, list) or not isinstance(masks, list) or not all(isinstance(i, int) for i in images):
+            raise InvalidInputError(f"{where}: images must be a list of image indices and masks a list of files")
+        name = str(item.get("name") or init)
+        if not re.fullmatch(r"[\w.+-]+", name):
+            raise InvalidInputError(f"{where}: class name {name!r} cannot be a file name; use letters, digits, . _ + -")
+        if any(t.label == name for t in tasks):
+            raise InvalidInputError(f"{where}: class {name!r} is given twice; merge its images into one line")
+        tasks.append(TokenTask(str(init), tuple(images), tuple(path.parent / m for m in masks), name=name))
+    if not tasks:
+        raise InvalidInputError(f"--tasks-file {path} names no class")
+    return tasks
