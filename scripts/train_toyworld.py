@@ -81,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-steps", type=int, default=20)
     p.add_argument("--probe-guidance", type=float, default=3.0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if present")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from an exported pipeline (e.g. src/ovstore/data/toy-shapes) when its checkpoint "
+                        "is gone: its weights become the live and EMA weights, the autoencoder is kept, AdamW "
+                        "starts afresh and is warmed up again over --warmup steps from --init-step")
+    p.add_argument("--init-step", type=int, default=0, help="the training step the --init-from pipeline reached")
     return p.parse_args(argv)
 
 
@@ -171,10 +176,12 @@ def train_vae(vae, args: argparse.Namespace, log: Log) -> dict[str, float]:
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    """Linear warm-up, then cosine decay to ``min_lr_frac``; a run continued with
+    ``--init-from`` warms up again (its optimizer state is new) towards the cosine value."""
+    frac = max(0, step - args.warmup) / max(1, args.steps - args.warmup)
+    cosine = args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    since = step - (args.init_step if args.init_from else 0)
+    return cosine * min(1.0, (since + 1) / args.warmup)
 
 
 def ema_pipeline(pipe, ema_unet, ema_text):
@@ -229,8 +236,24 @@ def main(argv: list[str] | None = None) -> None:
     log(f"parameters {counts}")
     vae, unet, text = pipe.vae, pipe.unet, pipe.text_encoder
 
+    continued = None
+    if args.init_from is not None and not (args.resume and ckpt_path.exists()):
+        from ovstore.toyworld.model import load_toy_pipeline
+
+        init = load_toy_pipeline(args.init_from)
+        for name in ("unet", "text_encoder", "vae"):
+            getattr(pipe, name).load_state_dict(getattr(init, name).state_dict())
+        previous = args.init_from / "training.json"
+        before = json.loads(previous.read_text()) if previous.exists() else {}
+        continued = {"pipeline": str(args.init_from), "step": args.init_step,
+                     "note": "weights of that pipeline (EMA, stored in float16) as live and EMA weights; "
+                             f"fresh AdamW state warmed up over {args.warmup} steps; autoencoder kept"}
+        if before.get("autoencoder"):
+            atomic_torch_save({"state": pipe.vae.state_dict(), "stats": before["autoencoder"]}, vae_path)
+        log(f"initialised from {args.init_from} at step {args.init_step}")
+
     # Stage 1: autoencoder (skipped when its result is on disk).
-    if args.resume and vae_path.exists():
+    if (args.resume or continued) and vae_path.exists():
         saved = torch.load(vae_path, weights_only=False)
         vae.load_state_dict(saved["state"])
         vae_stats = saved["stats"]
@@ -263,8 +286,13 @@ def main(argv: list[str] | None = None) -> None:
         return torch.stack([token_cache[c] for c in captions])
 
     start, elapsed, history, probes = 0, 0.0, [], []
+    if continued is not None:
+        start = args.init_step
+        elapsed = float(before.get("seconds_diffusion") or 0.0)
+        history, probes = list(before.get("loss_history", [])), list(before.get("probes", []))
     if args.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
+        continued = ck.get("continued")
         unet.load_state_dict(ck["unet"])
         text.load_state_dict(ck["text"])
         ema_unet.load_state_dict(ck["ema_unet"])
@@ -280,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
             "hardware": hardware(),
             "hyperparameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "parameters": counts, "autoencoder": vae_stats, "loss_history": history, "probes": probes,
-            "pipeline": str(args.out / "pipeline"),
+            "pipeline": str(args.out / "pipeline"), "continued_from": continued,
             "probe_captions": [sc.caption for sc in probe_scenes(args.seed, args.probe_per_count, args.image_size)],
         }
         folder = args.out / "pipeline"
@@ -291,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     def checkpoint() -> None:
         atomic_torch_save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
                            "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step_done,
-                           "elapsed": elapsed, "history": history, "probes": probes}, ckpt_path)
+                           "elapsed": elapsed, "history": history, "probes": probes, "continued": continued},
+                          ckpt_path)
         save_toy_pipeline(ema_pipeline(pipe, ema_unet, ema_text), args.out / "pipeline")
         record(False)
 
