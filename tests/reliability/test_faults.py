@@ -193,9 +193,6 @@ def test_killed_label_run_resumes(label_reference, tmp_path, point):
         json.loads((reference / "annotations.json").read_text())["annotations"]
 
 
-@pytest.mark.xfail(reason="label/dataset.py _maps_array tests path.exists() instead of (path / 'zarr.json').exists(), "
-                          "so a run killed while creating OUT/maps.zarr cannot be resumed (owned by the label code)",
-                   strict=False)
 def test_label_killed_while_creating_maps_zarr_resumes(multi_store, tmp_path):
     out = tmp_path / "labm"
     args = ("label", multi_store, "--classes", "cat", "--out", out, "--scheduler", "synchronous", "--write-maps")

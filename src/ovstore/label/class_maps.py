@@ -1,5 +1,6 @@
 """Class maps: each class's attribution (a template sentence or a learned token), evaluated
-for many images at once, summed over the class word's sub-tokens and max-normalised."""
+for many images at once, summed over the class word's sub-tokens and normalised per image and
+class (min-max, or max as in the reference protocol)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..analyze.text import Attribution, TextEncoder, word_in_context
 from ..optimize.tokens import SOT, load_token, token_attribution
 from ..store.reader import Store
 from .config import LabelConfig
+from .refine import normalize_maps
 
 __all__ = ["ClassAttributions", "class_attributions", "class_maps"]
 
@@ -41,8 +43,13 @@ def class_attributions(store: Store, config: LabelConfig, encoder: TextEncoder) 
             columns.append(tuple(offset + r for r in rows))
             offset += att.n_tokens
         return ClassAttributions(tuple(a for a, _ in per_class), tuple(columns))
-    # compete: one softmax over [SoT, class rows of every class]
-    sot = per_class[0][0].embedding[0:1]
+    # compete: one softmax over [SoT, class rows of every class]. The start-of-text row is the
+    # text encoder's (identical in every sentence: CLIP attends causally), never a learned
+    # token's trained row, so the result does not depend on the order of the classes.
+    words = [att for (att, _), name in zip(per_class, config.classes) if name not in config.tokens]
+    sot_source = words[0] if words else word_in_context(encoder, config.classes[0], config.prompt_template)[0]
+    sot = sot_source.embedding[0:1].to(dtype=per_class[0][0].embedding.dtype,
+                                       device=per_class[0][0].embedding.device)
     rows, tokens, columns = [sot], [SOT], []
     for (att, idx), name in zip(per_class, config.classes):
         start = len(tokens)
@@ -54,10 +61,9 @@ def class_attributions(store: Store, config: LabelConfig, encoder: TextEncoder) 
 
 
 def class_maps(store: Store, images: Sequence[int], attributions: ClassAttributions, *,
-               size: tuple[int, int], device: str = "cpu") -> np.ndarray:
-    """Max-normalised class maps ``(image, class, H, W)`` float32 at ``size``."""
+               size: tuple[int, int], device: str = "cpu", normalize: str = "minmax") -> np.ndarray:
+    """Normalised class maps ``(image, class, H, W)`` float32 at ``size`` (see ``normalize_maps``)."""
     maps = compute_maps(store, list(attributions.attributions), images=images,
                         config=MapConfig(size=size), device=device).values
     out = np.stack([maps[:, list(cols)].sum(axis=1) for cols in attributions.columns], axis=1)
-    peak = out.max(axis=(-2, -1), keepdims=True)
-    return (out / np.maximum(peak, np.finfo(np.float32).tiny)).astype(np.float32)
+    return normalize_maps(out, normalize)

@@ -5,11 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InvalidInputError
 
-__all__ = ["LabelConfig", "MODES"]
+__all__ = ["LabelConfig", "MODES", "NORMALIZATIONS", "DEFAULT_SWEEP", "parse_sweep"]
 
 MODES = ("separate", "compete")
+NORMALIZATIONS = ("minmax", "max")
+#: Default DiffuMask sweep (min-max normalised maps): 0.5, 0.55, ..., 0.95, chosen with the default
+#: threshold on a toy-world calibration set (lower sweeps pick lower thresholds and label more).
+DEFAULT_SWEEP = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
 
 
 @dataclass(frozen=True)
@@ -28,15 +34,29 @@ class LabelConfig:
         ``separate``: every class is its own attribution (its own softmax);
         ``compete``: all classes share one softmax (start-of-text + every class), so a pixel's
         attention is divided between them.
+    normalize
+        How each class map of an image is brought to [0, 1] before thresholding:
+        ``minmax`` (default): ``(map - min) / (max - min)``; ``max``: ``map / max``, the
+        reference protocol of OVAM/DAAM. They differ by the map's floor: on the toy-world
+        model a class map's minimum is about two thirds of its maximum, so under ``max`` any
+        threshold up to about 0.6 labels nearly the whole image. In ``compete`` mode each class is still
+        normalised on its own, after the joint softmax.
     threshold
-        Default threshold on max-normalised maps (the reference's protocol: map / max).
+        Default threshold on the normalised maps (0.6: chosen on a toy-world calibration set
+        disjoint from the benchmark's evaluation set, see BENCHMARKS.md; DAAM-style
+        evaluations of Stable Diffusion use ``normalize="max"`` with about 0.4).
     class_thresholds
         Per-class thresholds overriding ``threshold``.
     adaptive
         DiffuMask-style adaptive threshold per class and image: sweep ``sweep`` and keep the
-        threshold where the mask area is most stable.
+        threshold where the mask area is most stable (see ``refine.adaptive_threshold``).
+    sweep
+        Thresholds tried by ``adaptive`` (at least two distinct values in (0, 1); sorted).
     crf
-        DenseCRF refinement (needs the ``crf`` extra: ``pip install ovstore[crf]``).
+        DenseCRF refinement (needs the ``crf`` extra: ``pip install 'ovstore[crf]'``). Its
+        unary comes from each class's margin over its threshold, so per-class and adaptive
+        thresholds still decide what is labelled; the pairwise terms align the labels with
+        the image's colour edges.
     min_component
         Connected class regions smaller than this many pixels become background.
     prompt_classes_only
@@ -47,10 +67,11 @@ class LabelConfig:
     prompt_template: str = "a photograph of a {}"
     tokens: dict[str, Path] = field(default_factory=dict)
     mode: str = "separate"
-    threshold: float = 0.4
+    normalize: str = "minmax"
+    threshold: float = 0.6
     class_thresholds: dict[str, float] = field(default_factory=dict)
     adaptive: bool = False
-    sweep: tuple[float, ...] = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+    sweep: tuple[float, ...] = DEFAULT_SWEEP
     crf: bool = False
     min_component: int = 0
     prompt_classes_only: bool = False
@@ -59,6 +80,10 @@ class LabelConfig:
         classes = tuple(c.strip() for c in self.classes)
         if not classes or any(not c for c in classes):
             raise InvalidInputError("--classes needs non-empty class names, e.g. --classes cat,dog,person")
+        bad = [c for c in classes if ":" in c or any(ord(ch) < 32 for ch in c)]
+        if bad:
+            raise InvalidInputError(f"class name {bad[0]!r} has ':' or a control character, which labelmap.txt "
+                                    "(NAME:R,G,B::) cannot hold; rename the class")
         if len(set(classes)) != len(classes):
             raise InvalidInputError(f"--classes has duplicates: {', '.join(classes)}")
         if len(classes) > 254:
@@ -71,9 +96,17 @@ class LabelConfig:
         for name in list(self.tokens) + list(self.class_thresholds):
             if name not in classes:
                 raise InvalidInputError(f"{name!r} has a token or threshold but is not in --classes")
+        if self.normalize not in NORMALIZATIONS:
+            raise InvalidInputError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+        sweep = tuple(sorted(float(t) for t in self.sweep))
+        if len(set(sweep)) < 2:
+            raise InvalidInputError(f"--sweep needs at least two different thresholds, got {list(self.sweep)}")
+        if len(set(sweep)) != len(sweep):
+            raise InvalidInputError(f"--sweep has duplicates: {list(self.sweep)}")
+        object.__setattr__(self, "sweep", sweep)
         for t in [self.threshold, *self.class_thresholds.values(), *self.sweep]:
             if not 0 < t < 1:
-                raise InvalidInputError(f"threshold {t} must lie between 0 and 1 (maps are max-normalised)")
+                raise InvalidInputError(f"threshold {t} must lie between 0 and 1 (maps are normalised to [0, 1])")
         if self.min_component < 0:
             raise InvalidInputError("--min-component must be >= 0")
 
@@ -85,8 +118,24 @@ class LabelConfig:
         return {
             "classes": list(self.classes), "prompt_template": self.prompt_template,
             "tokens": {k: str(v) for k, v in self.tokens.items()}, "mode": self.mode,
-            "threshold": self.threshold, "class_thresholds": dict(self.class_thresholds),
+            "normalize": self.normalize, "threshold": self.threshold, "class_thresholds": dict(self.class_thresholds),
             "adaptive": self.adaptive, "sweep": list(self.sweep) if self.adaptive else None,
             "crf": self.crf, "min_component": self.min_component,
             "prompt_classes_only": self.prompt_classes_only,
         }
+
+
+def parse_sweep(text: str) -> tuple[float, ...]:
+    """``--sweep``: ``"0.5,0.6,0.7"`` or ``"START:STOP:STEP"`` (STOP included)."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(np.floor((stop - start) / step + 1e-9)) + 1
+            return tuple(round(start + k * step, 6) for k in range(count))
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidInputError(f"--sweep {text!r}: write A,B,C or START:STOP:STEP with STEP > 0, "
+                                "e.g. 0.3:0.9:0.05") from None

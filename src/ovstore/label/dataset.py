@@ -2,9 +2,13 @@
 
 Each partition opens the store, encodes the class attributions once and writes its images'
 outputs; an image counts as finished only when its record (``records/00000.json``) exists,
-and that record is written last, atomically. Re-running the same command skips finished
-images, so an interrupted run resumes where it stopped. The COCO file and image lists are
-assembled from the records at the end.
+and that record is written last, atomically. Every file is written to a hidden
+``.NAME.<writer>.partial`` beside it and renamed into place, so a killed run never leaves a
+half-written file under a real name, and the temporaries never match ``*.png``/``*.jpg``;
+those a killed run leaves are deleted when the next run starts. Re-running the same command
+skips finished images, so an interrupted run resumes where it stopped. The COCO file and the
+image lists are assembled, atomically, from every finished record in the folder at the end
+(so a run over a subset of images never drops images labelled earlier).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +29,27 @@ from ..errors import InvalidInputError
 from ..store.reader import Store, open_store
 from . import voc
 from .config import LabelConfig
-from .refine import adaptive_threshold, classes_in_prompt, dense_crf, label_mask, remove_small_components
+from .refine import adaptive_threshold, classes_in_prompt, dense_crf, label_mask, remove_small_components, require_crf
 
-__all__ = ["label_store", "LabelResult", "label_partition"]
+__all__ = ["label_store", "LabelResult", "label_partition", "image_labels"]
 
 SETTINGS = "ovstore-label.json"
+MAPS = "maps.zarr"
 
 
 @dataclass(frozen=True)
 class LabelResult:
-    """What a labelling run produced."""
+    """What a labelling run produced.
+
+    ``labelled``: images labelled by this run; ``skipped``: chosen images already finished;
+    ``maps_filled``: finished images whose float maps this run added (``write_maps``).
+    """
 
     out: Path
     labelled: tuple[int, ...]
     skipped: tuple[int, ...]
     coco: Path
+    maps_filled: tuple[int, ...] = ()
 
 
 @functools.lru_cache(maxsize=4)
@@ -55,9 +66,31 @@ def _paths(out: Path) -> dict[str, Path]:
             "records": out / "records"}
 
 
+def image_labels(norm: np.ndarray, rgb: np.ndarray, prompt: str,
+                 config: LabelConfig) -> tuple[np.ndarray, list[float], list[bool]]:
+    """One image's label mask from its normalised class maps ``(class, H, W)``, every refinement
+    of ``config`` applied; also the thresholds used and the classes allowed."""
+    n = len(config.classes)
+    allowed = classes_in_prompt(prompt, config.classes) if config.prompt_classes_only else [True] * n
+    if config.adaptive:
+        thresholds = [adaptive_threshold(norm[c], config.sweep) for c in range(n)]
+    else:
+        thresholds = [config.threshold_of(c) for c in config.classes]
+    if config.crf:
+        labels = dense_crf(rgb, norm, thresholds, allowed)
+    else:
+        labels = label_mask(norm, thresholds, allowed)
+    return remove_small_components(labels, config.min_component), thresholds, allowed
+
+
 def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequence[int], *,
-                    model: str | None = None, device: str = "cpu", maps_path: str | None = None) -> list[int]:
-    """Label ``images`` and write their outputs; runs on a Dask worker (or in-process)."""
+                    model: str | None = None, device: str = "cpu", maps_path: str | None = None,
+                    maps_only: bool = False) -> list[int]:
+    """Label ``images`` and write their outputs; runs on a Dask worker (or in-process).
+
+    ``maps_only``: the images are finished; only write their float maps to ``maps_path``
+    and mark their records.
+    """
     from .class_maps import class_attributions, class_maps
 
     store = open_store(store_path)
@@ -67,7 +100,7 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
     encoder = _encoder(identity, model, device)
     attributions = class_attributions(store, config, encoder)
     size = (store.layout.height, store.layout.width)
-    maps = class_maps(store, list(images), attributions, size=size, device=device)
+    maps = class_maps(store, list(images), attributions, size=size, device=device, normalize=config.normalize)
     maps_array = None
     if maps_path is not None:
         import zarr
@@ -75,19 +108,17 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
         maps_array = zarr.open_array(maps_path, mode="r+")
     n = len(config.classes)
     for k, image in enumerate(images):
-        record = store.record(image)
-        norm = maps[k]
-        allowed = classes_in_prompt(record.prompt, config.classes) if config.prompt_classes_only else [True] * n
-        if config.adaptive:
-            thresholds = [adaptive_threshold(norm[c], config.sweep) for c in range(n)]
-        else:
-            thresholds = [config.threshold_of(c) for c in config.classes]
-        labels = label_mask(norm, thresholds, allowed)
-        rgb = store.image(image)
-        if config.crf:
-            labels = dense_crf(rgb, np.where(np.asarray(allowed)[:, None, None], norm, 0), labels)
-        labels = remove_small_components(labels, config.min_component)
         stem = f"{image:05d}"
+        norm = maps[k]
+        if maps_only:
+            record_path = paths["records"] / f"{stem}.json"
+            record = json.loads(record_path.read_text())
+            maps_array[image] = norm.astype(maps_array.dtype)
+            voc.write_json_atomic(record_path, {**record, "maps": True})
+            continue
+        record = store.record(image)
+        rgb = store.image(image)
+        labels, thresholds, allowed = image_labels(norm, rgb, record.prompt, config)
         voc.write_jpeg(paths["jpeg"] / f"{stem}.jpg", rgb)
         voc.write_label_png(paths["png"] / f"{stem}.png", labels)
         if maps_array is not None:
@@ -99,12 +130,17 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
                     "store": str(store.path), "image_index": int(image), "prompt": record.prompt,
                     "negative_prompt": record.negative_prompt, "seed": record.seed,
                     "classes": [c for c, a in zip(config.classes, allowed) if a],
-                    "thresholds": dict(zip(config.classes, thresholds)),
+                    "thresholds": {c: float(t) for c, t in zip(config.classes, thresholds)},
+                    "normalize": config.normalize, "mode": config.mode,
+                    "refinements": {"adaptive": config.adaptive, "crf": config.crf,
+                                    "min_component": config.min_component,
+                                    "prompt_classes_only": config.prompt_classes_only},
                     "token_files": {c: str(p) for c, p in config.tokens.items()},
                     "ovstore_version": __version__,
                 },
             },
             "annotations": voc.rle_annotations(labels, image, n),
+            "maps": maps_array is not None,
         })
     return list(images)
 
@@ -164,68 +200,110 @@ def label_store(
         ``"synchronous"`` runs in this process; ``None`` starts a ``distributed``
         LocalCluster sized to the machine (``workers`` processes, one thread each); a
         string address (``tcp://host:8786``) or a ``distributed.Client`` uses that cluster.
+        Its workers open the store, ``out`` and the token files by path: on a remote
+        cluster these must be on a filesystem every worker sees under the same path.
     partition_size
         Images per task: memory is bounded by one partition's maps per worker.
     write_maps
-        Also write the normalised float class maps to ``out/maps.zarr`` (image, class, y, x).
+        Also write the normalised float class maps to ``out/maps.zarr`` (image, class, y, x;
+        float16, NaN where not written). Images finished by an earlier run without it get
+        their maps added (their labels are not recomputed).
+    progress
+        Called with each image index as it is finished; images finished earlier first.
 
     Returns
     -------
     LabelResult
         Images labelled now, images skipped as already finished, and the COCO file.
     """
+    if partition_size < 1:
+        raise InvalidInputError(f"--partition-size must be >= 1, got {partition_size}")
     opened = store if isinstance(store, Store) else open_store(store)
     out = Path(out)
     chosen = opened.check_images(images)
+    if config.crf:
+        require_crf()  # before anything is written
+    recorded = opened.layout.model.text_encoder_fingerprint
+    if recorded and model is None:
+        encoder = _encoder(json.dumps(opened.layout.model.to_json(), sort_keys=True), model, device)
+        if encoder.fingerprint() != recorded:
+            raise InvalidInputError(
+                f"the text encoder found for {opened.layout.model.id!r} is not the one {opened.path} was captured "
+                "with (fingerprints differ), so its class maps would be meaningless; restore that model, or "
+                "pass --model to choose an encoder deliberately")
     paths = _paths(out)
     for p in paths.values():
         p.mkdir(parents=True, exist_ok=True)
     settings = {"store": str(opened.path.resolve()), "config": config.describe(), "model": model}
     _check_settings(out, settings)
+    for folder in (out, *paths.values(), paths["sets"].parent):
+        voc.remove_partials(folder)  # left by a killed run; nothing else writes here now
     voc.write_labelmap(out / "labelmap.txt", config.classes)
-    maps_path = None
+    maps_path = str(out / MAPS) if write_maps else None
     if write_maps:
-        import zarr
-
-        maps_path = str(out / "maps.zarr")
-        if not (out / "maps.zarr").exists():
-            zarr.create_array(maps_path, shape=(opened.n_images, len(config.classes), opened.layout.height,
-                                                opened.layout.width),
-                              chunks=(1, len(config.classes), opened.layout.height, opened.layout.width),
-                              dtype="float16", fill_value=np.nan, dimension_names=("image", "class", "y", "x"),
-                              attributes={"classes": list(config.classes)})
+        _maps_array(out / MAPS, opened, config)
     done = {i for i in chosen if (paths["records"] / f"{i:05d}.json").exists()}
     todo = [i for i in chosen if i not in done]
-    parts = [todo[k:k + partition_size] for k in range(0, len(todo), partition_size)]
+    fill = []
+    if write_maps:  # finished earlier without --write-maps: add their maps, no NaN holes
+        fill = [i for i in sorted(done)
+                if not json.loads((paths["records"] / f"{i:05d}.json").read_text()).get("maps")]
+    if progress:
+        for image in sorted(done):
+            progress(image)
     task = functools.partial(label_partition, str(opened.path), str(out), config, model=model, device=device,
                              maps_path=maps_path)
-    if parts:
+    jobs = [(todo[k:k + partition_size], False) for k in range(0, len(todo), partition_size)]
+    jobs += [(fill[k:k + partition_size], True) for k in range(0, len(fill), partition_size)]
+
+    def report(images: list[int], maps_only: bool) -> None:
+        if progress and not maps_only:
+            for image in images:
+                progress(image)
+
+    if jobs:
         if scheduler == "synchronous":
-            for part in parts:
-                for image in task(part):
-                    if progress:
-                        progress(image)
+            for part, maps_only in jobs:
+                report(task(part, maps_only=maps_only), maps_only)
         else:
             from distributed import as_completed
 
             client, close = _scheduler(scheduler, workers)
             try:
-                futures = client.map(task, parts, pure=False)
+                futures = {client.submit(task, part, maps_only=maps_only, pure=False): maps_only
+                           for part, maps_only in jobs}
                 for future in as_completed(futures):
-                    for image in future.result():
-                        if progress:
-                            progress(image)
+                    report(future.result(), futures[future])
             finally:
                 close()
-    coco = _assemble(out, chosen, config)
-    return LabelResult(out=out, labelled=tuple(todo), skipped=tuple(sorted(done)), coco=coco)
+    coco = _assemble(out, config)
+    return LabelResult(out=out, labelled=tuple(todo), skipped=tuple(sorted(done)), coco=coco,
+                       maps_filled=tuple(fill))
 
 
-def _assemble(out: Path, images: Sequence[int], config: LabelConfig) -> Path:
-    """COCO JSON and image lists from the finished images' records."""
+def _maps_array(path: Path, store: Store, config: LabelConfig) -> None:
+    """Create ``maps.zarr`` (NaN = not written), or grow it when the store has grown."""
+    import zarr
+
+    shape = (store.n_images, len(config.classes), store.layout.height, store.layout.width)
+    if not (path / "zarr.json").exists():  # new, or a creation killed before its metadata was written
+        if path.exists():
+            shutil.rmtree(path)
+        zarr.create_array(str(path), shape=shape, chunks=(1, *shape[1:]), dtype="float16", fill_value=np.nan,
+                          dimension_names=("image", "class", "y", "x"),
+                          attributes={"classes": list(config.classes), "normalize": config.normalize})
+        return
+    array = zarr.open_array(str(path), mode="r+")
+    if array.shape[0] < shape[0]:
+        array.resize(shape)
+
+
+def _assemble(out: Path, config: LabelConfig) -> Path:
+    """COCO JSON and image lists from every finished image's record in ``out``."""
     paths = _paths(out)
+    finished = sorted(int(p.stem) for p in paths["records"].glob("*.json") if p.stem.isdigit())
     coco_images, annotations = [], []
-    for image in images:
+    for image in finished:
         record = json.loads((paths["records"] / f"{image:05d}.json").read_text())
         coco_images.append(record["image"])
         for ann in record["annotations"]:
@@ -239,7 +317,7 @@ def _assemble(out: Path, images: Sequence[int], config: LabelConfig) -> Path:
     }
     path = out / "annotations.json"
     voc.write_json_atomic(path, coco)
-    listing = "\n".join(f"{i:05d}" for i in images) + "\n"
+    listing = "".join(f"{i:05d}\n" for i in finished)
     for name in ("default.txt", "train.txt"):
-        (paths["sets"] / name).write_text(listing)
+        voc.write_text_atomic(paths["sets"] / name, listing)
     return path

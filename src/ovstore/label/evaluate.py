@@ -101,6 +101,12 @@ class EvaluationReport:
         gt = self.confusion.sum(1)
         for k, name in enumerate(self.classes):
             lines.append(f"| {name} | {fmt(self.iou[k])} | {fmt(self.precision[k])} | {fmt(self.recall[k])} | {int(gt[k])} |")
+        lines += ["", "Confusion matrix (pixels; rows: ground truth, columns: prediction; "
+                  "'other': predicted values outside the classes, e.g. 255):", "",
+                  "| ground truth \\ predicted | " + " | ".join([*self.classes, "other"]) + " |",
+                  "|---|" + "---:|" * (self.n + 1)]
+        for k, name in enumerate(self.classes):
+            lines.append(f"| {name} | " + " | ".join(str(int(v)) for v in self.confusion[k]) + " |")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path:
@@ -159,7 +165,9 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, *, classes: Sequence
     """Evaluate label PNGs of ``pred_dir`` against ``gt_dir`` (matched by file name).
 
     Either may be a VOC tree (``SegmentationClass/`` inside) or a folder of PNGs. Class
-    names come from ``classes``, else a ``labelmap.txt`` beside the PNGs.
+    names (background first) come from ``classes``, else the ``labelmap.txt`` beside the
+    PNGs, else numbers. When both folders carry a ``labelmap.txt`` they must agree (the same
+    index must mean the same class), and so must ``classes`` with each of them.
     """
     from PIL import Image
 
@@ -175,11 +183,24 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, *, classes: Sequence
     if missing:
         raise InvalidInputError(f"{len(missing)} ground-truth files have no prediction in {preds} "
                                 f"(first: {missing[0]}); label those images or remove them from {gts}")
-    if classes is None:
-        for root in (pred_root, gt_root):
-            if (root / "labelmap.txt").exists():
-                classes = read_labelmap(root / "labelmap.txt")
+    labelmaps = {}
+    for role, root, inner in (("prediction", pred_root, preds), ("ground truth", gt_root, gts)):
+        for folder in dict.fromkeys((root, inner)):
+            if (folder / "labelmap.txt").exists():
+                labelmaps[role] = (folder / "labelmap.txt", read_labelmap(folder / "labelmap.txt"))
                 break
+    if len(labelmaps) == 2 and labelmaps["prediction"][1] != labelmaps["ground truth"][1]:
+        (p_path, p_names), (g_path, g_names) = labelmaps["prediction"], labelmaps["ground truth"]
+        raise InvalidInputError(f"the label maps disagree: {p_path} has {', '.join(p_names)} but {g_path} has "
+                                f"{', '.join(g_names)}; relabel with the ground truth's classes in its order")
+    if classes is not None:
+        classes = list(classes)
+        for path, names in labelmaps.values():
+            if names != classes:
+                raise InvalidInputError(f"the classes given ({', '.join(classes)}) disagree with {path} "
+                                        f"({', '.join(names)})")
+    elif labelmaps:
+        classes = next(iter(labelmaps.values()))[1]
     if classes is None:
         top = max(int(np.asarray(Image.open(f))[np.asarray(Image.open(f)) != IGNORE].max(initial=0)) for f in gt_files)
         classes = ["background", *[str(k) for k in range(1, top + 1)]]

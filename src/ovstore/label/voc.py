@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["voc_palette", "write_labelmap", "write_label_png", "write_jpeg", "rle_annotations",
-           "write_json_atomic", "read_labelmap"]
+           "write_json_atomic", "write_text_atomic", "read_labelmap", "remove_partials"]
 
 
 def voc_palette(n: int = 256) -> list[int]:
@@ -41,22 +42,48 @@ def write_labelmap(path: Path, classes: Sequence[str]) -> None:
 
 
 def read_labelmap(path: Path) -> list[str]:
-    """Class names of a ``labelmap.txt`` (background first)."""
+    """Class names of a ``labelmap.txt`` (background first; a name ends at its first ':')."""
     names = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             names.append(line.split(":", 1)[0])
     return names
 
 
+PARTIAL = ".partial"
+
+
 def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial{path.suffix}")
+    """A temporary beside ``path`` (same filesystem, so the final rename is atomic).
+
+    Hidden, unique per writer, and ending in ``.partial``, so ``*.png``/``*.jpg`` globs and
+    loaders listing the folder never see it.
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
+
+
+def remove_partials(folder: Path) -> list[Path]:
+    """Delete temporaries left in ``folder`` by a killed writer (this and older versions)."""
+    removed = []
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            if entry.is_file() and entry.name.startswith(".") and PARTIAL in entry.name:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = _tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _write_text_atomic(path, text)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -70,16 +97,22 @@ def write_label_png(path: Path, labels: np.ndarray) -> None:
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
     image.putpalette(voc_palette())
     tmp = _tmp(path)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_jpeg(path: Path, rgb: np.ndarray) -> None:
     from PIL import Image
 
     tmp = _tmp(path)
-    Image.fromarray(rgb).save(tmp, format="JPEG", quality=95)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(rgb).save(tmp, format="JPEG", quality=95)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def rle_annotations(labels: np.ndarray, image_id: int, n_classes: int) -> list[dict[str, Any]]:
