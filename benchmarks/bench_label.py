@@ -2,12 +2,13 @@
 1 vs 2 Dask workers, side by side: on a store of ≥ 200 toy-world images (``--store``; made by
 ``benchmarks/bench_toyworld.py``) and on an SD-1.5-shaped store. Run on an idle machine:
 
-    python benchmarks/bench_label.py --store TOY_EVAL.zarr [--sd15-images 4] [--workers 1,2]
+    python benchmarks/bench_label.py --store TOY_EVAL.zarr [--sd15-images 8] [--workers 1,2]
 
 Each worker count gets its own LocalCluster (processes, 1 thread each), started and warmed up
 (one image labelled, so every worker has imported torch and loaded the text encoder) before the
 clock starts; the timed run labels every complete image into a fresh folder, default settings
-(separate mode, min-max, threshold 0.6), partitions of 8 images. Cluster start-up is reported
+(separate mode, min-max, threshold 0.6), partitions of 8 images (fewer on a store too small to give
+every worker two). Cluster start-up is reported
 apart. The load average before and after is printed: figures taken on a busy machine say
 nothing about scaling. ``--check`` labels 2 images per store with 1 worker, to try the script.
 A ``--store`` that does not exist yet is captured first as the toy-world evaluation set
@@ -71,7 +72,9 @@ def timed_label(store: Path, workers: int, tmp: Path, images: list[int]) -> tupl
         out = tmp / f"labels-{store.stem}-{workers}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        result = label_store(store, out, config, images=images, scheduler=client, partition_size=8)
+        # partitions of 8 images, or fewer so that every worker has work on a small store
+        partition = max(1, min(8, len(images) // (2 * workers)))
+        result = label_store(store, out, config, images=images, scheduler=client, partition_size=partition)
         seconds = time.perf_counter() - t0
     assert len(result.labelled) == len(images)
     shutil.rmtree(out, ignore_errors=True)
@@ -83,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, default=None, help="store to label, e.g. the toy-world evaluation set")
     parser.add_argument("--images", type=int, default=200, help="images of a store this script captures")
-    parser.add_argument("--sd15-images", type=int, default=4)
+    parser.add_argument("--sd15-images", type=int, default=8)
     parser.add_argument("--sd15-calls", type=int, default=10)
     parser.add_argument("--workers", default="1,2", help="worker counts, comma-separated")
     parser.add_argument("--check", action="store_true", help="2 images per store, 1 worker: does the script run?")

@@ -41,13 +41,15 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     try:
-        import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
 
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
         tlog.set_verbosity_error()
         tlog.disable_progress_bar()
+        if "diffusers" in sys.modules:  # analysis never imports diffusers (1.5 s): the env vars suffice
+            import diffusers.utils.logging as dlog
+
+            dlog.set_verbosity_error()
+            dlog.disable_progress_bar()
     except Exception:  # pragma: no cover - logging helpers moved
         pass
 
@@ -78,44 +80,46 @@ def _human(n: float) -> str:
 
 @app.command()
 def capture(
-    model: Annotated[Optional[str], typer.Argument(help="Diffusers pipeline directory or hub id; omitted: the embedded tiny default.")] = None,
+    model: Annotated[Optional[str], typer.Argument(help="Diffusers pipeline directory or hub id; omitted: the store's recorded model when --out exists, else the embedded default.")] = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt of one image; repeat for more.")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(help="One prompt per line, or JSONL with prompt/negative_prompt/seed.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Store directory (created, or appended to).")] = Path("captures.zarr"),
     negative_prompt: Annotated[Optional[str], typer.Option(help="Negative prompt of every image (a JSONL line may override).")] = None,
     seed: Annotated[int, typer.Option(help="Image i gets seed SEED+i (torch.Generator('cpu').manual_seed) unless its JSONL line names one.")] = 0,
-    steps: Annotated[int, typer.Option(help="Denoising steps (PNDM makes steps+1 UNet calls).")] = 50,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale; <= 1 disables it (one half, stored as 'cond').")] = 7.5,
-    height: Annotated[Optional[int], typer.Option(help="Image height (default: the pipeline's native size).")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Image width (default: the pipeline's native size).")] = None,
-    branch: Annotated[str, typer.Option(help="Guidance half to store: uncond (reference default), cond or both.")] = "uncond",
-    dtype: Annotated[str, typer.Option(help="Stored query dtype: float16 or float32 (exact).")] = "float16",
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (PNDM makes steps+1 UNet calls). Default: 50, or the store's when --out exists.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; <= 1 disables it (one half, stored as 'cond'). Default: 7.5, or the store's.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Image height (default: the store's, else the pipeline's native size).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Image width (default: the store's, else the pipeline's native size).")] = None,
+    branch: Annotated[Optional[str], typer.Option(help="Guidance half to store: uncond (reference default), cond or both. Default: uncond, or the store's.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Stored query dtype: float16 (default) or float32 (exact).")] = None,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Keep layers whose module path matches this fnmatch pattern (repeatable), e.g. 'up_blocks.*'.")] = None,
     resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Keep layers of this resolution, e.g. 16 or 16x16 (repeatable).")] = None,
-    calls: Annotated[Optional[str], typer.Option(help="UNet calls to store, e.g. '0:10,20,-1' (default: every call).")] = None,
-    preset: Annotated[str, typer.Option(help="Storage preset: full, no-finest (drop the latent-resolution layers), half-calls (every other UNet call), no-finest-half-calls. Sizes in BENCHMARKS.md.")] = "full",
-    batch_size: Annotated[int, typer.Option(help="Images per pipeline call.")] = 1,
-    codec: Annotated[str, typer.Option(help="Query compression preset: blosc-zstd1-bitshuffle (default), blosc-zstd3-bitshuffle, blosc-zstd3-shuffle, zstd1, zstd3, none. All add a CRC32C checksum.")] = "blosc-zstd1-bitshuffle",
+    calls: Annotated[Optional[str], typer.Option(help="UNet calls to store, e.g. '0:10,20,-1' (default: every call, or the store's).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Storage preset: full (default), no-finest (drop the latent-resolution layers), half-calls (every other UNet call), no-finest-half-calls. Sizes in BENCHMARKS.md.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per pipeline call. Images are bit-identical to a run with another batch size only up to float rounding (batch 1 for exact resumes).")] = 1,
+    codec: Annotated[Optional[str], typer.Option(help="Query compression preset: blosc-zstd1-bitshuffle (default), blosc-zstd3-bitshuffle, blosc-zstd3-shuffle, zstd1, zstd3, none. All add a CRC32C checksum.")] = None,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1...")] = "cpu",
-    torch_dtype: Annotated[str, typer.Option(help="Model weights dtype: float32, float16, bfloat16.")] = "float32",
-    resume: Annotated[bool, typer.Option("--resume", help="Finish the store's incomplete images from their recorded prompts and seeds.")] = False,
+    torch_dtype: Annotated[Optional[str], typer.Option(help="Model weights dtype: float32 (default, or the store's), float16, bfloat16.")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of MODEL; recorded in the store.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish the store's incomplete images from their recorded prompts and seeds, with the store's model and settings. With the original --prompt/--prompts-file it finishes exactly what of those is missing.")] = False,
     reserve_only: Annotated[bool, typer.Option("--reserve-only", help="Only record the prompts as incomplete slots; generate them later with --resume (e.g. one --worker per GPU).")] = False,
-    worker: Annotated[Optional[str], typer.Option(help="With --resume: K/N generates only slots with slot %% N == K, so N processes share one store.")] = None,
+    worker: Annotated[Optional[str], typer.Option(help="With --resume: K/N generates only slots with slot % N == K, so N processes share one store.")] = None,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
     Example: ovstore capture --prompt "a cat on a sofa" --prompt "a dog" --steps 30 --out caps.zarr
+
+    After an interruption: ovstore capture --resume --out caps.zarr (or the same command plus --resume).
     """
-    from .capture import CaptureConfig, build_requests, load_pipeline, read_prompts_file
+    from .capture import CaptureConfig, build_requests, load_pipeline, read_prompts_file, store_settings
     from .capture import capture as run_capture
     from .capture import plan_capture
     from .capture import resume as run_resume
+    from rich.markup import escape
 
-    specs = [(p, None, None) for p in (prompt or [])]
-    if prompts_file is not None:
-        specs += read_prompts_file(prompts_file)
-    if resume and specs:
-        raise InvalidInputError("--resume finishes the recorded prompts; do not pass --prompt/--prompts-file with it")
+    from .errors import IncompatibleStoreError, StoreFormatError
+    from .store import open_store
+
     if resume and reserve_only:
         raise InvalidInputError("--reserve-only records new prompts; it cannot be combined with --resume")
     if worker is not None and not resume:
@@ -123,37 +127,107 @@ def capture(
     worker_split = None
     if worker is not None:
         k, sep, n_workers = worker.partition("/")
-        if not (sep and k.isdigit() and n_workers.isdigit()):
-            raise InvalidInputError(f"--worker {worker!r}: write K/N, e.g. 0/4")
+        if not (sep and k.isdigit() and n_workers.isdigit()) or not int(k) < int(n_workers):
+            raise InvalidInputError(f"--worker {worker!r}: write K/N with 0 <= K < N, e.g. 0/4")
         worker_split = (int(k), int(n_workers))
+    specs = [(p, None, None) for p in (prompt or [])]
+    if prompts_file is not None:
+        specs += read_prompts_file(prompts_file)
+    if worker is not None and specs:
+        raise InvalidInputError("--worker K/N finishes the recorded slots; record the prompts first with "
+                                "--reserve-only, then run --resume --worker K/N without prompts")
     if not resume and not specs:
         raise InvalidInputError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
-    config = CaptureConfig(
-        num_inference_steps=steps, guidance=guidance, height=height, width=width, branch=branch,
-        dtype=dtype, calls=calls, batch_size=batch_size, codec=codec, preset=preset,
-        layers=_layer_selection(layer, resolution, include_mid=True),
-    )
-    requests = None if resume else build_requests(specs, seed=seed, negative_prompt=negative_prompt,
-                                                  guidance=guidance, num_inference_steps=steps)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} is a file; give a store directory (a new one, or a store to append to)")
+    existing = None
+    if (out / "zarr.json").is_file():
+        existing = open_store(out)
+    elif out.is_dir() and any(p.name != ".ovstore.lock" for p in out.iterdir()):
+        raise InvalidInputError(f"--out {out} is a directory that is not an ovstore store; choose a new --out")
+    if resume and existing is None and not specs:
+        raise StoreFormatError(f"store {out} does not exist, so there is nothing to resume; start the capture "
+                               "without --resume (or give the original prompts with --resume)")
+
+    # settings not given on the command line come from the store when it exists
+    settings: dict = {}
+    if existing is not None:
+        status, records = existing.status(), existing.records()
+        pending = [r for r, st in zip(records, status) if st != 1]
+        settings = store_settings(existing.layout, pending or records[::-1])
+    given = dict(num_inference_steps=steps, guidance=guidance, height=height, width=width, branch=branch,
+                 dtype=dtype, codec=codec, calls=calls)
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if steps is not None and calls is None:  # the store's call indices need not exist with other steps
+        settings.pop("calls", None)
+    if existing is None or layer or resolution or preset is not None:
+        settings["layers"] = _layer_selection(layer, resolution, include_mid=True)
+        settings["preset"] = preset or "full"
+        if calls is None:
+            settings.pop("calls", None)
+    settings["batch_size"] = batch_size
+    config = CaptureConfig(**settings)
+    requests = build_requests(specs, seed=seed, negative_prompt=negative_prompt, guidance=config.guidance,
+                              num_inference_steps=config.num_inference_steps) if specs else None
+
+    if resume and existing is not None:
+        from .capture.runner import match_requests
+
+        todo, new, done = match_requests(existing, requests, worker=worker_split)
+        if not todo and not new:  # before loading the model
+            console.print(f"nothing to resume: {out} has no incomplete image"
+                          + (" among the given prompts" if requests is not None else "")
+                          + f" ({len(existing.complete_images())} complete of {existing.n_images})", highlight=False)
+            return
+    model_id, model_revision = model, revision
+    if model is None and existing is not None:  # the store's recorded model
+        m = existing.layout.model
+        if m.source == "local":
+            found = [c for c in (m.path, m.id) if c and Path(c).expanduser().exists()]
+            if not found:
+                raise InvalidInputError(f"the store was captured with the local pipeline {m.path or m.id}, which no "
+                                        "longer exists; pass the pipeline directory as the MODEL argument")
+            model_id = found[0]
+        else:
+            model_id = m.id
+            if m.source == "hub":
+                model_revision = revision or m.commit_hash or m.revision
+    if torch_dtype is None:
+        torch_dtype = existing.layout.model.torch_dtype if existing is not None else "float32"
+    import diffusers  # noqa: F401  (imported first so that its loading bars are silenced too)
+
     _quiet_libraries()
-    pipe, identity = load_pipeline(model, torch_dtype=torch_dtype, device=device)
+    pipe, identity = load_pipeline(model_id, torch_dtype=torch_dtype, device=device, revision=model_revision)
     layout, _ = plan_capture(pipe, identity, config)
-    n = len(requests) if requests is not None else None
+    if existing is not None:
+        diffs = existing.layout.differences(layout)
+        if diffs:
+            raise IncompatibleStoreError(
+                f"cannot {'resume' if resume else 'append to'} {out}: " + "; ".join(diffs)
+                + ". Leave those options out to use the store's settings, or capture into a new --out"
+            )
     console.print(
-        f"[bold]{identity.id}[/]: {len(layout.layers)} cross-attention layers, {layout.n_steps} of "
+        f"[bold]{escape(identity.id)}[/]: {len(layout.layers)} cross-attention layers, {layout.n_steps} of "
         f"{layout.num_unet_calls} UNet calls, branches {','.join(layout.branches)}, {layout.query_dtype}; "
-        f"about {_human(layout.query_bytes_per_image())} of queries per image before compression"
+        f"about {_human(layout.query_bytes_per_image())} of queries per image before compression",
+        highlight=False,
     )
+    n = len(requests) if requests is not None and not resume else None
     with _progress(n or 0, "capturing") as bar:
         task = bar.add_task("capture", total=n)
         step = lambda slot: bar.advance(task)  # noqa: E731
         if resume:
-            result = run_resume(pipe, identity, out, config=config, progress=step, worker=worker_split)
+            result = run_resume(pipe, identity, out, config=config, requests=requests, progress=step,
+                                worker=worker_split)
         else:
             result = run_capture(pipe, identity, requests, out, config=config, progress=step,
                                  reserve_only=reserve_only)
-    action = "reserved" if reserve_only else "stored"
-    console.print(f"{action} images {_ranges(result.images)} in {out}")
+    slots = list(result.images)
+    shown = ", ".join(map(str, slots[:20])) + (f", ... ({len(slots)} in all)" if len(slots) > 20 else "")
+    action = "reserved" if reserve_only else ("finished" if resume else "stored")
+    console.print(f"{action} images {shown} in {out}"
+                  + (f"; {len(result.already_complete)} of the given prompts were already complete"
+                     if result.already_complete else ""), highlight=False)
 
 
 def _ranges(values) -> str:
@@ -183,36 +257,51 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> Non
     console.print(f"image size {layout.height}x{layout.width}, latent {layout.latent_height}x{layout.latent_width}; "
                   f"steps stored: {layout.n_steps} of {layout.num_unet_calls} UNet calls; branches: "
                   f"{','.join(layout.branches)}; queries {layout.query_dtype}, codec {layout.codec}")
-    table = Table("layer", "block", "h x w", "heads", "head_dim", "scale", "MB/image")
+    table = Table("block", "h x w", "heads", "head_dim", "scale", "MB/image")
+    table.add_column("layer", overflow="fold")  # full module paths, wrapped rather than cut
     itemsize = 4 if layout.query_dtype == "float32" else 2
     for l in layout.layers:
         per = l.heads * l.head_dim * l.height * l.width * layout.n_steps * len(layout.branches) * itemsize
-        table.add_row(l.name, l.block, f"{l.height}x{l.width}", str(l.heads), str(l.head_dim),
-                      f"{l.scale:.4g}", f"{per / 1e6:.2f}")
+        table.add_row(l.block, f"{l.height}x{l.width}", str(l.heads), str(l.head_dim),
+                      f"{l.scale:.4g}", f"{per / 1e6:.2f}", l.name)
     Console().print(table)
-    console.print(f"on disk: {_human(summary.bytes_on_disk)} (queries {_human(summary.query_bytes_on_disk)}, "
-                  f"uncompressed {_human(summary.query_bytes_uncompressed)}, ratio {summary.compression_ratio:.2f}x)")
+    console.print(f"on disk: {_human(summary.bytes_on_disk)} (queries of complete images "
+                  f"{_human(summary.query_bytes_on_disk)}, uncompressed {_human(summary.query_bytes_uncompressed)}, "
+                  f"ratio {summary.compression_ratio:.2f}x)")
 
 
 @app.command()
 def verify(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> None:
     """Read every chunk of every complete image and check its checksum; list damage by image and layer.
 
-    Exit status 1 when anything is missing or corrupt.
+    Also reports unreadable metadata, NaN/Inf in queries and leftover temporary files of
+    interrupted writes. Exit status 1 when anything is missing or corrupt.
     """
+    from rich.markup import escape
+
+    from .errors import StoreDamagedError
     from .store import open_store, verify_store
 
-    s = open_store(store)
-    n = len(s.complete_images())
-    with _progress(n, "verifying") as bar:
+    try:
+        s = open_store(store)
+    except StoreDamagedError as exc:
+        console.print(f"[red]damaged:[/] {escape(str(exc))}", highlight=False)
+        console.print("the store cannot be opened, so nothing else was checked", highlight=False)
+        raise typer.Exit(1) from None
+    try:
+        n = len(s.complete_images())
+    except OvstoreError:  # a damaged status array: verify_store reports it
+        n = None
+    with _progress(n or 0, "verifying") as bar:
         task = bar.add_task("verify", total=n)
         report = verify_store(s, progress=lambda _: bar.advance(task))
+    for note in report.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
     for problem in report.problems:
-        console.print(f"[red]damaged:[/] {problem}", highlight=False)
-    console.print(f"checked {report.checked_images} complete images; {len(report.incomplete)} incomplete "
-                  f"{report.incomplete[:20] if report.incomplete else ''}; "
-                  + ("no damage found" if report.ok else f"{len(report.damaged_images)} damaged images: "
-                     f"{report.damaged_images[:20]}"))
+        console.print(f"[red]damaged:[/] {escape(str(problem))}", highlight=False)
+    for path in report.leftovers[:10]:
+        console.print(f"leftover: {escape(str(path))}", highlight=False)
+    console.print(escape(report.summary()), highlight=False)
     if not report.ok:
         raise typer.Exit(1)
 
@@ -235,17 +324,39 @@ def images(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for PNG files named 00000.png, ...")] = Path("images"),
 ) -> None:
-    """Write the stored images as PNG files named by image index."""
+    """Write the stored images as PNG files named by image index.
+
+    Damaged images are skipped and listed (exit status 2); the others are written.
+    """
     from PIL import Image
 
+    from .errors import StoreError
     from .store import open_store
 
     s = open_store(store)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} is a file; give a folder for the PNG files")
     done = s.complete_images()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot create --out {out}: {exc.strerror or exc}; choose a writable folder") from None
+    damaged = []
     for i in done:
-        Image.fromarray(s.image(i)).save(out / f"{i:05d}.png")
-    console.print(f"wrote {len(done)} images to {out}")
+        try:
+            picture = s.image(i)
+        except StoreError:
+            damaged.append(i)
+            continue
+        try:
+            Image.fromarray(picture).save(out / f"{i:05d}.png")
+        except OSError as exc:
+            raise InvalidInputError(f"cannot write {out / f'{i:05d}.png'}: {exc.strerror or exc}; free space or "
+                                    "choose another --out") from None
+    console.print(f"wrote {len(done) - len(damaged)} images to {out}", highlight=False)
+    if damaged:
+        raise StoreError(f"{len(damaged)} images are damaged and were skipped: {damaged[:20]}; run `ovstore verify "
+                         f"{store}` for details")
 
 
 @app.command()
@@ -273,7 +384,7 @@ def maps(
 
     Example: ovstore maps caps.zarr -a "a cat and a sofa" -a "furniture" --out maps.zarr --png overlays/
     """
-    from .analyze import MapConfig, compute_maps, save_maps, write_overlays
+    from .analyze import MapConfig, compute_maps, save_maps, write_maps_zarr, write_overlays
     from .store import open_store
 
     prompts = list(attribution or [])
@@ -292,6 +403,12 @@ def maps(
         raise InvalidInputError(f"--out {out}: use a .npy (one prompt) or .zarr (any number) file name")
     if out.suffix == ".npy" and n_attributions > 1:
         raise InvalidInputError(f"--out {out} is .npy, which holds one attribution; use FILE.zarr for {n_attributions}")
+    if png is not None:
+        from .analyze.export import overlay_dir
+
+        overlay_dir(png)
+    if aggregation not in ("sum", "mean"):
+        raise InvalidInputError(f"--aggregation {aggregation!r} is not one of sum, mean")
     config = MapConfig(
         layers=_layer_selection(layer, resolution, include_mid=False),
         steps=steps, branch=branch, activation=activation, head_reduction=aggregation,
@@ -307,14 +424,23 @@ def maps(
 
         files = [load_token(t) for t in token]
         if combine_tokens:
-            attributions.append(combined_attribution(files, s.layout.model))
+            from .analyze.text import load_text_encoder, start_of_text_row
+
+            encoder = load_text_encoder(s.layout.model, model=model, device="cpu")
+            attributions.append(combined_attribution(files, s.layout.model, start_of_text_row(encoder)))
         else:
             attributions += [token_attribution(f, s.layout.model) for f in files]
     with _progress(len(chosen), "maps") as bar:
         task = bar.add_task("maps", total=len(chosen))
-        result = compute_maps(s, attributions, images=chosen, config=config, model=model, device=device,
-                              progress=lambda _: bar.advance(task))
-    save_maps(result, out)
+        options = dict(images=chosen, config=config, model=model, device=device, progress=lambda _: bar.advance(task))
+        if out.suffix == ".zarr":  # streamed to disk block by block: memory stays bounded
+            import xarray as xr
+
+            write_maps_zarr(s, attributions, out, **options)
+            result = xr.open_zarr(out, consolidated=False)["ovam_maps"]
+        else:
+            result = compute_maps(s, attributions, **options)
+            save_maps(result, out)
     console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {n_attributions} attribution(s) to {out}")
     if png is not None:
         files = write_overlays(result, s.image, png)
@@ -324,11 +450,12 @@ def maps(
 @app.command()
 def optimize(
     store: Annotated[Path, typer.Argument(help="Store holding the annotated images.")],
-    image: Annotated[list[int], typer.Option("--image", "-i", help="Training image index; pair each with a --mask (repeatable).")],
-    mask: Annotated[list[Path], typer.Option("--mask", "-m", help="Binary mask image of the class in the matching --image (any size).")],
-    init: Annotated[str, typer.Option(help="Word to start from (its token in the context sentence).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Token file to write (.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Token file to write (.safetensors); with --tasks-file, a folder for one NAME.safetensors per class.")],
+    image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Training image index; pair each with a --mask (repeatable).")] = None,
+    mask: Annotated[Optional[list[Path]], typer.Option("--mask", "-m", help="Binary mask image of the class in the matching --image (any size of the image's shape).")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Word to start from (its token in the context sentence).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Class name stored in the token (default: the init word).")] = None,
+    tasks_file: Annotated[Optional[Path], typer.Option(help='Several classes in one pass over the queries: JSON lines like {"init": "cat", "images": [0, 4], "masks": ["cat0.png", "cat4.png"], "name": "cat"} (mask paths relative to the file).')] = None,
     context: Annotated[str, typer.Option(help="Sentence encoded to initialise the rows; {} is the init word.")] = "A photograph of a {}",
     recipe: Annotated[str, typer.Option(help="Optimization recipe: reference (OVAM's).")] = "reference",
     epochs: Annotated[int, typer.Option(help="SGD epochs (reference: 800).")] = 800,
@@ -344,26 +471,38 @@ def optimize(
     """Learn a class token from annotated masks, from the store alone (no UNet).
 
     Example: ovstore optimize caps.zarr --image 0 --mask cat0.png --init cat --out cat.safetensors
+    Several classes at once: ovstore optimize caps.zarr --tasks-file classes.jsonl --out tokens/
     """
     from .analyze import MapConfig
-    from .optimize import OptimizeConfig, TokenTask, optimize_tokens, save_token
+    from .optimize import OptimizeConfig, TokenTask, optimize_tokens, read_tasks_file, save_token
 
-    if out.suffix != ".safetensors":
-        raise InvalidInputError(f"--out {out}: a token file must end in .safetensors")
+    if tasks_file is not None:
+        if image or mask or init or name:
+            raise InvalidInputError("--tasks-file names every class; drop --image/--mask/--init/--name")
+        if out.suffix == ".safetensors":
+            raise InvalidInputError(f"--out {out}: with --tasks-file, give a folder (one NAME.safetensors per class)")
+        tasks = read_tasks_file(tasks_file)
+    else:
+        if not init or not image or not mask:
+            raise InvalidInputError("give --init WORD with --image N --mask FILE pairs, or --tasks-file F")
+        if out.suffix != ".safetensors":
+            raise InvalidInputError(f"--out {out}: a token file must end in .safetensors")
+        tasks = [TokenTask(init_word=init, images=tuple(image), masks=tuple(mask), name=name)]
     config = OptimizeConfig(
         recipe=recipe, context=context, epochs=epochs, lr=lr, lr_step=lr_step, lr_gamma=lr_gamma,
         maps=MapConfig(layers=_layer_selection(layer, resolution, include_mid=False), steps=steps),
     )
-    task = TokenTask(init_word=init, images=tuple(image), masks=tuple(mask), name=name)
     _quiet_libraries()
     with _progress(epochs, "optimizing") as bar:
         progress_task = bar.add_task("optimize", total=epochs)
-        (token,) = optimize_tokens(store, [task], config=config, model=model, device=device,
-                                   progress=lambda epoch, losses: bar.update(progress_task, completed=epoch + 1))
-    save_token(token, out)
-    t = token.training
-    console.print(f"wrote {out}: loss {t['best_loss']:.4f}, training IoU {t['train_iou']:.3f} "
-                  f"(plain word {init!r}: {t['plain_word_iou']:.3f})")
+        tokens = optimize_tokens(store, tasks, config=config, model=model, device=device,
+                                 progress=lambda epoch, losses: bar.update(progress_task, completed=epoch + 1))
+    for task, token in zip(tasks, tokens):
+        path = out if tasks_file is None else out / f"{token.name}.safetensors"
+        save_token(token, path)
+        t = token.training
+        console.print(f"wrote {path}: loss {t['best_loss']:.4f}, training IoU {t['train_iou']:.3f} "
+                      f"(plain word {task.init_word!r}: {t['plain_word_iou']:.3f})", highlight=False)
 
 
 def _parse_thresholds(items: list[str] | None) -> dict[str, float]:
@@ -388,17 +527,19 @@ def label(
     prompt_template: Annotated[str, typer.Option(help="Sentence of a class word; {} is the class.")] = "a photograph of a {}",
     token: Annotated[Optional[list[Path]], typer.Option("--token", help="Learned token file; used for the class it names (repeatable).")] = None,
     mode: Annotated[str, typer.Option(help="separate: each class its own softmax; compete: all classes in one softmax.")] = "separate",
-    threshold: Annotated[float, typer.Option(help="Threshold on max-normalised maps (reference ≈0.4 for words).")] = 0.4,
+    normalize: Annotated[str, typer.Option(help="Class maps to [0, 1] per image: minmax ((m - min)/(max - min)) or max (m/max, the reference protocol; its floor can be high, about 2/3 of the max on the toy-world model).")] = "minmax",
+    threshold: Annotated[float, typer.Option(help="Threshold on the normalised maps (default chosen for minmax on a toy-world calibration set; DAAM-style evaluations of Stable Diffusion use max with ≈0.4).")] = 0.6,
     class_threshold: Annotated[Optional[list[str]], typer.Option("--class-threshold", help="CLASS=VALUE per-class threshold (repeatable).")] = None,
-    adaptive: Annotated[bool, typer.Option("--adaptive", help="DiffuMask adaptive threshold per class and image (most stable area over a sweep).")] = False,
-    crf: Annotated[bool, typer.Option("--crf", help="DenseCRF refinement (pip install 'ovstore[crf]').")] = False,
+    adaptive: Annotated[bool, typer.Option("--adaptive", help="DiffuMask adaptive threshold per class and image: the middle of the sweep range where the mask area is most stable.")] = False,
+    sweep: Annotated[Optional[str], typer.Option(help="Thresholds tried by --adaptive: 'A,B,C' or 'START:STOP:STEP' (inclusive); default 0.5:0.95:0.05.")] = None,
+    crf: Annotated[bool, typer.Option("--crf", help="DenseCRF refinement (pip install 'ovstore\\[crf]'); thresholds still decide what is labelled.")] = False,
     min_component: Annotated[int, typer.Option(help="Remove class regions smaller than this many pixels.")] = 0,
     prompt_classes_only: Annotated[bool, typer.Option("--prompt-classes-only", help="Only label classes named in each image's prompt.")] = False,
     image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="'synchronous' (in-process), or a dask.distributed scheduler address; default: a LocalCluster.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="LocalCluster worker processes (default: one per core).")] = None,
     partition_size: Annotated[int, typer.Option(help="Images per task (bounds memory per worker).")] = 8,
-    write_maps: Annotated[bool, typer.Option("--write-maps", help="Also write the float class maps to OUT/maps.zarr.")] = False,
+    write_maps: Annotated[bool, typer.Option("--write-maps", help="Also write the float class maps to OUT/maps.zarr (added for images finished earlier).")] = False,
     model: Annotated[Optional[str], typer.Option(help="Text encoder to use instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
@@ -407,7 +548,7 @@ def label(
     Re-running the same command resumes: finished images are skipped.
     Example: ovstore label caps.zarr --classes cat,dog,sofa --out dataset/
     """
-    from .label import LabelConfig, label_store
+    from .label import LabelConfig, label_store, parse_sweep
     from .optimize import load_token
     from .store import open_store
 
@@ -417,13 +558,17 @@ def label(
             names += [l.strip() for l in classes_file.read_text(encoding="utf-8").splitlines() if l.strip()]
         except OSError as exc:
             raise InvalidInputError(f"cannot read --classes-file {classes_file}: {exc.strerror}") from None
+    if sweep is not None and not adaptive:
+        raise InvalidInputError("--sweep sets the thresholds tried by --adaptive; add --adaptive")
     tokens = {load_token(t).name: t for t in (token or ())}
     for name in tokens:
         if name not in names:
             names.append(name)
     config = LabelConfig(classes=tuple(names), prompt_template=prompt_template, tokens=tokens, mode=mode,
-                         threshold=threshold, class_thresholds=_parse_thresholds(class_threshold),
-                         adaptive=adaptive, crf=crf, min_component=min_component,
+                         normalize=normalize, threshold=threshold,
+                         class_thresholds=_parse_thresholds(class_threshold), adaptive=adaptive,
+                         **({"sweep": parse_sweep(sweep)} if sweep is not None else {}), crf=crf,
+                         min_component=min_component,
                          prompt_classes_only=prompt_classes_only)
     _quiet_libraries()
     total = len(open_store(store).check_images(image))
@@ -442,11 +587,27 @@ def evaluate(
     pred_dir: Annotated[Path, typer.Argument(help="Predicted label PNGs (a folder or a VOC tree).")],
     gt_dir: Annotated[Path, typer.Argument(help="Ground-truth label PNGs, matched by file name (255 = ignore).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for report.json, report.md and report.png.")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names numbered from 1 (background is 0), for folders without labelmap.txt.")] = None,
+    labelmap: Annotated[Optional[Path], typer.Option(help="labelmap.txt giving the class names (background first).")] = None,
 ) -> None:
-    """Per-class IoU, mIoU, precision/recall and confusion matrix (I and U summed over the set)."""
-    from .label import evaluate_dirs, write_report
+    """Per-class IoU, mIoU, precision/recall and confusion matrix (I and U summed over the set).
 
-    report = evaluate_dirs(pred_dir, gt_dir)
+    Class names come from --classes/--labelmap, else the folders' labelmap.txt (which must agree).
+    """
+    from .label import evaluate_dirs, write_report
+    from .label.voc import read_labelmap
+
+    if classes is not None and labelmap is not None:
+        raise InvalidInputError("give --classes or --labelmap, not both")
+    names = None
+    if classes is not None:
+        names = ["background", *[c.strip() for c in classes.split(",") if c.strip()]]
+    elif labelmap is not None:
+        try:
+            names = read_labelmap(labelmap)
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read --labelmap {labelmap}: {exc.strerror}") from None
+    report = evaluate_dirs(pred_dir, gt_dir, classes=names)
     Console().print(report.to_markdown(), markup=False, highlight=False)
     if out is not None:
         files = write_report(report, out)
@@ -469,23 +630,34 @@ def demo(
 
 def main() -> None:
     """Console entry point: one-line errors instead of tracebacks for expected failures."""
+    from rich.markup import escape
+
     try:
         code = app(standalone_mode=False)
+        if code == 130:  # click turns Ctrl-C inside a command into exit status 130
+            raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
     except OvstoreError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted; complete images are kept, resume with `ovstore capture --resume`")
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        if command == "label":
+            console.print("interrupted; finished images are kept, re-run the same `ovstore label` command to resume",
+                          markup=False)
+        elif command == "capture":
+            console.print("interrupted; complete images are kept, resume with `ovstore capture --resume --out STORE` "
+                          "(or the same command with --resume)", markup=False)
+        else:
+            console.print("interrupted", markup=False)
         sys.exit(130)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        # click's exceptions, from click itself or the copy typer bundles (typer._click)
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort" and "click" in type(exc).__module__:
             sys.exit(1)
         raise
 

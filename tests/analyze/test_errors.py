@@ -44,3 +44,16 @@ def test_overlay_folder_that_is_a_file_is_refused(multi_store, tmp_path):
     with pytest.raises(InvalidInputError, match="is a file"):
         write_overlays(maps, open_store(multi_store).image, target)
     assert target.read_text() == "not a folder"
+
+
+def test_text_encoder_that_is_not_the_recorded_one_is_refused(multi_store, tmp_path):
+    copy = tmp_path / "replaced.zarr"
+    shutil.copytree(multi_store, copy)
+    group = zarr.open_group(copy, mode="r+")
+    meta = group.attrs["ovstore"]
+    meta["layout"]["model"]["text_encoder_fingerprint"] = "0" * 64  # as if the model changed on disk
+    group.attrs["ovstore"] = meta
+    with pytest.raises(InvalidInputError, match="fingerprints differ.*--model"):
+        compute_maps(copy, "a cat")
+    model = open_store(copy).layout.model.path  # chosen deliberately: allowed
+    assert compute_maps(copy, "a cat", model=model, images=[0]).shape[0] == 1

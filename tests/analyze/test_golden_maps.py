@@ -205,3 +205,16 @@ def test_streamed_zarr_equals_in_memory_maps(multi_store, tmp_path):
     np.testing.assert_allclose(streamed.values, expected.values, rtol=1e-6, atol=1e-6)
     for name in ("prompt", "prompt_index", "token_str", "token_id", "image"):
         assert streamed[name].values.tolist() == expected[name].values.tolist()
+
+
+def test_layers_in_parallel_threads_equal_one_thread(golden_store, golden_encoder):
+    import torch
+
+    prompts = ["a cat and a sofa", "a photo of a dog", "a photo of a cat", "furniture"]
+    one = compute_maps(golden_store, prompts, text_encoder=golden_encoder)
+    torch.set_num_threads(2)
+    try:
+        two = compute_maps(golden_store, prompts, text_encoder=golden_encoder)  # two layer workers
+    finally:
+        torch.set_num_threads(1)
+    np.testing.assert_allclose(two.values, one.values, rtol=1e-6, atol=1e-6)

@@ -93,6 +93,14 @@ def test_several_classes_in_one_run_equal_separate_runs(multi_store):
     combined = combined_attribution(joint, store.layout.model)
     maps = compute_maps(store, [combined], images=[0])
     assert maps["token_str"].values.tolist() == ["<|startoftext|>", "cat*", "sofa*"]
+    # with the text encoder's start-of-text row the classes compete whatever their order
+    from ovstore.analyze.text import start_of_text_row
+
+    sot = start_of_text_row(encoder)
+    ab = compute_maps(store, [combined_attribution(joint, store.layout.model, sot)], images=[0], text_encoder=encoder)
+    ba = compute_maps(store, [combined_attribution(joint[::-1], store.layout.model, sot)], images=[0],
+                      text_encoder=encoder)
+    np.testing.assert_allclose(ab.values[0, [0, 1, 2]], ba.values[0, [0, 2, 1]], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_masks(tmp_path):

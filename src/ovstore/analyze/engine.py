@@ -232,14 +232,18 @@ def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: To
         ordered = torch.zeros((buckets.total, pixels), dtype=torch.float32, device=keys.device)
         k_norm = keys.norm(dim=2).amax(dim=0)  # (token,)
         keys_log2e = keys * _LOG2_E if activation == "token_softmax" else None
-        # tiles narrow enough that their queries fit the budget and that a chunk holds several
-        # prompts (a prefix shared by a chunk is computed once)
-        wanted = min(buckets.total, max(8 * buckets.longest, 64))
-        tiles = _width_tiles(steps, pixels, max(1, memory_budget // (4 * heads * max(channels, wanted))))
+        tiles = _width_tiles(steps, pixels, max(1, memory_budget // (4 * heads * channels)))
         widest = max(k * (b - a) for _, a, b, k in tiles)
         columns = max(buckets.longest, memory_budget // (heads * widest * 4))
         buffer = torch.empty(heads * min(columns, buckets.total) * widest, dtype=torch.float32, device=keys.device)
-        prefixes: dict[tuple[int, int], int] = {}
+        # a beginning shared by every prompt of a group ("a photograph of a ...") is computed once
+        # per tile for the whole group; one shared row (the start of text alone) gains nothing
+        shared = {}
+        if keys_log2e is not None:
+            for n_tokens, start, stop in buckets.groups:
+                k = buckets.shared_prefix(start, stop, n_tokens)
+                if k >= 2 and queries.max_norm * float(k_norm[start:stop].amax()) < _SAFE_EXP:
+                    shared[start] = k
         for step, a, b, k in tiles:
             if b - a == pixels:
                 q_tile = q[:, :, step * pixels:(step + k) * pixels]
@@ -248,18 +252,16 @@ def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: To
             width = q_tile.shape[-1]
             for n_tokens, start, stop in buckets.groups:
                 chunk = max(1, columns // n_tokens) * n_tokens
+                common = None
+                if start in shared:  # exponentials of the shared rows: (head, shared, width)
+                    common = torch.bmm(keys_log2e[:, start:start + shared[start]], q_tile).exp2_()
                 for c0 in range(start, stop, chunk):
                     c1 = min(stop, c0 + chunk)
-                    bounded = queries.max_norm * float(k_norm[c0:c1].amax()) < _SAFE_EXP
-                    shared = 0
-                    if keys_log2e is not None and bounded:
-                        if (c0, c1) not in prefixes:
-                            prefixes[(c0, c1)] = buckets.shared_prefix(c0, c1, n_tokens)
-                        shared = prefixes[(c0, c1)]
-                    if shared >= 2:  # measured: one shared row (the start of text alone) gains nothing
-                        _shared_prefix_softmax(keys_log2e[:, c0:c1], q_tile, buffer, n_tokens, shared, k,
+                    if common is not None:
+                        _shared_prefix_softmax(keys_log2e[:, c0:c1], q_tile, common, buffer, n_tokens, k,
                                                ordered[c0:c1].view(-1, n_tokens, pixels)[:, :, a:b])
                         continue
+                    bounded = queries.max_norm * float(k_norm[c0:c1].amax()) < _SAFE_EXP
                     scores = buffer[:heads * (c1 - c0) * width].view(heads, c1 - c0, width)
                     _activate_inplace(keys[:, c0:c1], None if keys_log2e is None else keys_log2e[:, c0:c1],
                                       q_tile, scores, n_tokens, activation, bounded)
@@ -269,29 +271,28 @@ def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: To
     return ordered
 
 
-def _shared_prefix_softmax(keys_log2e: torch.Tensor, q: torch.Tensor, buffer: torch.Tensor, n_tokens: int,
-                           shared: int, steps: int, out: torch.Tensor) -> None:
-    """Token softmax of a chunk of prompts whose first ``shared`` tokens are the same rows.
+def _shared_prefix_softmax(keys_log2e: torch.Tensor, q: torch.Tensor, common: torch.Tensor, buffer: torch.Tensor,
+                           n_tokens: int, steps: int, out: torch.Tensor) -> None:
+    """Token softmax of a chunk of prompts whose first tokens are the same rows.
 
-    The shared rows' exponentials are computed once for the chunk, not once per prompt;
-    they enter every prompt's denominator and each prompt's map of them is its own
-    normalisation of them. Adds the step- and head-summed maps into ``out``
-    ``(prompt, token, pixel)``.
+    ``common`` holds the shared rows' exponentials ``(head, shared, width)``, computed once
+    for all the prompts; they enter every prompt's denominator, and each prompt's map of
+    them is their normalisation by that prompt's denominator. Adds the step- and
+    head-summed maps into ``out`` ``(prompt, token, pixel)``.
     """
     heads, _, channels = keys_log2e.shape
-    width = q.shape[-1]
+    width, shared = q.shape[-1], common.shape[1]
     prompts, rest = keys_log2e.shape[1] // n_tokens, n_tokens - shared
     grouped = keys_log2e.view(heads, prompts, n_tokens, channels)
     own = buffer[:heads * prompts * rest * width].view(heads, prompts * rest, width)
     torch.bmm(grouped[:, :, shared:].reshape(heads, prompts * rest, channels), q, out=own)
     own = own.exp2_().view(heads, prompts, rest, width)
-    common = torch.bmm(grouped[:, 0, :shared], q).exp2_()  # (head, shared, width)
     inverse = own.sum(dim=2).add_(common.sum(dim=1, keepdim=True)).reciprocal_()  # (head, prompt, width)
     own.mul_(inverse[:, :, None])
     products = buffer[own.numel():own.numel() + heads * prompts * shared * width]
-    common = torch.mul(common[:, None], inverse[:, :, None], out=products.view(heads, prompts, shared, width))
+    mine = torch.mul(common[:, None], inverse[:, :, None], out=products.view(heads, prompts, shared, width))
     pixels = width // steps
-    for part, tokens in ((common, slice(0, shared)), (own, slice(shared, n_tokens))):
+    for part, tokens in ((mine, slice(0, shared)), (own, slice(shared, n_tokens))):
         if steps > 1:
             part = part.reshape(heads, prompts, -1, steps, pixels).sum(dim=3)
         out[:, tokens] += part.sum(dim=0)

@@ -75,15 +75,11 @@ def write_maps_zarr(
     import zarr
 
     from .. import dims
-    from ..store.reader import open_store
-    from .maps import MapPlan, iter_map_blocks, map_attrs, map_coords, prepare_attributions
+    from .maps import iter_map_blocks, map_attrs, map_coords, prepare_run
 
     out = Path(out)
-    store = store if isinstance(store, Store) else open_store(store)
-    config = config or MapConfig()
-    images = store.check_images(images)
-    atts = prepare_attributions(store, attributions, text_encoder=text_encoder, model=model, device=device)
-    plan = MapPlan(store, config, device=device)
+    store, images, atts, plan = prepare_run(store, attributions, images=images, config=config,
+                                            text_encoder=text_encoder, model=model, device=device)
     total = sum(a.n_tokens for a in atts)
     height, width = plan.size
     token_chunk = int(min(total, max(1, 2**21 // (4 * height * width))))
@@ -98,7 +94,7 @@ def write_maps_zarr(
             shutil.rmtree(partial)
         template.to_zarr(partial, mode="w", zarr_format=3, consolidated=False, compute=False)
         array = zarr.open_array(partial / "ovam_maps", mode="r+")
-        for block in iter_map_blocks(plan, images, atts, block_budget=config.block_budget):
+        for block in iter_map_blocks(plan, images, atts, block_budget=plan.config.block_budget):
             array[block.position, block.tokens] = block.maps.detach().cpu().numpy()
             if progress is not None and block.tokens.stop == total:
                 progress(block.image)

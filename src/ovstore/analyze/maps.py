@@ -11,9 +11,8 @@ to disk.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,14 @@ from .engine import (
     prepare_queries,
     upsample_sum,
 )
-from .text import Attribution, TextEncoder, embedding_matrix, load_text_encoder, row_keys
+from .text import (
+    Attribution,
+    TextEncoder,
+    check_recorded_encoder,
+    embedding_matrix,
+    load_text_encoder,
+    row_keys,
+)
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -66,6 +72,9 @@ class MapPlan:
         self.config = config
         self.device = check_device(device)
         self.memory_budget = config.memory_budget or (2 * 2**20 if self.device.type == "cpu" else 256 * 2**20)
+        #: CPU layers evaluated in parallel, one per torch thread of the caller (each worker's
+        #: operations single-threaded: small operations scale far better this way)
+        self.workers = max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
         names = config.layers.select([(l.name, l.resolution) for l in store.layers])
         self.layers: list[LayerInfo] = [store.layout.layer(n) for n in names]
         self.steps = resolve_indices(config.steps, store.layout.n_steps, what="stored step")
@@ -85,7 +94,8 @@ class MapPlan:
         upsampled map."""
         keys = sum(info.heads * info.head_dim for info in self.layers)
         sums = sum(h * w for h, w in {(l.height, l.width) for l in self.layers})
-        return 4 * (2 * keys + sums + 2 * self.target[0] * self.target[1] + self.size[0] * self.size[1])
+        in_flight = self.workers * max(l.height * l.width for l in self.layers)  # layer maps being summed
+        return 4 * (2 * keys + sums + in_flight + 2 * self.target[0] * self.target[1] + self.size[0] * self.size[1])
 
     def ordered_keys(self, embedding: torch.Tensor, buckets: TokenBuckets) -> dict[str, torch.Tensor]:
         """:meth:`keys` of the tokens in engine order (``buckets.order``), as :meth:`image_maps` takes them."""
@@ -135,21 +145,48 @@ class MapPlan:
         order; ``keys`` from :meth:`ordered_keys`."""
         cfg = self.config
 
-        def per_layer():  # consumed one layer at a time: only one sum per resolution is kept
-            for info in self.layers:  # engine order (equal-length prompts adjacent) until the end
-                maps = ordered_token_maps(queries[info.name], keys[info.name], buckets,
-                                          activation=cfg.activation, memory_budget=self.memory_budget)
-                if cfg.head_reduction == "mean":
-                    maps = maps / info.heads
-                if cfg.step_reduction == "mean":
-                    maps = maps / len(self.steps)
-                yield info, maps
+        def layer_maps(info: LayerInfo) -> tuple[LayerInfo, torch.Tensor]:
+            maps = ordered_token_maps(queries[info.name], keys[info.name], buckets,
+                                      activation=cfg.activation, memory_budget=self.memory_budget)
+            if cfg.head_reduction == "mean":
+                maps = maps / info.heads
+            if cfg.step_reduction == "mean":
+                maps = maps / len(self.steps)
+            return info, maps
 
-        maps = upsample_sum(per_layer(), self.target, reduction=cfg.layer_reduction)
+        differentiable = torch.is_grad_enabled() and any(k.requires_grad for k in keys.values())
+        if self.workers > 1 and not differentiable and len(self.layers) > 1:
+            # layers are independent: one per worker thread (torch ops release the GIL), the
+            # costliest first; results are summed as they complete, so only `workers` layer maps
+            # are held besides one sum per resolution
+            inference = torch.is_inference_mode_enabled()
+
+            def in_worker(info: LayerInfo) -> tuple[LayerInfo, torch.Tensor]:
+                with torch.inference_mode(inference):
+                    return layer_maps(info)
+
+            pool = _layer_pool(self.workers)
+            costly_first = sorted(self.layers, key=lambda l: -l.height * l.width * l.heads * (l.head_dim + 8))
+            futures = [pool.submit(in_worker, info) for info in costly_first]
+            per_layer = (f.result() for f in as_completed(futures))
+        else:  # consumed one layer at a time: only one sum per resolution is kept
+            per_layer = (layer_maps(info) for info in self.layers)
+        maps = upsample_sum(per_layer, self.target, reduction=cfg.layer_reduction)
         maps = maps[buckets.inverse.to(maps.device)]
         if self.size != self.target:
             maps = F.interpolate(maps[:, None], size=self.size, mode="bilinear", align_corners=False)[:, 0]
         return normalize_maps(maps, cfg.normalize)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _layer_pool(workers: int) -> ThreadPoolExecutor:
+    """A lasting pool of ``workers`` threads whose torch operations run single-threaded."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="ovstore-layer",
+                                             initializer=torch.set_num_threads, initargs=(1,))
+    return _POOLS[workers]
 
 
 @dataclass(frozen=True)
@@ -215,11 +252,8 @@ def prepare_attributions(store: Store, items: Sequence[str | Attribution] | str,
     if texts:
         if text_encoder is None:
             text_encoder = load_text_encoder(store.layout.model, model=model, device=device)
-            recorded = store.layout.model.text_encoder_fingerprint
-            if recorded and model is None and text_encoder.fingerprint() != recorded:
-                warnings.warn(
-                    f"the text encoder loaded for {store.layout.model.id!r} differs from the one "
-                    "the store was captured with; maps may be meaningless", stacklevel=3)
+            if model is None:
+                check_recorded_encoder(text_encoder, store.layout.model, store.path)
         for att in text_encoder.encode(list(dict.fromkeys(texts))):
             encoded[att.label] = att
     return [encoded[x] if isinstance(x, str) else x for x in items]
@@ -236,6 +270,26 @@ def iter_map_blocks(plan: MapPlan, images: Sequence[int], attributions: Sequence
     """
     blocks = prompt_blocks(attributions, plan.bytes_per_token(), block_budget)
     cached = plan.ordered_keys(blocks[0].embedding, blocks[0].buckets) if len(blocks) == 1 else None
+    for position, image, queries in _prefetched(plan, images):
+        with torch.inference_mode():
+            for block in blocks:
+                keys = cached if cached is not None else plan.ordered_keys(block.embedding, block.buckets)
+                yield MapBlock(position, image, block.tokens, plan.image_maps(queries, keys, block.buckets))
+
+
+def iter_image_maps(plan: MapPlan, images: Sequence[int], keys: dict[str, torch.Tensor],
+                    buckets: TokenBuckets) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(image, maps)`` for fixed keys (from :meth:`MapPlan.ordered_keys`), reading
+    the next image's queries in a thread."""
+    for _, image, queries in _prefetched(plan, images):
+        with torch.inference_mode():
+            maps = plan.image_maps(queries, keys, buckets)
+        yield image, maps
+
+
+def _prefetched(plan: MapPlan, images: Sequence[int]) -> Iterator[tuple[int, int, dict[str, PreparedQueries]]]:
+    """``(position, image, queries)`` of each image, the next image's queries read in a
+    background thread while this one is computed (reading overlaps compute)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovstore-read") as pool:
         pending = pool.submit(plan.read, images[0]) if images else None
         for position, image in enumerate(images):
@@ -243,26 +297,20 @@ def iter_map_blocks(plan: MapPlan, images: Sequence[int], attributions: Sequence
             queries = pending.result()
             if position + 1 < len(images):
                 pending = pool.submit(plan.read, images[position + 1])
-            with torch.inference_mode():
-                for block in blocks:
-                    keys = cached if cached is not None else plan.ordered_keys(block.embedding, block.buckets)
-                    yield MapBlock(position, image, block.tokens, plan.image_maps(queries, keys, block.buckets))
+            yield position, image, queries
 
 
-def iter_image_maps(plan: MapPlan, images: Sequence[int], keys: dict[str, torch.Tensor],
-                    buckets: TokenBuckets) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(image, maps)`` for fixed keys (from :meth:`MapPlan.ordered_keys`), reading
-    the next image's queries in a thread."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovstore-read") as pool:
-        pending = pool.submit(plan.read, images[0]) if images else None
-        for k, image in enumerate(images):
-            assert pending is not None
-            queries = pending.result()
-            if k + 1 < len(images):
-                pending = pool.submit(plan.read, images[k + 1])
-            with torch.inference_mode():
-                maps = plan.image_maps(queries, keys, buckets)
-            yield image, maps
+def prepare_run(store: Store | str | Path, attributions: Sequence[str | Attribution] | str, *,
+                images: Sequence[int] | None, config: MapConfig | None, text_encoder: TextEncoder | None,
+                model: str | None, device: str) -> tuple[Store, list[int], list[Attribution], MapPlan]:
+    """What every map computation resolves first: the store, the images, the encoded
+    attributions and the plan (all arguments checked before any work)."""
+    store = store if isinstance(store, Store) else open_store(store)
+    config = config or MapConfig()
+    images = store.check_images(images)
+    plan = MapPlan(store, config, device=device)
+    atts = prepare_attributions(store, attributions, text_encoder=text_encoder, model=model, device=device)
+    return store, images, atts, plan
 
 
 def compute_maps(
@@ -313,14 +361,11 @@ def compute_maps(
     """
     import xarray as xr
 
-    store = store if isinstance(store, Store) else open_store(store)
-    config = config or MapConfig()
-    images = store.check_images(images)
-    atts = prepare_attributions(store, attributions, text_encoder=text_encoder, model=model, device=device)
-    plan = MapPlan(store, config, device=device)
+    store, images, atts, plan = prepare_run(store, attributions, images=images, config=config,
+                                            text_encoder=text_encoder, model=model, device=device)
     total = sum(a.n_tokens for a in atts)
     out = np.empty((len(images), total, *plan.size), dtype=np.float32)
-    for block in iter_map_blocks(plan, images, atts, block_budget=config.block_budget):
+    for block in iter_map_blocks(plan, images, atts, block_budget=plan.config.block_budget):
         out[block.position, block.tokens] = block.maps.detach().cpu().numpy()
         if progress is not None and block.tokens.stop == total:
             progress(block.image)

@@ -133,6 +133,13 @@ class TextEncoder:
         return out
 
 
+def start_of_text_row(encoder: TextEncoder) -> Any:
+    """The encoder's start-of-text row ``(hidden,)``: the same in every prompt of a causal
+    encoder (CLIP), so classes combined in one softmax share it whatever their order."""
+    (att,) = encoder.encode(["a"])
+    return att.embedding[0].clone()
+
+
 def word_in_context(encoder: TextEncoder, word: str, template: str) -> tuple[Attribution, list[int]]:
     """Encode ``template.format(word)`` and find the positions of ``word``'s tokens in it.
 
@@ -147,6 +154,18 @@ def word_in_context(encoder: TextEncoder, word: str, template: str) -> tuple[Att
             return att, list(range(start, start + len(word_ids)))
     raise InvalidInputError(f"{word!r} is not tokenized the same inside {sentence!r}; choose a template "
                             "where it stands as a separate word")
+
+
+def check_recorded_encoder(encoder: TextEncoder, identity: ModelIdentity, store_path: object) -> None:
+    """Refuse a text encoder that is not the one the store was captured with: its keys would
+    not match the stored queries and every map would be meaningless (a model replaced on
+    disk or on the hub). ``--model`` chooses another encoder deliberately."""
+    recorded = identity.text_encoder_fingerprint
+    if recorded and encoder.fingerprint() != recorded:
+        raise InvalidInputError(
+            f"the text encoder found for {identity.id!r} is not the one {store_path} was captured with "
+            "(fingerprints differ), so its maps would be meaningless; restore that model, or pass --model "
+            "to choose an encoder deliberately")
 
 
 def load_text_encoder(identity: ModelIdentity, *, model: str | None = None, device: str = "cpu") -> TextEncoder:

@@ -12,7 +12,7 @@ import torch
 
 from ..analyze.maps import compute_maps
 from ..analyze.config import MapConfig
-from ..analyze.text import Attribution, TextEncoder, word_in_context
+from ..analyze.text import Attribution, TextEncoder, start_of_text_row, word_in_context
 from ..optimize.tokens import SOT, load_token, token_attribution
 from ..store.reader import Store
 from .config import LabelConfig
@@ -46,10 +46,8 @@ def class_attributions(store: Store, config: LabelConfig, encoder: TextEncoder) 
     # compete: one softmax over [SoT, class rows of every class]. The start-of-text row is the
     # text encoder's (identical in every sentence: CLIP attends causally), never a learned
     # token's trained row, so the result does not depend on the order of the classes.
-    words = [att for (att, _), name in zip(per_class, config.classes) if name not in config.tokens]
-    sot_source = words[0] if words else word_in_context(encoder, config.classes[0], config.prompt_template)[0]
-    sot = sot_source.embedding[0:1].to(dtype=per_class[0][0].embedding.dtype,
-                                       device=per_class[0][0].embedding.device)
+    sot = start_of_text_row(encoder)[None].to(dtype=per_class[0][0].embedding.dtype,
+                                              device=per_class[0][0].embedding.device)
     rows, tokens, columns = [sot], [SOT], []
     for (att, idx), name in zip(per_class, config.classes):
         start = len(tokens)

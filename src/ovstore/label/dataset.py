@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
+from ..analyze.text import check_recorded_encoder
 from ..errors import InvalidInputError
 from ..store.reader import Store, open_store
 from . import voc
@@ -223,14 +224,9 @@ def label_store(
     chosen = opened.check_images(images)
     if config.crf:
         require_crf()  # before anything is written
-    recorded = opened.layout.model.text_encoder_fingerprint
-    if recorded and model is None:
+    if opened.layout.model.text_encoder_fingerprint and model is None:
         encoder = _encoder(json.dumps(opened.layout.model.to_json(), sort_keys=True), model, device)
-        if encoder.fingerprint() != recorded:
-            raise InvalidInputError(
-                f"the text encoder found for {opened.layout.model.id!r} is not the one {opened.path} was captured "
-                "with (fingerprints differ), so its class maps would be meaningless; restore that model, or "
-                "pass --model to choose an encoder deliberately")
+        check_recorded_encoder(encoder, opened.layout.model, opened.path)
     paths = _paths(out)
     for p in paths.values():
         p.mkdir(parents=True, exist_ok=True)

@@ -107,15 +107,22 @@ def token_attribution(token: TokenFile, identity: ModelIdentity) -> Attribution:
     return Attribution(label=token.name, tokens=(SOT, f"{token.name}*"), embedding=token.embedding.float())
 
 
-def combined_attribution(tokens: Sequence[TokenFile], identity: ModelIdentity) -> Attribution:
-    """Several tokens in one softmax, so that their classes compete: [SoT, a*, b*, ...]."""
+def combined_attribution(tokens: Sequence[TokenFile], identity: ModelIdentity,
+                         start_of_text: Any | None = None) -> Attribution:
+    """Several tokens in one softmax, so that their classes compete: [SoT, a*, b*, ...].
+
+    ``start_of_text`` is the SoT row to use, normally the text encoder's
+    (:func:`~ovstore.analyze.text.start_of_text_row`), so that the result does not depend on
+    the order of the tokens; without it, the first token's trained SoT row is used.
+    """
     import torch
 
     if not tokens:
         raise InvalidInputError("no token to combine")
     for token in tokens:
         _check_model(token, identity)
-    rows = [tokens[0].embedding[0]] + [t.embedding[1] for t in tokens]
+    sot = tokens[0].embedding[0] if start_of_text is None else torch.as_tensor(start_of_text).reshape(-1)
+    rows = [sot.float().cpu()] + [t.embedding[1].float() for t in tokens]
     return Attribution(label="+".join(f"{t.name}*" for t in tokens),
                        tokens=(SOT, *(f"{t.name}*" for t in tokens)),
                        embedding=torch.stack(rows).float())

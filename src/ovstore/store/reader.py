@@ -208,24 +208,25 @@ class Store:
 
     def check_images(self, images: Sequence[int] | None) -> list[int]:
         """Validate image indices (default: every complete image)."""
-        complete = self.complete_images()
         if images is None:
+            complete = self.complete_images()
             if not complete:
                 raise IncompleteImageError(
                     f"store {self.path} has no complete image yet; finish its images with `ovstore capture "
                     f"--resume --out {self.path}` or add some with `ovstore capture --prompt ... --out {self.path}`"
                 )
             return complete
-        done = set(complete)
+        # each slot's status is a chunk of its own (written independently): read only those asked
+        images = [int(i) for i in images]
+        n_images = self.n_images
         out = []
         for i in images:
-            i = int(i)
-            if not 0 <= i < self.n_images:
+            if not 0 <= i < n_images:
                 raise IncompleteImageError(
-                    f"image {i} is out of range: store {self.path} has {self.n_images} images "
-                    f"(0..{self.n_images - 1})"
+                    f"image {i} is out of range: store {self.path} has {n_images} images "
+                    f"(0..{n_images - 1})"
                 )
-            if i not in done:
+            if int(self.read(fmt.STATUS, i, what="status")) != fmt.STATUS_COMPLETE:
                 raise IncompleteImageError(
                     f"image {i} of {self.path} is incomplete (its capture was interrupted); "
                     "finish it with `ovstore capture --resume` or choose another image"
@@ -305,8 +306,7 @@ class Store:
         """
         arr = self._queries_array(layer)
         image = int(image)
-        if not 0 <= image < self.n_images or int(self.read(fmt.STATUS, image)[()]) != fmt.STATUS_COMPLETE:
-            self.check_images([image])  # raises with the reason and the fix
+        self.check_images([image])
         if not self.chunk_exists(arr, (image,)):
             raise StoreError(
                 f"image {image}, layer {layer}: query data is missing from {self.path} although the "
