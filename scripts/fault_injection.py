@@ -13,9 +13,14 @@ Two modes:
 * ``--kill-points``: deterministic kills inside zarr's writes (store creation, key
   projections, reserve, mid-shard with half a temporary file written, completion marker,
   merge), each followed by the documented resume command.
+* ``--label``: the same random kills of `ovstore label` on a complete store: after each kill
+  every finished image (its record) has a whole record and a label PNG equal to an
+  uninterrupted run's, no temporary file counts as finished, and the same command resumes;
+  the finished output equals the uninterrupted one (PNGs, records, COCO JSON).
 
     python scripts/fault_injection.py --trials 20 [--images 8] [--seed 0]
     python scripts/fault_injection.py --kill-points
+    python scripts/fault_injection.py --label --trials 20
 """
 
 from __future__ import annotations
@@ -166,6 +171,107 @@ def run(workdir: Path, trials: int, images: int = 8, steps: int = 3, seed: int =
             "kills_with_temporary_files": mid_write, "rounds": round_no + 1}
 
 
+# ---------------------------------------------------------------------- label runs
+LABEL_CLASSES = "cat,sofa,car,dog"
+
+
+def label_command(store: Path, out: Path) -> list[str]:
+    """One image per task, so that a kill lands between, inside or after images' publication."""
+    return _cli("label", str(store), "--classes", LABEL_CLASSES, "--out", str(out), "--scheduler", "synchronous",
+                "--partition-size", "1", "--write-maps")
+
+
+def _finished_records(out: Path) -> int:
+    try:
+        return sum(1 for p in (out / "records").iterdir() if p.suffix == ".json")
+    except OSError:
+        return 0
+
+
+def check_label_output(out: Path, reference: Path) -> list[str]:
+    """After a kill: every published record is whole JSON with its PNG equal to the reference's."""
+    import json
+
+    from PIL import Image
+
+    finished = sorted(p.stem for p in (out / "records").glob("*.json")) if (out / "records").is_dir() else []
+    for stem in finished:
+        record = json.loads((out / "records" / f"{stem}.json").read_text())
+        assert record == json.loads((reference / "records" / f"{stem}.json").read_text()), f"record {stem} differs"
+        png = np.asarray(Image.open(out / "SegmentationClass" / f"{stem}.png"))
+        assert np.array_equal(png, np.asarray(Image.open(reference / "SegmentationClass" / f"{stem}.png"))), stem
+    return finished
+
+
+def check_label_finished(out: Path, reference: Path) -> None:
+    import json
+
+    from PIL import Image
+
+    names = sorted(p.name for p in (reference / "SegmentationClass").glob("*.png"))
+    assert sorted(p.name for p in (out / "SegmentationClass").glob("*.png")) == names
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(out / "SegmentationClass" / name)),
+                              np.asarray(Image.open(reference / "SegmentationClass" / name))), name
+    ours, ref = (json.loads((d / "annotations.json").read_text()) for d in (out, reference))
+    assert ours["annotations"] == ref["annotations"] and ours["images"] == ref["images"]
+    assert not [p for p in out.rglob("*") if ".partial" in p.name], "temporary files were left"
+
+
+def run_label(workdir: Path, trials: int, images: int = 8, steps: int = 3, seed: int = 0, log=print) -> dict:
+    """``trials`` random SIGKILLs of `ovstore label` (half by progress, half at a random time)."""
+    rng = random.Random(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("\n".join(f"a cat on a sofa number {i}" for i in range(images)) + "\n")
+    store = workdir / "store.zarr"
+    if not store.exists():
+        run_cli(*capture_args(store, prompts, steps))
+    reference = workdir / "label-reference"
+    if not (reference / "annotations.json").exists():
+        subprocess.run(label_command(store, reference), env=ENV, check=True, capture_output=True)
+    round_no, kills, partial_progress = 0, 0, 0
+    out = workdir / f"label-{round_no}"
+    for trial in range(trials):
+        log_path = workdir / f"label-trial-{trial}.log"
+        with open(log_path, "wb") as err:
+            proc = subprocess.Popen(label_command(store, out), env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+            if rng.random() < 0.5:
+                # an image is labelled in tens of milliseconds: poll often, add little
+                k, extra = rng.randint(1, max(1, images - 1)), rng.uniform(0.0, 0.03)
+                deadline = time.monotonic() + 300
+                while proc.poll() is None and time.monotonic() < deadline and _finished_records(out) < k:
+                    time.sleep(0.001)
+                time.sleep(extra)
+                what = f"after {k} finished images + {extra:.2f}s"
+            else:
+                delay = rng.uniform(1.0, 8.0)
+                try:
+                    proc.wait(timeout=delay)
+                except subprocess.TimeoutExpired:
+                    pass
+                what = f"after {delay:.1f}s"
+            killed = proc.poll() is None
+            if killed:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if not killed:
+            assert proc.returncode == 0, log_path.read_text(errors="replace")[-2000:]
+        kills += killed
+        finished = check_label_output(out, reference)
+        partial_progress += bool(killed and 0 < len(finished) < images)
+        log(f"label trial {trial}: {'killed ' + what if killed else 'finished'}; {len(finished)} of {images} "
+            "images finished")
+        if not killed:
+            check_label_finished(out, reference)
+            round_no += 1
+            out = workdir / f"label-{round_no}"
+    subprocess.run(label_command(store, out), env=ENV, check=True, capture_output=True)  # the same command
+    check_label_finished(out, reference)
+    return {"trials": trials, "kills": kills, "kills_with_partial_progress": partial_progress,
+            "rounds": round_no + 1}
+
+
 # ---------------------------------------------------------------------- deterministic kill points
 def _creating(name: str) -> str:
     return re.escape(f".{name}.creating-") + r"[^/]+"
@@ -304,6 +410,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kill-points", action="store_true", help="run the deterministic kill points instead")
+    parser.add_argument("--label", action="store_true", help="kill `ovstore label` runs instead of captures")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"ovstore-faults-{int(time.time())}"
@@ -312,6 +419,9 @@ def main() -> None:
     torch.set_num_threads(1)  # as the killed processes (OMP_NUM_THREADS=1): same rounding
     if args.kill_points:
         print(run_kill_points(workdir))
+        return
+    if args.label:
+        print(run_label(workdir, args.trials, args.images, args.steps, args.seed))
         return
     summary = run(workdir, args.trials, args.images, args.steps, args.seed)
     print(summary)

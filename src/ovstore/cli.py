@@ -111,13 +111,13 @@ def capture(
 
     After an interruption: ovstore capture --resume --out caps.zarr (or the same command plus --resume).
     """
-    from .capture import CaptureConfig, build_requests, load_pipeline, read_prompts_file, store_settings
+    from .capture import (build_requests, check_continuation, continued_config, load_pipeline, plan_capture,
+                          read_prompts_file, recorded_model)
     from .capture import capture as run_capture
-    from .capture import plan_capture
     from .capture import resume as run_resume
     from rich.markup import escape
 
-    from .errors import IncompatibleStoreError, StoreFormatError
+    from .errors import StoreFormatError
     from .store import open_store
 
     if resume and reserve_only:
@@ -149,24 +149,10 @@ def capture(
         raise StoreFormatError(f"store {out} does not exist, so there is nothing to resume; start the capture "
                                "without --resume (or give the original prompts with --resume)")
 
-    # settings not given on the command line come from the store when it exists
-    settings: dict = {}
-    if existing is not None:
-        status, records = existing.status(), existing.records()
-        pending = [r for r, st in zip(records, status) if st != 1]
-        settings = store_settings(existing.layout, pending or records[::-1])
     given = dict(num_inference_steps=steps, guidance=guidance, height=height, width=width, branch=branch,
                  dtype=dtype, codec=codec, calls=calls)
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if steps is not None and calls is None:  # the store's call indices need not exist with other steps
-        settings.pop("calls", None)
-    if existing is None or layer or resolution or preset is not None:
-        settings["layers"] = _layer_selection(layer, resolution, include_mid=True)
-        settings["preset"] = preset or "full"
-        if calls is None:
-            settings.pop("calls", None)
-    settings["batch_size"] = batch_size
-    config = CaptureConfig(**settings)
+    config = continued_config(existing, given, layers=_layer_selection(layer, resolution, include_mid=True),
+                              layers_given=bool(layer or resolution), preset=preset, batch_size=batch_size)
     requests = build_requests(specs, seed=seed, negative_prompt=negative_prompt, guidance=config.guidance,
                               num_inference_steps=config.num_inference_steps) if specs else None
 
@@ -181,17 +167,7 @@ def capture(
             return
     model_id, model_revision = model, revision
     if model is None and existing is not None:  # the store's recorded model
-        m = existing.layout.model
-        if m.source == "local":
-            found = [c for c in (m.path, m.id) if c and Path(c).expanduser().exists()]
-            if not found:
-                raise InvalidInputError(f"the store was captured with the local pipeline {m.path or m.id}, which no "
-                                        "longer exists; pass the pipeline directory as the MODEL argument")
-            model_id = found[0]
-        else:
-            model_id = m.id
-            if m.source == "hub":
-                model_revision = revision or m.commit_hash or m.revision
+        model_id, model_revision = recorded_model(existing, revision)
     if torch_dtype is None:
         torch_dtype = existing.layout.model.torch_dtype if existing is not None else "float32"
     import diffusers  # noqa: F401  (imported first so that its loading bars are silenced too)
@@ -200,12 +176,7 @@ def capture(
     pipe, identity = load_pipeline(model_id, torch_dtype=torch_dtype, device=device, revision=model_revision)
     layout, _ = plan_capture(pipe, identity, config)
     if existing is not None:
-        diffs = existing.layout.differences(layout)
-        if diffs:
-            raise IncompatibleStoreError(
-                f"cannot {'resume' if resume else 'append to'} {out}: " + "; ".join(diffs)
-                + ". Leave those options out to use the store's settings, or capture into a new --out"
-            )
+        check_continuation(existing, layout, resume=resume)
     console.print(
         f"[bold]{escape(identity.id)}[/]: {len(layout.layers)} cross-attention layers, {layout.n_steps} of "
         f"{layout.num_unet_calls} UNet calls, branches {','.join(layout.branches)}, {layout.query_dtype}; "

@@ -109,10 +109,15 @@ def run_demo(out: str | Path = "ovstore-demo", *, device: str = "cpu", steps: in
         lines.append(f"![token on image {i}](token/{i:05d}_p000.png)")
 
     log("labelling the images (circle, square, triangle) ...")
-    label_store(store, out / "dataset", LabelConfig(classes=("circle", "square", "triangle"), threshold=0.5,
-                                                    prompt_classes_only=True), scheduler="synchronous")
+    # the toy model only saw captions "a COLOUR SHAPE": the template follows their grammar, the
+    # classes of one image compete in one softmax, and only the prompt's classes are labelled
+    # (the best plain-word settings without DenseCRF in BENCHMARKS.md's label-quality section)
+    config = LabelConfig(classes=("circle", "square", "triangle"), prompt_template="a {}", mode="compete",
+                         prompt_classes_only=True)
+    label_store(store, out / "dataset", config, scheduler="synchronous")
     lines += ["", "## Labels", "", "VOC tree and COCO JSON in `dataset/` (classes circle=1, square=2, "
-              "triangle=3; palette PNGs):", ""]
+              "triangle=3; palette PNGs; `ovstore label --classes circle,square,triangle --prompt-template "
+              "'a {}' --mode compete --prompt-classes-only`):", ""]
     from PIL import Image
 
     for i in images:

@@ -10,6 +10,7 @@ Typical use::
 """
 
 from .config import BRANCH_CHOICES, PRESETS, CaptureConfig, store_settings
+from .continuation import check_continuation, continued_config, recorded_model
 from .layers import cross_attention_layers
 from .pipeline import load_pipeline, model_identity
 from .recorder import QueryRecorder
@@ -31,5 +32,8 @@ __all__ = [
     "read_prompts_file",
     "resume",
     "check_requests",
+    "check_continuation",
+    "continued_config",
+    "recorded_model",
     "store_settings",
 ]
