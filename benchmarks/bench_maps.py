@@ -17,7 +17,10 @@ this machine, measured in the same run:
 ``--e2e N`` times whole processes (start-up included): ``ovstore maps`` with N prompts vs
 this file run as a reference-style script on the same prompts. Run:
 
-    python benchmarks/bench_maps.py [--counts 1 10 100 1000 10000] [--threads 1] [--sd15] [--e2e 5000]
+    python benchmarks/bench_maps.py [--counts 1 10 100 1000 10000] [--threads 1] [--sd15] [--e2e 5000] [--device cuda]
+
+On a GPU (``--device cuda``) both sides run there, timings synchronise the device, and the
+bound of every table is the larger of the two (exponentials, matrix products).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "golden" / "tiny-sd15"
+DEVICE = torch.device("cpu")
 WORDS = ("cat dog sofa car tree house a the red blue green photo of on in and with small large "
          "wooden furniture animal street night sky person table chair window flower bird").split()
 
@@ -50,14 +54,14 @@ def prompts(n: int, seed: int = 0) -> list[str]:
 def reference_style(store, encoder, texts: list[str]) -> np.ndarray:
     """One prompt at a time; per layer, a loop over UNet calls; heads batched (as the reference)."""
     layers = [l for l in store.layers if l.block != "mid"]
-    queries = {l.name: torch.from_numpy(store.queries(l.name, 0)).float() for l in layers}
-    weights = {l.name: torch.from_numpy(store.key_projection(l.name)[0]) for l in layers}
+    queries = {l.name: torch.from_numpy(store.queries(l.name, 0)).to(DEVICE).float() for l in layers}
+    weights = {l.name: torch.from_numpy(store.key_projection(l.name)[0]).to(DEVICE) for l in layers}
     target = max((l.height, l.width) for l in layers)
     out = []
     for text in texts:
         ids = encoder.tokenizer(text, padding=False)["input_ids"]
         with torch.no_grad():
-            emb = encoder.model(torch.tensor([ids]))[0][0]
+            emb = encoder.model(torch.tensor([ids], device=DEVICE))[0][0]
             total = 0
             for l in layers:
                 k = F.linear(emb, weights[l.name]).view(-1, l.heads, l.head_dim).transpose(0, 1)
@@ -71,7 +75,7 @@ def reference_style(store, encoder, texts: list[str]) -> np.ndarray:
                 if (l.height, l.width) != target:
                     m = F.interpolate(m, size=target, mode="bilinear", align_corners=False)
                 total = total + m[0]
-            out.append(total.numpy())
+            out.append(total.cpu().numpy())
     return np.concatenate(out, axis=0)
 
 
@@ -82,31 +86,47 @@ def reference_script(store_path: str, prompts_file: str) -> None:
 
     store = open_store(store_path)
     texts = [l for l in Path(prompts_file).read_text().splitlines() if l.strip()]
-    maps = reference_style(store, load_text_encoder(store.layout.model), texts)
+    maps = reference_style(store, load_text_encoder(store.layout.model, device=str(DEVICE)), texts)
     np.save(Path(prompts_file).with_suffix(".baseline.npy"), maps)
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def _timed(fn, *args):
+    _sync()
     t0 = time.perf_counter()
     value = fn(*args)
+    _sync()
     return value, time.perf_counter() - t0
 
 
 def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    if DEVICE.type == "cuda":
+        size, repeats = 8192, 20
+    a, b = torch.randn(size, size, device=DEVICE), torch.randn(size, size, device=DEVICE)
     a @ b
+    _sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    _sync()
     return 2 * size ** 3 * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def exp_seconds_per_element(n: int = 1 << 18, repeats: int = 200) -> float:
-    x, out = torch.rand(n), torch.empty(n)
+    if DEVICE.type == "cuda":  # in place over a large tensor: the GPU's exp2 rate at full occupancy
+        n = 1 << 26
+    x = torch.rand(n, device=DEVICE)
+    out = torch.empty_like(x)
     torch.exp2(x, out=out)
+    _sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         torch.exp2(x, out=out)
+    _sync()
     return (time.perf_counter() - t0) / (n * repeats)
 
 
@@ -128,7 +148,7 @@ def work(store, encoder, texts: list[str]) -> tuple[int, float, float]:
 def table(label: str, store, encoder, counts: list[int], baseline_max: int, bound: str) -> None:
     from ovstore.analyze import compute_maps
 
-    compute_maps(store, prompts(4), text_encoder=encoder)  # warm-up
+    compute_maps(store, prompts(4), text_encoder=encoder, device=str(DEVICE))  # warm-up
     reference_style(store, encoder, prompts(2))
     gflops = gemm_gflops()
     exp_s = exp_seconds_per_element()
@@ -140,9 +160,12 @@ def table(label: str, store, encoder, counts: list[int], baseline_max: int, boun
     base_rate = None
     for n in counts:
         texts = prompts(n, seed=n)
-        ours, t_ours = _timed(lambda: compute_maps(store, texts, text_encoder=encoder).values[0])
+        ours, t_ours = _timed(lambda: compute_maps(store, texts, text_encoder=encoder, device=str(DEVICE)).values[0])
         scores, qk, text = work(store, encoder, texts)
-        limit = scores * exp_s if bound == "exp bound s" else (qk + text) / (gflops * 1e9)
+        exp_limit, mm_limit = scores * exp_s, (qk + text) / (gflops * 1e9)
+        limit = exp_limit if bound == "exp bound s" else mm_limit
+        if DEVICE.type == "cuda":
+            limit = max(exp_limit, mm_limit)
         if n <= baseline_max:
             base, t_base = _timed(reference_style, store, encoder, texts)
             base_rate = n / t_base
@@ -163,8 +186,9 @@ def end_to_end(store_path: Path, n: int, threads: int) -> None:
     prompts_file.write_text("\n".join(prompts(n, seed=7)) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     ours = ["ovstore", "maps", str(store_path), "--attributions-file", str(prompts_file),
-            "--out", str(store_path.parent / "e2e.zarr")]
-    base = [sys.executable, __file__, "--reference-script", str(store_path), str(prompts_file), "--threads", str(threads)]
+            "--out", str(store_path.parent / "e2e.zarr"), "--device", str(DEVICE)]
+    base = [sys.executable, __file__, "--reference-script", str(store_path), str(prompts_file), "--threads", str(threads),
+            "--device", str(DEVICE)]
     _, t_ours = _timed(lambda: subprocess.run(ours, env=env, check=True, capture_output=True))
     _, t_base = _timed(lambda: subprocess.run(base, env=env, check=True, capture_output=True))
     print(f"\nEnd to end, {n} prompts, whole processes (start-up, model load, text encoding, maps, writing):\n")
@@ -183,9 +207,12 @@ def main() -> None:
     parser.add_argument("--sd15-counts", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--sd15-baseline-max", type=int, default=10)
     parser.add_argument("--e2e", type=int, default=0, help="end-to-end process timing with this many prompts")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where both sides run")
     parser.add_argument("--reference-script", nargs=2, metavar=("STORE", "PROMPTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.reference_script:
         reference_script(*args.reference_script)
         return
@@ -201,8 +228,10 @@ def main() -> None:
     store = open_store(tmp)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
+    if DEVICE.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(DEVICE)}")
     table("Tiny pipeline (6 layers, 4 heads, 11 calls, latent 32x32, float16 storage)", store,
-          load_text_encoder(store.layout.model), args.counts, args.baseline_max, "exp bound s")
+          load_text_encoder(store.layout.model, device=str(DEVICE)), args.counts, args.baseline_max, "exp bound s")
     if args.sd15:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from sd15_shaped import make_sd15_store, make_text_encoder_dir
@@ -210,7 +239,8 @@ def main() -> None:
         sd15 = open_store(make_sd15_store(tmp.parent / "sd15.zarr", make_text_encoder_dir(tmp.parent / "clip-l"),
                                           n_calls=args.sd15_calls))
         table(f"SD-1.5-shaped (15 layers, 8 heads, {args.sd15_calls} calls, latent 64x64, CLIP ViT-L/14-shaped "
-              "text encoder, float16 storage)", sd15, load_text_encoder(sd15.layout.model), args.sd15_counts,
+              "text encoder, float16 storage)", sd15, load_text_encoder(sd15.layout.model, device=str(DEVICE)),
+              args.sd15_counts,
               args.sd15_baseline_max, "matmul bound s")
     if args.e2e:
         end_to_end(tmp, args.e2e, args.threads)

@@ -13,7 +13,10 @@ Measured side by side in one run, for each storage preset:
 
 Run (about 10 minutes on a 2-core CPU with the defaults):
 
-    python benchmarks/bench_sd15_capture.py [--images 2] [--steps 4] [--repeats 2] [--threads 2]
+    python benchmarks/bench_sd15_capture.py [--images 2] [--steps 4] [--repeats 2] [--threads 2] [--device cuda]
+
+On a GPU, use more steps (e.g. ``--steps 50 --images 8 --dtype float16``): the overhead targets
+are for full-length generations.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the pipeline runs and maps are read")
+    parser.add_argument("--torch-dtype", default="float32", choices=["float32", "float16"],
+                        help="pipeline weights (float16 on a GPU, as SD 1.5 is usually run)")
     parser.add_argument("--presets", nargs="+", default=["full", "no-finest", "half-calls", "no-finest-half-calls"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,20 +86,25 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     encoder_dir = make_text_encoder_dir(tmp / "clip-l")
-    pipe = sd15_pipeline(encoder_dir)
-    identity = model_identity(pipe, str(encoder_dir), source="local", path=str(encoder_dir))
+    pipe = sd15_pipeline(encoder_dir).to(args.device, getattr(torch, args.torch_dtype))
+    sync = (lambda: torch.cuda.synchronize()) if args.device.startswith("cuda") else (lambda: None)
+    identity = model_identity(pipe, str(encoder_dir), source="local", path=str(encoder_dir), torch_dtype=args.torch_dtype)
     requests = build_requests([(f"a photograph of object number {i}", None, None) for i in range(args.images)],
                               seed=0, num_inference_steps=args.steps)
 
     def plain() -> float:
+        sync()
         t0 = time.perf_counter()
         for r in requests:
             pipe(prompt=[r.prompt], num_inference_steps=args.steps, guidance_scale=r.guidance,
                  generator=[torch.Generator("cpu").manual_seed(r.seed)], output_type="np")
+        sync()
         return time.perf_counter() - t0
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch "
-          f"thread(s), torch {torch.__version__}; SD-1.5-shaped pipeline (random weights), 512x512, "
+          f"thread(s), torch {torch.__version__}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+          + f", weights {args.torch_dtype}; SD-1.5-shaped pipeline (random weights), 512x512, "
           f"{args.steps} DDIM steps, guidance 7.5, {args.images} images, float16 queries\n")
     print("| preset | layers | UNet calls | query MB/image (uncompressed) | on disk MB/image | lossless ratio | "
           "plain s/image | capture s/image | overhead (with/without) | read MB/s | read images/s |")
@@ -117,10 +128,11 @@ def main() -> None:
         summary = store.summary()
         raw = store.layout.query_bytes_per_image()
         disk = summary.query_bytes_on_disk / args.images
-        plan = MapPlan(store, MapConfig(layers=LayerSelection(include_mid=True)))  # every stored layer
+        plan = MapPlan(store, MapConfig(layers=LayerSelection(include_mid=True)), device=args.device)  # every layer
         t0 = time.perf_counter()
         for i in store.complete_images():
             plan.read(i)
+        sync()
         t_read = (time.perf_counter() - t0) / args.images
         print(f"| {preset} | {len(store.layers)} | {store.layout.n_steps} | {raw / 1e6:.1f} | {disk / 1e6:.1f} | "
               f"{raw / disk:.3f} | {statistics.median(plains):.1f} | {statistics.median(captures):.1f} | "

@@ -90,22 +90,23 @@ def _complete_markers(target: Path) -> int:
         return 0
 
 
-def _kill_when(proc: subprocess.Popen, target: Path, rng: random.Random, images: int,
-               by_progress: bool) -> tuple[bool, str]:
-    """Wait, then SIGKILL ``proc``: at a random time, or once a random number of images is
-    complete (plus a random fraction of the next image). Returns (killed, description)."""
+def _kill_when(proc: subprocess.Popen, done: Callable[[], int], rng: random.Random, images: int,
+               by_progress: bool, *, poll: float = 0.02, extra_max: float = 0.3,
+               delays: tuple[float, float] = (2.0, 9.0), most: int | None = None) -> tuple[bool, str]:
+    """Wait, then SIGKILL ``proc``: at a random time, or once ``done()`` (items finished) reaches
+    a random count (plus a random fraction of the next item). Returns (killed, description)."""
     if by_progress:
-        k = rng.randint(1, max(1, images // 2))  # several images left: the kill lands before the end
-        extra = rng.uniform(0.0, 0.3)
+        k = rng.randint(1, max(1, most if most is not None else images // 2))
+        extra = rng.uniform(0.0, extra_max)
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
-            if _complete_markers(target) >= k:
+            if done() >= k:
                 time.sleep(extra)
                 break
-            time.sleep(0.02)
-        what = f"after {k} complete images + {extra:.2f}s"
+            time.sleep(poll)
+        what = f"after {k} finished items + {extra:.2f}s"
     else:
-        delay = rng.uniform(2.0, 9.0)
+        delay = rng.uniform(*delays)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -143,7 +144,8 @@ def run(workdir: Path, trials: int, images: int = 8, steps: int = 3, seed: int =
         with open(log_path, "wb") as err:  # a file, not a pipe: a full pipe would stall the process
             proc = subprocess.Popen(capture_command(target, prompts, steps, resume), env=ENV,
                                     stdout=subprocess.DEVNULL, stderr=err)
-            killed, what = _kill_when(proc, target, rng, images, rng.random() < progress_share)
+            killed, what = _kill_when(proc, lambda: _complete_markers(target), rng, images,
+                                          rng.random() < progress_share)
         if not killed:
             assert proc.returncode == 0, log_path.read_text(errors="replace")[-2000:]
         kills += killed
@@ -233,34 +235,19 @@ def run_label(workdir: Path, trials: int, images: int = 8, steps: int = 3, seed:
     round_no, kills, partial_progress = 0, 0, 0
     out = workdir / f"label-{round_no}"
     for trial in range(trials):
+        before = _finished_records(out)
         log_path = workdir / f"label-trial-{trial}.log"
         with open(log_path, "wb") as err:
             proc = subprocess.Popen(label_command(store, out), env=ENV, stdout=subprocess.DEVNULL, stderr=err)
-            if rng.random() < 0.5:
-                # an image is labelled in tens of milliseconds: poll often, add little
-                k, extra = rng.randint(1, max(1, images - 1)), rng.uniform(0.0, 0.03)
-                deadline = time.monotonic() + 300
-                while proc.poll() is None and time.monotonic() < deadline and _finished_records(out) < k:
-                    time.sleep(0.001)
-                time.sleep(extra)
-                what = f"after {k} finished images + {extra:.2f}s"
-            else:
-                delay = rng.uniform(1.0, 8.0)
-                try:
-                    proc.wait(timeout=delay)
-                except subprocess.TimeoutExpired:
-                    pass
-                what = f"after {delay:.1f}s"
-            killed = proc.poll() is None
-            if killed:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+            # an image is labelled in tens of milliseconds: poll often, add little
+            killed, what = _kill_when(proc, lambda: _finished_records(out), rng, images, rng.random() < 0.5,
+                                      poll=0.001, extra_max=0.03, delays=(1.0, 8.0), most=images - 1)
         if not killed:
             assert proc.returncode == 0, log_path.read_text(errors="replace")[-2000:]
         kills += killed
         finished = check_label_output(out, reference)
-        partial_progress += bool(killed and 0 < len(finished) < images)
-        log(f"label trial {trial}: {'killed ' + what if killed else 'finished'}; {len(finished)} of {images} "
+        partial_progress += bool(killed and before < len(finished) < images)  # killed mid-run
+        log(f"label trial {trial}: {what}; {len(finished)} of {images} "
             "images finished")
         if not killed:
             check_label_finished(out, reference)
@@ -268,7 +255,7 @@ def run_label(workdir: Path, trials: int, images: int = 8, steps: int = 3, seed:
             out = workdir / f"label-{round_no}"
     subprocess.run(label_command(store, out), env=ENV, check=True, capture_output=True)  # the same command
     check_label_finished(out, reference)
-    return {"trials": trials, "kills": kills, "kills_with_partial_progress": partial_progress,
+    return {"trials": trials, "kills": kills, "kills_after_new_progress": partial_progress,
             "rounds": round_no + 1}
 
 

@@ -125,9 +125,12 @@ class MapPlan:
         return branches.index(branch)
 
     def read(self, image: int) -> dict[str, PreparedQueries]:
-        """One image's queries for the planned layers and steps, laid out for the engine."""
-        out = {}
-        for info in self.layers:
+        """One image's queries for the planned layers and steps, laid out for the engine.
+
+        On CPU with several threads the layers are read and laid out in parallel
+        (decompression and the layout copy release the GIL)."""
+
+        def read_layer(info: LayerInfo) -> PreparedQueries:
             q = self.store.queries(info.name, image, branch=self.branch, steps=self.steps)
             q = torch.from_numpy(q).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
             prepared = prepare_queries(q, self.device)
@@ -136,8 +139,13 @@ class MapPlan:
                     f"image {image}, layer {info.name}: the stored queries hold NaN or Inf (the generation "
                     "overflowed, e.g. float16 on CPU); recapture the image with --torch-dtype float32"
                 )
-            out[info.name] = prepared
-        return out
+            return prepared
+
+        if self.workers > 1 and len(self.layers) > 1:
+            prepared = list(_layer_pool(self.workers).map(read_layer, self.layers))
+        else:
+            prepared = [read_layer(info) for info in self.layers]
+        return {info.name: p for info, p in zip(self.layers, prepared)}
 
     def image_maps(self, queries: dict[str, PreparedQueries], keys: dict[str, torch.Tensor],
                    buckets: TokenBuckets) -> torch.Tensor:
