@@ -20,7 +20,7 @@ Two modes:
 
     python scripts/fault_injection.py --trials 20 [--images 8] [--seed 0]
     python scripts/fault_injection.py --kill-points
-    python scripts/fault_injection.py --label --trials 20
+    python scripts/fault_injection.py --label --trials 20 --images 32
 """
 
 from __future__ import annotations
@@ -239,9 +239,12 @@ def run_label(workdir: Path, trials: int, images: int = 8, steps: int = 3, seed:
         log_path = workdir / f"label-trial-{trial}.log"
         with open(log_path, "wb") as err:
             proc = subprocess.Popen(label_command(store, out), env=ENV, stdout=subprocess.DEVNULL, stderr=err)
-            # an image is labelled in tens of milliseconds: poll often, add little
-            killed, what = _kill_when(proc, lambda: _finished_records(out), rng, images, rng.random() < 0.5,
-                                      poll=0.001, extra_max=0.03, delays=(1.0, 8.0), most=images - 1)
+            # an image is labelled in tens of milliseconds: poll often, add little; by progress means
+            # after k more images than the previous (killed) run left, so the kill lands mid-run
+            left = images - before
+            killed, what = _kill_when(proc, lambda: _finished_records(out) - before, rng, images,
+                                      left > 1 and rng.random() < 0.5, poll=0.001, extra_max=0.03,
+                                      delays=(1.0, 8.0), most=left - 1)
         if not killed:
             assert proc.returncode == 0, log_path.read_text(errors="replace")[-2000:]
         kills += killed

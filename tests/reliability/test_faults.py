@@ -39,6 +39,14 @@ def test_sigkilled_captures_20_trials(tmp_path):
     assert summary["kills"] >= 10 and summary["interrupted_with_partial_progress"] >= 5, summary
 
 
+@pytest.mark.slow
+def test_sigkilled_label_runs_20_trials(tmp_path):
+    """Real `ovstore label` processes killed at random: finished images always equal an
+    uninterrupted run's, and the same command completes an identical output."""
+    summary = faults.run_label(tmp_path, trials=20, images=32, steps=2, seed=0, log=lambda *_: None)
+    assert summary["kills"] >= 10 and summary["kills_after_new_progress"] >= 3, summary
+
+
 def test_concurrent_workers_fill_disjoint_slots(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"object {i}" for i in range(5)) + "\n")
