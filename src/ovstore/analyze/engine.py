@@ -181,6 +181,21 @@ def _activate_inplace(keys: torch.Tensor, keys_log2e: torch.Tensor | None, q: to
     return out.sigmoid_() if activation == "sigmoid" else out
 
 
+def _softmax_into(keys_log2e: torch.Tensor, q: torch.Tensor, out: torch.Tensor, n_tokens: int,
+                  target: torch.Tensor) -> None:
+    """Bounded token softmax of one chunk of prompts, summed over heads into ``target``
+    ``(token, pixel)``: the normalisation and the head sum are one ``addcmul`` per head
+    (no pass that writes the normalised scores)."""
+    torch.bmm(keys_log2e, q, out=out)
+    out.exp2_()
+    heads, width = out.shape[0], out.shape[-1]
+    grouped = out.view(heads, -1, n_tokens, width)
+    inverse = grouped.sum(dim=2, keepdim=True).reciprocal_()
+    into = target.view(-1, n_tokens, width)
+    for h in range(heads):
+        into.addcmul_(grouped[h], inverse[h])
+
+
 def _width_tiles(steps: int, pixels: int, max_width: int) -> list[tuple[int, int, int, int]]:
     """Split the ``step*pixel`` axis into tiles of at most ``max_width`` columns.
 
@@ -278,11 +293,16 @@ def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: To
                         continue
                     bounded = queries.max_norm * float(k_norm[c0:c1].amax()) < _SAFE_EXP
                     scores = buffer[:heads * (c1 - c0) * width].view(heads, c1 - c0, width)
+                    target = ordered[c0:c1, a:b]
+                    if k == 1 and bounded and keys_log2e is not None:
+                        _softmax_into(keys_log2e[:, c0:c1], q_tile, scores, n_tokens, target)
+                        continue
                     _activate_inplace(keys[:, c0:c1], None if keys_log2e is None else keys_log2e[:, c0:c1],
                                       q_tile, scores, n_tokens, activation, bounded)
                     if k > 1:  # steps first (contiguous pixel rows), then heads: far faster than one sum
                         scores = scores.view(heads, c1 - c0, k, b - a).sum(dim=2)
-                    ordered[c0:c1, a:b] += scores.sum(dim=0)
+                    for h in range(heads):  # a loop of adds beats a reduction over the outer axis on CPU
+                        target += scores[h]
     return ordered
 
 
