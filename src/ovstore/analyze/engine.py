@@ -271,14 +271,11 @@ def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: To
         shared = {}
         if keys_log2e is not None:
             for n_tokens, start, stop in buckets.groups:
-                k = buckets.shared_prefix(start, stop, n_tokens)
-                if k >= 2 and queries.max_norm * float(k_norm[start:stop].amax()) < _SAFE_EXP:
-                    shared[start] = k
-        for step, a, b, k in tiles:
-            if b - a == pixels:
-                q_tile = q[:, :, step * pixels:(step + k) * pixels]
-            else:
-                q_tile = q[:, :, step * pixels + a:step * pixels + b]
+                prefix = buckets.shared_prefix(start, stop, n_tokens)
+                if prefix >= 2 and queries.max_norm * float(k_norm[start:stop].amax()) < _SAFE_EXP:
+                    shared[start] = prefix
+        for step, a, b, k in tiles:  # k whole steps, or pixels a:b of one step
+            q_tile = q[:, :, step * pixels + a:(step + k - 1) * pixels + b]
             width = q_tile.shape[-1]
             for n_tokens, start, stop in buckets.groups:
                 chunk = max(1, columns // n_tokens) * n_tokens
@@ -299,11 +296,19 @@ def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: To
                         continue
                     _activate_inplace(keys[:, c0:c1], None if keys_log2e is None else keys_log2e[:, c0:c1],
                                       q_tile, scores, n_tokens, activation, bounded)
-                    if k > 1:  # steps first (contiguous pixel rows), then heads: far faster than one sum
-                        scores = scores.view(heads, c1 - c0, k, b - a).sum(dim=2)
-                    for h in range(heads):  # a loop of adds beats a reduction over the outer axis on CPU
-                        target += scores[h]
+                    _add_step_head_sum(target, scores, k)
     return ordered
+
+
+def _add_step_head_sum(target: torch.Tensor, scores: torch.Tensor, steps: int) -> None:
+    """Add ``scores`` ``(head, rows, steps*pixel)`` summed over steps and heads into ``target``
+    (``rows`` entries of ``pixel``, any shape): steps first, over contiguous pixel rows, then
+    heads as a loop of adds, which on CPU beats a reduction over the outer axis."""
+    heads, rows = scores.shape[0], scores.shape[1]
+    if steps > 1:
+        scores = scores.reshape(heads, rows, steps, -1).sum(dim=2)
+    for h in range(heads):
+        target += scores[h].view(target.shape)
 
 
 def _shared_prefix_softmax(keys_log2e: torch.Tensor, q: torch.Tensor, common: torch.Tensor, buffer: torch.Tensor,
@@ -326,11 +331,8 @@ def _shared_prefix_softmax(keys_log2e: torch.Tensor, q: torch.Tensor, common: to
     own.mul_(inverse[:, :, None])
     products = buffer[own.numel():own.numel() + heads * prompts * shared * width]
     mine = torch.mul(common[:, None], inverse[:, :, None], out=products.view(heads, prompts, shared, width))
-    pixels = width // steps
     for part, tokens in ((mine, slice(0, shared)), (own, slice(shared, n_tokens))):
-        if steps > 1:
-            part = part.reshape(heads, prompts, -1, steps, pixels).sum(dim=3)
-        out[:, tokens] += part.sum(dim=0)
+        _add_step_head_sum(out[:, tokens], part.reshape(heads, prompts * part.shape[2], width), steps)
 
 
 def _differentiable_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: TokenBuckets,

@@ -220,6 +220,6 @@ def embedding_matrix(attributions: Sequence[Attribution]) -> tuple[Any, list[int
 def row_keys(attributions: Sequence[Attribution]) -> list[Any]:
     """One key per token of the stacked attributions, equal only for identical rows."""
     keys: list[Any] = []
-    for k, att in enumerate(attributions):
+    for att in attributions:
         keys.extend(att.row_keys if att.row_keys is not None else ((id(att), i) for i in range(att.n_tokens)))
     return keys
