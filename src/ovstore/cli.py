@@ -390,20 +390,24 @@ def maps(
     s = open_store(store)
     chosen = s.check_images(image)
     attributions: list = list(prompts)
+    encoder = None  # loaded here only when the tokens need its start-of-text row; then shared
     if token:
         from .optimize import combined_attribution, load_token, token_attribution
 
         files = [load_token(t) for t in token]
         if combine_tokens:
-            from .analyze.text import load_text_encoder, start_of_text_row
+            from .analyze.text import check_recorded_encoder, load_text_encoder, start_of_text_row
 
-            encoder = load_text_encoder(s.layout.model, model=model, device="cpu")
+            encoder = load_text_encoder(s.layout.model, model=model, device=device)
+            if model is None:
+                check_recorded_encoder(encoder, s.layout.model, s.path)
             attributions.append(combined_attribution(files, s.layout.model, start_of_text_row(encoder)))
         else:
             attributions += [token_attribution(f, s.layout.model) for f in files]
     with _progress(len(chosen), "maps") as bar:
         task = bar.add_task("maps", total=len(chosen))
-        options = dict(images=chosen, config=config, model=model, device=device, progress=lambda _: bar.advance(task))
+        options = dict(images=chosen, config=config, text_encoder=encoder, model=model, device=device,
+                       progress=lambda _: bar.advance(task))
         if out.suffix == ".zarr":  # streamed to disk block by block: memory stays bounded
             import xarray as xr
 
