@@ -185,7 +185,8 @@ def end_to_end(store_path: Path, n: int, threads: int) -> None:
     prompts_file = store_path.parent / f"prompts-{n}.txt"
     prompts_file.write_text("\n".join(prompts(n, seed=7)) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    ours = ["ovstore", "maps", str(store_path), "--attributions-file", str(prompts_file),
+    console_script = Path(sys.executable).with_name("ovstore")  # this environment's, not one on PATH
+    ours = [str(console_script) if console_script.exists() else "ovstore", "maps", str(store_path), "--attributions-file", str(prompts_file),
             "--out", str(store_path.parent / "e2e.zarr"), "--device", str(DEVICE)]
     base = [sys.executable, __file__, "--reference-script", str(store_path), str(prompts_file), "--threads", str(threads),
             "--device", str(DEVICE)]

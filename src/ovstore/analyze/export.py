@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from .text import Attribution, TextEncoder
 
 if TYPE_CHECKING:
     import xarray as xr
+
+    from .maps import MapBlock
 
 __all__ = ["overlay_dir", "save_maps", "write_maps_zarr", "write_overlays"]
 
@@ -66,7 +69,8 @@ def write_maps_zarr(
     The same maps as :func:`~ovstore.analyze.compute_maps`, but memory holds one block of
     prompts on one image, whatever the number of prompts and images. The dataset is
     written to ``OUT.partial`` and renamed when complete, so ``out`` is never half-written;
-    open it with ``xarray.open_zarr(out)``. Chunks: one image × up to ~2 MB of tokens.
+    open it with ``xarray.open_zarr(out)``. Chunks: one image × up to ~2 MB of tokens. A
+    background thread compresses and writes each block while the next is computed.
     """
     import shutil
 
@@ -94,10 +98,16 @@ def write_maps_zarr(
             shutil.rmtree(partial)
         template.to_zarr(partial, mode="w", zarr_format=3, consolidated=False, compute=False)
         array = zarr.open_array(partial / "ovam_maps", mode="r+")
-        for block in iter_map_blocks(plan, images, atts, block_budget=plan.config.block_budget):
-            array[block.position, block.tokens] = block.maps.detach().cpu().numpy()
-            if progress is not None and block.tokens.stop == total:
-                progress(block.image)
+        budget = min(plan.config.block_budget, _WRITE_BLOCK_BUDGET)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovstore-write") as writer:
+            pending: Future[None] | None = None
+            for block in iter_map_blocks(plan, images, atts, block_budget=budget):
+                data = block.maps.detach().cpu().numpy()
+                if pending is not None:
+                    pending.result()  # at most one block waits to be written: memory stays bounded
+                pending = writer.submit(_write_block, array, block, data, total, progress)
+            if pending is not None:
+                pending.result()
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         partial.rename(out)
@@ -106,6 +116,18 @@ def write_maps_zarr(
         raise StoreError(f"cannot write maps to {out}: {describe_os_error(exc)}; nothing was written there, "
                          "free space or fix permissions and run the command again") from exc
     return out
+
+
+#: Blocks of at most this many bytes when streaming to Zarr, so that a block is compressed
+#: and written in a background thread while the next one is computed.
+_WRITE_BLOCK_BUDGET = 64 * 2**20
+
+
+def _write_block(array, block: MapBlock, data: np.ndarray, total: int,
+                 progress: Callable[[int], None] | None) -> None:
+    array[block.position, block.tokens] = data
+    if progress is not None and block.tokens.stop == total:
+        progress(block.image)
 
 
 def overlay_dir(path: str | Path) -> Path:

@@ -86,21 +86,30 @@ class TextEncoder:
 
     def tokenize(self, prompt: str) -> tuple[list[int], list[str]]:
         """Token ids and strings of ``prompt`` (no padding, SoT and EoT kept)."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInputError("an attribution prompt is empty; give at least one word")
-        ids = self.tokenizer(prompt, padding=False, truncation=False, add_special_tokens=True)["input_ids"]
-        if len(ids) > self.max_length:
-            raise InvalidInputError(
-                f"attribution prompt {prompt[:40]!r}... has {len(ids)} tokens; the text encoder "
-                f"takes at most {self.max_length} (start and end included). Shorten or split it."
-            )
-        return list(ids), self.tokenizer.convert_ids_to_tokens(ids)
+        return self.tokenize_all([prompt])[0]
+
+    def tokenize_all(self, prompts: Sequence[str]) -> list[tuple[list[int], list[str]]]:
+        """:meth:`tokenize` of many prompts in one tokenizer call (a batch is several times
+        faster than a call per prompt)."""
+        for prompt in prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InvalidInputError("an attribution prompt is empty; give at least one word")
+        batch = self.tokenizer(list(prompts), padding=False, truncation=False, add_special_tokens=True)["input_ids"]
+        out = []
+        for prompt, ids in zip(prompts, batch):
+            if len(ids) > self.max_length:
+                raise InvalidInputError(
+                    f"attribution prompt {prompt[:40]!r}... has {len(ids)} tokens; the text encoder "
+                    f"takes at most {self.max_length} (start and end included). Shorten or split it."
+                )
+            out.append((list(ids), self.tokenizer.convert_ids_to_tokens(ids)))
+        return out
 
     def encode(self, prompts: Sequence[str], *, batch_size: int = 256) -> list[Attribution]:
         """Encode prompts into :class:`Attribution` objects (in the given order)."""
         import torch
 
-        tokenized = [self.tokenize(p) for p in prompts]
+        tokenized = self.tokenize_all(prompts)
         by_length: dict[int, list[int]] = {}
         for i, (ids, _) in enumerate(tokenized):
             by_length.setdefault(len(ids), []).append(i)
