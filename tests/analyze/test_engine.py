@@ -72,3 +72,33 @@ def test_shared_beginnings_are_computed_once_and_change_nothing(budget):
     expected = naive(queries, embedding, weight, offsets)
     got = layer_token_maps(prepare_queries(queries), keys, buckets, memory_budget=budget)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_prompts_of_several_templates_form_runs_that_share_their_template():
+    """Equal-length prompts from two templates (plus unrelated ones) are split into one group
+    per template, each computing its template's rows once: still the naive maps."""
+    g = torch.Generator().manual_seed(2)
+    queries = torch.randn(2, INFO.heads, 24, INFO.head_dim, generator=g)
+    templates = {name: torch.randn(3, 7, generator=g) for name in ("photo", "painting")}
+    embedding, offsets, keys_of_rows = [], [0], []
+    kinds = ["photo", "painting"] * 8 + [None] * 3
+    for k, kind in enumerate(kinds):
+        rows = torch.randn(5, 7, generator=g)
+        keys = [(k, i) for i in range(5)]
+        if kind is not None:
+            rows[:3] = templates[kind]
+            keys[:3] = [(kind, i) for i in range(3)]
+        embedding.append(rows)
+        keys_of_rows += keys
+        offsets.append(offsets[-1] + 5)
+    embedding = torch.cat(embedding)
+    weight = torch.randn(INFO.heads * INFO.head_dim, 7, generator=g)
+    keys = layer_keys(embedding, weight, None, INFO)
+    buckets = TokenBuckets.from_offsets(offsets, keys_of_rows)
+    prefixes = sorted(buckets.shared_prefix(start, stop, n) for n, start, stop in buckets.groups)
+    assert len(buckets.groups) == 3 and prefixes == [0, 3, 3]
+    assert sorted(buckets.order.tolist()) == list(range(offsets[-1]))
+    expected = naive(queries, embedding, weight, offsets)
+    for budget in (1, 2**30):
+        got = layer_token_maps(prepare_queries(queries), keys, buckets, memory_budget=budget)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)

@@ -43,8 +43,9 @@ class TokenBuckets:
     ``rows`` (engine order) numbers the distinct embedding rows: equal numbers mean equal
     rows, hence equal keys and scores. A causal text encoder (CLIP) gives every prompt the
     same start-of-text row and prompts with a common beginning ("a photo of a ...") the
-    same rows for it; prompts are sorted so that such prompts are adjacent, and the engine
-    computes a row shared by a whole chunk of prompts once.
+    same rows for it; prompts are sorted so that such prompts are adjacent, split into
+    groups that share a beginning (several templates of one length give one group each),
+    and the engine computes the rows a whole group shares once.
     """
 
     total: int
@@ -67,9 +68,10 @@ class TokenBuckets:
         groups = []
         for n_tokens, prompts in by_length.items():
             prompts.sort(key=lambda span: row_id[span[0]:span[1]])  # shared beginnings side by side
-            groups.append((n_tokens, len(order), len(order) + n_tokens * len(prompts)))
-            for start, stop in prompts:
-                order.extend(range(start, stop))
+            for run in _prefix_runs(prompts, row_id, n_tokens):
+                groups.append((n_tokens, len(order), len(order) + n_tokens * len(run)))
+                for start, stop in run:
+                    order.extend(range(start, stop))
         return cls(total=total, order=torch.tensor(order, dtype=torch.long), groups=tuple(groups),
                    rows=torch.tensor([row_id[i] for i in order], dtype=torch.long))
 
@@ -93,6 +95,37 @@ class TokenBuckets:
         while k < n_tokens - 1 and same[k]:
             k += 1
         return k
+
+
+#: Prompts sharing a beginning form their own group (whose shared rows the engine computes
+#: once) when at least this many of them share it.
+_MIN_RUN = 8
+
+
+def _prefix_runs(prompts: list[tuple[int, int]], row_id: list[int], n_tokens: int,
+                 depth: int = 0) -> list[list[tuple[int, int]]]:
+    """Split prompt spans of one length (sorted by rows) into runs that share beginnings.
+
+    All ``prompts`` share their first ``depth`` rows. Those that also share the next row
+    with at least ``_MIN_RUN - 1`` others form their own run (recursively, so a run keeps
+    the longest beginning common to enough prompts); the others stay together, sharing
+    ``depth`` rows. The engine then computes each run's shared rows once per tile.
+    """
+    if depth >= n_tokens - 1 or len(prompts) < _MIN_RUN:
+        return [prompts]
+    children: dict[int, list[tuple[int, int]]] = {}
+    for span in prompts:
+        children.setdefault(row_id[span[0] + depth], []).append(span)
+    if len(children) == 1:
+        return _prefix_runs(prompts, row_id, n_tokens, depth + 1)
+    runs: list[list[tuple[int, int]]] = []
+    rest: list[tuple[int, int]] = []
+    for child in children.values():
+        if len(child) >= _MIN_RUN:
+            runs.extend(_prefix_runs(child, row_id, n_tokens, depth + 1))
+        else:
+            rest.extend(child)
+    return runs + ([rest] if rest else [])
 
 
 @dataclass(frozen=True)
@@ -280,8 +313,9 @@ def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: To
             for n_tokens, start, stop in buckets.groups:
                 chunk = max(1, columns // n_tokens) * n_tokens
                 common = None
-                if start in shared:  # exponentials of the shared rows: (head, shared, width)
+                if start in shared:  # exponentials of the shared rows (head, shared, width), and their sum
                     common = torch.bmm(keys_log2e[:, start:start + shared[start]], q_tile).exp2_()
+                    common = (common, common.sum(dim=1, keepdim=True))
                 for c0 in range(start, stop, chunk):
                     c1 = min(stop, c0 + chunk)
                     if common is not None:
@@ -320,6 +354,7 @@ def _shared_prefix_softmax(keys_log2e: torch.Tensor, q: torch.Tensor, common: to
     them is their normalisation by that prompt's denominator. Adds the step- and
     head-summed maps into ``out`` ``(prompt, token, pixel)``.
     """
+    common, common_sum = common
     heads, _, channels = keys_log2e.shape
     width, shared = q.shape[-1], common.shape[1]
     prompts, rest = keys_log2e.shape[1] // n_tokens, n_tokens - shared
@@ -327,7 +362,7 @@ def _shared_prefix_softmax(keys_log2e: torch.Tensor, q: torch.Tensor, common: to
     own = buffer[:heads * prompts * rest * width].view(heads, prompts * rest, width)
     torch.bmm(grouped[:, :, shared:].reshape(heads, prompts * rest, channels), q, out=own)
     own = own.exp2_().view(heads, prompts, rest, width)
-    inverse = own.sum(dim=2).add_(common.sum(dim=1, keepdim=True)).reciprocal_()  # (head, prompt, width)
+    inverse = own.sum(dim=2).add_(common_sum).reciprocal_()  # (head, prompt, width)
     own.mul_(inverse[:, :, None])
     products = buffer[own.numel():own.numel() + heads * prompts * shared * width]
     mine = torch.mul(common[:, None], inverse[:, :, None], out=products.view(heads, prompts, shared, width))
