@@ -5,7 +5,9 @@ same codec, on one layer's worth of queries per image. Run:
 
 Layouts (dimensions as in the store: image, step, head, y, x, channel; one branch):
 
-- v1: one shard per (image, layer), one inner chunk per step (the store's layout);
+- v1: one shard per (image, layer), inner chunks of as many steps as fit 1 MiB (the store's
+  layout: one step per chunk at most SD-1.5 layer sizes, all steps on small models);
+- one shard per (image, layer), one inner chunk per step (where that differs from v1);
 - one chunk per (image, layer) holding every step, no shard;
 - one chunk per (image, layer, step), no shard (a file per step).
 
@@ -27,10 +29,21 @@ import numpy as np
 
 
 def layouts(steps: int, heads: int, h: int, w: int, c: int) -> dict[str, dict]:
+    from ovstore.store.format import LayerInfo, query_chunk_steps
+
+    info = LayerInfo(name="layer", block="up", level=0, height=h, width=w, heads=heads, head_dim=c, scale=1.0,
+                     key_input_dim=768)
+    calls = query_chunk_steps(info, steps, "float16")
     step_chunk = (1, 1, heads, h, w, c)
     image_chunk = (1, steps, heads, h, w, c)
+    store_rule = {}
+    if calls > 1:
+        store_rule = {f"shard per (image, layer), inner chunk of {calls} steps (v1: steps per ≤ 1 MiB)": {
+            "chunks": (1, calls, heads, h, w, c), "shards": image_chunk}}
     return {
-        "shard per (image, layer), inner chunk per step (v1)": {"chunks": step_chunk, "shards": image_chunk},
+        **store_rule,
+        f"shard per (image, layer), inner chunk per step{' (v1)' if calls == 1 else ''}": {
+            "chunks": step_chunk, "shards": image_chunk},
         "one chunk per (image, layer), all steps, no shard": {"chunks": image_chunk},
         "one chunk per (image, layer, step), no shard": {"chunks": step_chunk},
     }
@@ -89,7 +102,7 @@ def main() -> None:
             t_part = best(lambda: [arr[i, part] for i in range(args.images)], args.repeats) / args.images
             t_one = best(lambda: [arr[i, args.steps // 3] for i in range(args.images)], args.repeats) / args.images
             assert np.array_equal(arr[args.images - 1], data[-1])
-            print(f"| {name} | {files:.0f} | {t_write:.3f} | {t_all * 1e3:.0f} | {t_part * 1e3:.0f} | "
+            print(f"| {name} | {files:.0f} | {t_write:.3f} | {t_all * 1e3:.1f} | {t_part * 1e3:.1f} | "
                   f"{t_one * 1e3:.1f} |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

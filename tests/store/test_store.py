@@ -56,9 +56,17 @@ def test_append_and_incompatible_append(tiny_pipe, tmp_path):
     out = tmp_path / "s.zarr"
     config = CaptureConfig(num_inference_steps=2)
     capture(pipe, identity, build_requests([("a cat", None, None)], num_inference_steps=2), out, config=config)
+    reader = open_store(out)  # stays open while the store grows
+    layer = reader.layers[0].name
+    first = reader.queries(layer, 0)
+    with pytest.raises(IncompleteImageError, match="out of range"):
+        reader.queries(layer, 1)
     capture(pipe, identity, build_requests([("a dog", None, None)], seed=5, num_inference_steps=2), out, config=config)
     store = open_store(out)
     assert store.complete_images() == [0, 1] and store.record(1).prompt == "a dog"
+    np.testing.assert_array_equal(reader.queries(layer, 0), first)
+    np.testing.assert_array_equal(reader.queries(layer, 1), store.queries(layer, 1))  # the appended image
+    assert reader.query_view(layer).sizes["image"] == 2
     with pytest.raises(IncompatibleStoreError, match="num_unet_calls"):
         capture(pipe, identity, build_requests([("x", None, None)], num_inference_steps=3), out,
                 config=CaptureConfig(num_inference_steps=3))
@@ -95,7 +103,11 @@ def test_interrupted_capture_keeps_complete_images_and_resumes(tiny_pipe, tmp_pa
     before = store.queries(store.layers[0].name, 0)
 
     resume(pipe, identity, out, config=config)
-    store = open_store(out)
+    with_resume = open_store(out)
+    # a reader opened before the resume sees the images completed since
+    np.testing.assert_array_equal(store.queries(store.layers[0].name, 1),
+                                  with_resume.queries(store.layers[0].name, 1))
+    store = with_resume
     assert store.complete_images() == [0, 1, 2]
     np.testing.assert_array_equal(store.queries(store.layers[0].name, 0), before)
     # the resumed images equal an uninterrupted capture
@@ -146,3 +158,24 @@ def test_corrupted_chunk_is_detected(multi_store, tmp_path):
 
     with pytest.raises(StoreError, match="corrupted"):
         open_store(copy).queries(layer, 0)
+
+
+def test_inner_chunks_hold_as_many_calls_as_fit_a_mebibyte(multi_store):
+    """Small layers keep all calls in one inner chunk (one decode per image and layer); step
+    subsets still read exactly their calls."""
+    store = open_store(multi_store)
+    calls = store.layout.n_steps
+    for info in store.layers:
+        arr = zarr.open_array(multi_store / fmt.LAYERS_GROUP / info.name / fmt.QUERIES, mode="r")
+        k = fmt.query_chunk_steps(info, calls, store.layout.query_dtype)
+        assert arr.chunks[2] == k and calls % k == 0 and arr.shards[2] == calls
+        full = store.queries(info.name, 1)
+        np.testing.assert_array_equal(store.queries(info.name, 1, steps=[1, 2, 4]), full[[1, 2, 4]])
+    big = fmt.LayerInfo(name="l", block="up", level=0, height=64, width=64, heads=8, head_dim=40, scale=1.0,
+                        key_input_dim=768)
+    small = fmt.LayerInfo(name="s", block="mid", level=3, height=8, width=8, heads=8, head_dim=160, scale=1.0,
+                          key_input_dim=768)
+    assert fmt.query_chunk_steps(big, 50, "float16") == 1  # 2.6 MB per call: a chunk per call
+    assert fmt.query_chunk_steps(small, 50, "float16") == 5  # 164 KB per call: 5 calls divide 50
+    assert fmt.query_chunk_steps(small, 51, "float16") == 3  # the largest divisor that fits
+    assert fmt.query_chunk_steps(small, 53, "float16") == 1  # a prime number of calls

@@ -24,6 +24,7 @@ __all__ = [
     "ModelIdentity",
     "StoreLayout",
     "query_codecs",
+    "query_chunk_steps",
     "checked_codecs",
     "CODEC_PRESETS",
     "DEFAULT_CODEC",
@@ -266,6 +267,23 @@ def query_codecs(preset: str) -> list[Any]:
             f"unknown codec {preset!r}; choose one of {', '.join(CODEC_PRESETS)}"
         ) from None
     return [*chain, Crc32cCodec()]
+
+
+#: Inner chunks of the query arrays hold as many UNet calls as fit in this many bytes (at
+#: least one): at SD-1.5 size a call of a layer is 0.16-2.6 MB, so most chunks hold one call
+#: and step subsets read only their bytes; on small models a call is a few KB and one chunk
+#: per call would make reading an image cost one chunk decode (~0.25 ms) per call and layer.
+INNER_CHUNK_BYTES = 2**20
+
+
+def query_chunk_steps(info: LayerInfo, n_steps: int, query_dtype: str) -> int:
+    """How many stored calls one inner chunk of ``info``'s query array holds: the largest
+    divisor of ``n_steps`` (inner chunks tile the shard) whose chunk fits
+    :data:`INNER_CHUNK_BYTES`, at least 1."""
+    itemsize = 4 if query_dtype == "float32" else 2
+    per_call = info.heads * info.height * info.width * info.head_dim * itemsize
+    fit = min(n_steps, INNER_CHUNK_BYTES // max(per_call, 1))
+    return max((k for k in range(1, fit + 1) if n_steps % k == 0), default=1)
 
 
 def checked_codecs(level: int = 3) -> list[Any]:

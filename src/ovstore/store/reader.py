@@ -127,6 +127,8 @@ class Store:
         self._root = root
         self.meta = meta
         self.layout = layout if layout is not None else StoreLayout.from_json(meta["layout"])
+        self._known_complete: set[int] = set()
+        self._query_arrays: dict[str, zarr.Array] = {}
 
     def __repr__(self) -> str:
         return (f"<ovstore.Store {str(self.path)!r}: {self.n_images} images "
@@ -216,8 +218,11 @@ class Store:
                     f"--resume --out {self.path}` or add some with `ovstore capture --prompt ... --out {self.path}`"
                 )
             return complete
-        # each slot's status is a chunk of its own (written independently): read only those asked
+        # each slot's status is a chunk of its own (written independently): read only those asked,
+        # once: a status only ever goes from reserved to complete
         images = [int(i) for i in images]
+        if all(i in self._known_complete for i in images):
+            return images
         n_images = self.n_images
         out = []
         for i in images:
@@ -232,6 +237,7 @@ class Store:
                     "finish it with `ovstore capture --resume` or choose another image"
                 )
             out.append(i)
+        self._known_complete.update(out)
         return out
 
     # ------------------------------------------------------------------ records
@@ -282,13 +288,20 @@ class Store:
         return self.read(fmt.IMAGES, image, what="image", must_exist=True)
 
     # ------------------------------------------------------------------ queries
-    def _queries_array(self, layer: str) -> zarr.Array:
+    def _queries_array(self, layer: str, image: int | None = None) -> zarr.Array:
+        """The layer's query array; kept open (opening reads its metadata from disk, which
+        costs as much as reading a small image's queries), reopened when ``image`` lies
+        beyond the length it had (the store grew since)."""
+        cached = self._query_arrays.get(layer)
+        if cached is not None and (image is None or image < cached.shape[0]):
+            return cached
         if layer not in {l.name for l in self.layers}:
             raise InvalidInputError(
                 f"layer {layer!r} is not in store {self.path}; stored layers: "
                 + ", ".join(l.name for l in self.layers)
             )
-        return self.array(f"{fmt.LAYERS_GROUP}/{layer}/{fmt.QUERIES}")
+        arr = self._query_arrays[layer] = self.array(f"{fmt.LAYERS_GROUP}/{layer}/{fmt.QUERIES}")
+        return arr
 
     def queries(self, layer: str, image: int, *, branch: int | None = 0,
                 steps: Sequence[int] | None = None) -> np.ndarray:
@@ -304,9 +317,9 @@ class Store:
         StoreError
             The image's data is missing or fails its checksum (never returned as data).
         """
-        arr = self._queries_array(layer)
         image = int(image)
         self.check_images([image])
+        arr = self._queries_array(layer, image)
         if not self.chunk_exists(arr, (image,)):
             raise StoreError(
                 f"image {image}, layer {layer}: query data is missing from {self.path} although the "
@@ -372,8 +385,8 @@ class Store:
         import dask.array as da
         import xarray as xr
 
-        arr = self._queries_array(layer)
         n = self.n_images  # data arrays may be longer after an interrupted reserve
+        arr = self._queries_array(layer, n - 1)  # as long as the store is now
         data = da.from_zarr(arr)[:n]
         return xr.DataArray(
             data,

@@ -403,7 +403,8 @@ def _build(path: Path, layout: StoreLayout, key_projections) -> None:
     nb = len(layout.branches)
     for info in layout.layers:
         g = layers.create_group(info.name, attributes={"layer": info.to_json()})
-        inner = (1, 1, 1, info.heads, info.height, info.width, info.head_dim)
+        calls = fmt.query_chunk_steps(info, layout.n_steps, layout.query_dtype)
+        inner = (1, 1, calls, info.heads, info.height, info.width, info.head_dim)
         shard = (1, nb, layout.n_steps, info.heads, info.height, info.width, info.head_dim)
         g.create_array(
             fmt.QUERIES, shape=(0, *shard[1:]), chunks=inner, shards=shard,
