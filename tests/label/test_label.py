@@ -316,3 +316,29 @@ def test_cli_label_and_evaluate(multi_store, tmp_path):
         os.link(tmp_path / "b" / "SegmentationClass" / name, pred_only / name)
     result = runner.invoke(app, ["evaluate", str(pred_only), str(tmp_path / "a"), "--classes", "cat,sofa"])
     assert result.exit_code == 0 and f"{report['miou']:.4f}" in result.output, result.output
+
+
+@pytest.mark.parametrize("mode", ["separate", "compete"])
+def test_class_maps_are_summed_before_resizing_without_changing_them(multi_store, mode):
+    """Class maps resized after summing their tokens (the fast path) equal every token's map
+    resized to the image size and then summed; classes encoded in one batch equal one at a time."""
+    from ovstore.analyze import MapConfig, compute_maps, load_text_encoder
+    from ovstore.analyze.text import word_in_context, words_in_context
+    from ovstore.label.class_maps import class_attributions, class_maps
+    from ovstore.label.refine import normalize_maps
+    from ovstore.store import open_store
+
+    store = open_store(multi_store)
+    encoder = load_text_encoder(store.layout.model)
+    config = LabelConfig(classes=("cat", "sofa", "car"), mode=mode, prompt_template="a photo of a {}")
+    attributions = class_attributions(store, config, encoder)
+    full = compute_maps(store, list(attributions.attributions), images=[0, 2], config=MapConfig(size=(64, 64))).values
+    expected = np.stack([full[:, list(cols)].sum(axis=1) for cols in attributions.columns], axis=1)
+    for how in ("minmax", "max"):
+        got = class_maps(store, [0, 2], attributions, size=(64, 64), normalize=how)
+        assert got.shape == (2, 3, 64, 64)
+        np.testing.assert_allclose(got, normalize_maps(expected, how), rtol=0, atol=1e-5)
+    for (att, cols), word in zip(words_in_context(encoder, config.classes, config.prompt_template), config.classes):
+        one, one_cols = word_in_context(encoder, word, config.prompt_template)
+        assert cols == one_cols and att.tokens == one.tokens
+        torch.testing.assert_close(att.embedding, one.embedding, rtol=1e-5, atol=1e-5)

@@ -12,6 +12,7 @@ from .engine import (
     layer_token_maps,
     normalize_maps,
     prepare_queries,
+    resize_maps,
 )
 from .export import save_maps, write_maps_zarr, write_overlays
 from .maps import MapPlan, compute_maps, iter_image_maps, iter_map_blocks, split_by_prompt
@@ -34,6 +35,7 @@ __all__ = [
     "load_text_encoder",
     "normalize_maps",
     "prepare_queries",
+    "resize_maps",
     "save_maps",
     "write_maps_zarr",
     "write_overlays",

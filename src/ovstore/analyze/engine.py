@@ -26,6 +26,7 @@ __all__ = [
     "normalize_maps",
     "ordered_token_maps",
     "prepare_queries",
+    "resize_maps",
     "upsample_sum",
 ]
 
@@ -414,6 +415,18 @@ def upsample_sum(layer_maps: Iterable[tuple[LayerInfo, torch.Tensor]], target: t
     if reduction == "mean":
         total = total / count
     return total[:, 0]
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(..., h, w)`` maps resized to ``size`` bilinearly (align_corners=False, as the
+    reference). Linear, so summing maps (a word's pieces, a class's tokens) before resizing
+    gives the same result for a fraction of the work."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:])
+    return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*lead, *size)
 
 
 def normalize_maps(maps: torch.Tensor, mode: str) -> torch.Tensor:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import dims
 from ..devices import check_device
@@ -35,6 +34,7 @@ from .engine import (
     normalize_maps,
     ordered_token_maps,
     prepare_queries,
+    resize_maps,
     upsample_sum,
 )
 from .text import (
@@ -181,9 +181,7 @@ class MapPlan:
             per_layer = (layer_maps(info) for info in self.layers)
         maps = upsample_sum(per_layer, self.target, reduction=cfg.layer_reduction)
         maps = maps[buckets.inverse.to(maps.device)]
-        if self.size != self.target:
-            maps = F.interpolate(maps[:, None], size=self.size, mode="bilinear", align_corners=False)[:, 0]
-        return normalize_maps(maps, cfg.normalize)
+        return normalize_maps(resize_maps(maps, self.size), cfg.normalize)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

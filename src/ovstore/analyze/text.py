@@ -22,7 +22,7 @@ from ..models import (
 )
 from ..store.format import ModelIdentity
 
-__all__ = ["Attribution", "TextEncoder", "load_text_encoder", "word_in_context"]
+__all__ = ["Attribution", "TextEncoder", "load_text_encoder", "word_in_context", "words_in_context"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class TextEncoder:
         self.model = model.to(check_device(device)).eval()
         self.device = device
         self.name = name
+        self._fingerprint: str | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -76,7 +77,10 @@ class TextEncoder:
         return int(getattr(self.model.config, "max_position_embeddings", self.tokenizer.model_max_length))
 
     def fingerprint(self) -> str:
-        return text_encoder_fingerprint(self.model)
+        """SHA-256 of the weights, computed once (hashing CLIP ViT-L/14 takes ~0.3 s)."""
+        if self._fingerprint is None:
+            self._fingerprint = text_encoder_fingerprint(self.model)
+        return self._fingerprint
 
     @property
     def causal(self) -> bool:
@@ -154,15 +158,24 @@ def word_in_context(encoder: TextEncoder, word: str, template: str) -> tuple[Att
 
     Token optimization starts from these rows and labelling sums them into a class map.
     """
-    sentence = template.format(word)
-    (att,) = encoder.encode([sentence])
-    word_ids = list(encoder.tokenizer(word, add_special_tokens=False)["input_ids"])
-    ids = list(att.token_ids or ())
-    for start in range(1, len(ids) - len(word_ids) + 1):
-        if ids[start:start + len(word_ids)] == word_ids:
-            return att, list(range(start, start + len(word_ids)))
-    raise InvalidInputError(f"{word!r} is not tokenized the same inside {sentence!r}; choose a template "
-                            "where it stands as a separate word")
+    return words_in_context(encoder, [word], template)[0]
+
+
+def words_in_context(encoder: TextEncoder, words: Sequence[str],
+                     template: str) -> list[tuple[Attribution, list[int]]]:
+    """:func:`word_in_context` of many words, their sentences encoded in one batched call."""
+    sentences = [template.format(word) for word in words]
+    out = []
+    for word, sentence, att in zip(words, sentences, encoder.encode(sentences)):
+        word_ids = list(encoder.tokenizer(word, add_special_tokens=False)["input_ids"])
+        ids = list(att.token_ids or ())
+        start = next((k for k in range(1, len(ids) - len(word_ids) + 1) if ids[k:k + len(word_ids)] == word_ids),
+                     None)
+        if start is None:
+            raise InvalidInputError(f"{word!r} is not tokenized the same inside {sentence!r}; choose a template "
+                                    "where it stands as a separate word")
+        out.append((att, list(range(start, start + len(word_ids)))))
+    return out
 
 
 def check_recorded_encoder(encoder: TextEncoder, identity: ModelIdentity, store_path: object) -> None:

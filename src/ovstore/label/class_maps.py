@@ -12,7 +12,8 @@ import torch
 
 from ..analyze.maps import compute_maps
 from ..analyze.config import MapConfig
-from ..analyze.text import Attribution, TextEncoder, start_of_text_row, word_in_context
+from ..analyze.engine import resize_maps
+from ..analyze.text import Attribution, TextEncoder, start_of_text_row, words_in_context
 from ..optimize.tokens import SOT, load_token, token_attribution
 from ..store.reader import Store
 from .config import LabelConfig
@@ -31,12 +32,14 @@ class ClassAttributions:
 
 def class_attributions(store: Store, config: LabelConfig, encoder: TextEncoder) -> ClassAttributions:
     """Build the attributions of ``config.classes`` for ``store``'s model."""
+    words = [name for name in config.classes if name not in config.tokens]
+    in_context = dict(zip(words, words_in_context(encoder, words, config.prompt_template))) if words else {}
     per_class: list[tuple[Attribution, list[int]]] = []
     for name in config.classes:
         if name in config.tokens:
             per_class.append((token_attribution(load_token(config.tokens[name]), store.layout.model), [1]))
         else:
-            per_class.append(word_in_context(encoder, name, config.prompt_template))
+            per_class.append(in_context[name])
     if config.mode == "separate":
         columns, offset = [], 0
         for att, rows in per_class:
@@ -60,8 +63,12 @@ def class_attributions(store: Store, config: LabelConfig, encoder: TextEncoder) 
 
 def class_maps(store: Store, images: Sequence[int], attributions: ClassAttributions, *,
                size: tuple[int, int], device: str = "cpu", normalize: str = "minmax") -> np.ndarray:
-    """Normalised class maps ``(image, class, H, W)`` float32 at ``size`` (see ``normalize_maps``)."""
-    maps = compute_maps(store, list(attributions.attributions), images=images,
-                        config=MapConfig(size=size), device=device).values
+    """Normalised class maps ``(image, class, H, W)`` float32 at ``size`` (see ``normalize_maps``).
+
+    Token maps stay at the latent resolution until each class's columns are summed: resizing
+    is linear, so only the class maps are brought to the image size (not every token of every
+    template sentence)."""
+    maps = compute_maps(store, list(attributions.attributions), images=images, config=MapConfig(),
+                        device=device).values
     out = np.stack([maps[:, list(cols)].sum(axis=1) for cols in attributions.columns], axis=1)
-    return normalize_maps(out, normalize)
+    return normalize_maps(resize_maps(torch.from_numpy(out), size).numpy(), normalize)
