@@ -230,9 +230,8 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> Non
                   f"{','.join(layout.branches)}; queries {layout.query_dtype}, codec {layout.codec}")
     table = Table("block", "h x w", "heads", "head_dim", "scale", "MB/image")
     table.add_column("layer", overflow="fold")  # full module paths, wrapped rather than cut
-    itemsize = 4 if layout.query_dtype == "float32" else 2
     for l in layout.layers:
-        per = l.heads * l.head_dim * l.height * l.width * layout.n_steps * len(layout.branches) * itemsize
+        per = l.query_bytes_per_call(layout.query_dtype) * layout.n_steps * len(layout.branches)
         table.add_row(l.block, f"{l.height}x{l.width}", str(l.heads), str(l.head_dim),
                       f"{l.scale:.4g}", f"{per / 1e6:.2f}", l.name)
     Console().print(table)

@@ -407,14 +407,12 @@ def upsample_sum(layer_maps: Iterable[tuple[LayerInfo, torch.Tensor]], target: t
         raise ValueError("combining layer maps needs at least one layer")
     total = None
     for (height, width), maps in by_size.items():
-        maps = maps.view(-1, 1, height, width)
-        if (height, width) != tuple(target):
-            maps = F.interpolate(maps, size=target, mode="bilinear", align_corners=False)
+        maps = resize_maps(maps.view(-1, height, width), target)
         total = maps if total is None else total.add_(maps)
     assert total is not None
     if reduction == "mean":
         total = total / count
-    return total[:, 0]
+    return total
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -157,8 +157,9 @@ def write_overlays(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], ou
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
-    import torch.nn.functional as F
     from PIL import Image
+
+    from .engine import resize_maps
 
     out_dir = overlay_dir(out_dir)
     colormap = matplotlib.colormaps[cmap]
@@ -170,7 +171,7 @@ def write_overlays(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], ou
         rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
         h, w = rgb.shape[:2]
         data = torch.from_numpy(np.ascontiguousarray(maps.isel(image=i).values))  # one image (lazy arrays)
-        up = F.interpolate(data[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
+        up = resize_maps(data, (h, w)).numpy()
         for k in np.unique(prompt_index):
             cols = np.flatnonzero(prompt_index == k)
             tiles = []

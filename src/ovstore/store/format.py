@@ -99,6 +99,10 @@ class LayerInfo:
     def resolution(self) -> tuple[int, int]:
         return (self.height, self.width)
 
+    def query_bytes_per_call(self, query_dtype: str) -> int:
+        """Uncompressed bytes of this layer's queries for one UNet call and one branch."""
+        return self.heads * self.head_dim * self.height * self.width * (4 if query_dtype == "float32" else 2)
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -183,9 +187,8 @@ class StoreLayout:
 
     def query_bytes_per_image(self) -> int:
         """Uncompressed bytes of queries one image adds to the store."""
-        itemsize = 4 if self.query_dtype == "float32" else 2
-        per_call = sum(l.heads * l.head_dim * l.height * l.width for l in self.layers)
-        return per_call * itemsize * self.n_steps * len(self.branches)
+        per_call = sum(l.query_bytes_per_call(self.query_dtype) for l in self.layers)
+        return per_call * self.n_steps * len(self.branches)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -280,9 +283,7 @@ def query_chunk_steps(info: LayerInfo, n_steps: int, query_dtype: str) -> int:
     """How many stored calls one inner chunk of ``info``'s query array holds: the largest
     divisor of ``n_steps`` (inner chunks tile the shard) whose chunk fits
     :data:`INNER_CHUNK_BYTES`, at least 1."""
-    itemsize = 4 if query_dtype == "float32" else 2
-    per_call = info.heads * info.height * info.width * info.head_dim * itemsize
-    fit = min(n_steps, INNER_CHUNK_BYTES // max(per_call, 1))
+    fit = min(n_steps, INNER_CHUNK_BYTES // max(info.query_bytes_per_call(query_dtype), 1))
     return max((k for k in range(1, fit + 1) if n_steps % k == 0), default=1)
 
 
