@@ -10,6 +10,8 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import InvalidInputError
 
 __all__ = ["LayerSelection", "parse_index_spec", "parse_resolution", "resolve_indices"]
@@ -95,20 +97,29 @@ def parse_index_spec(spec: str | Iterable[int] | None) -> tuple[str, ...] | None
     if spec is None:
         return None
     if not isinstance(spec, str):
-        return tuple(str(int(i)) for i in spec)
-    parts = tuple(p.strip() for p in spec.split(",") if p.strip())
-    if not parts:
+        items = list(spec)
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in items):
+            raise InvalidInputError(f"index list {items!r} must hold integers, e.g. [0, 5, -1]")
+        return tuple(str(int(i)) for i in items)
+    parts = tuple(p.strip() for p in spec.split(","))
+    if not any(parts):
         raise InvalidInputError(f"empty index specification {spec!r}; write e.g. 0:10,20,-1")
+    if not all(parts):
+        raise InvalidInputError(f"index specification {spec!r} has an empty part (two commas in a row or a "
+                                "trailing comma); write e.g. 0:10,20,-1")
     for part in parts:
         try:
-            [int(x) if x else None for x in part.split(":")]
+            fields = [int(x) if x.strip() else None for x in part.split(":")]
         except ValueError:
             raise InvalidInputError(
                 f"index specification part {part!r} is not an integer or a start:stop:step "
                 "slice; write e.g. 0:10,20,-1"
             ) from None
-        if part.count(":") > 2:
-            raise InvalidInputError(f"index specification part {part!r} has too many ':'")
+        if len(fields) > 3:
+            raise InvalidInputError(f"index specification part {part!r} has too many ':'; write start:stop:step")
+        if len(fields) == 3 and fields[2] == 0:
+            raise InvalidInputError(f"index specification part {part!r} has step 0; the step of start:stop:step "
+                                    "must be a non-zero integer (e.g. 0:10:2, or ::-1 backwards)")
     return parts
 
 

@@ -137,7 +137,7 @@ def test_not_a_store_and_newer_version(tmp_path, multi_store):
     meta = dict(group.attrs["ovstore"])
     meta["format_version"] = 99
     group.attrs["ovstore"] = meta
-    with pytest.raises(StoreFormatError, match="version 99.*reads versions 1"):
+    with pytest.raises(StoreFormatError, match="version 99, newer than this ovstore reads.*upgrade ovstore"):
         open_store(copy)
 
 

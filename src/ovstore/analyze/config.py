@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import InvalidInputError
+from ..inputs import check_int
 from ..selection import LayerSelection, parse_index_spec
 
 __all__ = ["MapConfig", "ACTIVATIONS", "REDUCTIONS", "NORMALIZATIONS"]
@@ -12,6 +13,8 @@ __all__ = ["MapConfig", "ACTIVATIONS", "REDUCTIONS", "NORMALIZATIONS"]
 ACTIVATIONS = ("token_softmax", "sigmoid", "linear")
 REDUCTIONS = ("sum", "mean")
 NORMALIZATIONS = ("none", "max", "minmax")
+#: Largest side of an upsampled map (--size): 16384 px, 1 GB per float32 map.
+MAX_MAP_SIDE = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +72,14 @@ class MapConfig:
             raise InvalidInputError(f"normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
         if self.branch not in (None, "uncond", "cond"):
             raise InvalidInputError(f"branch {self.branch!r} is not one of uncond, cond")
-        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
-            raise InvalidInputError(f"size {self.size} must be two positive integers (height width)")
+        if self.size is not None:
+            if len(self.size) != 2:
+                raise InvalidInputError(f"--size {self.size} must be two positive integers (height width)")
+            for side in self.size:
+                check_int(side, "--size", 1, MAX_MAP_SIDE)
+            object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+        for name in ("memory_budget", "block_budget"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, 1)
         if isinstance(self.steps, str):
             object.__setattr__(self, "steps", parse_index_spec(self.steps))

@@ -10,6 +10,7 @@ to disk.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -23,6 +24,7 @@ import torch
 from .. import dims
 from ..devices import check_device
 from ..errors import InvalidInputError, StoreError
+from ..inputs import Line, check_memory
 from ..selection import resolve_indices
 from ..store.format import LayerInfo
 from ..store.reader import Store, open_store
@@ -248,12 +250,13 @@ def prepare_attributions(store: Store, items: Sequence[str | Attribution] | str,
                          text_encoder: TextEncoder | None = None, model: str | None = None,
                          device: str = "cpu") -> list[Attribution]:
     """Encode attribution prompts (with the recorded text encoder unless one is given) and
-    keep ready :class:`Attribution` objects (e.g. learned tokens) as they are."""
-    if isinstance(items, (str, Attribution)):
+    keep ready :class:`Attribution` objects (e.g. learned tokens) as they are. Prompts read
+    from a file as :class:`ovstore.inputs.Line` keep their line number (``Attribution.line``)."""
+    if isinstance(items, (str, Attribution, Line)):
         items = [items]
     if not items:
         raise InvalidInputError("no attribution prompt given; pass --attribution TEXT")
-    texts = [x for x in items if isinstance(x, str)]
+    texts = [x.text if isinstance(x, Line) else x for x in items if isinstance(x, (str, Line))]
     encoded: dict[str, Attribution] = {}
     if texts:
         if text_encoder is None:
@@ -262,7 +265,8 @@ def prepare_attributions(store: Store, items: Sequence[str | Attribution] | str,
                 check_recorded_encoder(text_encoder, store.layout.model, store.path)
         for att in text_encoder.encode(list(dict.fromkeys(texts))):
             encoded[att.label] = att
-    return [encoded[x] if isinstance(x, str) else x for x in items]
+    return [encoded[x] if isinstance(x, str)
+            else dataclasses.replace(encoded[x.text], line=x.number) if isinstance(x, Line) else x for x in items]
 
 
 def iter_map_blocks(plan: MapPlan, images: Sequence[int], attributions: Sequence[Attribution], *,
@@ -316,6 +320,9 @@ def prepare_run(store: Store | str | Path, attributions: Sequence[str | Attribut
     images = store.check_images(images)
     plan = MapPlan(store, config, device=device)
     atts = prepare_attributions(store, attributions, text_encoder=text_encoder, model=model, device=device)
+    height, width = plan.size
+    check_memory(2 * 4 * height * width * max(a.n_tokens for a in atts),
+                 f"the maps of one image and prompt at {height}x{width}", "choose a smaller --size")
     return store, images, atts, plan
 
 
@@ -370,6 +377,9 @@ def compute_maps(
     store, images, atts, plan = prepare_run(store, attributions, images=images, config=config,
                                             text_encoder=text_encoder, model=model, device=device)
     total = sum(a.n_tokens for a in atts)
+    check_memory(4 * len(images) * total * plan.size[0] * plan.size[1],
+                 f"maps of {len(images)} images x {total} tokens at {plan.size[0]}x{plan.size[1]} held in memory",
+                 "write FILE.zarr (streamed to disk, bounded memory), or choose fewer images or a smaller --size")
     out = np.empty((len(images), total, *plan.size), dtype=np.float32)
     for block in iter_map_blocks(plan, images, atts, block_budget=plan.config.block_budget):
         out[block.position, block.tokens] = block.maps.detach().cpu().numpy()
@@ -390,6 +400,10 @@ def map_coords(store: Store, images: Sequence[int], atts: Sequence[Attribution])
             position.append(j)
             token_str.append(tok)
             token_id.append(att.token_ids[j] if att.token_ids is not None else -1)
+    lines = {}
+    if any(att.line is not None for att in atts):  # prompts of an attributions file: their line numbers
+        lines["prompt_line"] = (dims.TOKEN, np.asarray([-1 if att.line is None else att.line
+                                                        for att in atts for _ in att.tokens], dtype=np.int64))
     return {
         dims.IMAGE: np.asarray(images, dtype=np.int64),
         "generation_prompt": (dims.IMAGE, np.asarray([store.record(i).prompt for i in images], dtype=str)),
@@ -398,7 +412,7 @@ def map_coords(store: Store, images: Sequence[int], atts: Sequence[Attribution])
         "position": (dims.TOKEN, np.asarray(position, dtype=np.int64)),
         "token_str": (dims.TOKEN, np.asarray(token_str, dtype=str)),
         "token_id": (dims.TOKEN, np.asarray(token_id, dtype=np.int64)),
-    }
+    } | lines
 
 
 def map_attrs(store: Store, plan: MapPlan) -> dict[str, Any]:

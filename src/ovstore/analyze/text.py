@@ -40,6 +40,8 @@ class Attribution:
     #: one hashable per token, equal across attributions for identical embedding rows (set
     #: by causal text encoders, whose row i depends only on tokens 0..i); None: all distinct
     row_keys: tuple[Any, ...] | None = None
+    #: line of the attributions file the prompt came from (recorded as the maps' ``prompt_line``)
+    line: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.tokens) != int(self.embedding.shape[0]):

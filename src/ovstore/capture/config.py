@@ -5,10 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import InvalidInputError
+from ..inputs import check_float, check_int
 from ..selection import LayerSelection, parse_index_spec
 from ..store.format import CODEC_PRESETS, DEFAULT_CODEC, ImageRecord, StoreLayout
 
 __all__ = ["CaptureConfig", "BRANCH_CHOICES", "PRESETS", "store_settings"]
+
+#: Denoising steps: the schedulers of Stable-Diffusion-style pipelines have 1000 training timesteps.
+MAX_STEPS = 1000
+#: Largest image side accepted (8x the latent side; SD 1.5 is 512, SDXL 1024).
+MAX_SIZE = 8192
 
 BRANCH_CHOICES = {"uncond": ("uncond",), "cond": ("cond",), "both": ("uncond", "cond")}
 
@@ -73,14 +79,16 @@ class CaptureConfig:
             raise InvalidInputError(f"--branch {self.branch!r} is not one of uncond, cond, both")
         if self.dtype not in ("float16", "float32"):
             raise InvalidInputError(f"--dtype {self.dtype!r} is not one of float16, float32")
-        if self.num_inference_steps < 1:
-            raise InvalidInputError("--steps must be at least 1")
-        if self.batch_size < 1:
-            raise InvalidInputError("--batch-size must be at least 1")
+        check_int(self.num_inference_steps, "--steps", 1, MAX_STEPS)
+        check_float(self.guidance, "--guidance", 0.0)
+        check_int(self.batch_size, "--batch-size", 1, 4096)
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise InvalidInputError(f"--{name} {value} must be a positive multiple of 8")
+            if value is not None:
+                check_int(value, f"--{name}", 8, MAX_SIZE)
+                if value % 8:
+                    raise InvalidInputError(f"--{name} {value} must be a multiple of 8 (the VAE downsamples 8x), "
+                                            f"e.g. {max(8, value - value % 8)} or {value - value % 8 + 8}")
         if self.codec not in CODEC_PRESETS:
             raise InvalidInputError(f"--codec {self.codec!r} is not one of {', '.join(CODEC_PRESETS)}")
         if self.branch == "both" and self.guidance <= 1:

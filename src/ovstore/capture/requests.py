@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..inputs import SEED_MAX, check_seed, read_lines
 from ..store.format import ImageRecord
 
 __all__ = ["read_prompts_file", "build_requests", "PromptSpec"]
@@ -18,29 +19,16 @@ PromptSpec = tuple[str, str | None, int | None]
 def read_prompts_file(path: str | Path) -> list[PromptSpec]:
     """Read one prompt per line, or JSONL objects with ``prompt``, ``negative_prompt``, ``seed``.
 
-    Blank lines and lines starting with ``#`` are skipped. Errors name the line number.
+    Blank lines and lines starting with ``#`` are skipped; a byte-order mark and Windows line
+    ends are dropped (:func:`ovstore.inputs.read_lines`). Errors name the line number.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InvalidInputError(f"prompts file {path} does not exist; check the --prompts-file path") from None
-    except IsADirectoryError:
-        raise InvalidInputError(f"prompts file {path} is a directory; pass a text or JSONL file") from None
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"prompts file {path} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
-    except OSError as exc:
-        raise InvalidInputError(f"prompts file {path} cannot be read ({exc.strerror or exc}); check the path "
-                                "and its permissions") from None
     specs: list[PromptSpec] = []
-    for number, line in enumerate(lines, start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        if text.startswith("{"):
-            specs.append(_parse_json_line(text, path, number))
+    for line in read_lines(path, "prompts file"):
+        if line.text.startswith("{"):
+            specs.append(_parse_json_line(line.text, path, line.number))
         else:
-            specs.append((text, None, None))
+            specs.append((line.text, None, None))
     if not specs:
         raise InvalidInputError(f"prompts file {path} has no prompt (one per line, or JSONL)")
     return specs
@@ -66,8 +54,8 @@ def _parse_json_line(text: str, path: Path, number: int) -> PromptSpec:
     if negative is not None and not isinstance(negative, str):
         raise InvalidInputError(f"{where}: \"negative_prompt\" must be a string")
     seed = obj.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise InvalidInputError(f"{where}: \"seed\" must be a non-negative integer")
+    if seed is not None:
+        check_seed(seed, f"{where}: \"seed\"")
     return (prompt, negative, seed)
 
 
@@ -83,10 +71,16 @@ def build_requests(
     line names one, and the run's negative prompt unless its line names one."""
     if not specs:
         raise InvalidInputError("no prompt given; pass --prompt TEXT or --prompts-file FILE")
+    check_seed(seed, "--seed")
     records = []
     for i, (prompt, negative, own_seed) in enumerate(specs):
         if not prompt.strip():
             raise InvalidInputError(f"prompt {i} is empty; give every image a prompt")
+        if own_seed is None and seed + i > SEED_MAX:
+            raise InvalidInputError(f"--seed {seed} gives image {i} the seed {seed + i}, beyond the largest "
+                                    f"seed {SEED_MAX} (2**63 - 1); start from a smaller --seed")
+        if own_seed is not None:
+            check_seed(own_seed, f"the seed of prompt {i}")
         records.append(ImageRecord(
             prompt=prompt,
             negative_prompt=negative if negative is not None else (negative_prompt or ""),

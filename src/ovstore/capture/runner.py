@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError, StoreError, StoreFormatError
+from ..inputs import check_memory, check_seed
 from ..selection import resolve_indices
 from ..store import format as fmt
 from ..store.format import ImageRecord, StoreLayout
@@ -140,8 +141,10 @@ class _BackgroundWriter:
 
 def check_requests(requests: Sequence[ImageRecord], config: CaptureConfig) -> None:
     """Refuse requests whose steps or guidance differ from the config's: the store records
-    each request as the recipe of its image, so it must be what the pipeline runs."""
+    each request as the recipe of its image, so it must be what the pipeline runs. Seeds
+    out of the generator's range are refused here, before a store is created."""
     for i, r in enumerate(requests):
+        check_seed(r.seed, f"request {i} ({r.prompt[:40]!r}): seed")
         if (r.num_inference_steps, float(r.guidance)) != (config.num_inference_steps, float(config.guidance)):
             raise InvalidInputError(
                 f"request {i} ({r.prompt[:40]!r}) asks for {r.num_inference_steps} steps and guidance {r.guidance}, "
@@ -149,6 +152,14 @@ def check_requests(requests: Sequence[ImageRecord], config: CaptureConfig) -> No
                 "requests with build_requests(..., num_inference_steps=config.num_inference_steps, "
                 "guidance=config.guidance)"
             )
+
+
+def check_capture_memory(layout: StoreLayout, config: CaptureConfig) -> None:
+    """Refuse, before a store is created, a capture whose queries of one batch cannot be held
+    in memory (a huge --height/--width, or --batch-size)."""
+    check_memory(layout.query_bytes_per_image() * config.batch_size,
+                 f"the queries of one batch ({config.batch_size} images of {layout.height}x{layout.width})",
+                 "lower --height/--width or --batch-size, or keep fewer layers (--resolution, --preset no-finest)")
 
 
 def capture(
@@ -185,6 +196,8 @@ def capture(
     """
     check_requests(requests, config)
     layout, layers = plan_capture(pipe, identity, config)
+    if not reserve_only:
+        check_capture_memory(layout, config)
     writer = StoreWriter.open(out, layout, key_projections=_key_projections(layers))
     slots = writer.reserve(requests)
     if not reserve_only:
@@ -234,6 +247,7 @@ def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig |
         settings["batch_size"] = config.batch_size
     run_config = CaptureConfig(**settings)
     layout, layers = plan_capture(pipe, identity, run_config)
+    check_capture_memory(layout, run_config)
     writer = StoreWriter.open(out, layout, key_projections=_key_projections(layers))
     if new:
         for r in new:

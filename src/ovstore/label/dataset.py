@@ -27,6 +27,7 @@ import numpy as np
 from .._version import __version__
 from ..analyze.text import check_recorded_encoder
 from ..errors import InvalidInputError
+from ..inputs import check_int
 from ..store.reader import Store, open_store
 from . import voc
 from .config import LabelConfig
@@ -217,8 +218,9 @@ def label_store(
     LabelResult
         Images labelled now, images skipped as already finished, and the COCO file.
     """
-    if partition_size < 1:
-        raise InvalidInputError(f"--partition-size must be >= 1, got {partition_size}")
+    check_int(partition_size, "--partition-size", 1, 1_000_000)
+    if workers is not None:
+        check_int(workers, "--workers", 1, 4096)
     opened = store if isinstance(store, Store) else open_store(store)
     out = Path(out)
     chosen = opened.check_images(images)

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidInputError
+
 __all__ = ["voc_palette", "write_labelmap", "write_label_png", "write_jpeg", "rle_annotations",
            "write_json_atomic", "write_text_atomic", "read_labelmap", "remove_partials"]
 
@@ -43,10 +45,12 @@ def write_labelmap(path: Path, classes: Sequence[str]) -> None:
 
 def read_labelmap(path: Path) -> list[str]:
     """Class names of a ``labelmap.txt`` (background first; a name ends at its first ':')."""
-    names = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            names.append(line.split(":", 1)[0])
+    from ..inputs import read_lines
+
+    names = [line.text.split(":", 1)[0].strip() for line in read_lines(path, "labelmap")]
+    if not names or any(not n for n in names):
+        raise InvalidInputError(f"labelmap {path} has an empty class name or none; write NAME:R,G,B:: lines "
+                                "(background first)")
     return names
 
 

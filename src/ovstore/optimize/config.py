@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..analyze.config import MapConfig
 from ..errors import InvalidInputError
+from ..inputs import check_float, check_int
 
 __all__ = ["OptimizeConfig", "RECIPES", "DEFAULT_CONTEXT"]
 
@@ -44,10 +45,10 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise InvalidInputError(f"--recipe {self.recipe!r} is not one of {', '.join(RECIPES)}")
-        if self.epochs < 1:
-            raise InvalidInputError("--epochs must be at least 1")
-        if self.lr <= 0 or self.lr_gamma <= 0 or self.lr_step < 1:
-            raise InvalidInputError("--lr and --lr-gamma must be positive and --lr-step at least 1")
+        check_int(self.epochs, "--epochs", 1, 1_000_000)
+        check_float(self.lr, "--lr", 0.0, low_open=True)
+        check_int(self.lr_step, "--lr-step", 1)
+        check_float(self.lr_gamma, "--lr-gamma", 0.0, 1.0, low_open=True)
         if "{}" not in self.context:
             raise InvalidInputError(
                 f"--context {self.context!r} must contain {{}} where the init word goes, "

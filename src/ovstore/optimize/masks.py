@@ -35,6 +35,16 @@ def load_mask(path: str | Path | np.ndarray, size: tuple[int, int]) -> np.ndarra
             raise InvalidInputError(f"mask {name} does not exist") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise InvalidInputError(f"mask {name} is not a readable image ({exc}); save it as PNG") from None
+    if array.dtype.kind not in "biuf":
+        raise InvalidInputError(f"{name} has dtype {array.dtype}; a mask is boolean, integer or float (0 = "
+                                "background, larger = the class)")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise InvalidInputError(f"{name} holds {bad} NaN or Inf values; a mask needs finite values (0 = "
+                                "background, larger = the class)")
+    if array.dtype.kind in "if" and array.size and float(array.min()) < 0:
+        raise InvalidInputError(f"{name} has negative values (min {float(array.min()):g}); a mask holds 0 for "
+                                "background and positive values for the class")
     if array.ndim == 3:
         array = array[..., :3].max(axis=-1) if array.shape[-1] in (3, 4) else array.max(axis=-1)
     if array.ndim != 2:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..inputs import read_lines
 
 __all__ = ["TokenTask", "read_tasks_file"]
 
@@ -45,22 +46,20 @@ def read_tasks_file(path: str | Path) -> list[TokenTask]:
     each token is written to ``NAME.safetensors``.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read --tasks-file {path}: {exc.strerror}") from None
     tasks: list[TokenTask] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
+    for number, line in ((l.number, l.text) for l in read_lines(path, "--tasks-file")):
         where = f"{path}, line {number}"
         try:
             item = json.loads(line)
             init, images, masks = item["init"], item["images"], item["masks"]
-        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        except (json.JSONDecodeError, TypeError, KeyError, IndexError) as exc:
             raise InvalidInputError(f"{where}: expected a JSON object with init, images and masks ({exc})") from None
-        if not isinstance(images, list) or not isinstance(masks, list) or not all(isinstance(i, int) for i in images):
+        if not isinstance(images, list) or not isinstance(masks, list) or \
+                not all(isinstance(i, int) and not isinstance(i, bool) for i in images) or \
+                not all(isinstance(m, str) and m.strip() for m in masks):
             raise InvalidInputError(f"{where}: images must be a list of image indices and masks a list of files")
+        if not isinstance(init, str) or not init.strip():
+            raise InvalidInputError(f"{where}: \"init\" must be a word (the class name to start from)")
         name = str(item.get("name") or init)
         if not re.fullmatch(r"[\w.+-]+", name):
             raise InvalidInputError(f"{where}: class name {name!r} cannot be a file name; use letters, digits, . _ + -")

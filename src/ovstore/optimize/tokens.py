@@ -78,14 +78,45 @@ def load_token(path: str | Path) -> TokenFile:
         raise InvalidInputError(f"{path} is not a readable safetensors token file ({exc})") from None
     if meta.get("format") != TOKEN_FORMAT:
         raise InvalidInputError(f"{path} is a safetensors file but not an ovstore token (no format metadata)")
-    if int(meta.get("format_version", 0)) > TOKEN_FORMAT_VERSION:
-        raise InvalidInputError(f"{path} has token format {meta['format_version']}; upgrade ovstore")
+    version = meta.get("format_version", "")
+    if not version.isdigit():
+        raise InvalidInputError(f"{path}: token format version {version!r} is not an integer; the token "
+                                "file is damaged, optimize it again")
+    if int(version) > TOKEN_FORMAT_VERSION:
+        raise InvalidInputError(f"{path} has token format {version}, newer than this ovstore reads "
+                                f"({TOKEN_FORMAT_VERSION}); upgrade ovstore (pip install -U ovstore)")
+    try:
+        hidden = int(meta["hidden_size"])
+        name, init_word, model_id = meta["name"], meta["init_word"], meta["model_id"]
+        hyperparameters = json.loads(meta.get("hyperparameters", "{}"))
+        training = json.loads(meta.get("training", "{}"))
+    except (KeyError, ValueError) as exc:
+        raise InvalidInputError(f"{path}: the token's metadata is damaged ({type(exc).__name__}: {exc}); "
+                                "optimize the token again") from None
+    check_embedding(embedding, hidden, path)
     return TokenFile(
-        name=meta["name"], embedding=embedding, init_word=meta["init_word"], model_id=meta["model_id"],
+        name=name, embedding=embedding, init_word=init_word, model_id=model_id,
         text_encoder_fingerprint=meta.get("text_encoder_fingerprint") or None,
-        hidden_size=int(meta["hidden_size"]), hyperparameters=json.loads(meta.get("hyperparameters", "{}")),
-        training=json.loads(meta.get("training", "{}")),
+        hidden_size=hidden, hyperparameters=hyperparameters, training=training,
     )
+
+
+def check_embedding(embedding: Any, hidden_size: int, where: object = "the token") -> None:
+    """A token embedding must be a finite float tensor of shape ``(2, hidden_size)`` (rows
+    [start-of-text, class]): NaN or Inf would give NaN maps, integers are not embeddings."""
+    import torch
+
+    if not isinstance(embedding, torch.Tensor) or not torch.is_floating_point(embedding):
+        dtype = getattr(embedding, "dtype", type(embedding).__name__)
+        raise InvalidInputError(f"{where}: the embedding is {dtype}, not a float tensor; a token file holds "
+                                "float embeddings written by `ovstore optimize`")
+    if tuple(embedding.shape) != (2, hidden_size):
+        raise InvalidInputError(f"{where}: the embedding has shape {tuple(embedding.shape)}, expected "
+                                f"(2, {hidden_size}) (rows start-of-text and class); optimize the token again")
+    if not bool(torch.isfinite(embedding).all()):
+        bad = int((~torch.isfinite(embedding)).sum())
+        raise InvalidInputError(f"{where}: the embedding holds {bad} NaN or Inf values (the optimization "
+                                "diverged, or the file was damaged); optimize the token again, e.g. with a lower --lr")
 
 
 def _check_model(token: TokenFile, identity: ModelIdentity, path: str = "") -> None:

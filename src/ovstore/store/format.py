@@ -8,6 +8,8 @@ without the libraries that wrote it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,8 @@ __all__ = [
     "CODEC_PRESETS",
     "DEFAULT_CODEC",
     "ImageRecord",
+    "LAYOUT_CHECKSUM",
+    "layout_checksum",
 ]
 
 FORMAT_NAME = "ovstore"
@@ -70,6 +74,19 @@ RECORD_ARRAYS = (PROMPT, NEGATIVE_PROMPT, SEED, GUIDANCE, NUM_INFERENCE_STEPS)
 #: of a complete image is written even when it equals the fill value (so a missing chunk is
 #: always damage).
 INTEGRITY = {"checksums": "every-array", "chunks_always_written": True}
+
+#: Root-metadata key of the SHA-256 of the layout record (:func:`layout_checksum`): maps depend
+#: on the layout (a layer's ``scale``, ``heads``, ``head_dim``, grid), so an edit of it must be
+#: detected like a flipped bit of a chunk. Stores written before it have no such key and open
+#: as before (``verify`` notes it).
+LAYOUT_CHECKSUM = "layout_sha256"
+
+
+def layout_checksum(layout_json: dict[str, Any]) -> str:
+    """SHA-256 of a layout record as stored (canonical JSON: sorted keys, no spaces)."""
+    text = json.dumps(layout_json, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
 
 #: Lock file (inside the store directory) held while a process adds image slots.
 LOCK_FILE = ".ovstore.lock"

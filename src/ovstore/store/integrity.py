@@ -22,7 +22,7 @@ __all__ = ["Problem", "VerifyReport", "verify_store"]
 @dataclass(frozen=True)
 class Problem:
     """One damaged piece: ``kind`` is ``missing``, ``corrupt``, ``unreadable metadata``,
-    ``wrong shape`` or ``not finite``; ``image`` is None for store-level pieces."""
+    ``metadata mismatch``, ``wrong shape`` or ``not finite``; ``image`` is None for store-level pieces."""
 
     image: int | None
     array: str
@@ -138,6 +138,9 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
     if not dense:
         report.notes.append("this store was written before every array had a checksum: only queries and "
                             "images are protected; records and key projections are read but cannot be checked")
+    if fmt.LAYOUT_CHECKSUM not in store.meta:
+        report.notes.append("no metadata checksum (older store): an edit of the layout record (a layer's scale, "
+                            "heads, head_dim) cannot be detected")
     report.leftovers = sorted(p for p in store.path.rglob("*.partial"))
     if (store.path / fmt.LOCK_FILE).exists():
         report.notes.append(f"a lock file {fmt.LOCK_FILE} exists: a capture or merge is adding images, or one "
@@ -154,6 +157,17 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
             len(layout.branches), layout.n_steps, info.heads, info.height, info.width, info.head_dim)
     for name, shape in expected.items():
         check.array(name, shape=shape)
+    for info in layout.layers:  # the copy of each layer's record in its group must agree
+        group = f"{fmt.LAYERS_GROUP}/{info.name}"
+        try:
+            attrs = store._root[group].attrs.get("layer")
+            same = attrs is None or fmt.LayerInfo.from_json(attrs) == info
+        except Exception as exc:
+            report.problems.append(Problem(None, group, "unreadable metadata", _short(exc)))
+            continue
+        if not same:
+            report.problems.append(Problem(None, group, "metadata mismatch",
+                                           "the layer's attributes differ from the store's layout record"))
     for info in layout.layers:
         for kind in (fmt.TO_K_WEIGHT, fmt.TO_K_BIAS):
             name = f"{fmt.LAYERS_GROUP}/{info.name}/{kind}"

@@ -68,12 +68,7 @@ def open_store(path: str | Path, *, mode: str = "r") -> Store:
             f"{path} is a Zarr group but not an ovstore store (no 'ovstore' attributes); "
             "create one with `ovstore capture`"
         )
-    version = meta.get("format_version")
-    if version not in fmt.SUPPORTED_VERSIONS:
-        raise StoreFormatError(
-            f"{path} has store format version {version}; this ovstore reads versions "
-            f"{', '.join(map(str, fmt.SUPPORTED_VERSIONS))}. Upgrade ovstore (pip install -U ovstore)."
-        )
+    check_format_version(path, meta)
     try:
         layout = StoreLayout.from_json(meta["layout"])
     except StoreFormatError:
@@ -83,7 +78,51 @@ def open_store(path: str | Path, *, mode: str = "r") -> Store:
             f"{path}/zarr.json: the store's layout record is damaged ({_short(exc)}); restore it from a "
             "backup or a copy of the store"
         ) from exc
+    check_layout_checksum(path, meta)
     return Store(path, root, meta, layout)
+
+
+def check_format_version(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a format version this library does not read, with the right advice: a newer
+    store needs a newer ovstore, an older one the ovstore that wrote it, and a version that
+    is not an integer is damage."""
+    version = meta.get("format_version")
+    supported = ", ".join(map(str, fmt.SUPPORTED_VERSIONS))
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise StoreDamagedError(
+            f"{path}/zarr.json: the store format version is {version!r}, not an integer; the root metadata "
+            "is damaged (edited by hand?): restore it from a backup or a copy of the store"
+        )
+    if version in fmt.SUPPORTED_VERSIONS:
+        return
+    if version > max(fmt.SUPPORTED_VERSIONS):
+        raise StoreFormatError(
+            f"{path} has store format version {version}, newer than this ovstore reads (versions {supported}); "
+            "upgrade ovstore (pip install -U ovstore)"
+        )
+    written = (meta.get("created_with") or {}).get("ovstore") if isinstance(meta.get("created_with"), dict) else None
+    raise StoreFormatError(
+        f"{path} has store format version {version}, older than this ovstore reads (versions {supported}); open it with "
+        f"the ovstore that wrote it{f' ({written})' if written else ''}, or capture it again"
+    )
+
+
+def check_layout_checksum(path: Path, meta: dict[str, Any]) -> None:
+    """Compare the layout record with the checksum written at creation (absent in older
+    stores: nothing to check)."""
+    expected = meta.get(fmt.LAYOUT_CHECKSUM)
+    if expected is None or "layout" not in meta:
+        return
+    try:
+        actual = fmt.layout_checksum(meta["layout"])
+    except (TypeError, ValueError):
+        actual = None
+    if actual != expected:
+        raise StoreDamagedError(
+            f"{path}/zarr.json: the store's layout record is damaged: it does not match its checksum (a "
+            "layer's scale, heads, head_dim or grid was edited, or the file is damaged), so maps would be "
+            "wrong; restore zarr.json from a backup or a copy of the store"
+        )
 
 
 def _runs(steps: list[int]) -> list[tuple[int, int]]:

@@ -376,6 +376,7 @@ def _build(path: Path, layout: StoreLayout, key_projections) -> None:
         "integrity": fmt.INTEGRITY,
         "layout": layout.to_json(),
     }
+    meta[fmt.LAYOUT_CHECKSUM] = fmt.layout_checksum(meta["layout"])
     root = zarr.open_group(path, mode="w", zarr_format=3, attributes={"ovstore": meta})
     i = fmt.IMAGE_DIM
     checked = fmt.checked_codecs
