@@ -70,12 +70,28 @@ def _layer_selection(patterns: list[str] | None, resolutions: list[str] | None, 
                           resolutions=tuple(parse_resolution(r) for r in (resolutions or ())))
 
 
+def _calls_option(calls: str | None, steps: str | None, command: str) -> str | None:
+    """``--calls`` (stored-call selection); ``--steps``, its old name here, still works with a
+    note, since in ``capture`` --steps is the number of denoising steps."""
+    if steps is None:
+        return calls
+    if calls is not None:
+        raise InvalidInputError("--steps is the old name of --calls; give only --calls")
+    console.print(f"note: --steps of `ovstore {command}` is deprecated, use --calls (same meaning: stored UNet "
+                  "calls); in `capture`, --steps is the number of denoising steps", highlight=False)
+    return steps
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return str(n)
+
+
+#: Words that are switch values in other tools, never the name of a pipeline here.
+_SWITCH_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 
 @app.command()
@@ -120,6 +136,10 @@ def capture(
     from .errors import StoreFormatError
     from .store import open_store
 
+    if model is not None and model.lower() in _SWITCH_VALUES and not Path(model).exists():
+        raise InvalidInputError(f"MODEL {model!r} looks like the value of a switch, but --resume and --reserve-only "
+                                "take no value: write the switch alone (e.g. --resume), and MODEL only to name a "
+                                "pipeline")
     if resume and reserve_only:
         raise InvalidInputError("--reserve-only records new prompts; it cannot be combined with --resume")
     if worker is not None and not resume:
@@ -210,34 +230,35 @@ def _ranges(values) -> str:
 
 @app.command()
 def info(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> None:
-    """Summarise a store: images, layers, steps, sizes and the model."""
+    """Summarise a store: images, layers, steps, sizes and the model (on stdout)."""
     from rich.table import Table
 
     from .store import open_store
 
     s = open_store(store)
+    stdout = Console(soft_wrap=True)
     summary = s.summary()
     layout = s.layout
-    console.print(f"[bold]{store}[/] (ovstore format v{s.format_version})")
+    stdout.print(f"[bold]{store}[/] (ovstore format v{s.format_version})")
     m = layout.model
-    console.print(f"model: {m.id} ({m.source}{', ' + m.path if m.path else ''}), {m.pipeline_class}, "
-                  f"weights {m.torch_dtype}, text encoder hidden size {m.text_encoder_hidden_size}")
-    console.print(f"images: {summary.n_images} ({summary.n_complete} complete, "
-                  f"{summary.n_images - summary.n_complete} incomplete"
-                  + (f": {s.incomplete_images()[:10]}" if summary.n_complete < summary.n_images else "") + ")")
-    console.print(f"image size {layout.height}x{layout.width}, latent {layout.latent_height}x{layout.latent_width}; "
-                  f"steps stored: {layout.n_steps} of {layout.num_unet_calls} UNet calls; branches: "
-                  f"{','.join(layout.branches)}; queries {layout.query_dtype}, codec {layout.codec}")
+    stdout.print(f"model: {m.id} ({m.source}{', ' + m.path if m.path else ''}), {m.pipeline_class}, "
+                 f"weights {m.torch_dtype}, text encoder hidden size {m.text_encoder_hidden_size}")
+    stdout.print(f"images: {summary.n_images} ({summary.n_complete} complete, "
+                 f"{summary.n_images - summary.n_complete} incomplete"
+                 + (f": {s.incomplete_images()[:10]}" if summary.n_complete < summary.n_images else "") + ")")
+    stdout.print(f"image size {layout.height}x{layout.width}, latent {layout.latent_height}x{layout.latent_width}; "
+                 f"steps stored: {layout.n_steps} of {layout.num_unet_calls} UNet calls; branches: "
+                 f"{','.join(layout.branches)}; queries {layout.query_dtype}, codec {layout.codec}")
     table = Table("block", "h x w", "heads", "head_dim", "scale", "MB/image")
     table.add_column("layer", overflow="fold")  # full module paths, wrapped rather than cut
     for l in layout.layers:
         per = l.query_bytes_per_call(layout.query_dtype) * layout.n_steps * len(layout.branches)
         table.add_row(l.block, f"{l.height}x{l.width}", str(l.heads), str(l.head_dim),
                       f"{l.scale:.4g}", f"{per / 1e6:.2f}", l.name)
-    Console().print(table)
-    console.print(f"on disk: {_human(summary.bytes_on_disk)} (queries of complete images "
-                  f"{_human(summary.query_bytes_on_disk)}, uncompressed {_human(summary.query_bytes_uncompressed)}, "
-                  f"ratio {summary.compression_ratio:.2f}x)")
+    stdout.print(table)
+    stdout.print(f"on disk: {_human(summary.bytes_on_disk)} (queries of complete images "
+                 f"{_human(summary.query_bytes_on_disk)}, uncompressed {_human(summary.query_bytes_uncompressed)}, "
+                 f"ratio {summary.compression_ratio:.2f}x)")
 
 
 @app.command()
@@ -255,8 +276,8 @@ def verify(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> N
     try:
         s = open_store(store)
     except StoreDamagedError as exc:
-        console.print(f"[red]damaged:[/] {escape(str(exc))}", highlight=False)
-        console.print("the store cannot be opened, so nothing else was checked", highlight=False)
+        console.print(f"[red]damaged:[/] {escape(str(exc))} (the store cannot be opened, so nothing else was "
+                      "checked)", highlight=False)
         raise typer.Exit(1) from None
     try:
         n = len(s.complete_images())
@@ -333,14 +354,15 @@ def images(
 def maps(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     attribution: Annotated[Optional[list[str]], typer.Option("--attribution", "-a", help="Attribution prompt (any words); repeatable.")] = None,
-    attributions_file: Annotated[Optional[Path], typer.Option(help="One attribution prompt per line.")] = None,
+    attributions_file: Annotated[Optional[Path], typer.Option(help="One attribution prompt per line (blank lines and # comments skipped; the .zarr output records each prompt's line as prompt_line).")] = None,
     image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="FILE.npy (one prompt: float32 (images, tokens, h, w)) or FILE.zarr (any number, xarray).")] = Path("maps.npy"),
     size: Annotated[Optional[tuple[int, int]], typer.Option(help="Upsample maps to H W (bilinear).")] = None,
     png: Annotated[Optional[Path], typer.Option(help="Folder for per-token PNG overlays on the images.")] = None,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Use layers matching this pattern (repeatable); default: all but the mid block.")] = None,
     resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Use layers of this resolution, e.g. 16x16 (repeatable).")] = None,
-    steps: Annotated[Optional[str], typer.Option(help="Stored steps to use, e.g. '0:5,-1' (default: all).")] = None,
+    calls: Annotated[Optional[str], typer.Option("--calls", help="Stored UNet calls to use, by position among the stored ones, e.g. '0:5,-1' (default: all).")] = None,
+    steps: Annotated[Optional[str], typer.Option("--steps", help="(deprecated: use --calls)")] = None,
     branch: Annotated[Optional[str], typer.Option(help="Stored half to use: uncond or cond (default: the first stored).")] = None,
     activation: Annotated[str, typer.Option(help="token_softmax (reference), sigmoid or linear.")] = "token_softmax",
     aggregation: Annotated[str, typer.Option(help="sum (reference) or mean, over heads, steps and layers.")] = "sum",
@@ -358,12 +380,10 @@ def maps(
     from .store import open_store
 
     prompts = list(attribution or [])
-    if attributions_file is not None:
-        try:
-            lines = attributions_file.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise InvalidInputError(f"cannot read --attributions-file {attributions_file}: {exc.strerror}") from None
-        prompts += [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+    if attributions_file is not None:  # blank lines skipped, the others' line numbers kept (prompt_line)
+        from .inputs import read_lines
+
+        prompts += read_lines(attributions_file, "--attributions-file")
     if not prompts and not token:
         raise InvalidInputError("no attribution; pass --attribution TEXT, --attributions-file FILE or --token FILE")
     if combine_tokens and not token:
@@ -381,7 +401,7 @@ def maps(
         raise InvalidInputError(f"--aggregation {aggregation!r} is not one of sum, mean")
     config = MapConfig(
         layers=_layer_selection(layer, resolution, include_mid=False),
-        steps=steps, branch=branch, activation=activation, head_reduction=aggregation,
+        steps=_calls_option(calls, steps, "maps"), branch=branch, activation=activation, head_reduction=aggregation,
         step_reduction=aggregation, layer_reduction=aggregation, normalize=normalize,
         size=tuple(size) if size else None,
     )
@@ -438,7 +458,8 @@ def optimize(
     lr_gamma: Annotated[float, typer.Option(help="StepLR factor (reference: 0.7).")] = 0.7,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Use layers matching this pattern (repeatable).")] = None,
     resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Use layers of this resolution (repeatable).")] = None,
-    steps: Annotated[Optional[str], typer.Option(help="Stored steps to use, e.g. '0:5,-1'.")] = None,
+    calls: Annotated[Optional[str], typer.Option("--calls", help="Stored UNet calls to use, by position among the stored ones, e.g. '0:5,-1' (default: all).")] = None,
+    steps: Annotated[Optional[str], typer.Option("--steps", help="(deprecated: use --calls)")] = None,
     model: Annotated[Optional[str], typer.Option(help="Text encoder to initialise from instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
@@ -464,7 +485,8 @@ def optimize(
         tasks = [TokenTask(init_word=init, images=tuple(image), masks=tuple(mask), name=name)]
     config = OptimizeConfig(
         recipe=recipe, context=context, epochs=epochs, lr=lr, lr_step=lr_step, lr_gamma=lr_gamma,
-        maps=MapConfig(layers=_layer_selection(layer, resolution, include_mid=False), steps=steps),
+        maps=MapConfig(layers=_layer_selection(layer, resolution, include_mid=False),
+                       steps=_calls_option(calls, steps, "optimize")),
     )
     _quiet_libraries()
     with _progress(epochs, "optimizing") as bar:
@@ -526,12 +548,11 @@ def label(
     from .optimize import load_token
     from .store import open_store
 
-    names: list[str] = [c for c in (classes or "").split(",") if c.strip()]
+    from .inputs import parse_names, read_names_file
+
+    names: list[str] = list(parse_names(classes, "--classes")) if classes is not None else []
     if classes_file is not None:
-        try:
-            names += [l.strip() for l in classes_file.read_text(encoding="utf-8").splitlines() if l.strip()]
-        except OSError as exc:
-            raise InvalidInputError(f"cannot read --classes-file {classes_file}: {exc.strerror}") from None
+        names += read_names_file(classes_file, "--classes-file")
     if sweep is not None and not adaptive:
         raise InvalidInputError("--sweep sets the thresholds tried by --adaptive; add --adaptive")
     tokens = {load_token(t).name: t for t in (token or ())}
@@ -575,12 +596,11 @@ def evaluate(
         raise InvalidInputError("give --classes or --labelmap, not both")
     names = None
     if classes is not None:
-        names = ["background", *[c.strip() for c in classes.split(",") if c.strip()]]
+        from .inputs import parse_names
+
+        names = ["background", *parse_names(classes, "--classes")]
     elif labelmap is not None:
-        try:
-            names = read_labelmap(labelmap)
-        except OSError as exc:
-            raise InvalidInputError(f"cannot read --labelmap {labelmap}: {exc.strerror}") from None
+        names = read_labelmap(labelmap)
     report = evaluate_dirs(pred_dir, gt_dir, classes=names)
     Console().print(report.to_markdown(), markup=False, highlight=False)
     if out is not None:
@@ -602,12 +622,34 @@ def demo(
     run_demo(out, device=device, epochs=epochs, log=lambda m: console.print(m, highlight=False))
 
 
+def _plain_switches(group) -> None:
+    """Show switches (``--resume``, ``--help``...) without typer's ``<bool>`` type column, which
+    reads as if they took a value (``--resume true``)."""
+    def clear(option):
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    for cmd in [group, *getattr(group, "commands", {}).values()]:
+        for param in cmd.params:
+            if getattr(param, "is_flag", False) and not getattr(param, "secondary_opts", None):
+                param.metavar = ""
+        cmd.get_help_option = lambda ctx, _get=cmd.get_help_option: clear(_get(ctx))
+
+
+def click_command():
+    """The click command behind :data:`app`, as the console script runs it."""
+    group = typer.main.get_command(app)
+    _plain_switches(group)
+    return group
+
+
 def main() -> None:
     """Console entry point: one-line errors instead of tracebacks for expected failures."""
     from rich.markup import escape
 
     try:
-        code = app(standalone_mode=False)
+        code = click_command()(standalone_mode=False)
         if code == 130:  # click turns Ctrl-C inside a command into exit status 130
             raise KeyboardInterrupt
         if isinstance(code, int) and code:

@@ -92,7 +92,57 @@ def fixtures(tmp_path_factory, multi_store, tiny_pipe):
     (root / "pred").mkdir()
     (root / "gt").mkdir()
     Image.fromarray(good).save(root / "gt" / "00000.png")
+    _careless_inputs(root, store)
     return root
+
+
+def _careless_inputs(root: Path, store: Path) -> None:
+    """Files as a careless or hostile user makes them: other encodings, blank lines, NaN
+    tokens, hand-edited store metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ovstore.optimize.tokens import TokenFile
+    from ovstore.store import open_store
+
+    (root / "latin1.txt").write_bytes("a cat\na dog\ncaf\xe9 au lait\n".encode("latin-1"))
+    (root / "utf16.txt").write_bytes("a cat\n".encode("utf-16"))
+    (root / "binary.txt").write_bytes(b"a cat\n\x00\x01\x02\n")
+    (root / "blank_only.txt").write_text("\n   \n# a comment\n\n")
+    (root / "prompts_big_seed.jsonl").write_text('{"prompt": "a cat", "seed": 18446744073709551616}\n')
+    (root / "classes_gap.txt").write_text("cat\n\ndog\n")
+    (root / "tasks_bad_init.jsonl").write_text('{"init": 5, "images": [0], "masks": ["mask.png"]}\n')
+    nan_mask = np.zeros((64, 64), np.float32)
+    nan_mask[10:30, 10:30] = 1.0
+    nan_mask[0, 0] = np.nan
+    Image.fromarray(nan_mask, mode="F").save(root / "nan_mask.tif")
+    identity = open_store(store).layout.model
+    hidden = identity.text_encoder_hidden_size
+
+    def token(name: str, embedding, **meta) -> None:
+        info = TokenFile(name="cat", embedding=embedding, init_word="cat", model_id=identity.id,
+                         text_encoder_fingerprint=identity.text_encoder_fingerprint, hidden_size=hidden).metadata()
+        save_file({"embedding": embedding}, str(root / name), metadata={**info, **meta})
+
+    nan = torch.zeros(2, hidden)
+    nan[1, 3] = float("nan")
+    token("nan_token.safetensors", nan)
+    token("inf_token.safetensors", torch.full((2, hidden), float("inf")))
+    token("int_token.safetensors", torch.zeros(2, hidden, dtype=torch.int32))
+    token("short_token.safetensors", torch.zeros(3, hidden))
+    token("future_token.safetensors", torch.zeros(2, hidden), format_version="9")
+    token("mangled_token.safetensors", torch.zeros(2, hidden), format_version="one")
+    for name, edit in [("edited_scale.zarr", lambda m: m["layout"]["layers"][0].__setitem__("scale", 0.5)),
+                       ("edited_heads.zarr", lambda m: m["layout"]["layers"][1].__setitem__("heads", 1)),
+                       ("string_version.zarr", lambda m: m.__setitem__("format_version", "1")),
+                       ("bool_version.zarr", lambda m: m.__setitem__("format_version", True)),
+                       ("old_version.zarr", lambda m: m.__setitem__("format_version", 0))]:
+        edited = root / name
+        shutil.copytree(store, edited)
+        group = zarr.open_group(edited, mode="r+")
+        meta = json.loads(json.dumps(group.attrs["ovstore"]))
+        edit(meta)
+        group.attrs["ovstore"] = meta
 
 
 CASES = [
@@ -107,9 +157,9 @@ CASES = [
     ("empty attribution prompt", ["maps", "{store}", "-a", "  ", "--out", "{root}/m.npy"], "empty"),
     ("unknown layer name", ["maps", "{store}", "-a", "cat", "--layer", "up_blocks.9*", "--out", "{root}/m.npy"], "matches no cross-attention layer"),
     ("unknown resolution", ["maps", "{store}", "-a", "cat", "--resolution", "7x7", "--out", "{root}/m.npy"], "no cross-attention layer has resolution 7x7"),
-    ("step index out of range", ["maps", "{store}", "-a", "cat", "--steps", "50", "--out", "{root}/m.npy"], "out of range"),
+    ("stored-call index out of range", ["maps", "{store}", "-a", "cat", "--calls", "50", "--out", "{root}/m.npy"], "out of range"),
     ("image index out of range", ["maps", "{store}", "-a", "cat", "--image", "99", "--out", "{root}/m.npy"], "out of range"),
-    ("malformed step specification", ["maps", "{store}", "-a", "cat", "--steps", "1:x", "--out", "{root}/m.npy"], "not an integer"),
+    ("malformed call specification", ["maps", "{store}", "-a", "cat", "--calls", "1:x", "--out", "{root}/m.npy"], "not an integer"),
     ("empty mask", ["optimize", "{store}", "--image", "0", "--mask", "{root}/empty_mask.png", "--init", "cat", "--out", "{root}/t.safetensors"], "empty"),
     ("unreadable mask", ["optimize", "{store}", "--image", "0", "--mask", "{root}/broken_mask.png", "--init", "cat", "--out", "{root}/t.safetensors"], "not a readable image"),
     ("mask of another aspect ratio", ["optimize", "{store}", "--image", "0", "--mask", "{root}/wide_mask.png", "--init", "cat", "--out", "{root}/t.safetensors"], "aspect ratio"),
@@ -138,6 +188,68 @@ CASES = [
     ("duplicate label classes", ["label", "{store}", "--classes", "cat,cat", "--out", "{root}/lab"], "duplicates"),
     ("evaluation with missing predictions", ["evaluate", "{root}/pred", "{root}/gt"], "no prediction"),
     ("token file that does not exist", ["maps", "{store}", "--token", "{root}/none.safetensors", "--out", "{root}/m.npy"], "does not exist"),
+    # text files: encodings, blank lines, line numbers
+    ("prompts file that is not UTF-8 (line number)", ["capture", "--prompts-file", "{root}/latin1.txt", "--out", "{root}/o11.zarr"], "line 3: not UTF-8"),
+    ("prompts file in UTF-16", ["capture", "--prompts-file", "{root}/utf16.txt", "--out", "{root}/o12.zarr"], "UTF-16"),
+    ("prompts file that is binary", ["capture", "--prompts-file", "{root}/binary.txt", "--out", "{root}/o13.zarr"], "line 2: contains a NUL"),
+    ("prompts file without a prompt", ["capture", "--prompts-file", "{root}/blank_only.txt", "--out", "{root}/o14.zarr"], "has no prompt"),
+    ("attributions file that is not UTF-8 (line number)", ["maps", "{store}", "--attributions-file", "{root}/latin1.txt", "--out", "{root}/m.zarr"], "line 3: not UTF-8"),
+    ("attributions file that does not exist", ["maps", "{store}", "--attributions-file", "{root}/none.txt", "--out", "{root}/m.zarr"], "does not exist"),
+    ("attributions file that is a directory", ["maps", "{store}", "--attributions-file", "{root}/empty_dir", "--out", "{root}/m.zarr"], "is a directory"),
+    ("attributions file without a prompt", ["maps", "{store}", "--attributions-file", "{root}/blank_only.txt", "--out", "{root}/m.zarr"], "no attribution"),
+    ("empty class name in --classes", ["label", "{store}", "--classes", "cat,,dog", "--out", "{root}/lab"], "name 2 is empty"),
+    ("trailing comma in --classes", ["label", "{store}", "--classes", "cat,dog,", "--out", "{root}/lab"], "name 3 is empty"),
+    ("blank line inside --classes-file", ["label", "{store}", "--classes-file", "{root}/classes_gap.txt", "--out", "{root}/lab"], "line 2 is blank"),
+    ("--classes-file that is not UTF-8", ["label", "{store}", "--classes-file", "{root}/latin1.txt", "--out", "{root}/lab"], "not UTF-8"),
+    ("empty class name in evaluate --classes", ["evaluate", "{root}/pred", "{root}/gt", "--classes", "a,,b"], "name 2 is empty"),
+    ("--labelmap that does not exist", ["evaluate", "{root}/pred", "{root}/gt", "--labelmap", "{root}/none.txt"], "does not exist"),
+    ("--tasks-file that is not UTF-8", ["optimize", "{store}", "--tasks-file", "{root}/latin1.txt", "--out", "{root}/tokens"], "line 3: not UTF-8"),
+    ("--tasks-file with a non-word init", ["optimize", "{store}", "--tasks-file", "{root}/tasks_bad_init.jsonl", "--out", "{root}/tokens"], "line 1: \"init\" must be a word"),
+    # seeds and other numbers, each with its valid range
+    ("seed beyond the generator's range", ["capture", "--prompt", "x", "--seed", str(2**64), "--out", "{root}/o15.zarr"], "out of range; valid: 0..9223372036854775807"),
+    ("negative seed", ["capture", "--prompt", "x", "--seed", "-1", "--out", "{root}/o16.zarr"], "out of range"),
+    ("seed + image index beyond the range", ["capture", "-p", "x", "-p", "y", "--seed", str(2**63 - 1), "--out", "{root}/o17.zarr"], "beyond the largest seed"),
+    ("JSONL seed beyond the range (line number)", ["capture", "--prompts-file", "{root}/prompts_big_seed.jsonl", "--out", "{root}/o18.zarr"], "line 1: \"seed\""),
+    ("zero denoising steps", ["capture", "--prompt", "x", "--steps", "0", "--out", "{root}/o19.zarr"], "--steps 0 is out of range; valid: 1 <= value <= 1000"),
+    ("too many denoising steps", ["capture", "--prompt", "x", "--steps", "5000", "--out", "{root}/o20.zarr"], "<= 1000"),
+    ("guidance that is not a number", ["capture", "--prompt", "x", "--guidance", "nan", "--out", "{root}/o21.zarr"], "finite"),
+    ("negative guidance", ["capture", "--prompt", "x", "--guidance", "-2", "--out", "{root}/o22.zarr"], "--guidance -2 is out of range"),
+    ("height not a multiple of 8", ["capture", "--prompt", "x", "--height", "30", "--out", "{root}/o23.zarr"], "multiple of 8"),
+    ("height beyond any model", ["capture", "--prompt", "x", "--height", "100000", "--out", "{root}/o24.zarr"], "<= 8192"),
+    ("zero batch size", ["capture", "--prompt", "x", "--batch-size", "0", "--out", "{root}/o25.zarr"], "--batch-size 0 is out of range"),
+    ("a value after a switch (--resume true)", ["capture", "--resume", "true", "--out", "{root}/o26.zarr"], "looks like the value of a switch"),
+    ("zero step in a call slice", ["maps", "{store}", "-a", "cat", "--calls", "0:4:0", "--out", "{root}/m.npy"], "has step 0"),
+    ("zero step in a capture --calls slice", ["capture", "--prompt", "x", "--calls", "::0", "--out", "{root}/o27.zarr"], "has step 0"),
+    ("empty part in a call list", ["maps", "{store}", "-a", "cat", "--calls", "0,,1", "--out", "{root}/m.npy"], "empty part"),
+    ("too many ':' in a call slice", ["maps", "{store}", "-a", "cat", "--calls", "1:2:3:4", "--out", "{root}/m.npy"], "too many ':'"),
+    ("--calls with the deprecated --steps", ["maps", "{store}", "-a", "cat", "--calls", "0", "--steps", "1", "--out", "{root}/m.npy"], "give only --calls"),
+    ("zero map size", ["maps", "{store}", "-a", "cat", "--size", "0", "64", "--out", "{root}/m.npy"], "--size 0 is out of range"),
+    ("map size beyond the limit", ["maps", "{store}", "-a", "cat", "--size", "100000", "64", "--out", "{root}/m.zarr"], "<= 16384"),
+    ("negative image index", ["maps", "{store}", "-a", "cat", "--image", "-1", "--out", "{root}/m.npy"], "out of range"),
+    ("learning rate that is not a number", ["optimize", "{store}", "--image", "0", "--mask", "{root}/mask.png", "--init", "cat", "--lr", "nan", "--out", "{root}/t.safetensors"], "--lr nan must be a finite number"),
+    ("zero learning rate", ["optimize", "{store}", "--image", "0", "--mask", "{root}/mask.png", "--init", "cat", "--lr", "0", "--out", "{root}/t.safetensors"], "--lr 0 is out of range; valid: > 0"),
+    ("zero epochs", ["optimize", "{store}", "--image", "0", "--mask", "{root}/mask.png", "--init", "cat", "--epochs", "0", "--out", "{root}/t.safetensors"], "--epochs 0 is out of range"),
+    ("learning-rate factor above 1", ["optimize", "{store}", "--image", "0", "--mask", "{root}/mask.png", "--init", "cat", "--lr-gamma", "2", "--out", "{root}/t.safetensors"], "--lr-gamma 2 is out of range"),
+    ("threshold that is not a number", ["label", "{store}", "--classes", "cat", "--threshold", "nan", "--out", "{root}/lab"], "between 0 and 1"),
+    ("threshold above 1", ["label", "{store}", "--classes", "cat", "--threshold", "1.5", "--out", "{root}/lab"], "between 0 and 1"),
+    ("per-class threshold that is not a number", ["label", "{store}", "--classes", "cat", "--class-threshold", "cat=nan", "--out", "{root}/lab"], "between 0 and 1"),
+    ("zero partition size", ["label", "{store}", "--classes", "cat", "--partition-size", "0", "--out", "{root}/lab"], "--partition-size 0 is out of range"),
+    ("zero workers", ["label", "{store}", "--classes", "cat", "--workers", "0", "--out", "{root}/lab"], "--workers 0 is out of range"),
+    ("negative minimum component", ["label", "{store}", "--classes", "cat", "--min-component", "-1", "--out", "{root}/lab"], "--min-component"),
+    # token files and masks
+    ("token whose embedding holds NaN", ["maps", "{store}", "--token", "{root}/nan_token.safetensors", "--out", "{root}/m.npy"], "1 NaN or Inf values"),
+    ("token whose embedding holds Inf", ["maps", "{store}", "--token", "{root}/inf_token.safetensors", "--out", "{root}/m.npy"], "NaN or Inf"),
+    ("token of integers", ["maps", "{store}", "--token", "{root}/int_token.safetensors", "--out", "{root}/m.npy"], "torch.int32, not a float tensor"),
+    ("token of the wrong shape", ["maps", "{store}", "--token", "{root}/short_token.safetensors", "--out", "{root}/m.npy"], "expected (2, "),
+    ("token of a newer token format", ["maps", "{store}", "--token", "{root}/future_token.safetensors", "--out", "{root}/m.npy"], "upgrade ovstore"),
+    ("token whose format version is not a number", ["label", "{store}", "--classes", "cat", "--token", "{root}/mangled_token.safetensors", "--out", "{root}/lab"], "not an integer"),
+    ("mask holding NaN", ["optimize", "{store}", "--image", "0", "--mask", "{root}/nan_mask.tif", "--init", "cat", "--out", "{root}/t.safetensors"], "1 NaN or Inf values"),
+    # store metadata edited by hand
+    ("layer scale edited in zarr.json", ["maps", "{root}/edited_scale.zarr", "-a", "cat", "--out", "{root}/m.npy"], "does not match its checksum"),
+    ("layer heads edited, then verify", ["verify", "{root}/edited_heads.zarr"], "does not match its checksum"),
+    ("format version written as a string", ["info", "{root}/string_version.zarr"], "format version is '1', not an integer"),
+    ("format version written as a boolean", ["info", "{root}/bool_version.zarr"], "not an integer"),
+    ("store of an older format version", ["info", "{root}/old_version.zarr"], "older than this ovstore reads"),
 ]
 
 

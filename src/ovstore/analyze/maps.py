@@ -79,7 +79,7 @@ class MapPlan:
         self.workers = max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
         names = config.layers.select([(l.name, l.resolution) for l in store.layers])
         self.layers: list[LayerInfo] = [store.layout.layer(n) for n in names]
-        self.steps = resolve_indices(config.steps, store.layout.n_steps, what="stored step")
+        self.steps = resolve_indices(config.steps, store.layout.n_steps, what="stored call")
         self.branch = self._branch_index(config.branch)
         # as the reference: the largest resolution among the layers used (--size for another)
         largest = max(self.layers, key=lambda l: l.height * l.width)
