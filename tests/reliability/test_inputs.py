@@ -16,7 +16,7 @@ import zarr
 from ovstore.cli import main
 from ovstore.errors import InvalidInputError, StoreDamagedError, StoreFormatError
 
-from test_bad_input import digest, run_cli  # tests/reliability is on sys.path (rootdir-relative imports)
+from test_bad_input import TINY, digest, run_cli  # tests/reliability is on sys.path (rootdir-relative imports)
 
 BOM = "\ufeff".encode()
 
@@ -50,7 +50,7 @@ def test_bom_prompt_is_stored_without_it(tiny_pipe, monkeypatch, capsys, tmp_pat
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(BOM + b"a cat\r\n")
     out = tmp_path / "s.zarr"
-    run_ok(monkeypatch, capsys, "capture", "tests/data/golden/tiny-sd15", "--prompts-file", prompts, "--steps", "2",
+    run_ok(monkeypatch, capsys, "capture", TINY, "--prompts-file", prompts, "--steps", "2",
            "--reserve-only", "--out", out)
     from ovstore.store import open_store
 
@@ -296,3 +296,28 @@ def test_switches_take_no_value_in_the_help(monkeypatch, capsys, command):
 def test_info_prints_to_stdout(multi_store, monkeypatch, capsys):
     out, err = run_ok(monkeypatch, capsys, "info", multi_store)
     assert "3 complete" in out and "scale" in out and err == ""
+
+
+def test_every_test_named_in_the_error_table_exists():
+    """docs/errors.md names a test for each row; a renamed or deleted test must not leave a
+    row pointing at nothing."""
+    from pathlib import Path
+
+    from test_bad_input import CASES
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "errors.md").read_text(encoding="utf-8")
+    rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| situation")]
+    assert len(rows) >= 45
+    cases = {c[0] for c in CASES}
+    named = re.findall(r"T\[([^\]]+)\]", "\n".join(rows))
+    assert named and not set(named) - cases, set(named) - cases
+    files = {"I": "tests/reliability/test_inputs.py", "F": "tests/reliability/test_faults.py",
+             "S": "tests/store/test_integrity.py"}
+    for prefix, name in re.findall(r"\b([IFS])::(test_\w+)", text):
+        assert f"def {name}(" in (root / files[prefix]).read_text(encoding="utf-8"), (prefix, name)
+    for path, name in re.findall(r"`(?:tests/[\w/]+/)?(test_\w+\.py)::(test_\w+)`", text):
+        source = next(root.joinpath("tests").rglob(path))
+        assert f"def {name}(" in source.read_text(encoding="utf-8"), (path, name)
+    for row in rows:
+        assert re.search(r"T\[|::test_", row), row  # every row names its test
