@@ -39,6 +39,9 @@ def _topk_iou(norm_map: np.ndarray, mask: np.ndarray) -> float:
 def run_demo(out: str | Path = "ovstore-demo", *, device: str = "cpu", steps: int = 20, guidance: float = 5.0,
              epochs: int = 300, log: Callable[[str], None] = print) -> Path:
     """Run the demo into ``out`` and return the path of its ``report.md``."""
+    from .inputs import check_int
+
+    check_int(epochs, "--epochs", 1, 1_000_000)  # before minutes of capture, not after
     import torch.nn.functional as F
     import torch
 

@@ -235,6 +235,7 @@ CASES = [
     ("per-class threshold that is not a number", ["label", "{store}", "--classes", "cat", "--class-threshold", "cat=nan", "--out", "{root}/lab"], "between 0 and 1"),
     ("zero partition size", ["label", "{store}", "--classes", "cat", "--partition-size", "0", "--out", "{root}/lab"], "--partition-size 0 is out of range"),
     ("zero workers", ["label", "{store}", "--classes", "cat", "--workers", "0", "--out", "{root}/lab"], "--workers 0 is out of range"),
+    ("demo with zero epochs", ["demo", "--epochs", "0", "--out", "{root}/demo"], "--epochs 0 is out of range"),
     ("negative minimum component", ["label", "{store}", "--classes", "cat", "--min-component", "-1", "--out", "{root}/lab"], "--min-component"),
     # token files and masks
     ("token whose embedding holds NaN", ["maps", "{store}", "--token", "{root}/nan_token.safetensors", "--out", "{root}/m.npy"], "1 NaN or Inf values"),
