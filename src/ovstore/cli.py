@@ -247,7 +247,7 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> Non
                  f"{summary.n_images - summary.n_complete} incomplete"
                  + (f": {s.incomplete_images()[:10]}" if summary.n_complete < summary.n_images else "") + ")")
     stdout.print(f"image size {layout.height}x{layout.width}, latent {layout.latent_height}x{layout.latent_width}; "
-                 f"steps stored: {layout.n_steps} of {layout.num_unet_calls} UNet calls; branches: "
+                 f"stored calls: {layout.n_steps} of {layout.num_unet_calls} UNet calls; branches: "
                  f"{','.join(layout.branches)}; queries {layout.query_dtype}, codec {layout.codec}")
     table = Table("block", "h x w", "heads", "head_dim", "scale", "MB/image")
     table.add_column("layer", overflow="fold")  # full module paths, wrapped rather than cut
