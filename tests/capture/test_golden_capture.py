@@ -15,8 +15,11 @@ def test_queries_and_image_equal_golden(golden_store, golden_case):
     for name, expected in golden_case["queries"].items():
         q = store.queries(name, 0)
         t, h, y, x, d = q.shape
-        np.testing.assert_allclose(q.reshape(t, h, y * x, d), expected, rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(store.image(0), golden_case["image"])
+        # float32 matmul kernels differ between CPU generations: 1e-5 of the layer's largest value
+        np.testing.assert_allclose(q.reshape(t, h, y * x, d), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    # the same rounding may move a pixel across a uint8 boundary: at most 1 level, on at most 0.1 % of values
+    diff = np.abs(store.image(0).astype(int) - golden_case["image"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).mean())
     assert store.layout.num_unet_calls == golden_case["unet_calls"] == len(store.timesteps(0))
     assert store.branch_labels(0) == ("uncond",)
 
