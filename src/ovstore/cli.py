@@ -180,7 +180,9 @@ def capture(
     console.print(
         f"[bold]{escape(identity.id)}[/]: {len(layout.layers)} cross-attention layers, {layout.n_steps} of "
         f"{layout.num_unet_calls} UNet calls, branches {','.join(layout.branches)}, {layout.query_dtype}; "
-        f"about {_human(layout.query_bytes_per_image())} of queries per image before compression",
+        f"about {_human(layout.query_bytes_per_image() + layout.context_bytes_per_image())} per image before "
+        f"compression (queries {_human(layout.query_bytes_per_image())}, context "
+        f"{_human(layout.context_bytes_per_image())})",
         highlight=False,
     )
     n = len(requests) if requests is not None and not resume else None
@@ -220,8 +222,12 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> Non
     layout = s.layout
     console.print(f"[bold]{store}[/] (ovstore format v{s.format_version})")
     m = layout.model
+    r = m.text_recipe
     console.print(f"model: {m.id} ({m.source}{', ' + m.path if m.path else ''}), {m.pipeline_class}, "
-                  f"weights {m.torch_dtype}, text encoder hidden size {m.text_encoder_hidden_size}")
+                  f"family {m.family}, weights {m.torch_dtype}; text: {' + '.join(r.encoders)} "
+                  f"({'last hidden state' if r.hidden_state is None else f'hidden_states[{r.hidden_state}]'}, "
+                  f"{r.width} channels); generation context "
+                  + (f"{layout.context.length} tokens stored" if layout.context is not None else "not stored"))
     console.print(f"images: {summary.n_images} ({summary.n_complete} complete, "
                   f"{summary.n_images - summary.n_complete} incomplete"
                   + (f": {s.incomplete_images()[:10]}" if summary.n_complete < summary.n_images else "") + ")")
@@ -349,14 +355,24 @@ def maps(
     combine_tokens: Annotated[bool, typer.Option("--combine-tokens", help="Put all --token classes in one softmax ([SoT, a*, b*, ...]) so they compete.")] = False,
     model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    generation_context: Annotated[bool, typer.Option("--generation-context", help="Instead of attribution prompts: one map per token of the context the stored calls attended (the stored branch's prompt, or negative prompt for uncond, padded as the pipeline encoded it), softmax over all of them.")] = False,
 ) -> None:
     """Compute OVAM maps for attribution prompts over stored images (no diffusion re-run).
 
     Example: ovstore maps caps.zarr -a "a cat and a sofa" -a "furniture" --out maps.zarr --png overlays/
+    The model's own attention over its context: ovstore maps caps.zarr --generation-context --out ctx.zarr
     """
     from .analyze import MapConfig, compute_maps, save_maps, write_maps_zarr, write_overlays
     from .store import open_store
 
+    if generation_context:
+        if attribution or attributions_file is not None or token:
+            raise InvalidInputError("--generation-context maps the context each image attended; drop "
+                                    "--attribution/--attributions-file/--token (or drop --generation-context)")
+        _context_maps(store, image=image, out=out, size=size, png=png, layer=layer, resolution=resolution,
+                      steps=steps, branch=branch, activation=activation, aggregation=aggregation,
+                      normalize=normalize, device=device)
+        return
     prompts = list(attribution or [])
     if attributions_file is not None:
         try:
@@ -418,6 +434,37 @@ def maps(
     console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {n_attributions} attribution(s) to {out}")
     if png is not None:
         files = write_overlays(result, s.image, png)
+        console.print(f"wrote {len(files)} PNG overlays to {png}")
+
+
+def _context_maps(store: Path, *, image, out: Path, size, png, layer, resolution, steps, branch, activation,
+                  aggregation, normalize, device) -> None:
+    """``maps --generation-context``: options checked, then :func:`compute_context_maps`."""
+    from .analyze import MapConfig, compute_context_maps, save_maps, write_overlays
+    from .store import open_store
+
+    if out.suffix not in (".npy", ".zarr"):
+        raise InvalidInputError(f"--out {out}: use a .npy or .zarr file name")
+    if activation != "token_softmax":
+        raise InvalidInputError("--generation-context maps are the model's softmax over its context; drop --activation")
+    if aggregation not in ("sum", "mean"):
+        raise InvalidInputError(f"--aggregation {aggregation!r} is not one of sum, mean")
+    config = MapConfig(layers=_layer_selection(layer, resolution, include_mid=False), steps=steps, branch=branch,
+                       head_reduction=aggregation, step_reduction=aggregation, layer_reduction=aggregation,
+                       normalize=normalize, size=tuple(size) if size else None)
+    _quiet_libraries()
+    s = open_store(store)
+    chosen = s.check_images(image)
+    with _progress(len(chosen), "maps") as bar:
+        task = bar.add_task("maps", total=len(chosen))
+        result = compute_context_maps(s, images=chosen, config=config, device=device,
+                                      progress=lambda _: bar.advance(task))
+    save_maps(result, out)
+    console.print(f"wrote generation-context maps {tuple(result.shape)} (image, token, y, x) to {out}")
+    if png is not None:
+        from .analyze.context import per_image
+
+        files = [f for k in range(len(chosen)) for f in write_overlays(per_image(result, k), s.image, png)]
         console.print(f"wrote {len(files)} PNG overlays to {png}")
 
 

@@ -26,7 +26,7 @@ from .text import Attribution
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["compute_context_maps", "context_attribution"]
+__all__ = ["compute_context_maps", "context_attribution", "per_image"]
 
 
 def context_attribution(store: Store, image: int, branch: int, tokenizer: Any | None = None) -> Attribution:
@@ -113,6 +113,9 @@ def compute_context_maps(
         dims.IMAGE: np.asarray(images, dtype=np.int64),
         "generation_prompt": (dims.IMAGE, np.asarray([store.record(i).prompt for i in images], dtype=str)),
         "position": (dims.TOKEN, np.arange(length, dtype=np.int64)),
+        # one attribution (the context) for the writers of maps
+        "prompt": (dims.TOKEN, np.full(length, "<generation context>")),
+        "prompt_index": (dims.TOKEN, np.zeros(length, dtype=np.int64)),
         "token_id": ((dims.IMAGE, dims.TOKEN), token_ids),
         "token_str": ((dims.IMAGE, dims.TOKEN), token_str.astype(str)),
     }
@@ -120,3 +123,11 @@ def compute_context_maps(
     attrs["attribution"] = "generation-context"
     return xr.DataArray(out, dims=(dims.IMAGE, dims.TOKEN, dims.Y, dims.X), coords=coords,
                         name="ovam_maps", attrs=attrs)
+
+
+def per_image(maps: xr.DataArray, position: int) -> xr.DataArray:
+    """One image of context maps with its own token strings and ids as plain token
+    coordinates (the form PNG overlays and per-prompt tools take)."""
+    one = maps.isel(image=[position])
+    return one.assign_coords(token_str=(dims.TOKEN, one["token_str"].values[0]),
+                             token_id=(dims.TOKEN, one["token_id"].values[0]))
