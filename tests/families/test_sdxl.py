@@ -187,3 +187,21 @@ def test_learned_tokens_combine_and_label_on_sdxl(sdxl_store, tmp_path):
                          scheduler="synchronous")
     assert sorted(result.labelled) == [0, 1]
     assert len(list((tmp_path / "labels" / "SegmentationClass").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("preset,n_layers", [("full", 17), ("no-finest", 12), ("thin", 11), ("thin-half-calls", 11)])
+def test_sdxl_presets_and_bytes_per_image(sdxl_pipe, preset, n_layers):
+    from ovstore.capture import CaptureConfig, plan_capture
+
+    pipe, identity = sdxl_pipe
+    layout, _ = plan_capture(pipe, identity, CaptureConfig(num_inference_steps=4, guidance=5.0, preset=preset))
+    assert len(layout.layers) == n_layers
+    if preset == "no-finest":
+        assert {(l.height, l.width) for l in layout.layers} == {(8, 8)}
+    if preset.startswith("thin"):
+        assert all(".transformer_blocks.0." in l.name for l in layout.layers)
+    calls = 2 if preset.endswith("half-calls") else 4
+    assert layout.n_steps == calls
+    expected = sum(l.heads * l.head_dim * l.height * l.width * 2 for l in layout.layers) * calls
+    assert layout.query_bytes_per_image() == expected
+    assert layout.context_bytes_per_image() == 77 * (48 * 2 + 8)

@@ -60,6 +60,9 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
         # the finest grid among the recorded layers (SD 1.x: the latent; SDXL: latent/2)
         finest = min(info.level for info, _ in found)
         found = [(info, module) for info, module in found if info.level > finest] or found
+    if config.thin:
+        leaders = set(family.stack_leaders([info for info, _ in found]))
+        found = [(info, module) for info, module in found if info.name in leaders]
     chosen = set(config.layers.select([(info.name, info.resolution) for info, _ in found]))
     layers = [(info, module) for info, module in found if info.name in chosen]
     n_calls = _unet_calls(pipe, config.num_inference_steps)

@@ -75,6 +75,11 @@ class ModelFamily(ABC):
     def attention_layers(self, pipe: Any, latent_height: int, latent_width: int) -> list[tuple[LayerInfo, Any]]:
         """Every text-attending layer to record, with its :class:`LayerInfo`, in module order."""
 
+    def stack_leaders(self, layers: Sequence[LayerInfo]) -> list[str]:
+        """Names of the layers the ``thin`` presets keep: the first of each stack of layers
+        that attend at the same place (default: every layer)."""
+        return [info.name for info in layers]
+
     @abstractmethod
     def query_module(self, layer: Any) -> Any:
         """The submodule of ``layer`` whose forward output is the queries to store

@@ -133,6 +133,11 @@ class UNetFamily(ModelFamily):
     def attention_layers(self, pipe: Any, latent_height: int, latent_width: int) -> list[tuple[LayerInfo, Any]]:
         return cross_attention_layers(pipe.unet, latent_height, latent_width)
 
+    def stack_leaders(self, layers: Sequence[LayerInfo]) -> list[str]:
+        # a Transformer2DModel stacks transformer_layers_per_block BasicTransformerBlocks
+        return [info.name for info in layers if ".transformer_blocks.0." in info.name or
+                ".transformer_blocks." not in info.name]
+
     def query_module(self, layer: Any) -> Any:
         return layer.to_q
 
