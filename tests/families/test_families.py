@@ -154,3 +154,14 @@ def test_generation_context_cli_and_its_bad_combinations(golden_store, tmp_path,
     code, lines = _cli(monkeypatch, capsys, "maps", V1 / "store.zarr", "--generation-context",
                        "--out", tmp_path / "y.npy")
     assert code == 2 and len(lines) == 1 and "does not hold" in lines[0] and "recapture" in lines[0], lines
+
+
+def test_img2img_pipeline_is_captured_through_its_text_to_image_twin(tmp_path, tiny_pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from ovstore.capture import load_pipeline
+
+    StableDiffusionImg2ImgPipeline.from_pretrained(str(TINY_SD15)).save_pretrained(tmp_path / "i2i")
+    pipe, identity = load_pipeline(str(tmp_path / "i2i"))
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and identity.family == "unet"
+    assert identity.text_encoder_fingerprint == tiny_pipe[1].text_encoder_fingerprint

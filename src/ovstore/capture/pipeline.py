@@ -57,7 +57,9 @@ def load_pipeline(model: str | None = None, *, torch_dtype: str = "float32", dev
     except (RuntimeError, AssertionError) as exc:
         raise ModelLoadError(f"cannot move the pipeline to device {device!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
-    family_for_pipeline(pipe, model_id)  # refuse unsupported pipelines before anything else
+    # refuse unsupported pipelines before anything else; img2img/inpaint pipelines of a family
+    # are captured through the text-to-image pipeline sharing their components
+    pipe = family_for_pipeline(pipe, model_id).text_to_image(pipe)
     return pipe, model_identity(pipe, model_id, source=source, path=path, revision=revision,
                                 torch_dtype=torch_dtype)
 

@@ -59,6 +59,11 @@ class ModelFamily(ABC):
     def supports(self, pipe: Any) -> bool:
         """Whether ``pipe`` (a loaded diffusers pipeline) belongs to this family."""
 
+    def text_to_image(self, pipe: Any) -> Any:
+        """The text-to-image pipeline capture drives for ``pipe`` (e.g. the one sharing the
+        components of an img2img pipeline); default ``pipe`` itself."""
+        return pipe
+
     @abstractmethod
     def denoiser(self, pipe: Any) -> Any:
         """The module called once per denoising step and branch batch (UNet, transformer)."""

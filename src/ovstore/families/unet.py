@@ -116,6 +116,21 @@ class UNetFamily(ModelFamily):
             return False
         return bool(self.text_components(pipe))
 
+    def text_to_image(self, pipe: Any) -> Any:
+        name = type(pipe).__name__
+        if "Img2Img" not in name and "Inpaint" not in name:
+            return pipe
+        if pipe.unet.config.in_channels != pipe.unet.config.out_channels:
+            raise InvalidInputError(
+                f"{name} has an inpainting UNet ({pipe.unet.config.in_channels} input channels: latents, mask and "
+                "masked image), which cannot generate from text alone; capture its base text-to-image checkpoint")
+        from diffusers import AutoPipelineForText2Image
+
+        # the same UNet, text encoders and VAE, driven from text (the images are text-to-image)
+        converted = AutoPipelineForText2Image.from_pipe(pipe)
+        converted.set_progress_bar_config(disable=True)
+        return converted
+
     def denoiser(self, pipe: Any) -> Any:
         return pipe.unet
 
