@@ -210,13 +210,13 @@ def check_recorded_encoder(encoder: TextEncoder, identity: ModelIdentity, store_
     not match the stored queries and every map would be meaningless (a model replaced on
     disk or on the hub, or another family's encoder). ``--model`` chooses another encoder
     deliberately (of the same family and width)."""
-    check_encoder_family(encoder, identity, store_path)
     recorded = identity.text_encoder_fingerprint
     if recorded and encoder.fingerprint() != recorded:
         raise InvalidInputError(
             f"the text encoder found for {identity.id!r} is not the one {store_path} was captured with "
             "(fingerprints differ), so its maps would be meaningless; restore that model, or pass --model "
             "to choose an encoder deliberately")
+    check_encoder_family(encoder, identity, store_path)
 
 
 def check_encoder_family(encoder: TextEncoder, identity: ModelIdentity, store_path: object) -> None:
