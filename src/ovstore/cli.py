@@ -111,7 +111,7 @@ def capture(
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Keep layers whose module path matches this fnmatch pattern (repeatable), e.g. 'up_blocks.*'.")] = None,
     resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Keep layers of this resolution, e.g. 16 or 16x16 (repeatable).")] = None,
     calls: Annotated[Optional[str], typer.Option(help="UNet calls to store, e.g. '0:10,20,-1' (default: every call, or the store's).")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Storage preset: full (default), no-finest (drop the latent-resolution layers), half-calls (every other UNet call), no-finest-half-calls. Sizes in BENCHMARKS.md.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Storage preset: full (default), no-finest (drop the layers at the finest cross-attention grid), half-calls (every other UNet call), no-finest-half-calls, thin (first layer of each transformer stack: SDXL 11 of 70), thin-half-calls. Sizes in BENCHMARKS.md.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per pipeline call. Images are bit-identical to a run with another batch size only up to float rounding (batch 1 for exact resumes).")] = 1,
     codec: Annotated[Optional[str], typer.Option(help="Query compression preset: blosc-zstd1-bitshuffle (default), blosc-zstd3-bitshuffle, blosc-zstd3-shuffle, zstd1, zstd3, none. All add a CRC32C checksum.")] = None,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1...")] = "cpu",
@@ -200,7 +200,9 @@ def capture(
     console.print(
         f"[bold]{escape(identity.id)}[/]: {len(layout.layers)} cross-attention layers, {layout.n_steps} of "
         f"{layout.num_unet_calls} UNet calls, branches {','.join(layout.branches)}, {layout.query_dtype}; "
-        f"about {_human(layout.query_bytes_per_image())} of queries per image before compression",
+        f"about {_human(layout.query_bytes_per_image() + layout.context_bytes_per_image())} per image before "
+        f"compression (queries {_human(layout.query_bytes_per_image())}, context "
+        f"{_human(layout.context_bytes_per_image())})",
         highlight=False,
     )
     n = len(requests) if requests is not None and not resume else None
@@ -241,8 +243,12 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> Non
     layout = s.layout
     stdout.print(f"[bold]{store}[/] (ovstore format v{s.format_version})")
     m = layout.model
+    r = m.text_recipe
     stdout.print(f"model: {m.id} ({m.source}{', ' + m.path if m.path else ''}), {m.pipeline_class}, "
-                 f"weights {m.torch_dtype}, text encoder hidden size {m.text_encoder_hidden_size}")
+                 f"family {m.family}, weights {m.torch_dtype}; text: {' + '.join(r.encoders)} "
+                 f"({'last hidden state' if r.hidden_state is None else f'hidden_states[{r.hidden_state}]'}, "
+                 f"{r.width} channels); generation context "
+                 + (f"{layout.context.length} tokens stored" if layout.context is not None else "not stored"))
     stdout.print(f"images: {summary.n_images} ({summary.n_complete} complete, "
                  f"{summary.n_images - summary.n_complete} incomplete"
                  + (f": {s.incomplete_images()[:10]}" if summary.n_complete < summary.n_images else "") + ")")
@@ -371,14 +377,25 @@ def maps(
     combine_tokens: Annotated[bool, typer.Option("--combine-tokens", help="Put all --token classes in one softmax ([SoT, a*, b*, ...]) so they compete.")] = False,
     model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    generation_context: Annotated[bool, typer.Option("--generation-context", help="Instead of attribution prompts: one map per token of the context the stored calls attended (the stored branch's prompt, or negative prompt for uncond, padded as the pipeline encoded it), softmax over all of them.")] = False,
 ) -> None:
     """Compute OVAM maps for attribution prompts over stored images (no diffusion re-run).
 
     Example: ovstore maps caps.zarr -a "a cat and a sofa" -a "furniture" --out maps.zarr --png overlays/
+    The model's own attention over its context: ovstore maps caps.zarr --generation-context --out ctx.zarr
     """
     from .analyze import MapConfig, compute_maps, save_maps, write_maps_zarr, write_overlays
     from .store import open_store
 
+    if generation_context:
+        if attribution or attributions_file is not None or token:
+            raise InvalidInputError("--generation-context maps the context each image attended; drop "
+                                    "--attribution/--attributions-file/--token (or drop --generation-context)")
+        _context_maps(store, image=image, out=out, size=size, png=png, layer=layer, resolution=resolution,
+                      steps=_calls_option(calls, steps, "maps"), branch=branch, activation=activation,
+                      aggregation=aggregation,
+                      normalize=normalize, device=device)
+        return
     prompts = list(attribution or [])
     if attributions_file is not None:  # blank lines skipped, the others' line numbers kept (prompt_line)
         from .inputs import read_lines
@@ -438,6 +455,37 @@ def maps(
     console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {n_attributions} attribution(s) to {out}")
     if png is not None:
         files = write_overlays(result, s.image, png)
+        console.print(f"wrote {len(files)} PNG overlays to {png}")
+
+
+def _context_maps(store: Path, *, image, out: Path, size, png, layer, resolution, steps, branch, activation,
+                  aggregation, normalize, device) -> None:
+    """``maps --generation-context``: options checked, then :func:`compute_context_maps`."""
+    from .analyze import MapConfig, compute_context_maps, save_maps, write_overlays
+    from .store import open_store
+
+    if out.suffix not in (".npy", ".zarr"):
+        raise InvalidInputError(f"--out {out}: use a .npy or .zarr file name")
+    if activation != "token_softmax":
+        raise InvalidInputError("--generation-context maps are the model's softmax over its context; drop --activation")
+    if aggregation not in ("sum", "mean"):
+        raise InvalidInputError(f"--aggregation {aggregation!r} is not one of sum, mean")
+    config = MapConfig(layers=_layer_selection(layer, resolution, include_mid=False), steps=steps, branch=branch,
+                       head_reduction=aggregation, step_reduction=aggregation, layer_reduction=aggregation,
+                       normalize=normalize, size=tuple(size) if size else None)
+    _quiet_libraries()
+    s = open_store(store)
+    chosen = s.check_images(image)
+    with _progress(len(chosen), "maps") as bar:
+        task = bar.add_task("maps", total=len(chosen))
+        result = compute_context_maps(s, images=chosen, config=config, device=device,
+                                      progress=lambda _: bar.advance(task))
+    save_maps(result, out)
+    console.print(f"wrote generation-context maps {tuple(result.shape)} (image, token, y, x) to {out}")
+    if png is not None:
+        from .analyze.context import per_image
+
+        files = [f for k in range(len(chosen)) for f in write_overlays(per_image(result, k), s.image, png)]
         console.print(f"wrote {len(files)} PNG overlays to {png}")
 
 

@@ -129,6 +129,15 @@ def text_encoder_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def text_encoders_fingerprint(models: list[torch.nn.Module]) -> str:
+    """:func:`text_encoder_fingerprint` of one encoder; for several (SDXL's two), a SHA-256 of
+    their fingerprints in join order."""
+    prints = [text_encoder_fingerprint(m) for m in models]
+    if len(prints) == 1:
+        return prints[0]
+    return hashlib.sha256(":".join(prints).encode()).hexdigest()
+
+
 def hub_error(model_id: str, exc: BaseException, what: str = "pipeline") -> ModelLoadError:
     """The one-line error for a model that could not be found locally or on the hub."""
     if Path(model_id).exists():

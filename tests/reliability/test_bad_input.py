@@ -148,11 +148,11 @@ def _careless_inputs(root: Path, store: Path) -> None:
 CASES = [
     ("missing model path", ["capture", "{root}/no/such/model", "--prompt", "x", "--out", "{root}/o1.zarr"], "does not exist"),
     ("directory that is not a pipeline", ["capture", "{root}/empty_dir", "--prompt", "x", "--out", "{root}/o2.zarr"], "not a diffusers pipeline"),
-    ("pipeline without cross-attention", ["capture", "{root}/ddpm", "--prompt", "x", "--out", "{root}/o3.zarr"], "UNet2DConditionModel"),
+    ("pipeline without cross-attention", ["capture", "{root}/ddpm", "--prompt", "x", "--out", "{root}/o3.zarr"], "no ovstore model family supports"),
     ("not an ovstore store", ["info", "{root}/plain.zarr"], "not an ovstore store"),
     ("missing store", ["maps", "{root}/none.zarr", "-a", "cat"], "does not exist"),
     ("newer format version", ["info", "{root}/future.zarr"], "version 99"),
-    ("text encoder of another hidden size", ["maps", "{store}", "-a", "cat", "--model", "{root}/other-encoder", "--out", "{root}/m.npy"], "channels but layer"),
+    ("text encoder of another hidden size", ["maps", "{store}", "-a", "cat", "--model", "{root}/other-encoder", "--out", "{root}/m.npy"], "Use the text encoder of the captured model"),
     ("attribution longer than the encoder's limit", ["maps", "{store}", "-a", " ".join(["cat"] * 90), "--out", "{root}/m.npy"], "at most 77"),
     ("empty attribution prompt", ["maps", "{store}", "-a", "  ", "--out", "{root}/m.npy"], "empty"),
     ("unknown layer name", ["maps", "{store}", "-a", "cat", "--layer", "up_blocks.9*", "--out", "{root}/m.npy"], "matches no cross-attention layer"),

@@ -156,7 +156,8 @@ def test_info_ratio_counts_only_complete_images(multi_store, tmp_path):
     writer = StoreWriter.open(out, store.layout)
     (slot,) = writer.reserve([store.record(0)])
     writer.write_image(slot, image=store.image(0), timesteps=store.timesteps(0), branch_labels=("uncond",),
-                       queries={l.name: store.queries(l.name, 0, branch=None) for l in store.layers})
+                       queries={l.name: store.queries(l.name, 0, branch=None) for l in store.layers},
+                       context=store.context(0))
     partial = open_store(out).summary()  # slot 3 written but not marked complete
     assert partial.n_complete == 3 and partial.n_images == 4
     assert partial.query_bytes_on_disk == store.summary().query_bytes_on_disk

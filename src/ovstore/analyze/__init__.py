@@ -4,6 +4,7 @@ Loads only a tokenizer and a text encoder plus the stored key projections; never
 """
 
 from .config import MapConfig
+from .context import compute_context_maps
 from .engine import (
     PreparedQueries,
     TokenBuckets,
@@ -27,6 +28,7 @@ __all__ = [
     "TextEncoder",
     "TokenBuckets",
     "combine_layers",
+    "compute_context_maps",
     "compute_maps",
     "iter_image_maps",
     "iter_map_blocks",

@@ -32,7 +32,6 @@ from .config import MapConfig
 from .engine import (
     PreparedQueries,
     TokenBuckets,
-    layer_keys,
     normalize_maps,
     ordered_token_maps,
     prepare_queries,
@@ -42,6 +41,7 @@ from .engine import (
 from .text import (
     Attribution,
     TextEncoder,
+    check_encoder_family,
     check_recorded_encoder,
     embedding_matrix,
     load_text_encoder,
@@ -85,6 +85,10 @@ class MapPlan:
         largest = max(self.layers, key=lambda l: l.height * l.width)
         self.target = (largest.height, largest.width)
         self.size = tuple(config.size) if config.size is not None else self.target
+        from ..families import get_family
+
+        #: the store's model family: it turns encoded rows into each layer's keys
+        self.family = get_family(store.layout.model.family)
         self.projections = {}
         for info in self.layers:
             w, b = store.key_projection(info.name)
@@ -114,7 +118,8 @@ class MapPlan:
                     f"({self.store.layout.model.id})"
                 )
         embedding = embedding.to(self.device)
-        return {info.name: layer_keys(embedding, *self.projections[info.name], info) for info in self.layers}
+        return {info.name: self.family.layer_keys(embedding, self.projections[info.name], info)
+                for info in self.layers}
 
     def _branch_index(self, branch: str | None) -> int:
         branches = self.store.layout.branches
@@ -263,6 +268,7 @@ def prepare_attributions(store: Store, items: Sequence[str | Attribution] | str,
             text_encoder = load_text_encoder(store.layout.model, model=model, device=device)
             if model is None:
                 check_recorded_encoder(text_encoder, store.layout.model, store.path)
+        check_encoder_family(text_encoder, store.layout.model, store.path)
         for att in text_encoder.encode(list(dict.fromkeys(texts))):
             encoded[att.label] = att
     return [encoded[x] if isinstance(x, str)

@@ -11,14 +11,13 @@ from typing import Any
 import numpy as np
 
 from ..devices import check_device
-from ..errors import InvalidInputError, ModelLoadError
+from ..errors import InvalidInputError
 from ..models import (
     BUILTIN_MODELS,
     build_builtin_text_encoder,
     clip_tokenizer,
-    hub_error,
     packaged_model_path,
-    text_encoder_fingerprint,
+    text_encoders_fingerprint,
 )
 from ..store.format import ModelIdentity
 
@@ -56,39 +55,60 @@ class Attribution:
 
 
 class TextEncoder:
-    """Tokenizer + text encoder of one model, for attribution prompts.
+    """Tokenizer(s) + text encoder(s) of one model, for attribution prompts.
 
-    Prompts are tokenized without padding, keeping start- and end-of-text tokens; the
-    encoder's last hidden state of those tokens is the attribution embedding (the OVAM
-    reference semantics). Prompts of equal token count are encoded together.
+    Prompts are tokenized without padding, keeping start- and end-of-text tokens; each
+    encoder's chosen hidden state of those tokens (``hidden_state``: ``None`` for the last
+    hidden state, the OVAM reference semantics; ``-2`` for SDXL's penultimate layer) is
+    joined on the channel axis into the attribution embedding. ``more`` holds further
+    ``(tokenizer, encoder)`` pairs (SDXL's second encoder); every tokenizer must give the same
+    ids. Which recipe a model uses is its family's business (``ovstore.families``). Prompts of
+    equal token count are encoded together.
     """
 
-    def __init__(self, tokenizer: Any, model: Any, *, device: str = "cpu", name: str = "") -> None:
+    def __init__(self, tokenizer: Any, model: Any, *, device: str = "cpu", name: str = "",
+                 more: Sequence[tuple[Any, Any]] = (), hidden_state: int | None = None,
+                 family: str = "unet") -> None:
         self.tokenizer = tokenizer
         self.model = model.to(check_device(device)).eval()
+        self.components = [(tokenizer, self.model)] + [(t, m.to(check_device(device)).eval()) for t, m in more]
+        self.hidden_state = hidden_state
+        self.family = family
         self.device = device
         self.name = name
         self._fingerprint: str | None = None
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        """Channels of a joined row (the sum of the encoders' widths)."""
+        return int(sum(m.config.hidden_size for _, m in self.components))
 
     @property
     def max_length(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", self.tokenizer.model_max_length))
+        return min(int(getattr(m.config, "max_position_embeddings", t.model_max_length)) for t, m in self.components)
 
     def fingerprint(self) -> str:
         """SHA-256 of the weights, computed once (hashing CLIP ViT-L/14 takes ~0.3 s)."""
         if self._fingerprint is None:
-            self._fingerprint = text_encoder_fingerprint(self.model)
+            self._fingerprint = text_encoders_fingerprint([m for _, m in self.components])
         return self._fingerprint
 
     @property
     def causal(self) -> bool:
         """Whether row i of an embedding depends only on tokens 0..i (CLIP's causal mask), so
         that prompts with a common beginning share those rows."""
-        return getattr(self.model.config, "model_type", "") == "clip_text_model"
+        return all(getattr(m.config, "model_type", "") == "clip_text_model" for _, m in self.components)
+
+    def _rows(self, ids: Any) -> Any:
+        """Joined hidden states ``(batch, tokens, width)`` of token ids ``(batch, tokens)``."""
+        import torch
+
+        parts = []
+        for _, model in self.components:
+            out = model(ids, output_hidden_states=self.hidden_state is not None)
+            hidden = out.last_hidden_state if self.hidden_state is None else out.hidden_states[self.hidden_state]
+            parts.append(hidden.float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def tokenize(self, prompt: str) -> tuple[list[int], list[str]]:
         """Token ids and strings of ``prompt`` (no padding, SoT and EoT kept)."""
@@ -101,6 +121,13 @@ class TextEncoder:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InvalidInputError("an attribution prompt is empty; give at least one word")
         batch = self.tokenizer(list(prompts), padding=False, truncation=False, add_special_tokens=True)["input_ids"]
+        for k, (tokenizer, _) in enumerate(self.components[1:], start=2):
+            other = tokenizer(list(prompts), padding=False, truncation=False, add_special_tokens=True)["input_ids"]
+            for prompt, a, b in zip(prompts, batch, other):
+                if list(a) != list(b):
+                    raise InvalidInputError(
+                        f"attribution prompt {prompt[:40]!r} is tokenized differently by the model's tokenizer 1 and "
+                        f"tokenizer {k} ({len(a)} vs {len(b)} tokens); its rows cannot be joined: rephrase it")
         out = []
         for prompt, ids in zip(prompts, batch):
             if len(ids) > self.max_length:
@@ -125,7 +152,7 @@ class TextEncoder:
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start:start + batch_size]
                     ids = torch.tensor([tokenized[i][0] for i in chunk], device=self.device)
-                    hidden = self.model(ids)[0].float()
+                    hidden = self._rows(ids)
                     for row, i in enumerate(chunk):
                         embeddings[i] = hidden[row].clone()
         if not self.causal:
@@ -183,54 +210,48 @@ def words_in_context(encoder: TextEncoder, words: Sequence[str],
 def check_recorded_encoder(encoder: TextEncoder, identity: ModelIdentity, store_path: object) -> None:
     """Refuse a text encoder that is not the one the store was captured with: its keys would
     not match the stored queries and every map would be meaningless (a model replaced on
-    disk or on the hub). ``--model`` chooses another encoder deliberately."""
+    disk or on the hub, or another family's encoder). ``--model`` chooses another encoder
+    deliberately (of the same family and width)."""
     recorded = identity.text_encoder_fingerprint
     if recorded and encoder.fingerprint() != recorded:
         raise InvalidInputError(
             f"the text encoder found for {identity.id!r} is not the one {store_path} was captured with "
             "(fingerprints differ), so its maps would be meaningless; restore that model, or pass --model "
             "to choose an encoder deliberately")
+    check_encoder_family(encoder, identity, store_path)
+
+
+def check_encoder_family(encoder: TextEncoder, identity: ModelIdentity, store_path: object) -> None:
+    """Refuse an encoder of another model family or text recipe than the store's."""
+    recipe = identity.text_recipe
+    if encoder.family != identity.family or (recipe.width and encoder.hidden_size != recipe.width) \
+            or len(encoder.components) != len(recipe.encoders) or encoder.hidden_state != recipe.hidden_state:
+        raise InvalidInputError(
+            f"{store_path} was captured with model family {identity.family!r} (text: {len(recipe.encoders)} "
+            f"encoder(s), {recipe.width} channels); the given text encoder {encoder.name or ''} encodes "
+            f"family {encoder.family!r} text ({len(encoder.components)} encoder(s), {encoder.hidden_size} channels). "
+            "Use the text encoder of the captured model")
 
 
 def load_text_encoder(identity: ModelIdentity, *, model: str | None = None, device: str = "cpu") -> TextEncoder:
-    """Load the tokenizer and text encoder recorded in a store (or ``model`` instead).
+    """Load the attribution text encoder recorded in a store (or ``model``'s instead), as
+    the store's model family encodes text (its recorded text recipe).
 
     Resolution: ``model`` if given (a pipeline directory, hub id or built-in name), else the
     recorded local path when it still exists, else the recorded id (hub or built-in).
     """
+    from ..families import get_family
+
     target = model or identity.id
     if model is None and identity.source != "builtin" and identity.path and Path(identity.path).exists():
         target = identity.path
+    family = get_family(identity.family)
     packaged = packaged_model_path(target)
     if packaged is not None:  # shipped with ovstore: found wherever it is installed
-        return _from_pretrained(str(packaged), identity, device)
+        return family.load_text_encoder(identity, str(packaged), device=device)
     if target in BUILTIN_MODELS:
         return TextEncoder(clip_tokenizer(), build_builtin_text_encoder(target), device=device, name=target)
-    return _from_pretrained(target, identity, device)
-
-
-def _from_pretrained(target: str, identity: ModelIdentity, device: str) -> TextEncoder:
-    import transformers
-
-    encoder_folder = identity.text_encoder_subfolders[0] if identity.text_encoder_subfolders else "text_encoder"
-    tokenizer_folder = identity.tokenizer_subfolders[0] if identity.tokenizer_subfolders else "tokenizer"
-    class_name = identity.text_encoder_classes[0] if identity.text_encoder_classes else "CLIPTextModel"
-    encoder_class = getattr(transformers, class_name, None)
-    if encoder_class is None:
-        raise ModelLoadError(f"transformers has no class {class_name!r}; upgrade transformers")
-    local = Path(target).expanduser()
-    if local.exists() and not (local / encoder_folder).is_dir():
-        raise ModelLoadError(
-            f"{local} has no {encoder_folder}/ folder; pass a diffusers pipeline directory "
-            "(with text_encoder/ and tokenizer/) as --model"
-        )
-    kwargs = {} if local.exists() else {"revision": identity.revision}
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(target), subfolder=tokenizer_folder, **kwargs)
-        encoder = encoder_class.from_pretrained(str(target), subfolder=encoder_folder, **kwargs)
-    except Exception as exc:
-        raise hub_error(str(target), exc, what="text encoder") from exc
-    return TextEncoder(tokenizer, encoder, device=device, name=str(target))
+    return family.load_text_encoder(identity, target, device=device)
 
 
 def embedding_matrix(attributions: Sequence[Attribution]) -> tuple[Any, list[int]]:

@@ -18,14 +18,19 @@ MAX_SIZE = 8192
 
 BRANCH_CHOICES = {"uncond": ("uncond",), "cond": ("cond",), "both": ("uncond", "cond")}
 
-#: Storage presets, named for what they keep. ``finest`` layers run at the latent resolution
-#: (SD 1.5: the 64x64 layers, 57 % of the bytes); sizes and measured map deviations are in
-#: BENCHMARKS.md. Explicit --layer/--resolution/--calls replace a preset's choice.
+#: Storage presets, named for what they keep. ``finest`` layers run at the finest grid of the
+#: cross-attention layers (SD 1.5: the 64x64 layers at the latent resolution, 57 % of the
+#: bytes; SDXL at 1024²: the 64x64 layers one level down, 25 %). ``thin`` keeps the first layer
+#: of each transformer stack (the model family says which; SD 1.x has one per stack, so thin
+#: is full; SDXL: 11 of its 70 layers, 20 % of the bytes). Sizes and measured map deviations
+#: are in BENCHMARKS.md. Explicit --layer/--resolution/--calls replace a preset's choice.
 PRESETS = {
     "full": {"skip_finest": False, "calls": None},
     "no-finest": {"skip_finest": True, "calls": None},
     "half-calls": {"skip_finest": False, "calls": "::2"},
     "no-finest-half-calls": {"skip_finest": True, "calls": "::2"},
+    "thin": {"skip_finest": False, "calls": None, "thin": True},
+    "thin-half-calls": {"skip_finest": False, "calls": "::2", "thin": True},
 }
 
 
@@ -54,8 +59,9 @@ class CaptureConfig:
         Compressor preset for query arrays.
     preset
         Storage preset (see :data:`PRESETS`): ``full`` (default), ``no-finest`` (without the
-        layers at the latent resolution), ``half-calls`` (every other UNet call) or
-        ``no-finest-half-calls``.
+        layers at the finest cross-attention grid), ``half-calls`` (every other UNet call),
+        ``no-finest-half-calls``, ``thin`` (the first layer of each transformer stack; for
+        SDXL's 10-deep stacks) or ``thin-half-calls``.
     """
 
     num_inference_steps: int = 50
@@ -103,6 +109,11 @@ class CaptureConfig:
     def skip_finest(self) -> bool:
         """Whether the preset drops the layers at the latent resolution (unless layers are named)."""
         return bool(PRESETS[self.preset]["skip_finest"]) and not (self.layers.patterns or self.layers.resolutions)
+
+    @property
+    def thin(self) -> bool:
+        """Whether the preset keeps only the first layer of each transformer stack (unless layers are named)."""
+        return bool(PRESETS[self.preset].get("thin")) and not (self.layers.patterns or self.layers.resolutions)
 
     @property
     def call_spec(self) -> tuple[str, ...] | None:

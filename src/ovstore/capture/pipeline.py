@@ -12,8 +12,9 @@ from ..models import (
     build_builtin_pipeline,
     hub_error,
     packaged_model_path,
-    text_encoder_fingerprint,
+    text_encoders_fingerprint,
 )
+from ..families import family_for_pipeline
 from ..store.format import ModelIdentity
 
 __all__ = ["load_pipeline", "model_identity"]
@@ -56,12 +57,9 @@ def load_pipeline(model: str | None = None, *, torch_dtype: str = "float32", dev
     except (RuntimeError, AssertionError) as exc:
         raise ModelLoadError(f"cannot move the pipeline to device {device!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(unet, "config") or type(unet).__name__ != "UNet2DConditionModel":
-        raise InvalidInputError(
-            f"{model_id} is a {type(pipe).__name__} without a UNet2DConditionModel; ovstore "
-            "captures Stable-Diffusion-style text-to-image pipelines"
-        )
+    # refuse unsupported pipelines before anything else; img2img/inpaint pipelines of a family
+    # are captured through the text-to-image pipeline sharing their components
+    pipe = family_for_pipeline(pipe, model_id).text_to_image(pipe)
     return pipe, model_identity(pipe, model_id, source=source, path=path, revision=revision,
                                 torch_dtype=torch_dtype)
 
@@ -105,11 +103,12 @@ def _from_pretrained(model_id: str, dtype: Any, revision: str | None) -> tuple[A
 
 def model_identity(pipe: Any, model_id: str, *, source: str, path: str | None = None,
                    revision: str | None = None, torch_dtype: str = "float32") -> ModelIdentity:
-    """Describe ``pipe`` for the store: where it came from and how to find its text encoder."""
+    """Describe ``pipe`` for the store: where it came from, its model family and how its
+    family encodes attribution text (the text recipe)."""
     config = getattr(pipe, "config", {}) or {}
-    encoders = [name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
-    tokenizers = [name for name in ("tokenizer", "tokenizer_2") if getattr(pipe, name, None) is not None]
-    text_encoder = getattr(pipe, encoders[0]) if encoders else None
+    family = family_for_pipeline(pipe, model_id)
+    recipe = family.text_recipe(pipe)
+    models = [m for _, m in family.text_components(pipe)]
     return ModelIdentity(
         id=model_id,
         source=source,
@@ -117,11 +116,13 @@ def model_identity(pipe: Any, model_id: str, *, source: str, path: str | None = 
         revision=revision,
         commit_hash=config.get("_commit_hash") if hasattr(config, "get") else None,
         pipeline_class=type(pipe).__name__,
-        unet_class=type(pipe.unet).__name__,
-        text_encoder_subfolders=tuple(encoders),
-        tokenizer_subfolders=tuple(tokenizers),
-        text_encoder_classes=tuple(type(getattr(pipe, n)).__name__ for n in encoders),
+        unet_class=type(family.denoiser(pipe)).__name__,
+        text_encoder_subfolders=recipe.encoders,
+        tokenizer_subfolders=recipe.tokenizers,
+        text_encoder_classes=recipe.encoder_classes,
         torch_dtype=torch_dtype,
-        text_encoder_hidden_size=int(text_encoder.config.hidden_size) if text_encoder is not None else 0,
-        text_encoder_fingerprint=text_encoder_fingerprint(text_encoder) if text_encoder is not None else None,
+        text_encoder_hidden_size=recipe.width,
+        text_encoder_fingerprint=text_encoders_fingerprint(models) if models else None,
+        family=family.name,
+        text=recipe,
     )

@@ -1,9 +1,10 @@
-"""Recording queries during generation with forward hooks on each ``attn2.to_q``.
+"""Recording queries during generation with forward hooks on each layer's query module.
 
-A forward hook on the ``to_q`` linear sees exactly ``Q = to_q(hidden_states)`` under any
-attention processor and changes nothing in the computation, so generations with and
-without recording are identical. A pre-hook on the UNet counts calls and reads each
-call's timestep. Queries are copied off the device asynchronously into pinned host memory,
+The model family names the module (the ``unet`` family: ``attn2.to_q``). A forward hook on
+the ``to_q`` linear sees exactly ``Q = to_q(hidden_states)`` under any attention processor
+and changes nothing in the computation, so generations with and without recording are
+identical. A pre-hook on the denoiser counts calls, reads each call's timestep and, at the
+first call, the context it attends (``encoder_hidden_states``). Queries are copied off the device asynchronously into pinned host memory,
 so the denoising loop is not stalled.
 """
 
@@ -31,6 +32,15 @@ class BatchQueries:
     queries: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     timesteps: list[float] = field(default_factory=list)
     n_calls: int = 0
+    #: the attended context ``(image, branch, token, feature)`` and its ids ``(image, branch, token)``
+    context: torch.Tensor | None = None
+    context_ids: Any = None
+
+    def image_context(self, index: int) -> tuple[Any, Any]:
+        """The context of one image: ``(branch, token, feature)`` and ``(branch, token)`` ids."""
+        if self.context is None:
+            raise InvalidInputError("the denoiser was called without encoder_hidden_states; no context to store")
+        return self.context[index].numpy(), self.context_ids[index]
 
     def image_queries(self, index: int) -> dict[str, torch.Tensor]:
         """Queries of one image of the batch: ``(branch, step, head, y, x, channel)``."""
@@ -45,7 +55,7 @@ class QueryRecorder:
     Parameters
     ----------
     unet
-        The pipeline's ``UNet2DConditionModel``.
+        The pipeline's denoiser (``UNet2DConditionModel``).
     layers
         ``(LayerInfo, attention_module)`` pairs to record.
     calls
@@ -55,10 +65,22 @@ class QueryRecorder:
         ``("cond",)`` or ``("uncond", "cond")``. Without guidance the single half is kept.
     dtype
         Storage dtype of the queries.
+    family
+        The model family (which submodule gives the queries, where the context is); default
+        the ``unet`` family.
+    context_dtype
+        Storage dtype of the attended context; ``None`` records none.
     """
 
     def __init__(self, unet: Any, layers: Sequence[tuple[LayerInfo, Any]], *, calls: Sequence[int],
-                 branches: Sequence[str], dtype: str = "float16") -> None:
+                 branches: Sequence[str], dtype: str = "float16", family: Any = None,
+                 context_dtype: str | None = None) -> None:
+        if family is None:
+            from ..families import get_family
+
+            family = get_family("unet")
+        self.family = family
+        self.context_dtype = _DTYPES[context_dtype] if context_dtype else None
         self.unet = unet
         self.layers = list(layers)
         self.calls = set(int(c) for c in calls)
@@ -71,10 +93,11 @@ class QueryRecorder:
         self._call = -1
 
     # ------------------------------------------------------------------ lifecycle
-    def start_batch(self, batch_size: int) -> None:
-        """Reset state for a pipeline call generating ``batch_size`` images."""
+    def start_batch(self, batch_size: int, context_ids: Any = None) -> None:
+        """Reset state for a pipeline call generating ``batch_size`` images (``context_ids``:
+        the token ids of their contexts, stored with the context)."""
         self.batch_size = batch_size
-        self.result = BatchQueries(queries={info.name: [] for info, _ in self.layers})
+        self.result = BatchQueries(queries={info.name: [] for info, _ in self.layers}, context_ids=context_ids)
         self.branch_labels: tuple[str, ...] = self.branches
         self._call = -1
 
@@ -84,7 +107,7 @@ class QueryRecorder:
             if info.name in names:
                 raise InvalidInputError(f"layer {info.name} is registered twice")
             names.add(info.name)
-            self._handles.append(module.to_q.register_forward_hook(self._make_hook(info)))
+            self._handles.append(self.family.query_module(module).register_forward_hook(self._make_hook(info)))
         self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
         return self
 
@@ -101,6 +124,11 @@ class QueryRecorder:
             timestep = timestep.flatten()[0].item()
         self.result.timesteps.append(float(timestep) if timestep is not None else float("nan"))
         self.result.n_calls = self._call + 1
+        if self._call == 0 and self.context_dtype is not None:
+            context = self.family.context(args, kwargs)
+            if isinstance(context, torch.Tensor):
+                selected, _ = self._select(context.detach())
+                self.result.context = selected.to("cpu", self.context_dtype)
 
     def _select(self, out: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
         n = self.batch_size

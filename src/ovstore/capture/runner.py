@@ -24,8 +24,8 @@ from ..store import format as fmt
 from ..store.format import ImageRecord, StoreLayout
 from ..store.reader import open_store
 from ..store.writer import StoreWriter
+from ..families import ModelFamily, family_for_pipeline
 from .config import CaptureConfig, store_settings
-from .layers import cross_attention_layers
 from .recorder import BatchQueries, QueryRecorder
 
 __all__ = ["capture", "plan_capture", "resume", "CaptureResult", "check_requests", "match_requests"]
@@ -42,12 +42,6 @@ class CaptureResult:
     already_complete: tuple[int, ...] = ()
 
 
-def _native_size(pipe: Any) -> tuple[int, int]:
-    size = pipe.unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
-
-
 def _unet_calls(pipe: Any, steps: int) -> int:
     """UNet calls the pipeline will make (PNDM: steps + 1), from a copy of its scheduler."""
     scheduler = copy.deepcopy(pipe.scheduler)
@@ -56,15 +50,20 @@ def _unet_calls(pipe: Any, steps: int) -> int:
 
 
 def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[StoreLayout, list]:
-    """The store layout a capture with ``config`` produces, and the layers to hook."""
-    height, width = config.height or _native_size(pipe)[0], config.width or _native_size(pipe)[1]
-    factor = pipe.vae_scale_factor
-    if height % factor or width % factor:
-        raise InvalidInputError(f"--height/--width must be multiples of the VAE factor {factor}")
-    lh, lw = height // factor, width // factor
-    found = cross_attention_layers(pipe.unet, lh, lw)
+    """The store layout a capture with ``config`` produces, and the layers to hook (both as
+    the pipeline's model family describes them)."""
+    family = family_for_pipeline(pipe, getattr(identity, "id", ""))
+    native = family.native_size(pipe)
+    height, width = config.height or native[0], config.width or native[1]
+    lh, lw = family.latent_size(pipe, height, width)
+    found = family.attention_layers(pipe, lh, lw)
     if config.skip_finest:
-        found = [(info, module) for info, module in found if info.level > 0] or found
+        # the finest grid among the recorded layers (SD 1.x: the latent; SDXL: latent/2)
+        finest = min(info.level for info, _ in found)
+        found = [(info, module) for info, module in found if info.level > finest] or found
+    if config.thin:
+        leaders = set(family.stack_leaders([info for info, _ in found]))
+        found = [(info, module) for info, module in found if info.name in leaders]
     chosen = set(config.layers.select([(info.name, info.resolution) for info, _ in found]))
     layers = [(info, module) for info, module in found if info.name in chosen]
     n_calls = _unet_calls(pipe, config.num_inference_steps)
@@ -76,17 +75,20 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
         extra={"preset": config.preset, "scheduler": type(pipe.scheduler).__name__,
                "scheduler_config": dict(pipe.scheduler.config),
                "num_inference_steps": config.num_inference_steps, "guidance": config.guidance},
+        context=_context_spec(pipe, family, config.dtype),
     )
     return layout, layers
 
 
-def _key_projections(layers: Sequence) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    out = {}
-    for info, module in layers:
-        w = module.to_k.weight.detach().float().cpu().numpy()
-        b = module.to_k.bias
-        out[info.name] = (w, None if b is None else b.detach().float().cpu().numpy())
-    return out
+def _context_spec(pipe: Any, family: ModelFamily, dtype: str) -> fmt.ContextSpec:
+    """Shape of the attended context: the pipeline's padded prompt length and the features
+    the denoiser receives (the joined encoders' widths)."""
+    length = len(family.context_token_ids(pipe, [""])[0])
+    return fmt.ContextSpec(length=length, features=family.text_recipe(pipe).width, dtype=dtype)
+
+
+def _key_projections(pipe: Any, layers: Sequence) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    return family_for_pipeline(pipe).key_parameters(layers)
 
 
 class _BackgroundWriter:
@@ -119,8 +121,9 @@ class _BackgroundWriter:
         stored_timesteps = [batch.timesteps[c] for c in self.writer.store.layout.calls]
         for k, slot in enumerate(slots):
             queries = {name: t.numpy() for name, t in batch.image_queries(k).items()}
+            context = batch.image_context(k) if self.writer.store.layout.context is not None else None
             self.writer.write_image(slot, image=images[k], queries=queries,
-                                    timesteps=stored_timesteps, branch_labels=labels)
+                                    timesteps=stored_timesteps, branch_labels=labels, context=context)
             self.writer.mark_complete(slot)
             if self.on_image is not None:
                 self.on_image(slot)
@@ -198,7 +201,7 @@ def capture(
     layout, layers = plan_capture(pipe, identity, config)
     if not reserve_only:
         check_capture_memory(layout, config)
-    writer = StoreWriter.open(out, layout, key_projections=_key_projections(layers))
+    writer = StoreWriter.open(out, layout, key_projections=_key_projections(pipe, layers))
     slots = writer.reserve(requests)
     if not reserve_only:
         _generate(pipe, layers, writer, list(zip(slots, requests)), config, progress)
@@ -248,7 +251,7 @@ def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig |
     run_config = CaptureConfig(**settings)
     layout, layers = plan_capture(pipe, identity, run_config)
     check_capture_memory(layout, run_config)
-    writer = StoreWriter.open(out, layout, key_projections=_key_projections(layers))
+    writer = StoreWriter.open(out, layout, key_projections=_key_projections(pipe, layers))
     if new:
         for r in new:
             _check_fits(pipe, r, layout)
@@ -305,14 +308,16 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
     import torch
 
     layout = writer.store.layout
-    recorder = QueryRecorder(pipe.unet, layers, calls=layout.calls, branches=layout.branches,
-                             dtype=layout.query_dtype)
+    family = family_for_pipeline(pipe)
+    recorder = QueryRecorder(family.denoiser(pipe), layers, calls=layout.calls, branches=layout.branches,
+                             dtype=layout.query_dtype, family=family,
+                             context_dtype=layout.context.dtype if layout.context is not None else None)
     background = _BackgroundWriter(writer, progress)
     try:
         with recorder:
             for chunk in _batches(work, config.batch_size):
-                recorder.start_batch(len(chunk))
                 records = [r for _, r in chunk]
+                recorder.start_batch(len(chunk), context_ids=_context_ids(pipe, family, records, recorder.branches))
                 steps, guidance = records[0].num_inference_steps, records[0].guidance
                 if _unet_calls(pipe, steps) != layout.num_unet_calls:
                     raise StoreError(
@@ -320,8 +325,7 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
                         f"{_unet_calls(pipe, steps)} UNet calls; the store holds {layout.num_unet_calls}"
                     )
                 output = pipe(
-                    prompt=[r.prompt for r in records],
-                    negative_prompt=[r.negative_prompt for r in records],
+                    **family.pipeline_arguments([r.prompt for r in records], [r.negative_prompt for r in records]),
                     generator=[torch.Generator("cpu").manual_seed(r.seed) for r in records],
                     num_inference_steps=steps,
                     guidance_scale=guidance,
@@ -351,15 +355,29 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
     background.close()
 
 
+def _context_ids(pipe: Any, family: ModelFamily, records: Sequence[ImageRecord],
+                 branches: Sequence[str]) -> np.ndarray:
+    """Token ids of each image's attended context per branch ``(image, branch, token)``: the
+    negative prompt for ``uncond``, the prompt for ``cond``, as the pipeline tokenizes them."""
+    texts = {"uncond": [r.negative_prompt or "" for r in records], "cond": [r.prompt for r in records]}
+    per_branch = [np.asarray(family.context_token_ids(pipe, texts[b]), dtype=np.int64) for b in branches]
+    return np.stack(per_branch, axis=1)
+
+
+def _batch_key(r: ImageRecord) -> tuple:
+    # images with and without a negative prompt are not mixed: "no negative prompt" must reach
+    # the pipeline as None (SDXL's force_zeros_for_empty_prompt), which is one value per batch
+    return (r.num_inference_steps, r.guidance, bool(r.negative_prompt))
+
+
 def _batches(work: list[tuple[int, ImageRecord]], size: int) -> list[list[tuple[int, ImageRecord]]]:
-    """Consecutive batches of at most ``size`` images sharing steps and guidance (each image
-    is generated exactly as its request says)."""
+    """Consecutive batches of at most ``size`` images sharing steps, guidance and whether they
+    have a negative prompt (each image is generated exactly as its request says)."""
     batches: list[list[tuple[int, ImageRecord]]] = []
     for item in work:
         r = item[1]
         last = batches[-1] if batches else None
-        if last and len(last) < size and (last[0][1].num_inference_steps, last[0][1].guidance) == \
-                (r.num_inference_steps, r.guidance):
+        if last and len(last) < size and _batch_key(last[0][1]) == _batch_key(r):
             last.append(item)
         else:
             batches.append([item])

@@ -3,7 +3,7 @@
 Open one with :func:`open_store`; see ``docs/store-format.md`` for the format.
 """
 
-from .format import FORMAT_VERSION, ImageRecord, LayerInfo, ModelIdentity, StoreLayout
+from .format import FORMAT_VERSION, ContextSpec, ImageRecord, LayerInfo, ModelIdentity, StoreLayout, TextRecipe
 from .integrity import Problem, VerifyReport, verify_store
 from .merge import MergeResult, merge_stores
 from .reader import Store, StoreSummary, open_store
@@ -11,6 +11,8 @@ from .writer import StoreWriter, library_versions
 
 __all__ = [
     "FORMAT_VERSION",
+    "ContextSpec",
+    "TextRecipe",
     "ImageRecord",
     "LayerInfo",
     "ModelIdentity",

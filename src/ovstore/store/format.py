@@ -1,4 +1,4 @@
-"""The ovstore on-disk format, version 1: names, metadata records and codecs.
+"""The ovstore on-disk format, version 2 (reads 1): names, metadata records and codecs.
 
 The format is documented for humans in ``docs/store-format.md``; this module is its single
 source of truth in code. Everything here is plain data (no torch), so a store can be read
@@ -33,11 +33,17 @@ __all__ = [
     "ImageRecord",
     "LAYOUT_CHECKSUM",
     "layout_checksum",
+    "TextRecipe",
+    "ContextSpec",
 ]
 
 FORMAT_NAME = "ovstore"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+#: Version 2 records the model family and its text recipe (``layout.model.family``,
+#: ``layout.model.text``) and the context each image attended (``context`` arrays,
+#: ``layout.context``). Version 1 stores are read as family ``unet`` with one text encoder's
+#: last hidden state, which is what version 1 wrote.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 #: ``status`` values of an image slot. Anything but COMPLETE is incomplete.
 STATUS_RESERVED = 0
@@ -62,6 +68,9 @@ GUIDANCE = "guidance"
 NUM_INFERENCE_STEPS = "num_inference_steps"
 BRANCH_LABELS = "branch_labels"
 TIMESTEPS = "timesteps"
+#: Per image and stored branch: the context the denoiser attended (format v2).
+CONTEXT = "context"
+CONTEXT_TOKEN_IDS = "context_token_ids"
 
 #: Arrays with one entry per image slot (besides the per-layer ``queries``).
 PER_IMAGE_ARRAYS = (STATUS, PROMPT, NEGATIVE_PROMPT, SEED, GUIDANCE, NUM_INFERENCE_STEPS,
@@ -129,6 +138,57 @@ class LayerInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class TextRecipe:
+    """How attribution text becomes the rows that each layer's key projection takes.
+
+    Every tokenizer tokenizes without padding (start- and end-of-text kept) and must give the
+    same ids; each encoder's ``hidden_state`` is taken (``None``: ``last_hidden_state``, i.e.
+    after the final layer norm; an integer: ``hidden_states[i]``, e.g. -2 for SDXL's penultimate
+    layer) and the results are joined along the channel axis (``join="channels"``), ``widths``
+    giving each encoder's share. ``key`` names the per-layer projection stored for analysis
+    (``to_k``: a linear layer applied to the joined rows).
+    """
+
+    tokenizers: tuple[str, ...] = ("tokenizer",)
+    encoders: tuple[str, ...] = ("text_encoder",)
+    encoder_classes: tuple[str, ...] = ("CLIPTextModel",)
+    widths: tuple[int, ...] = (0,)
+    hidden_state: int | None = None
+    join: str = "channels"
+    key: str = "to_k"
+
+    @property
+    def width(self) -> int:
+        """Channels of a joined row (the key projections' input width)."""
+        return int(sum(self.widths))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TextRecipe:
+        return cls(**{f.name: tuple(data[f.name]) if isinstance(data.get(f.name), list) else data[f.name]
+                      for f in dataclasses.fields(cls) if f.name in data})
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSpec:
+    """The generation context stored per image and branch (format v2): ``length`` tokens of
+    ``features`` channels (the denoiser's ``encoder_hidden_states``), and their token ids."""
+
+    length: int
+    features: int
+    dtype: str = "float16"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ContextSpec:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+@dataclass(frozen=True, slots=True)
 class ModelIdentity:
     """Enough to find the same text encoder again, years later.
 
@@ -150,9 +210,26 @@ class ModelIdentity:
     torch_dtype: str = "float32"
     text_encoder_hidden_size: int = 0
     text_encoder_fingerprint: str | None = None
+    #: the model family (``ovstore.families``) that captured it; v1 stores: ``unet``
+    family: str = "unet"
+    #: how attribution text is encoded; ``None`` (v1 stores): one encoder's last hidden state
+    text: TextRecipe | None = None
+
+    @property
+    def text_recipe(self) -> TextRecipe:
+        """The recorded text recipe, or the one format v1 implied (the first encoder's last
+        hidden state, keys ``to_k``)."""
+        if self.text is not None:
+            return self.text
+        return TextRecipe(tokenizers=tuple(self.tokenizer_subfolders[:1]) or ("tokenizer",),
+                          encoders=tuple(self.text_encoder_subfolders[:1]) or ("text_encoder",),
+                          encoder_classes=tuple(self.text_encoder_classes[:1]) or ("CLIPTextModel",),
+                          widths=(self.text_encoder_hidden_size,), hidden_state=None)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["text"] = None if self.text is None else self.text.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelIdentity:
@@ -160,6 +237,8 @@ class ModelIdentity:
         for f in dataclasses.fields(cls):
             if f.name in data:
                 value = data[f.name]
+                if f.name == "text":
+                    value = None if value is None else TextRecipe.from_json(value)
                 kwargs[f.name] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
 
@@ -183,6 +262,8 @@ class StoreLayout:
     query_dtype: str = "float16"
     codec: str = "blosc-zstd1-bitshuffle"
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the stored generation context (format v2); ``None``: not stored (v1 stores)
+    context: ContextSpec | None = None
 
     def __post_init__(self) -> None:
         if self.query_dtype not in ("float16", "float32", "bfloat16"):
@@ -207,10 +288,20 @@ class StoreLayout:
         per_call = sum(l.query_bytes_per_call(self.query_dtype) for l in self.layers)
         return per_call * self.n_steps * len(self.branches)
 
+    def context_bytes_per_image(self) -> int:
+        """Bytes of the stored generation context per image (embeddings and token ids)."""
+        if self.context is None:
+            return 0
+        c = self.context
+        return len(self.branches) * c.length * (c.features * (4 if c.dtype == "float32" else 2) + 8)
+
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model"] = self.model.to_json()
         data["layers"] = [layer.to_json() for layer in self.layers]
+        data["context"] = None if self.context is None else self.context.to_json()
+        if self.context is None:
+            del data["context"]
         return data
 
     @classmethod
@@ -228,11 +319,14 @@ class StoreLayout:
             query_dtype=data.get("query_dtype", "float16"),
             codec=data["codec"],
             extra=dict(data.get("extra", {})),
+            context=ContextSpec.from_json(data["context"]) if data.get("context") else None,
         )
 
     def differences(self, other: StoreLayout) -> list[str]:
         """Human-readable list of what differs from ``other`` (empty when compatible)."""
         diffs = []
+        if self.model.family != other.model.family:
+            diffs.append(f"family: store has {self.model.family}, this capture has {other.model.family}")
         for name in ("height", "width", "branches", "num_unet_calls", "calls", "query_dtype"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:

@@ -152,6 +152,9 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
         fmt.IMAGES: (layout.height, layout.width, 3),
         **{name: () for name in (fmt.STATUS, *fmt.RECORD_ARRAYS, fmt.BRANCH_LABELS)},
     }
+    if layout.context is not None:
+        expected[fmt.CONTEXT] = (len(layout.branches), layout.context.length, layout.context.features)
+        expected[fmt.CONTEXT_TOKEN_IDS] = (len(layout.branches), layout.context.length)
     for info in layout.layers:
         expected[f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}"] = (
             len(layout.branches), layout.n_steps, info.heads, info.height, info.width, info.head_dim)
@@ -211,6 +214,9 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
         check.read(fmt.BRANCH_LABELS, image, fmt.BRANCH_LABELS, must_exist=dense)
         check.read(fmt.IMAGES, image, fmt.IMAGES, must_exist=True)
         check.read(fmt.TIMESTEPS, image, fmt.TIMESTEPS, must_exist=True, finite=True)
+        if layout.context is not None:
+            check.read(fmt.CONTEXT, image, fmt.CONTEXT, must_exist=True, finite=True)
+            check.read(fmt.CONTEXT_TOKEN_IDS, image, fmt.CONTEXT_TOKEN_IDS, must_exist=True)
         for info in layout.layers:
             check.read(f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}", image, info.name, must_exist=True,
                        finite=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,8 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
             )
     if Path(out).resolve() in {s.path.resolve() for s in stores}:
         raise InvalidInputError("--out must differ from every source store")
+    if layout.context is not None and any(s.layout.context is None for s in stores):
+        layout = dataclasses.replace(layout, context=None)  # not every source kept its contexts
     src = stores[0]
     keys = {l.name: src.key_projection(l.name) for l in layout.layers}
     for store in stores[1:]:  # same layout, different weights would be another model
@@ -77,8 +81,9 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
             waiting = open_slots.get(record)
             (slot,) = [waiting.pop(0)] if waiting else writer.reserve([record])
             queries = {l.name: store.queries(l.name, image, branch=None) for l in layout.layers}
+            context = store.context(image) if target.layout.context is not None else None
             writer.write_image(slot, image=store.image(image), queries=queries, timesteps=store.timesteps(image),
-                               branch_labels=store.branch_labels(image))
+                               branch_labels=store.branch_labels(image), context=context)
             writer.mark_complete(slot)
             seen.add(record)
             added += 1

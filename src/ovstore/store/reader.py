@@ -313,6 +313,19 @@ class Store:
     def timesteps(self, image: int) -> np.ndarray:
         return self.read(fmt.TIMESTEPS, int(image), what="timesteps")
 
+    def context(self, image: int, branch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The context image ``image`` attended, as the denoiser received it: embeddings
+        ``(branch, token, feature)`` and token ids ``(branch, token)`` (one branch when
+        ``branch`` is given). Format v2 stores only."""
+        if self.layout.context is None:
+            raise InvalidInputError(
+                f"store {self.path} holds no generation context (captured before ovstore kept it, format "
+                f"v{self.format_version}); recapture the images to get --generation-context maps")
+        self.check_images([image])
+        emb = self.read(fmt.CONTEXT, image, what="generation context", must_exist=True)
+        ids = self.read(fmt.CONTEXT_TOKEN_IDS, image, what="generation context token ids", must_exist=True)
+        return (emb, ids) if branch is None else (emb[branch], ids[branch])
+
     def image(self, image: int) -> np.ndarray:
         """The generated image as uint8 (height, width, 3).
 

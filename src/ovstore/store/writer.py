@@ -217,7 +217,7 @@ class StoreWriter:
             for info in store.layout.layers:
                 arr = store.array(f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}")
                 arr.resize((n, *arr.shape[1:]))
-            for name in (fmt.IMAGES, fmt.TIMESTEPS, *_PER_IMAGE_TEXT, *_PER_IMAGE_SCALARS):
+            for name in (fmt.IMAGES, fmt.TIMESTEPS, *_PER_IMAGE_TEXT, *_PER_IMAGE_SCALARS, *_context_arrays(store)):
                 arr = store.array(name)
                 arr.resize((n, *arr.shape[1:]))
             sl = slice(start, n)
@@ -239,18 +239,22 @@ class StoreWriter:
         queries: Mapping[str, np.ndarray],
         timesteps: Sequence[float],
         branch_labels: Sequence[str],
+        context: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """Write one image's data; it stays incomplete until :meth:`mark_complete`.
 
-        ``queries[name]`` has shape ``(branch, step, head, y, x, channel)``.
+        ``queries[name]`` has shape ``(branch, step, head, y, x, channel)``; ``context`` is the
+        attended context ``(branch, token, feature)`` and its token ids ``(branch, token)``,
+        written when the store keeps contexts (format v2) and required then.
         """
         if int(self.store.read(fmt.STATUS, slot)[()]) == fmt.STATUS_COMPLETE:
             raise StoreError(f"image {slot} is already complete; refusing to overwrite it")
         with zarr.config.set(_DENSE), self._os_errors():
-            self._write_image(slot, image, queries, timesteps, branch_labels)
+            self._write_image(slot, image, queries, timesteps, branch_labels, context)
 
     def _write_image(self, slot: int, image: np.ndarray, queries: Mapping[str, np.ndarray],
-                     timesteps: Sequence[float], branch_labels: Sequence[str]) -> None:
+                     timesteps: Sequence[float], branch_labels: Sequence[str],
+                     context: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         store = self.store
         arrays = {}
         for info in store.layout.layers:  # every check before the first write
@@ -267,11 +271,23 @@ class StoreWriter:
                     "generation diverged (try float32 weights or another seed); nothing written"
                 )
             arrays[info.name] = (arr, data)
+        spec = store.layout.context
+        if spec is not None:
+            if context is None:
+                raise StoreError(f"image {slot}: the store keeps the generation context, none was given")
+            embeddings, ids = context
+            expected = (len(store.layout.branches), spec.length, spec.features)
+            if tuple(embeddings.shape) != expected or tuple(ids.shape) != expected[:2]:
+                raise StoreError(f"the context of image {slot} has shape {tuple(embeddings.shape)}, the store "
+                                 f"expects {expected}")
         for arr, data in arrays.values():
             arr[slot] = data
         store.array(fmt.IMAGES)[slot] = image
         store.array(fmt.TIMESTEPS)[slot] = np.asarray(timesteps, dtype=np.float64)
         store.array(fmt.BRANCH_LABELS)[slot] = ",".join(branch_labels)
+        if spec is not None:
+            store.array(fmt.CONTEXT)[slot] = np.asarray(embeddings, dtype=spec.dtype)
+            store.array(fmt.CONTEXT_TOKEN_IDS)[slot] = np.asarray(ids, dtype=np.int64)
 
     def mark_complete(self, slot: int) -> None:
         """The completion marker: written last, after every other piece of the image."""
@@ -280,6 +296,11 @@ class StoreWriter:
 
     def _os_errors(self) -> contextlib.AbstractContextManager[None]:
         return _os_errors(self.store.path, self.hint)
+
+
+def _context_arrays(store: Store) -> tuple[str, ...]:
+    """The per-image context arrays of a store that keeps them (format v2)."""
+    return (fmt.CONTEXT, fmt.CONTEXT_TOKEN_IDS) if store.layout.context is not None else ()
 
 
 # ---------------------------------------------------------------------- creation helpers
@@ -400,8 +421,15 @@ def _build(path: Path, layout: StoreLayout, key_projections) -> None:
         dimension_names=(i, "image_y", "image_x", "rgb"),
         compressors=fmt.query_codecs("zstd3"),
     )
-    layers = root.create_group(fmt.LAYERS_GROUP)
     nb = len(layout.branches)
+    if layout.context is not None:
+        c = layout.context
+        root.create_array(fmt.CONTEXT, shape=(0, nb, c.length, c.features), chunks=(1, nb, c.length, c.features),
+                          dtype=c.dtype, fill_value=0.0, dimension_names=(i, "branch", "context_token", "text_channel"),
+                          compressors=checked())
+        root.create_array(fmt.CONTEXT_TOKEN_IDS, shape=(0, nb, c.length), chunks=(1, nb, c.length), dtype="int64",
+                          fill_value=-1, dimension_names=(i, "branch", "context_token"), compressors=checked())
+    layers = root.create_group(fmt.LAYERS_GROUP)
     for info in layout.layers:
         g = layers.create_group(info.name, attributes={"layer": info.to_json()})
         calls = fmt.query_chunk_steps(info, layout.n_steps, layout.query_dtype)

@@ -1,0 +1,128 @@
+"""The model-family interface: everything ovstore needs to know about one kind of denoiser.
+
+Capture, the store, analysis, token optimization and labelling never look at a pipeline's
+modules themselves; they ask the pipeline's :class:`ModelFamily`:
+
+* **capture** — :meth:`ModelFamily.supports` (is this pipeline ours?), :meth:`denoiser` (the
+  module whose calls are counted and whose ``encoder_hidden_states`` is the context),
+  :meth:`attention_layers` (which modules to hook, described as :class:`LayerInfo`: block,
+  level, grid, heads, head dim, scale, key input width), :meth:`query_module` (where the
+  queries are read with a forward hook), :meth:`context` (the attended context of a call),
+  :meth:`pipeline_arguments` (how prompts are passed so the pipeline behaves as without ovstore);
+* **the store** — :meth:`key_parameters` (what analysis needs to recompute keys for any text
+  without the denoiser, e.g. each layer's ``to_k``) and :meth:`text_recipe` (which tokenizers
+  and encoders, which hidden state, how joined), recorded in ``layout.model``;
+* **analysis** — :meth:`load_text_encoder` (the attribution text encoder the recipe
+  describes) and :meth:`layer_keys` (keys of one layer for encoded rows).
+
+An MM-DiT family (SD3, FLUX) fits the same seam: its layers are the joint attention blocks,
+its queries the image rows of each block's (normalised, rotated) queries, and its key
+parameters what recomputing the text stream at analysis needs (see docs/store-format.md,
+"Families"). A family is registered by name (:mod:`ovstore.families`), by third parties
+through the ``ovstore.families`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..store.format import LayerInfo, ModelIdentity, TextRecipe
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..analyze.text import TextEncoder
+
+__all__ = ["ModelFamily"]
+
+
+class ModelFamily(ABC):
+    """One family of text-to-image denoisers (subclass and register to add one).
+
+    Attributes
+    ----------
+    name
+        Registry key, recorded in every store (``layout.model.family``).
+    pipelines
+        Human-readable list of the pipelines covered (used in error messages and docs).
+    """
+
+    name: str = ""
+    pipelines: str = ""
+
+    # ------------------------------------------------------------------ capture
+    @abstractmethod
+    def supports(self, pipe: Any) -> bool:
+        """Whether ``pipe`` (a loaded diffusers pipeline) belongs to this family."""
+
+    def text_to_image(self, pipe: Any) -> Any:
+        """The text-to-image pipeline capture drives for ``pipe`` (e.g. the one sharing the
+        components of an img2img pipeline); default ``pipe`` itself."""
+        return pipe
+
+    @abstractmethod
+    def denoiser(self, pipe: Any) -> Any:
+        """The module called once per denoising step and branch batch (UNet, transformer)."""
+
+    @abstractmethod
+    def latent_size(self, pipe: Any, height: int, width: int) -> tuple[int, int]:
+        """Latent grid of an image of ``height`` × ``width`` pixels."""
+
+    @abstractmethod
+    def native_size(self, pipe: Any) -> tuple[int, int]:
+        """The pipeline's default image size in pixels."""
+
+    @abstractmethod
+    def attention_layers(self, pipe: Any, latent_height: int, latent_width: int) -> list[tuple[LayerInfo, Any]]:
+        """Every text-attending layer to record, with its :class:`LayerInfo`, in module order."""
+
+    def stack_leaders(self, layers: Sequence[LayerInfo]) -> list[str]:
+        """Names of the layers the ``thin`` presets keep: the first of each stack of layers
+        that attend at the same place (default: every layer)."""
+        return [info.name for info in layers]
+
+    @abstractmethod
+    def query_module(self, layer: Any) -> Any:
+        """The submodule of ``layer`` whose forward output is the queries to store
+        (``(batch, pixels, heads * head_dim)``)."""
+
+    @abstractmethod
+    def context(self, args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+        """The context a denoiser call attends to (``(batch, tokens, features)``), from the
+        arguments of the call (a forward pre-hook)."""
+
+    @abstractmethod
+    def context_token_ids(self, pipe: Any, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of ``texts`` exactly as the pipeline encodes prompts (padding included)."""
+
+    @abstractmethod
+    def pipeline_arguments(self, prompts: Sequence[str], negative_prompts: Sequence[str]) -> dict[str, Any]:
+        """Keyword arguments that pass prompts to the pipeline as a user would."""
+
+    # ------------------------------------------------------------------ store
+    @abstractmethod
+    def text_recipe(self, pipe: Any) -> TextRecipe:
+        """How attribution text is encoded for this pipeline (recorded in the store)."""
+
+    @abstractmethod
+    def text_components(self, pipe: Any) -> list[tuple[Any, Any]]:
+        """``(tokenizer, text encoder)`` pairs of the recipe, in join order."""
+
+    @abstractmethod
+    def key_parameters(self, layers: Sequence[tuple[LayerInfo, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Per layer, the arrays analysis needs to compute keys without the denoiser."""
+
+    # ------------------------------------------------------------------ analysis
+    @abstractmethod
+    def load_text_encoder(self, identity: ModelIdentity, target: str, *, device: str = "cpu") -> TextEncoder:
+        """The attribution text encoder of ``identity``'s recipe, loaded from ``target`` (a
+        pipeline directory or hub id)."""
+
+    @abstractmethod
+    def layer_keys(self, rows: torch.Tensor, parameters: tuple[torch.Tensor, torch.Tensor | None],
+                   info: LayerInfo) -> torch.Tensor:
+        """Scaled keys ``(head, token, channel)`` of one layer for encoded rows ``(token, width)``."""
