@@ -254,8 +254,8 @@ def test_layer_attributes_that_disagree_with_the_layout_are_reported(multi_store
     ("1", StoreDamagedError, "not an integer"),
     (1.5, StoreDamagedError, "not an integer"),
     (None, StoreDamagedError, "not an integer"),
-    (0, StoreFormatError, r"older than this ovstore reads \(versions 1\); open it with the ovstore that wrote it"),
-    (7, StoreFormatError, r"newer than this ovstore reads \(versions 1\); upgrade ovstore"),
+    (0, StoreFormatError, r"older than this ovstore reads \(versions 1, 2\); open it with the ovstore that wrote it"),
+    (7, StoreFormatError, r"newer than this ovstore reads \(versions 1, 2\); upgrade ovstore"),
 ])
 def test_version_advice(multi_store, tmp_path, version, error, message):
     from ovstore.store import open_store
