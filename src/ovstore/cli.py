@@ -638,15 +638,16 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except OvstoreError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt as exc:
         from .partial import RunInterrupted
 
-        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
-        if isinstance(exc, RunInterrupted):
+        if isinstance(exc, RunInterrupted):  # Ctrl-C, with what was and was not done
             console.print(f"interrupted; {exc.summary}", markup=False)
-        elif command == "label":
+            sys.exit(130)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        if command == "label":
             console.print("interrupted; finished images are kept, re-run the same `ovstore label` command to resume",
                           markup=False)
         elif command == "capture":

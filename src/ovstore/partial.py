@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import StoreError
+from .errors import OvstoreError, StoreError
 from .store.reader import Store
 
 __all__ = ["find_damaged", "RunInterrupted", "listing", "progress_note"]
@@ -42,8 +42,9 @@ def progress_note(verb: str, done: Sequence[int], todo: Sequence[int], where: st
             f"not done: {listing(todo)}")
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run, with what was and was not done (printed by the command line)."""
+class RunInterrupted(OvstoreError):
+    """Ctrl-C during a run, with what was and was not done (the command line prints it and
+    exits with status 130; not a KeyboardInterrupt, which click would swallow)."""
 
     def __init__(self, summary: str) -> None:
         super().__init__(summary)

@@ -48,14 +48,25 @@ def save_maps(maps: xr.DataArray, out: str | Path, *, overwrite: bool = False,
                          overwrite=overwrite)
     with target.writing(marker=False) as tmp:
         if out.suffix == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, maps.values.astype(np.float32))
+            with open(tmp, "wb") as f:  # through write(): a short write raises its OSError (EFBIG, ENOSPC)
+                np.save(_Writes(f), maps.values.astype(np.float32))
         else:
             ds = maps.to_dataset(name="ovam_maps")
             ds.attrs = {**maps.attrs, **zarr_marker("maps")}
             ds["ovam_maps"].attrs = {}
             ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
     return target.path
+
+
+class _Writes:
+    """A file seen only through ``write``: numpy then writes in chunks with ``write`` (whose
+    OSError carries the errno) instead of ``tofile`` (which reports a bare byte count)."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    def write(self, data) -> int:
+        return self._file.write(data)
 
 
 def write_maps_zarr(
