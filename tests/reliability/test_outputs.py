@@ -483,3 +483,91 @@ def test_write_error_messages_name_path_reason_and_fix():
         text = str(err)
         assert text.startswith("cannot write /x/maps.npy: ") and reason in text and fix in text, text
         assert "\n" not in text
+
+
+# ---------------------------------------------------------------------- demo
+def _interrupt(store_path: Path, keep: int) -> None:
+    """Mark every image after the first ``keep`` incomplete, as a capture killed there leaves it."""
+    from ovstore.store import format as fmt
+
+    zarr.open_array(store_path / fmt.STATUS, mode="r+")[keep:] = fmt.STATUS_RESERVED
+
+
+def test_demo_captures_of_an_interrupted_run_are_finished(tmp_path):
+    """The demo's store after a capture killed at 2 of 6 images is finished before anything
+    is reported (the whole demo: the slow test below); a store of other prompts is refused."""
+    from ovstore.demo import CAPTIONS, _captures
+    from ovstore.store import format as fmt
+
+    path = tmp_path / "demo" / "captures.zarr"
+    logs = []
+    _captures(path, device="cpu", steps=2, guidance=5.0, log=logs.append)
+    first = {i: open_store_image(path, i) for i in range(2)}
+    _interrupt(path, 2)
+    _captures(path, device="cpu", steps=2, guidance=5.0, log=logs.append)
+    assert logs == ["capturing 6 of 6 generations of the embedded toy-world model ...",
+                    "capturing 4 of 6 generations of the embedded toy-world model ..."]
+    from ovstore.store import open_store
+
+    store = open_store(path)
+    assert store.complete_images() == list(range(len(CAPTIONS))) and store.n_images == len(CAPTIONS)
+    assert all(np.array_equal(store.image(i), first[i]) for i in range(2))  # kept, not recaptured
+    zarr.open_array(path / fmt.PROMPT, mode="r+")[0] = "a purple cow"
+    before = digest(path)
+    with pytest.raises(InvalidInputError, match="other captures than the demo's"):
+        _captures(path, device="cpu", steps=2, guidance=5.0, log=logs.append)
+    assert digest(path) == before
+
+
+def open_store_image(path: Path, i: int) -> np.ndarray:
+    from ovstore.store import open_store
+
+    return open_store(path).image(i)
+
+
+@pytest.mark.slow
+def test_demo_finishes_an_interrupted_folder(tmp_path):
+    """A demo folder whose capture stopped after 2 of 6 images: the next `ovstore demo` reports
+    on all 6, and rebuilds the parts that are missing."""
+    from ovstore.demo import CAPTIONS, run_demo
+    from ovstore.store import open_store
+
+    out = tmp_path / "demo"
+    run_demo(out, epochs=5, log=lambda m: None)
+    _interrupt(out / "captures.zarr", 2)
+    (out / "report.md").unlink()
+    shutil.rmtree(out / "token")
+    (out / "prompt_words" / "00005_p000.png").unlink()
+    logs = []
+    run_demo(out, epochs=5, log=logs.append)
+    assert any("capturing 4 of 6" in m for m in logs), logs
+    assert open_store(out / "captures.zarr").complete_images() == list(range(len(CAPTIONS)))
+    assert f"{len(CAPTIONS)} images" in (out / "report.md").read_text()
+    assert (out / "prompt_words" / "00005_p000.png").exists() and (out / "token").is_dir()
+    assert leftovers(tmp_path) == []
+
+
+def test_sigkilled_output_commands_rerun_identically(tmp_path):
+    """scripts/fault_injection.py --outputs, one trial of `maps` (.zarr + --png); all four
+    commands with more trials: the slow test below."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fault_injection", Path(__file__).resolve().parents[2] / "scripts"
+                                                  / "fault_injection.py")
+    faults = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(faults)
+    summary = faults.run_outputs(tmp_path, "maps", trials=1, seed=1, log=lambda *_: None)
+    assert summary["identical_after_rerun"] == 1, summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["maps", "maps-npy", "optimize", "evaluate"])
+def test_sigkilled_output_commands_8_trials(tmp_path, command):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fault_injection", Path(__file__).resolve().parents[2] / "scripts"
+                                                  / "fault_injection.py")
+    faults = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(faults)
+    summary = faults.run_outputs(tmp_path, command, trials=8, seed=2, log=lambda *_: None)
+    assert summary["kills"] >= 4 and summary["identical_after_rerun"] == 8, summary
