@@ -305,7 +305,7 @@ def images(
     result = write_images(store, out, overwrite=overwrite)
     console.print(f"wrote {len(result.written)} images to {out}", highlight=False)
     if result.damaged:
-        raise StoreError(f"{len(result.damaged)} images are damaged and were skipped: {result.damaged[:20]}; run "
+        raise StoreError(f"{len(result.damaged)} images are damaged and were skipped: {list(result.damaged[:20])}; run "
                          f"`ovstore verify {store}` for details")
 
 

@@ -23,7 +23,7 @@ class ImagesResult:
 
 def write_images(store: Store | str | Path, out: str | Path, *, overwrite: bool = False) -> ImagesResult:
     """Write every complete image of ``store`` as ``out/NNNNN.png``; damaged images are
-    skipped (listed in the result and in ``out/damaged.txt``). The folder is built aside and
+    skipped (listed in the result). The folder is built aside and
     published complete; an existing one is replaced only with ``overwrite``."""
     from PIL import Image
 
@@ -39,6 +39,4 @@ def write_images(store: Store | str | Path, out: str | Path, *, overwrite: bool 
                 continue
             Image.fromarray(picture).save(tmp / f"{i:05d}.png")
             written.append(i)
-        if damaged:
-            (tmp / "damaged.txt").write_text("".join(f"{i:05d}\n" for i in damaged))
     return ImagesResult(target.path, tuple(written), tuple(damaged))

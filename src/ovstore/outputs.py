@@ -160,7 +160,7 @@ _OVERLAY = re.compile(r"\d{5}_p\d{3}(_t\d{2}_.+)?\.png$")
 _LEGACY_DIRS: dict[str, Callable[[Path], bool]] = {
     "maps": lambda p: (p / "ovam_maps" / "zarr.json").is_file(),
     "maps --png": lambda p: all(_OVERLAY.match(n) for n in _visible(p)),
-    "images": lambda p: all(re.fullmatch(r"\d{5}\.png|damaged\.txt", n) for n in _visible(p)),
+    "images": lambda p: all(re.fullmatch(r"\d{5}\.png", n) for n in _visible(p)),
     "evaluate": lambda p: set(_visible(p)) <= {"report.json", "report.md", "report.png"},
     "optimize": lambda p: all(n.endswith(".safetensors") and _is_token(p / n) for n in _visible(p)),
     "label": lambda p: (p / "ovstore-label.json").is_file(),
