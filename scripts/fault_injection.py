@@ -21,6 +21,11 @@ Two modes:
     python scripts/fault_injection.py --trials 20 [--images 8] [--seed 0]
     python scripts/fault_injection.py --kill-points
     python scripts/fault_injection.py --label --trials 20 --images 32
+    python scripts/fault_injection.py --outputs [maps maps-npy optimize evaluate] --trials 6
+
+* ``--outputs``: random kills of `ovstore maps` (.zarr with --png, and .npy), `optimize` and
+  `evaluate`, each followed by the same command: every output is absent or complete after
+  the kill, equal to an uninterrupted run's after the re-run, with no temporary left.
 """
 
 from __future__ import annotations
@@ -262,6 +267,145 @@ def run_label(workdir: Path, trials: int, images: int = 8, steps: int = 3, seed:
             "rounds": round_no + 1}
 
 
+# ---------------------------------------------------------------------- maps, optimize, evaluate
+OUTPUT_COMMANDS = ("maps", "maps-npy", "optimize", "evaluate")
+
+
+def output_command(name: str, data: Path, out: Path) -> tuple[list[str], list[Path]]:
+    """The command ``name`` writing under ``out`` (with --overwrite: the same command is re-run
+    after a kill whatever the kill left), and the outputs it writes."""
+    store = data / "store.zarr"
+    if name == "maps":
+        return _cli("maps", str(store), "-a", "a cat on a sofa", "-a", "furniture", "--out", str(out / "maps.zarr"),
+                    "--png", str(out / "png"), "--overwrite"), [out / "maps.zarr", out / "png"]
+    if name == "maps-npy":
+        return _cli("maps", str(store), "-a", "a red car", "--out", str(out / "maps.npy"), "--overwrite"), \
+            [out / "maps.npy"]
+    if name == "optimize":
+        return _cli("optimize", str(store), "--image", "0", "--mask", str(data / "mask.png"), "--init", "cat",
+                    "--epochs", "40", "--out", str(out / "cat.safetensors"), "--overwrite"), [out / "cat.safetensors"]
+    if name == "evaluate":
+        return _cli("evaluate", str(data / "labels"), str(data / "gt"), "--out", str(out / "report"),
+                    "--overwrite"), [out / "report"]
+    raise ValueError(name)
+
+
+def same_output(path: Path, reference: Path) -> bool:
+    """Equal content: arrays of a Zarr output, pixels of PNGs, bytes of every other file;
+    the hidden marker (it holds the writing time) is left out."""
+    import zarr
+    from PIL import Image
+
+    if path.is_file() != reference.is_file() or path.is_dir() != reference.is_dir():
+        return False
+    if path.suffix == ".safetensors":
+        from ovstore.optimize import load_token
+
+        a, b = load_token(path), load_token(reference)
+        return a.metadata() == b.metadata() and bool((a.embedding == b.embedding).all())
+    if path.is_file():
+        return path.read_bytes() == reference.read_bytes()
+    if (path / "zarr.json").exists():
+        ga, gb = zarr.open_group(path, mode="r"), zarr.open_group(reference, mode="r")
+        if dict(ga.attrs) != dict(gb.attrs) or sorted(ga.array_keys()) != sorted(gb.array_keys()):
+            return False
+        return all(np.array_equal(ga[k][...], gb[k][...]) for k in ga.array_keys())
+    names = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    if names != sorted(p.name for p in reference.iterdir() if not p.name.startswith(".")):
+        return False
+    for name in names:
+        if name.endswith(".png"):
+            if not np.array_equal(np.asarray(Image.open(path / name)), np.asarray(Image.open(reference / name))):
+                return False
+        elif (path / name).read_bytes() != (reference / name).read_bytes():
+            return False
+    return True
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".*") if p.name.endswith(".partial") or p.name.endswith(".ovstore-lock")]
+
+
+def prepare_output_data(data: Path, steps: int = 2) -> None:
+    """A store of three images, a mask, and a labelling with its 'ground truth' (a copy with
+    a band of pixels changed) for `evaluate`."""
+    from PIL import Image
+
+    data.mkdir(parents=True, exist_ok=True)
+    prompts = data / "prompts.txt"
+    prompts.write_text("a cat on a sofa\na red car\na dog in a park\n")
+    store = data / "store.zarr"
+    if not store.exists():
+        run_cli(*capture_args(store, prompts, steps))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:40, 12:44] = 255
+    Image.fromarray(mask).save(data / "mask.png")
+    if not (data / "labels" / "annotations.json").exists():
+        run_cli("label", store, "--classes", "cat,sofa,car,dog", "--out", data / "labels", "--scheduler", "synchronous")
+    gt = data / "gt"
+    gt.mkdir(exist_ok=True)
+    for png in sorted((data / "labels" / "SegmentationClass").glob("*.png")):
+        labels = np.asarray(Image.open(png)).copy()
+        labels[:, :10] = 1
+        Image.fromarray(labels).save(gt / png.name)
+
+
+def run_outputs(workdir: Path, command: str, trials: int, seed: int = 0, log=print) -> dict:
+    """``trials`` SIGKILLs of ``command`` (see OUTPUT_COMMANDS) at random points, each followed
+    by the same command: after the kill each output is absent or complete (equal to an
+    uninterrupted run's), after the re-run it is equal, and nothing is left behind.
+
+    Half of the kills are timed by progress (right after a temporary of the output appears,
+    plus a random fraction of a second), the others at a random time of the run.
+    """
+    rng = random.Random(seed)
+    data = workdir / "data"
+    prepare_output_data(data)
+    reference = workdir / f"{command}-reference"
+    args, ref_outputs = output_command(command, data, reference)
+    if not all(p.exists() for p in ref_outputs):
+        reference.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        subprocess.run(args, env=ENV, check=True, capture_output=True)
+        (reference / "seconds").write_text(f"{time.monotonic() - started:.2f}")
+    duration = float((reference / "seconds").read_text())
+    points = {"before any output was written": 0, "while a temporary was written": 0,
+              "after an output was published": 0}
+    kills = identical = 0
+    out = workdir / f"{command}-trials"
+    out.mkdir(parents=True, exist_ok=True)
+    args, targets = output_command(command, data, out)
+    for trial in range(trials):
+        for target in targets:  # each trial starts from a missing output or a complete one
+            assert not target.exists() or same_output(target, reference / target.name), target
+        mtimes = {t: t.stat().st_mtime_ns if t.exists() else None for t in targets}
+        log_path = workdir / f"{command}-trial-{trial}.log"
+        with open(log_path, "wb") as err:
+            proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+            killed, what = _kill_when(proc, lambda: len(_leftovers(out)), rng, 1, rng.random() < 0.5, poll=0.002,
+                                      extra_max=0.4, delays=(0.5, duration * 1.1), most=1)
+        if not killed:
+            assert proc.returncode == 0, log_path.read_text(errors="replace")[-2000:]
+        kills += killed
+        if killed:
+            if _leftovers(out):
+                points["while a temporary was written"] += 1
+            elif any(t.exists() and t.stat().st_mtime_ns != mtimes[t] for t in targets):
+                points["after an output was published"] += 1
+            else:
+                points["before any output was written"] += 1
+        for target in targets:  # never a mix: absent, or complete and equal to the reference
+            assert not target.exists() or same_output(target, reference / target.name), (trial, target)
+        rerun = subprocess.run(args, env=ENV, capture_output=True, text=True)  # the same command again
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        same = all(same_output(t, reference / t.name) for t in targets)
+        assert same, f"trial {trial}: the re-run differs from an uninterrupted run"
+        assert not _leftovers(out), _leftovers(out)
+        identical += same
+        log(f"{command} trial {trial}: {what}; re-run identical: {same}")
+    return {"command": command, "trials": trials, "kills": kills, **points, "identical_after_rerun": identical}
+
+
 # ---------------------------------------------------------------------- deterministic kill points
 def _creating(name: str) -> str:
     return re.escape(f".{name}.creating-") + r"[^/]+"
@@ -401,6 +545,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kill-points", action="store_true", help="run the deterministic kill points instead")
     parser.add_argument("--label", action="store_true", help="kill `ovstore label` runs instead of captures")
+    parser.add_argument("--outputs", nargs="*", choices=OUTPUT_COMMANDS, default=None,
+                        help="kill runs of these output-writing commands instead (default with no names: all)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(os.environ.get("TMPDIR", "/tmp")) / f"ovstore-faults-{int(time.time())}"
@@ -412,6 +558,10 @@ def main() -> None:
         return
     if args.label:
         print(run_label(workdir, args.trials, args.images, args.steps, args.seed))
+        return
+    if args.outputs is not None:
+        for command in args.outputs or OUTPUT_COMMANDS:
+            print(run_outputs(workdir, command, args.trials, args.seed))
         return
     summary = run(workdir, args.trials, args.images, args.steps, args.seed)
     print(summary)

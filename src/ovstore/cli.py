@@ -320,40 +320,20 @@ def merge(
 def images(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for PNG files named 00000.png, ...")] = Path("images"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out written by `ovstore images`.")] = False,
 ) -> None:
     """Write the stored images as PNG files named by image index.
 
     Damaged images are skipped and listed (exit status 2); the others are written.
     """
-    from PIL import Image
-
     from .errors import StoreError
-    from .store import open_store
+    from .images import write_images
 
-    s = open_store(store)
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"--out {out} is a file; give a folder for the PNG files")
-    done = s.complete_images()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InvalidInputError(f"cannot create --out {out}: {exc.strerror or exc}; choose a writable folder") from None
-    damaged = []
-    for i in done:
-        try:
-            picture = s.image(i)
-        except StoreError:
-            damaged.append(i)
-            continue
-        try:
-            Image.fromarray(picture).save(out / f"{i:05d}.png")
-        except OSError as exc:
-            raise InvalidInputError(f"cannot write {out / f'{i:05d}.png'}: {exc.strerror or exc}; free space or "
-                                    "choose another --out") from None
-    console.print(f"wrote {len(done) - len(damaged)} images to {out}", highlight=False)
-    if damaged:
-        raise StoreError(f"{len(damaged)} images are damaged and were skipped: {damaged[:20]}; run `ovstore verify "
-                         f"{store}` for details")
+    result = write_images(store, out, overwrite=overwrite)
+    console.print(f"wrote {len(result.written)} images to {out}", highlight=False)
+    if result.damaged:
+        raise StoreError(f"{len(result.damaged)} images are damaged and were skipped: {list(result.damaged[:20])}; run "
+                         f"`ovstore verify {store}` for details")
 
 
 @app.command()
@@ -378,6 +358,8 @@ def maps(
     model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     generation_context: Annotated[bool, typer.Option("--generation-context", help="Instead of attribution prompts: one map per token of the context the stored calls attended (the stored branch's prompt, or negative prompt for uncond, padded as the pipeline encoded it), softmax over all of them.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out/--png written by `ovstore maps`.")] = False,
+    skip_damaged: Annotated[bool, typer.Option("--skip-damaged", help="Skip images whose stored data is damaged (listed, and recorded in a .zarr output's attrs).")] = False,
 ) -> None:
     """Compute OVAM maps for attribution prompts over stored images (no diffusion re-run).
 
@@ -385,6 +367,7 @@ def maps(
     The model's own attention over its context: ovstore maps caps.zarr --generation-context --out ctx.zarr
     """
     from .analyze import MapConfig, compute_maps, save_maps, write_maps_zarr, write_overlays
+    from .errors import OutputError, StoreError
     from .store import open_store
 
     if generation_context:
@@ -393,8 +376,7 @@ def maps(
                                     "--attribution/--attributions-file/--token (or drop --generation-context)")
         _context_maps(store, image=image, out=out, size=size, png=png, layer=layer, resolution=resolution,
                       steps=_calls_option(calls, steps, "maps"), branch=branch, activation=activation,
-                      aggregation=aggregation,
-                      normalize=normalize, device=device)
+                      aggregation=aggregation, normalize=normalize, device=device, overwrite=overwrite)
         return
     prompts = list(attribution or [])
     if attributions_file is not None:  # blank lines skipped, the others' line numbers kept (prompt_line)
@@ -410,10 +392,14 @@ def maps(
         raise InvalidInputError(f"--out {out}: use a .npy (one prompt) or .zarr (any number) file name")
     if out.suffix == ".npy" and n_attributions > 1:
         raise InvalidInputError(f"--out {out} is .npy, which holds one attribution; use FILE.zarr for {n_attributions}")
-    if png is not None:
-        from .analyze.export import overlay_dir
+    from .analyze.export import overlay_dir
+    from .outputs import open_output
 
-        overlay_dir(png)
+    inputs = [store, *(token or ()), *([attributions_file] if attributions_file else [])]
+    target = open_output(out, "maps", kind="file" if out.suffix == ".npy" else "dir", inputs=inputs,
+                         overwrite=overwrite)  # refused before any work
+    if png is not None:
+        overlay_dir(png, overwrite=overwrite, inputs=[*inputs, target.path])
     if aggregation not in ("sum", "mean"):
         raise InvalidInputError(f"--aggregation {aggregation!r} is not one of sum, mean")
     config = MapConfig(
@@ -425,6 +411,17 @@ def maps(
     _quiet_libraries()
     s = open_store(store)
     chosen = s.check_images(image)
+    damaged: list[int] = []
+    if skip_damaged:
+        from .partial import find_damaged, listing
+
+        damaged = find_damaged(s, chosen, picture=png is not None)
+        chosen = [i for i in chosen if i not in damaged]
+        if damaged:
+            console.print(f"skipping {len(damaged)} damaged images: {listing(damaged)} (`ovstore verify {store}` "
+                          "says what is damaged)", highlight=False)
+        if not chosen:
+            raise InvalidInputError(f"every chosen image of {store} is damaged; nothing to compute")
     attributions: list = list(prompts)
     encoder = None  # loaded here only when the tokens need its start-of-text row; then shared
     if token:
@@ -444,24 +441,36 @@ def maps(
         task = bar.add_task("maps", total=len(chosen))
         options = dict(images=chosen, config=config, text_encoder=encoder, model=model, device=device,
                        progress=lambda _: bar.advance(task))
-        if out.suffix == ".zarr":  # streamed to disk block by block: memory stays bounded
-            import xarray as xr
+        try:
+            if out.suffix == ".zarr":  # streamed to disk block by block: memory stays bounded
+                import xarray as xr
 
-            write_maps_zarr(s, attributions, out, **options)
-            result = xr.open_zarr(out, consolidated=False)["ovam_maps"]
-        else:
-            result = compute_maps(s, attributions, **options)
-            save_maps(result, out)
+                write_maps_zarr(s, attributions, out, **options, overwrite=overwrite, inputs=inputs,
+                                skipped_damaged=damaged)
+                result = xr.open_zarr(out, consolidated=False)["ovam_maps"]
+            else:
+                result = compute_maps(s, attributions, **options)
+                save_maps(result, out, overwrite=overwrite, inputs=inputs)
+        except StoreError as exc:
+            if skip_damaged:
+                raise
+            raise type(exc)(f"{exc}; nothing was written to {out}. Add --skip-damaged to write the maps of the "
+                            "other images") from None
     console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {n_attributions} attribution(s) to {out}")
     if png is not None:
-        files = write_overlays(result, s.image, png)
+        try:
+            files = write_overlays(result, s.image, png, overwrite=overwrite, inputs=[*inputs, target.path])
+        except OutputError as exc:
+            raise OutputError(f"the maps in {out} are complete, but {exc}") from None
         console.print(f"wrote {len(files)} PNG overlays to {png}")
 
 
 def _context_maps(store: Path, *, image, out: Path, size, png, layer, resolution, steps, branch, activation,
-                  aggregation, normalize, device) -> None:
+                  aggregation, normalize, device, overwrite: bool = False) -> None:
     """``maps --generation-context``: options checked, then :func:`compute_context_maps`."""
-    from .analyze import MapConfig, compute_context_maps, save_maps, write_overlays
+    from .analyze import MapConfig, compute_context_maps, save_maps
+    from .analyze.context import per_image
+    from .analyze.export import overlay_dir, overlay_files
     from .store import open_store
 
     if out.suffix not in (".npy", ".zarr"):
@@ -473,6 +482,9 @@ def _context_maps(store: Path, *, image, out: Path, size, png, layer, resolution
     config = MapConfig(layers=_layer_selection(layer, resolution, include_mid=False), steps=steps, branch=branch,
                        head_reduction=aggregation, step_reduction=aggregation, layer_reduction=aggregation,
                        normalize=normalize, size=tuple(size) if size else None)
+    target = None  # the overlay folder is checked before the work, published after it
+    if png is not None:
+        target = overlay_dir(png, overwrite=overwrite, inputs=[store, Path(out).resolve()])
     _quiet_libraries()
     s = open_store(store)
     chosen = s.check_images(image)
@@ -480,12 +492,11 @@ def _context_maps(store: Path, *, image, out: Path, size, png, layer, resolution
         task = bar.add_task("maps", total=len(chosen))
         result = compute_context_maps(s, images=chosen, config=config, device=device,
                                       progress=lambda _: bar.advance(task))
-    save_maps(result, out)
+    save_maps(result, out, overwrite=overwrite, inputs=[store])
     console.print(f"wrote generation-context maps {tuple(result.shape)} (image, token, y, x) to {out}")
-    if png is not None:
-        from .analyze.context import per_image
-
-        files = [f for k in range(len(chosen)) for f in write_overlays(per_image(result, k), s.image, png)]
+    if target is not None:
+        with target.writing() as tmp:  # every image's overlays, published as one folder
+            files = [f for k in range(len(chosen)) for f in overlay_files(per_image(result, k), s.image, tmp)]
         console.print(f"wrote {len(files)} PNG overlays to {png}")
 
 
@@ -510,6 +521,7 @@ def optimize(
     steps: Annotated[Optional[str], typer.Option("--steps", help="(deprecated: use --calls)")] = None,
     model: Annotated[Optional[str], typer.Option(help="Text encoder to initialise from instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out written by `ovstore optimize`.")] = False,
 ) -> None:
     """Learn a class token from annotated masks, from the store alone (no UNet).
 
@@ -517,7 +529,8 @@ def optimize(
     Several classes at once: ovstore optimize caps.zarr --tasks-file classes.jsonl --out tokens/
     """
     from .analyze import MapConfig
-    from .optimize import OptimizeConfig, TokenTask, optimize_tokens, read_tasks_file, save_token
+    from .optimize import OptimizeConfig, TokenTask, optimize_tokens, read_tasks_file, write_tokens
+    from .outputs import open_output
 
     if tasks_file is not None:
         if image or mask or init or name:
@@ -531,6 +544,9 @@ def optimize(
         if out.suffix != ".safetensors":
             raise InvalidInputError(f"--out {out}: a token file must end in .safetensors")
         tasks = [TokenTask(init_word=init, images=tuple(image), masks=tuple(mask), name=name)]
+    inputs = [store, *(tasks_file and [tasks_file] or []), *[m for t in tasks for m in t.masks if isinstance(m, Path)]]
+    open_output(out, "optimize", kind="dir" if tasks_file is not None else "file", inputs=inputs,
+                overwrite=overwrite)  # refused before the training, not after
     config = OptimizeConfig(
         recipe=recipe, context=context, epochs=epochs, lr=lr, lr_step=lr_step, lr_gamma=lr_gamma,
         maps=MapConfig(layers=_layer_selection(layer, resolution, include_mid=False),
@@ -541,9 +557,9 @@ def optimize(
         progress_task = bar.add_task("optimize", total=epochs)
         tokens = optimize_tokens(store, tasks, config=config, model=model, device=device,
                                  progress=lambda epoch, losses: bar.update(progress_task, completed=epoch + 1))
-    for task, token in zip(tasks, tokens):
-        path = out if tasks_file is None else out / f"{token.name}.safetensors"
-        save_token(token, path)
+    paths = write_tokens(tokens, out, folder=tasks_file is not None, overwrite=overwrite, inputs=inputs,
+                         rescue_dir=Path(store).resolve().parent)
+    for task, token, path in zip(tasks, tokens, paths):
         t = token.training
         console.print(f"wrote {path}: loss {t['best_loss']:.4f}, training IoU {t['train_iou']:.3f} "
                       f"(plain word {task.init_word!r}: {t['plain_word_iou']:.3f})", highlight=False)
@@ -586,6 +602,7 @@ def label(
     write_maps: Annotated[bool, typer.Option("--write-maps", help="Also write the float class maps to OUT/maps.zarr (added for images finished earlier).")] = False,
     model: Annotated[Optional[str], typer.Option(help="Text encoder to use instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    skip_damaged: Annotated[bool, typer.Option("--skip-damaged", help="Skip images whose stored data is damaged (listed, and recorded in annotations.json info); a later run tries them again.")] = False,
 ) -> None:
     """Label every complete image into a segmentation dataset (VOC PNGs + COCO RLE JSON).
 
@@ -619,10 +636,15 @@ def label(
         task = bar.add_task("label", total=total)
         result = label_store(store, out, config, images=image, scheduler=scheduler, workers=workers,
                              partition_size=partition_size, write_maps=write_maps, model=model, device=device,
-                             progress=lambda _: bar.advance(task))
+                             progress=lambda _: bar.advance(task), skip_damaged=skip_damaged)
         bar.update(task, completed=total)
     console.print(f"labelled {len(result.labelled)} images ({len(result.skipped)} already done) into {out}; "
                   f"COCO: {result.coco}")
+    if result.damaged:
+        from .partial import listing
+
+        console.print(f"skipped {len(result.damaged)} damaged images: {listing(result.damaged)} (`ovstore verify "
+                      f"{store}` says what is damaged; a later run tries them again)", highlight=False)
 
 
 @app.command()
@@ -632,6 +654,7 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for report.json, report.md and report.png.")] = None,
     classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names numbered from 1 (background is 0), for folders without labelmap.txt.")] = None,
     labelmap: Annotated[Optional[Path], typer.Option(help="labelmap.txt giving the class names (background first).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out written by `ovstore evaluate`.")] = False,
 ) -> None:
     """Per-class IoU, mIoU, precision/recall and confusion matrix (I and U summed over the set).
 
@@ -649,10 +672,15 @@ def evaluate(
         names = ["background", *parse_names(classes, "--classes")]
     elif labelmap is not None:
         names = read_labelmap(labelmap)
+    inputs = [pred_dir, gt_dir, *([labelmap] if labelmap else [])]
+    if out is not None:
+        from .outputs import open_output
+
+        open_output(out, "evaluate", kind="dir", inputs=inputs, overwrite=overwrite)  # before the work
     report = evaluate_dirs(pred_dir, gt_dir, classes=names)
     Console().print(report.to_markdown(), markup=False, highlight=False)
     if out is not None:
-        files = write_report(report, out)
+        files = write_report(report, out, overwrite=overwrite, inputs=inputs)
         console.print(f"wrote {', '.join(str(f) for f in files)}")
 
 
@@ -703,6 +731,11 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except OvstoreError as exc:
+        from .partial import RunInterrupted
+
+        if isinstance(exc, RunInterrupted):  # Ctrl-C, with what was and was not done
+            console.print(f"interrupted; {exc.summary}", markup=False)
+            sys.exit(130)
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:

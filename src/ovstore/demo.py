@@ -7,10 +7,15 @@ others, labels the images, and writes a Markdown report with the pictures.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from .errors import InvalidInputError, StoreError
+from .outputs import Output, held_lock, open_output, os_errors, read_marker, temporary_path, write_marker
+from .partial import find_damaged
 
 __all__ = ["CAPTIONS", "run_demo"]
 
@@ -38,31 +43,67 @@ def _topk_iou(norm_map: np.ndarray, mask: np.ndarray) -> float:
 
 def run_demo(out: str | Path = "ovstore-demo", *, device: str = "cpu", steps: int = 20, guidance: float = 5.0,
              epochs: int = 300, log: Callable[[str], None] = print) -> Path:
-    """Run the demo into ``out`` and return the path of its ``report.md``."""
+    """Run the demo into ``out`` and return the path of its ``report.md``.
+
+    On a folder of an earlier (maybe interrupted) demo it finishes what is missing: the
+    captures are resumed until all images are complete, and every later part is rebuilt
+    and published whole, so the report always covers every image.
+    """
     from .inputs import check_int
 
     check_int(epochs, "--epochs", 1, 1_000_000)  # before minutes of capture, not after
+    target = open_output(out, "demo", kind="dir", resume=True)
+    out = target.path
+    with held_lock(out, wait=None, what="demo folder"), \
+            os_errors(out, kept="complete parts are kept", then="run `ovstore demo` again to finish"):
+        out.mkdir(parents=True, exist_ok=True)
+        if read_marker(out) is None:
+            write_marker(out, "demo")
+        return _run_demo(out, device=device, steps=steps, guidance=guidance, epochs=epochs, log=log)
+
+
+def _captures(store_path: Path, *, device: str, steps: int, guidance: float, log: Callable[[str], None]):
+    """The demo's store with every caption complete: captured, or an interrupted one finished."""
+    from .capture import CaptureConfig, build_requests, load_pipeline, resume
+    from .store import open_store
+
+    requests = build_requests([(c, None, None) for c in CAPTIONS], seed=0, guidance=guidance,
+                              num_inference_steps=steps)
+    store = open_store(store_path) if (store_path / "zarr.json").exists() else None
+    if store is not None and [store.record(i).prompt for i in range(store.n_images)] != list(CAPTIONS)[:store.n_images]:
+        raise InvalidInputError(f"{store_path} holds other captures than the demo's; move it away and run "
+                                "`ovstore demo` again")
+    if store is None or store.complete_images() != list(range(len(CAPTIONS))):
+        missing = len(CAPTIONS) - (len(store.complete_images()) if store is not None else 0)
+        log(f"capturing {missing} of {len(CAPTIONS)} generations of the embedded toy-world model ...")
+        pipe, identity = load_pipeline(None, device=device)
+        resume(pipe, identity, store_path, requests=requests,
+               config=CaptureConfig(num_inference_steps=steps, guidance=guidance, batch_size=len(CAPTIONS)))
+        store = open_store(store_path)
+    damaged = find_damaged(store, store.complete_images())
+    if damaged:
+        raise StoreError(f"images {damaged} of {store_path} are damaged; delete {store_path} and run "
+                         "`ovstore demo` again to capture them anew")
+    return store
+
+
+def _folder(path: Path) -> Output:
+    """A picture folder of the demo: rebuilt aside and swapped in whole on every run."""
+    return open_output(path, "maps --png", kind="dir", overwrite=True, option="folder")
+
+
+def _run_demo(out: Path, *, device: str, steps: int, guidance: float, epochs: int,
+              log: Callable[[str], None]) -> Path:
     import torch.nn.functional as F
     import torch
 
-    from .analyze import compute_maps, word_maps, write_overlays
-    from .capture import CaptureConfig, build_requests, capture, load_pipeline
+    from .analyze import compute_maps, overlay_files, word_maps, write_overlays
     from .label import LabelConfig, label_store
     from .optimize import OptimizeConfig, TokenTask, optimize_tokens, save_token, token_attribution
-    from .store import open_store
     from .toyworld import recover_masks
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     store_path = out / "captures.zarr"
-    if not (store_path / "zarr.json").exists():
-        log(f"capturing {len(CAPTIONS)} generations of the embedded toy-world model ...")
-        pipe, identity = load_pipeline(None, device=device)
-        requests = build_requests([(c, None, None) for c in CAPTIONS], seed=0, guidance=guidance,
-                                  num_inference_steps=steps)
-        capture(pipe, identity, requests, store_path,
-                config=CaptureConfig(num_inference_steps=steps, guidance=guidance, batch_size=len(CAPTIONS)))
-    store = open_store(store_path)
+    store = _captures(store_path, device=device, steps=steps, guidance=guidance, log=log)
     images = store.complete_images()
     truth = {i: recover_masks(store.image(i), store.record(i).prompt) for i in images}
 
@@ -73,20 +114,21 @@ def run_demo(out: str | Path = "ovstore-demo", *, device: str = "cpu", steps: in
              "## Words of the prompt", "",
              "Each sheet: the generated image, then one overlay per token of its own prompt.", ""]
     scores: dict[str, list[float]] = {}
-    for i in images:
-        caption = store.record(i).prompt
-        maps = compute_maps(store, [caption], images=[i], device=device)
-        write_overlays(maps, store.image, out / "prompt_words")
-        lines.append(f"![{caption}](prompt_words/{i:05d}_p000.png)")
-        words = word_maps(compute_maps(store, [caption], images=[i], device=device,
-                                       config=_map_config(size)))
-        for k, word in enumerate(words["word_str"].values):
-            if str(word) in truth[i]:
-                scores.setdefault("in prompt", []).append(_topk_iou(words.values[0, k], truth[i][str(word)]))
+    with _folder(out / "prompt_words").writing() as folder:
+        for i in images:
+            caption = store.record(i).prompt
+            maps = compute_maps(store, [caption], images=[i], device=device)
+            overlay_files(maps, store.image, folder)
+            lines.append(f"![{caption}](prompt_words/{i:05d}_p000.png)")
+            words = word_maps(compute_maps(store, [caption], images=[i], device=device,
+                                           config=_map_config(size)))
+            for k, word in enumerate(words["word_str"].values):
+                if str(word) in truth[i]:
+                    scores.setdefault("in prompt", []).append(_topk_iou(words.values[0, k], truth[i][str(word)]))
     lines += ["", "## Open vocabulary: words that were never in a prompt", ""]
     log("maps of open-vocabulary words ...")
     open_maps = compute_maps(store, list(OPEN_VOCABULARY), images=images, device=device)
-    write_overlays(open_maps, store.image, out / "open_vocabulary")
+    write_overlays(open_maps, store.image, out / "open_vocabulary", overwrite=True)
     for i in images:
         for k in range(len(OPEN_VOCABULARY)):
             lines.append(f"![{OPEN_VOCABULARY[k]}](open_vocabulary/{i:05d}_p{k:03d}.png)")
@@ -94,10 +136,10 @@ def run_demo(out: str | Path = "ovstore-demo", *, device: str = "cpu", steps: in
     log(f"optimizing a 'circle' token on image 0 for {epochs} epochs ...")
     (token,) = optimize_tokens(store, [TokenTask("circle", (images[0],), (truth[images[0]]["circle"],))],
                                config=OptimizeConfig(epochs=epochs), device=device)
-    token_path = save_token(token, out / "circle.safetensors")
+    token_path = save_token(token, out / "circle.safetensors", overwrite=True)
     learned = compute_maps(store, [token_attribution(token, store.layout.model), "a circle"], images=images,
                            device=device, config=_map_config(size))
-    write_overlays(learned, store.image, out / "token")
+    write_overlays(learned, store.image, out / "token", overwrite=True)
     word_col = int(np.flatnonzero((learned["prompt_index"].values == 1) & (learned["token_str"].values == "circle</w>"))[0])
     held_out = [i for i in images[1:] if "circle" in truth[i] and truth[i]["circle"].any()]
     token_iou = [_topk_iou(learned.values[images.index(i), 1], truth[i]["circle"]) for i in held_out]
@@ -127,7 +169,13 @@ def run_demo(out: str | Path = "ovstore-demo", *, device: str = "cpu", steps: in
         label = np.asarray(Image.open(out / "dataset" / "SegmentationClass" / f"{i:05d}.png").convert("RGB"))
         big = np.concatenate([np.kron(store.image(i), np.ones((4, 4, 1), np.uint8)),
                               np.kron(label, np.ones((4, 4, 1), np.uint8))], axis=1)
-        Image.fromarray(big).save(out / "dataset" / f"preview_{i:05d}.png")
+        preview = out / "dataset" / f"preview_{i:05d}.png"
+        tmp = temporary_path(preview)
+        try:
+            Image.fromarray(big).save(tmp, format="PNG")
+            os.replace(tmp, preview)
+        finally:
+            tmp.unlink(missing_ok=True)
         lines.append(f"![labels {i}](dataset/preview_{i:05d}.png)")
     mean = {k: float(np.nanmean(v)) for k, v in scores.items()}
     lines += ["", "## Figures", "",
@@ -136,7 +184,12 @@ def run_demo(out: str | Path = "ovstore-demo", *, device: str = "cpu", steps: in
               f"- learned token on held-out images: {np.nanmean(token_iou):.2f} (plain word: {np.nanmean(word_iou):.2f})",
               ""]
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    tmp = temporary_path(report)
+    try:
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, report)
+    finally:
+        tmp.unlink(missing_ok=True)
     log(f"wrote {report}")
     return report
 

@@ -16,6 +16,7 @@ __all__ = [
     "StoreLockedError",
     "IncompatibleStoreError",
     "IncompleteImageError",
+    "OutputError",
 ]
 
 
@@ -57,3 +58,8 @@ class IncompleteImageError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class OutputError(OvstoreError):
+    """An output (maps, tokens, labels, reports, images) could not be written, or another
+    process is writing it; the message says what was kept and what to do."""

@@ -148,8 +148,11 @@ def test_subset_runs_keep_earlier_images_and_fill_maps(multi_store, tmp_path, la
 def test_maps_zarr_whose_creation_was_killed_is_recreated(multi_store, tmp_path, labelled):
     import zarr
 
+    from ovstore.outputs import write_marker
+
     out = tmp_path / "killed-maps"
     (out / "maps.zarr" / "c").mkdir(parents=True)  # killed before the array's zarr.json was written
+    write_marker(out, "label")  # written first by every labelling run
     label_store(multi_store, out, CONFIG, images=[1], scheduler="synchronous", write_maps=True)
     maps = zarr.open_array(out / "maps.zarr", mode="r")
     np.testing.assert_array_equal(maps[1], zarr.open_array(labelled[0] / "maps.zarr", mode="r")[1])

@@ -3,7 +3,6 @@ status, and no change to existing data (the table in docs/errors.md)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -15,30 +14,9 @@ import zarr
 from PIL import Image
 
 from ovstore.cli import main
+from reliability_helpers import digest, run_cli
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "golden" / "tiny-sd15"
-
-
-def digest(path: Path) -> str:
-    """Every file's bytes and every directory's name under ``path``: a created output
-    folder or store counts as a change."""
-    h = hashlib.sha256()
-    for f in sorted(path.rglob("*")):
-        h.update(str(f.relative_to(path)).encode())
-        if f.is_file():
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> str:
-    monkeypatch.setattr(sys, "argv", ["ovstore", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code not in (0, None), err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

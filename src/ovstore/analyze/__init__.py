@@ -15,7 +15,7 @@ from .engine import (
     prepare_queries,
     resize_maps,
 )
-from .export import save_maps, write_maps_zarr, write_overlays
+from .export import overlay_files, save_maps, write_maps_zarr, write_overlays
 from .maps import MapPlan, compute_maps, iter_image_maps, iter_map_blocks, split_by_prompt
 from .text import Attribution, TextEncoder, load_text_encoder
 from .words import word_maps
@@ -38,6 +38,7 @@ __all__ = [
     "normalize_maps",
     "prepare_queries",
     "resize_maps",
+    "overlay_files",
     "save_maps",
     "write_maps_zarr",
     "write_overlays",

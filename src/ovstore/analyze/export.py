@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidInputError, StoreError
+from ..errors import InvalidInputError
+from ..outputs import Output, open_output, zarr_marker
 from ..store.reader import Store
-from ..store.writer import describe_os_error
 from .config import MapConfig
 from .text import Attribution, TextEncoder
 
@@ -21,35 +21,52 @@ if TYPE_CHECKING:
 
     from .maps import MapBlock
 
-__all__ = ["overlay_dir", "save_maps", "write_maps_zarr", "write_overlays"]
+__all__ = ["overlay_dir", "overlay_files", "save_maps", "write_maps_zarr", "write_overlays"]
 
 
-def save_maps(maps: xr.DataArray, out: str | Path) -> Path:
+def save_maps(maps: xr.DataArray, out: str | Path, *, overwrite: bool = False,
+              inputs: Sequence[str | Path] = ()) -> Path:
     """Save maps by file suffix.
 
     ``.npy``: float32 ``(n_images, n_tokens, h, w)``, one attribution prompt only.
     ``.zarr``: an xarray Dataset (variable ``ovam_maps`` with every prompt and its
     coordinates), readable with ``xarray.open_zarr``.
+
+    Written under the output discipline of :mod:`ovstore.outputs`: an existing ``out`` is
+    replaced only when it holds maps and ``overwrite`` is given; never one of ``inputs``.
     """
     out = Path(out)
-    if out.suffix == ".npy":
-        if len(np.unique(maps["prompt_index"].values)) != 1:
-            raise InvalidInputError(
-                f"{out} is a .npy file, which holds one attribution prompt; with several prompts "
-                "write FILE.zarr instead"
-            )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial.npy")
-        np.save(tmp, maps.values.astype(np.float32))
-        tmp.replace(out)
-        return out
-    if out.suffix == ".zarr":
-        ds = maps.to_dataset(name="ovam_maps")
-        ds.attrs = {k: v for k, v in maps.attrs.items()}
-        ds["ovam_maps"].attrs = {}
-        ds.to_zarr(out, mode="w", zarr_format=3, consolidated=False)
-        return out
-    raise InvalidInputError(f"--out {out}: use a .npy (one prompt) or .zarr (any number) file name")
+    if out.suffix not in (".npy", ".zarr"):
+        raise InvalidInputError(f"--out {out}: use a .npy (one prompt) or .zarr (any number) file name")
+    if out.suffix == ".npy" and len(np.unique(maps["prompt_index"].values)) != 1:
+        raise InvalidInputError(
+            f"{out} is a .npy file, which holds one attribution prompt; with several prompts "
+            "write FILE.zarr instead"
+        )
+    inputs = [*inputs, *([maps.attrs["store"]] if "store" in maps.attrs else [])]
+    target = open_output(out, "maps", kind="file" if out.suffix == ".npy" else "dir", inputs=inputs,
+                         overwrite=overwrite)
+    with target.writing(marker=False) as tmp:
+        if out.suffix == ".npy":
+            with open(tmp, "wb") as f:  # through write(): a short write raises its OSError (EFBIG, ENOSPC)
+                np.save(_Writes(f), maps.values.astype(np.float32))
+        else:
+            ds = maps.to_dataset(name="ovam_maps")
+            ds.attrs = {**maps.attrs, **zarr_marker("maps")}
+            ds["ovam_maps"].attrs = {}
+            ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+    return target.path
+
+
+class _Writes:
+    """A file seen only through ``write``: numpy then writes in chunks with ``write`` (whose
+    OSError carries the errno) instead of ``tofile`` (which reports a bare byte count)."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    def write(self, data) -> int:
+        return self._file.write(data)
 
 
 def write_maps_zarr(
@@ -63,17 +80,20 @@ def write_maps_zarr(
     model: str | None = None,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
+    skipped_damaged: Sequence[int] = (),
 ) -> Path:
     """Compute maps and stream them into ``out`` (a Zarr v3 xarray dataset), block by block.
 
     The same maps as :func:`~ovstore.analyze.compute_maps`, but memory holds one block of
-    prompts on one image, whatever the number of prompts and images. The dataset is
-    written to ``OUT.partial`` and renamed when complete, so ``out`` is never half-written;
-    open it with ``xarray.open_zarr(out)``. Chunks: one image × up to ~2 MB of tokens. A
-    background thread compresses and writes each block while the next is computed.
+    prompts on one image, whatever the number of prompts and images. The dataset is built
+    in a hidden temporary beside ``out`` and published complete (:mod:`ovstore.outputs`:
+    an existing ``out`` is replaced only when it holds maps and ``overwrite`` is given, never
+    the store or another input). Open it with ``xarray.open_zarr(out)``. Chunks: one image ×
+    up to ~2 MB of tokens. A background thread compresses and writes each block while the
+    next is computed. ``skipped_damaged`` is recorded in the attrs (provenance).
     """
-    import shutil
-
     import dask.array as da
     import xarray as xr
     import zarr
@@ -81,9 +101,9 @@ def write_maps_zarr(
     from .. import dims
     from .maps import iter_map_blocks, map_attrs, map_coords, prepare_run
 
-    out = Path(out)
     store, images, atts, plan = prepare_run(store, attributions, images=images, config=config,
                                             text_encoder=text_encoder, model=model, device=device)
+    target = open_output(out, "maps", kind="dir", inputs=[store.path, *inputs], overwrite=overwrite)
     total = sum(a.n_tokens for a in atts)
     height, width = plan.size
     token_chunk = int(min(total, max(1, 2**21 // (4 * height * width))))
@@ -91,13 +111,12 @@ def write_maps_zarr(
         da.zeros((len(images), total, height, width), chunks=(1, token_chunk, height, width), dtype=np.float32),
         dims=(dims.IMAGE, dims.TOKEN, dims.Y, dims.X), coords=map_coords(store, images, atts), name="ovam_maps",
     ).to_dataset()
-    template.attrs = map_attrs(store, plan)
-    partial = out.with_name(out.name + ".partial")
-    try:
-        if partial.exists():
-            shutil.rmtree(partial)
-        template.to_zarr(partial, mode="w", zarr_format=3, consolidated=False, compute=False)
-        array = zarr.open_array(partial / "ovam_maps", mode="r+")
+    template.attrs = {**map_attrs(store, plan), "skipped_damaged_images": [int(i) for i in skipped_damaged],
+                      **zarr_marker("maps")}
+    with target.writing(kept=f"nothing was written there (an earlier {target.path.name} is unchanged)",
+                        marker=False) as tmp:
+        template.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
+        array = zarr.open_array(tmp / "ovam_maps", mode="r+")
         budget = min(plan.config.block_budget, _WRITE_BLOCK_BUDGET)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovstore-write") as writer:
             pending: Future[None] | None = None
@@ -108,14 +127,7 @@ def write_maps_zarr(
                 pending = writer.submit(_write_block, array, block, data, total, progress)
             if pending is not None:
                 pending.result()
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        partial.rename(out)
-    except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise StoreError(f"cannot write maps to {out}: {describe_os_error(exc)}; nothing was written there, "
-                         "free space or fix permissions and run the command again") from exc
-    return out
+    return target.path
 
 
 #: Blocks of at most this many bytes when streaming to Zarr, so that a block is compressed
@@ -130,13 +142,9 @@ def _write_block(array, block: MapBlock, data: np.ndarray, total: int,
         progress(block.image)
 
 
-def overlay_dir(path: str | Path) -> Path:
-    """The folder for PNG overlays, created; a clear error if ``path`` is a file."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InvalidInputError(f"--png {path} is a file; give a folder for the overlays")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def overlay_dir(path: str | Path, *, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Output:
+    """The checked ``--png`` folder (refused before any work when it must not be written)."""
+    return open_output(path, "maps --png", kind="dir", inputs=inputs, overwrite=overwrite, option="--png")
 
 
 def _safe(text: str) -> str:
@@ -144,8 +152,19 @@ def _safe(text: str) -> str:
 
 
 def write_overlays(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], out_dir: str | Path,
-                   *, cmap: str = "jet", alpha: float = 0.5, min_size: int = 128) -> list[Path]:
-    """Per-token heat-map overlays and one labelled sheet per image and prompt.
+                   *, overwrite: bool = False, inputs: Sequence[str | Path] = (), **style) -> list[Path]:
+    """:func:`overlay_files` into the folder ``out_dir``, built aside and published complete
+    (an existing folder is replaced only when it holds overlays and ``overwrite`` is given)."""
+    target = overlay_dir(out_dir, overwrite=overwrite, inputs=inputs)
+    with target.writing() as tmp:
+        names = [p.name for p in overlay_files(maps, image_of, tmp, **style)]
+    return [target.path / n for n in names]
+
+
+def overlay_files(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], out_dir: str | Path,
+                  *, cmap: str = "jet", alpha: float = 0.5, min_size: int = 128) -> list[Path]:
+    """Per-token heat-map overlays and one labelled sheet per image and prompt, written into
+    the existing folder ``out_dir``.
 
     Maps are upsampled bilinearly to the image size and divided by their maximum (the
     reference's display convention). Files: ``{image:05d}_p{prompt:03d}_t{pos:02d}_{token}.png``
@@ -161,7 +180,7 @@ def write_overlays(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], ou
 
     from .engine import resize_maps
 
-    out_dir = overlay_dir(out_dir)
+    out_dir = Path(out_dir)
     colormap = matplotlib.colormaps[cmap]
     written = []
     prompt_index = maps["prompt_index"].values

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,10 @@ import numpy as np
 
 from .._version import __version__
 from ..analyze.text import check_recorded_encoder
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, OutputError, OvstoreError
 from ..inputs import check_int
+from ..outputs import MARKER, held_lock, open_output, os_errors, write_marker
+from ..partial import RunInterrupted, progress_note
 from ..store.reader import Store, open_store
 from . import voc
 from .config import LabelConfig
@@ -44,7 +46,8 @@ class LabelResult:
     """What a labelling run produced.
 
     ``labelled``: images labelled by this run; ``skipped``: chosen images already finished;
-    ``maps_filled``: finished images whose float maps this run added (``write_maps``).
+    ``maps_filled``: finished images whose float maps this run added (``write_maps``);
+    ``damaged``: images left out because their stored data is damaged (``skip_damaged``).
     """
 
     out: Path
@@ -52,6 +55,7 @@ class LabelResult:
     skipped: tuple[int, ...]
     coco: Path
     maps_filled: tuple[int, ...] = ()
+    damaged: tuple[int, ...] = ()
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,15 +91,21 @@ def image_labels(norm: np.ndarray, rgb: np.ndarray, prompt: str,
 
 def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequence[int], *,
                     model: str | None = None, device: str = "cpu", maps_path: str | None = None,
-                    maps_only: bool = False) -> list[int]:
+                    maps_only: bool = False, skip_damaged: bool = False) -> tuple[list[int], list[int]]:
     """Label ``images`` and write their outputs; runs on a Dask worker (or in-process).
+    Returns the images labelled and, with ``skip_damaged``, those left out as damaged.
 
     ``maps_only``: the images are finished; only write their float maps to ``maps_path``
-    and mark their records.
+    and mark their records. Paths are absolute (workers may run in other folders).
     """
+    from ..partial import find_damaged
     from .class_maps import class_attributions, class_maps
 
     store = open_store(store_path)
+    damaged = find_damaged(store, images) if skip_damaged else []
+    images = [i for i in images if i not in damaged]
+    if not images:
+        return [], damaged
     out_dir = Path(out)
     paths = _paths(out_dir)
     identity = json.dumps(store.layout.model.to_json(), sort_keys=True)
@@ -144,7 +154,7 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
             "annotations": voc.rle_annotations(labels, image, n),
             "maps": maps_array is not None,
         })
-    return list(images)
+    return list(images), damaged
 
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -193,6 +203,7 @@ def label_store(
     model: str | None = None,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    skip_damaged: bool = False,
 ) -> LabelResult:
     """Label every complete image of a store (or ``images``) into ``out``.
 
@@ -212,6 +223,13 @@ def label_store(
         their maps added (their labels are not recomputed).
     progress
         Called with each image index as it is finished; images finished earlier first.
+    skip_damaged
+        Leave out images whose stored data is damaged (listed in the result and in the COCO
+        file's ``info.skipped_damaged_images``); a later run tries them again.
+
+    ``out`` follows :mod:`ovstore.outputs`: a capture store, an input, a file or a folder
+    that is not a labelling is refused; one labelling run at a time per ``out``. A run that
+    stops (error, Ctrl-C) says which images it kept and which remain.
 
     Returns
     -------
@@ -222,17 +240,51 @@ def label_store(
     if workers is not None:
         check_int(workers, "--workers", 1, 4096)
     opened = store if isinstance(store, Store) else open_store(store)
-    out = Path(out)
+    config = replace(config, tokens={k: Path(v).resolve() for k, v in config.tokens.items()})
+    target = open_output(out, "label", kind="dir", inputs=[opened.path, *config.tokens.values()], resume=True)
+    out = target.path  # absolute: Dask workers may run in another folder
     chosen = opened.check_images(images)
     if config.crf:
         require_crf()  # before anything is written
     if opened.layout.model.text_encoder_fingerprint and model is None:
         encoder = _encoder(json.dumps(opened.layout.model.to_json(), sort_keys=True), model, device)
         check_recorded_encoder(encoder, opened.layout.model, opened.path)
+    store_path = opened.path.resolve()
+    finished: list[int] = []  # filled as the run goes, for the summary of a run that stops
+    damaged: list[int] = []
+    todo: list[int] = []
+
+    def kept() -> str:
+        done = [i for i in chosen if i not in todo or i in finished] if todo else []
+        return progress_note("labelled", done, [i for i in chosen if i not in done], str(out))
+
+    then = "re-run the same command to resume"
+    with held_lock(out, wait=None, what="labelling"), os_errors(out, kept=kept, then=then):
+        try:
+            return _label_locked(opened, store_path, out, config, chosen, finished, damaged, todo,
+                                 scheduler=scheduler, workers=workers, partition_size=partition_size,
+                                 write_maps=write_maps, model=model, device=device, progress=progress,
+                                 skip_damaged=skip_damaged)
+        except KeyboardInterrupt:
+            raise RunInterrupted(f"{kept()}; {then}") from None
+        except OvstoreError as exc:
+            if finished and not isinstance(exc, OutputError):
+                raise type(exc)(f"{exc} ({kept()}; {then})") from exc
+            raise
+
+
+def _label_locked(opened: Store, store_path: Path, out: Path, config: LabelConfig, chosen: list[int],
+                  finished: list[int], damaged: list[int], todo: list[int], *, scheduler: Any,
+                  workers: int | None, partition_size: int, write_maps: bool, model: str | None, device: str,
+                  progress: Callable[[int], None] | None, skip_damaged: bool) -> LabelResult:
+    """The labelling run proper, while ``out`` is locked; fills ``finished``/``damaged``/``todo``."""
     paths = _paths(out)
+    if not (out / MARKER).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "label")
     for p in paths.values():
         p.mkdir(parents=True, exist_ok=True)
-    settings = {"store": str(opened.path.resolve()), "config": config.describe(), "model": model}
+    settings = {"store": str(store_path), "config": config.describe(), "model": model}
     _check_settings(out, settings)
     for folder in (out, *paths.values(), paths["sets"].parent):
         voc.remove_partials(folder)  # left by a killed run; nothing else writes here now
@@ -241,7 +293,7 @@ def label_store(
     if write_maps:
         _maps_array(out / MAPS, opened, config)
     done = {i for i in chosen if (paths["records"] / f"{i:05d}.json").exists()}
-    todo = [i for i in chosen if i not in done]
+    todo += [i for i in chosen if i not in done]
     fill = []
     if write_maps:  # finished earlier without --write-maps: add their maps, no NaN holes
         fill = [i for i in sorted(done)
@@ -249,15 +301,19 @@ def label_store(
     if progress:
         for image in sorted(done):
             progress(image)
-    task = functools.partial(label_partition, str(opened.path), str(out), config, model=model, device=device,
-                             maps_path=maps_path)
+    task = functools.partial(label_partition, str(store_path), str(out), config, model=model, device=device,
+                             maps_path=maps_path, skip_damaged=skip_damaged)
     jobs = [(todo[k:k + partition_size], False) for k in range(0, len(todo), partition_size)]
     jobs += [(fill[k:k + partition_size], True) for k in range(0, len(fill), partition_size)]
 
-    def report(images: list[int], maps_only: bool) -> None:
-        if progress and not maps_only:
-            for image in images:
-                progress(image)
+    def report(result: tuple[list[int], list[int]], maps_only: bool) -> None:
+        images, bad = result
+        damaged.extend(bad)
+        if not maps_only:
+            finished.extend(images)
+            if progress:
+                for image in images:
+                    progress(image)
 
     if jobs:
         if scheduler == "synchronous":
@@ -274,9 +330,9 @@ def label_store(
                     report(future.result(), futures[future])
             finally:
                 close()
-    coco = _assemble(out, config)
-    return LabelResult(out=out, labelled=tuple(todo), skipped=tuple(sorted(done)), coco=coco,
-                       maps_filled=tuple(fill))
+    coco = _assemble(out, config, damaged=sorted(damaged))
+    return LabelResult(out=out, labelled=tuple(sorted(finished)), skipped=tuple(sorted(done)), coco=coco,
+                       maps_filled=tuple(fill), damaged=tuple(sorted(damaged)))
 
 
 def _maps_array(path: Path, store: Store, config: LabelConfig) -> None:
@@ -296,7 +352,7 @@ def _maps_array(path: Path, store: Store, config: LabelConfig) -> None:
         array.resize(shape)
 
 
-def _assemble(out: Path, config: LabelConfig) -> Path:
+def _assemble(out: Path, config: LabelConfig, damaged: Sequence[int] = ()) -> Path:
     """COCO JSON and image lists from every finished image's record in ``out``."""
     paths = _paths(out)
     finished = sorted(int(p.stem) for p in paths["records"].glob("*.json") if p.stem.isdigit())
@@ -307,7 +363,8 @@ def _assemble(out: Path, config: LabelConfig) -> Path:
         for ann in record["annotations"]:
             annotations.append({**ann, "id": len(annotations) + 1})
     coco = {
-        "info": {"description": "semantic segmentation labelled by ovstore (OVAM maps)", "version": __version__},
+        "info": {"description": "semantic segmentation labelled by ovstore (OVAM maps)", "version": __version__,
+                 "skipped_damaged_images": [int(i) for i in damaged]},
         "licenses": [],
         "images": coco_images,
         "annotations": annotations,

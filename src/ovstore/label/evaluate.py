@@ -211,10 +211,15 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, *, classes: Sequence
     return evaluate_masks((load(preds / f.name) for f in gt_files), (load(f) for f in gt_files), classes)
 
 
-def write_report(report: EvaluationReport, out: str | Path) -> list[Path]:
-    """``report.json``, ``report.md`` and ``report.png`` in ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report.to_json(), indent=1))
-    (out / "report.md").write_text(report.to_markdown())
-    return [out / "report.json", out / "report.md", report.plot(out / "report.png")]
+def write_report(report: EvaluationReport, out: str | Path, *, overwrite: bool = False,
+                 inputs: Sequence[str | Path] = ()) -> list[Path]:
+    """``report.json``, ``report.md`` and ``report.png`` in the folder ``out``, published
+    complete (an existing report folder is replaced only with ``overwrite``; never an input)."""
+    from ..outputs import open_output
+
+    target = open_output(out, "evaluate", kind="dir", inputs=inputs, overwrite=overwrite)
+    with target.writing() as tmp:
+        (tmp / "report.json").write_text(json.dumps(report.to_json(), indent=1))
+        (tmp / "report.md").write_text(report.to_markdown())
+        report.plot(tmp / "report.png")
+    return [target.path / name for name in ("report.json", "report.md", "report.png")]

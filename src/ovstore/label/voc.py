@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..outputs import temporary_path
 
 __all__ = ["voc_palette", "write_labelmap", "write_label_png", "write_jpeg", "rle_annotations",
            "write_json_atomic", "write_text_atomic", "read_labelmap", "remove_partials"]
@@ -60,10 +60,10 @@ PARTIAL = ".partial"
 def _tmp(path: Path) -> Path:
     """A temporary beside ``path`` (same filesystem, so the final rename is atomic).
 
-    Hidden, unique per writer, and ending in ``.partial``, so ``*.png``/``*.jpg`` globs and
-    loaders listing the folder never see it.
+    Hidden, unique per writer, and ending in ``.partial`` (:func:`ovstore.outputs.temporary_path`),
+    so ``*.png``/``*.jpg`` globs and loaders listing the folder never see it.
     """
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
+    return temporary_path(path)
 
 
 def remove_partials(folder: Path) -> list[Path]:

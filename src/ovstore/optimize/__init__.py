@@ -6,7 +6,7 @@ The learned [SoT, class] rows replace a word's text embedding in any later analy
 
 from .config import DEFAULT_CONTEXT, RECIPES, OptimizeConfig
 from .masks import load_mask
-from .tokens import TokenFile, combined_attribution, load_token, save_token, token_attribution
+from .tokens import TokenFile, combined_attribution, load_token, save_token, token_attribution, write_tokens
 from .tasks import TokenTask, read_tasks_file
 from .trainer import initial_rows, mask_iou, optimize_tokens
 
@@ -25,4 +25,5 @@ __all__ = [
     "read_tasks_file",
     "save_token",
     "token_attribution",
+    "write_tokens",
 ]

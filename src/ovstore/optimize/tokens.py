@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +11,11 @@ from typing import Any
 
 from .._version import __version__
 from ..analyze.text import Attribution
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, OutputError
+from ..outputs import describe_os_error, fix_for, open_output, temporary_path
 from ..store.format import ModelIdentity
 
-__all__ = ["TokenFile", "save_token", "load_token", "token_attribution", "combined_attribution"]
+__all__ = ["TokenFile", "save_token", "write_tokens", "load_token", "token_attribution", "combined_attribution"]
 
 TOKEN_FORMAT = "ovstore-token"
 TOKEN_FORMAT_VERSION = 1
@@ -48,19 +50,79 @@ class TokenFile:
         }
 
 
-def save_token(token: TokenFile, path: str | Path) -> Path:
-    """Write ``token`` as safetensors (atomically: a temporary file, then a rename)."""
+def _write_file(token: TokenFile, path: Path) -> None:
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise InvalidInputError(f"--out {path}: a token file must end in .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({"embedding": token.embedding.detach().float().cpu().contiguous()}, str(tmp),
+    save_file({"embedding": token.embedding.detach().float().cpu().contiguous()}, str(path),
               metadata=token.metadata())
-    tmp.replace(path)
-    return path
+
+
+def save_token(token: TokenFile, path: str | Path, *, overwrite: bool = False,
+               inputs: Sequence[str | Path] = ()) -> Path:
+    """Write ``token`` as safetensors (built in a temporary beside ``path``, then renamed).
+
+    An existing ``path`` is replaced only when it is an ovstore token and ``overwrite`` is
+    given (:mod:`ovstore.outputs`)."""
+    return write_tokens([token], path, overwrite=overwrite, inputs=inputs)[0]
+
+
+def write_tokens(tokens: Sequence[TokenFile], out: str | Path, *, folder: bool = False, overwrite: bool = False,
+                 inputs: Sequence[str | Path] = (), rescue_dir: str | Path | None = None) -> list[Path]:
+    """Write one token to the file ``out`` or, with ``folder``, ``NAME.safetensors`` per token
+    into the folder ``out``, published complete.
+
+    A trained token is never lost to a write error: when ``out`` cannot be written, the
+    tokens are saved to ``rescue_dir`` (or the system's temporary folder) and the
+    :class:`~ovstore.errors.OutputError` says where they went.
+    """
+    path = Path(out)
+    if not folder and path.suffix != ".safetensors":
+        raise InvalidInputError(f"--out {path}: a token file must end in .safetensors")
+    target = open_output(path, "optimize", kind="dir" if folder else "file", inputs=inputs, overwrite=overwrite)
+    try:
+        with target.writing() as tmp:
+            for token in tokens:
+                _write_file(token, tmp / f"{token.name}.safetensors" if folder else tmp)
+    except (OutputError, InvalidInputError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else None
+        reason = (f"cannot write {target.path}: {describe_os_error(cause)}" if cause is not None else str(exc))
+        saved = _rescue(tokens, rescue_dir)
+        many = len(tokens) > 1
+        if saved:
+            where = ", ".join(map(str, saved))
+            raise OutputError(f"{reason}; the trained token{'s were' if many else ' was'} saved to {where} instead, "
+                              f"so nothing is lost: move {'them' if many else 'it'} where you want "
+                              f"({fix_for(cause) if cause is not None else 'no need to train again'})") from exc
+        raise OutputError(f"{reason}; the trained tokens could not be saved anywhere else either "
+                          "(free space, then train again)") from exc
+    if folder:
+        return [target.path / f"{t.name}.safetensors" for t in tokens]
+    return [target.path]
+
+
+def _rescue(tokens: Sequence[TokenFile], rescue_dir: str | Path | None) -> list[Path]:
+    """Save ``tokens`` where they fit: ``rescue_dir``, else the system temp folder."""
+    import tempfile
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in [d for d in (rescue_dir, tempfile.gettempdir()) if d is not None]:
+        saved = []
+        try:
+            for token in tokens:
+                dest = Path(folder) / f"{token.name}.rescued-{stamp}.safetensors"
+                tmp = temporary_path(dest)
+                try:
+                    _write_file(token, tmp)
+                    os.replace(tmp, dest)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                saved.append(dest)
+            return saved
+        except OSError:
+            for p in saved:
+                p.unlink(missing_ok=True)
+    return []
 
 
 def load_token(path: str | Path) -> TokenFile:

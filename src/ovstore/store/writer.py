@@ -46,6 +46,7 @@ from ..errors import (
 from . import format as fmt
 from .format import ImageRecord, StoreLayout
 from .reader import Store, open_store
+from ..outputs import describe_os_error
 
 __all__ = ["StoreWriter", "library_versions", "store_lock", "describe_os_error", "CAPTURE_HINT", "MERGE_HINT"]
 
@@ -527,17 +528,7 @@ def _lock_holder(lock: Path) -> dict | None:
 
 
 # ---------------------------------------------------------------------- errors
-_REASONS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-            errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-            errno.EDQUOT: "the disk quota is exceeded"}
-
-
-def describe_os_error(exc: OSError) -> str:
-    """``the disk is full``, ``the file system is read-only``, ... for an OSError (for one-line
-    errors of every command that writes files)."""
-    return _REASONS.get(exc.errno, exc.strerror or str(exc))
-
-
+# describe_os_error lives in ovstore.outputs (shared by every command that writes files)
 _reason = describe_os_error
 
 
