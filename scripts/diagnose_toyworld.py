@@ -90,7 +90,8 @@ def main() -> None:
                     carriers[(color, where)][f"{label} ({rel})"] += 1
                     own_iou[(color, where)].append(scores[cpos[0]])
                     best_iou[(color, where)].append(scores[t])
-    print("| word | n | top-k | mean in > out | own share in / out | eot+pad share in / out | top-k first / later phrase |")
+    print("| word | n | top-k | mean in > out | own share in / out | eot+pad share in / out "
+          "| top-k first / later phrase |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for w in COLORS + SHAPES:
         d = stats[w]

@@ -522,11 +522,16 @@ def main(argv: list[str] | None = None) -> None:
                 + f"lr {lr:.2e} {rate:.2f} steps/s elapsed {elapsed / 60:.1f} min")
             window_loss, window_ground, window_n = 0.0, 0.0, 0
         probe_now = step_done % args.probe_every == 0 or step_done == args.steps
-        if probe_now:
-            probes.append(do_probe(ema_pipeline(pipe, ema_unet, ema_text), args, step_done, log))
         if step_done % args.ckpt_every == 0 or step_done == args.steps or probe_now:
             checkpoint()
             log(f"checkpoint at step {step_done}")
+        if probe_now:
+            try:
+                probes.append(do_probe(ema_pipeline(pipe, ema_unet, ema_text), args, step_done, log))
+            except Exception as exc:  # a failed probe must not end a long run; it is logged and recorded
+                log(f"PROBE FAILED at step {step_done}: {type(exc).__name__}: {exc}")
+                probes.append({"step": step_done, "error": f"{type(exc).__name__}: {exc}"})
+            checkpoint()  # again, so that the checkpoint holds this probe
         if probe_now or step_done % args.log_every == 0:
             t_window = time.time()
 

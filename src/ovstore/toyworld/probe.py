@@ -249,16 +249,19 @@ def run_probe(
 def probe_grid(result: ProbeResult, scale: int = 4) -> np.ndarray:
     """A picture per probe caption: image, then the maps of its first object's colour and
     shape words, then their recovered masks (grey, upscaled ``scale`` times)."""
+    from .world import parse_phrases
+
     rows = []
     for img, maps, masks, caption in zip(result.images, result.word_maps, result.masks, result.captions):
-        color, shape = parse_caption(caption)[0]
+        color, noun, _ = parse_phrases(caption)[0]
         tiles = [img]
-        for word in (color, shape):
-            m = maps[word]
+        blank = np.zeros(img.shape[:2])
+        for word in (color, noun):
+            m = maps.get(word, blank)
             m = (m - m.min()) / (m.max() - m.min() + 1e-12)
             tiles.append(np.repeat((m * 255).astype(np.uint8)[..., None], 3, -1))
-        for word in (color, shape):
-            tiles.append(np.repeat((masks[word] * 255).astype(np.uint8)[..., None], 3, -1))
+        for word in (color, noun):
+            tiles.append(np.repeat((masks.get(word, blank) * 255).astype(np.uint8)[..., None], 3, -1))
         sep = np.full((img.shape[0], 2, 3), 128, np.uint8)
         row = np.concatenate(sum(([t, sep] for t in tiles), [])[:-1], 1)
         rows.append(row)
