@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the toy-world text-to-image pipeline from scratch on CPU.
+"""Train the toy-world text-to-image pipeline from scratch (CPU or CUDA).
 
 Two stages:
 
@@ -7,7 +7,18 @@ Two stages:
    scaling factor is set so that latents have unit standard deviation;
 2. UNet and CLIP text encoder jointly on the frozen latents: epsilon prediction with
    min-SNR weighting, AdamW with warm-up, EMA of the weights, caption dropout to the
-   empty prompt (for classifier-free guidance).
+   empty prompt (for classifier-free guidance); optionally a grounding term
+   (``--ground-weight``): for each colour word and noun of a caption, the share of its
+   cross-attention (softmax over the 77 tokens, heads averaged, the reference's map at
+   one layer and step) that falls outside its object's exact mask is penalised
+   (TokenCompose's token loss), and the text encoder may learn at a fraction of the
+   UNet's rate (``--text-lr-scale``).
+
+``--world v2`` (the default) trains on :func:`ovstore.toyworld.world.sample_rich_scene`
+scenes (overlaps, textured backgrounds, shading, captions in random order with synonyms,
+hypernyms and ``--bare-p`` colour-less phrases); captions of the held-out split are never
+drawn, so probes on them (:func:`ovstore.toyworld.probe.rich_probe_scenes`) are held out
+in seeds and captions. ``--world v1`` is the world of the first shipped model.
 
 Every batch is drawn from a generator seeded by ``(seed, step)`` and so is the noise,
 so a run resumed from a checkpoint (``--resume``) continues exactly as if it had never
@@ -19,6 +30,8 @@ IoU against the masks recovered from the generated images, next to baselines.
 Example::
 
     python scripts/train_toyworld.py --out /root/ovstore-train/run1 --steps 16000
+    python scripts/train_toyworld.py --out RUN --resume          # continue exactly
+    python scripts/train_toyworld.py --out RUN --device cuda     # same recipe on a GPU
 """
 
 from __future__ import annotations
@@ -40,8 +53,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ovstore.toyworld.model import build_toy_pipeline, parameter_counts, save_toy_pipeline  # noqa: E402
-from ovstore.toyworld.probe import probe_grid, probe_scenes, run_probe  # noqa: E402
-from ovstore.toyworld.world import sample_scene, scenes_to_array  # noqa: E402
+from ovstore.toyworld.probe import probe_grid, rich_probe_scenes, run_word_probe  # noqa: E402
+from ovstore.toyworld.probe import probe_scenes as v1_probe_scenes  # noqa: E402
+from ovstore.toyworld.world import sample_rich_scene, sample_scene, scenes_to_array  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="run folder: checkpoints, logs, pipeline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N); batches and noise are drawn on the CPU "
+                                                   "either way, so both follow the same recipe")
+    p.add_argument("--world", choices=("v1", "v2"), default="v2")
+    p.add_argument("--synonym-p", type=float, default=0.3, help="v2: share of nouns given as a synonym")
+    p.add_argument("--hypernym-p", type=float, default=0.1, help="v2: share of nouns given as shape/object")
+    p.add_argument("--bare-p", type=float, default=0.15, help="v2: share of phrases without their colour")
+    p.add_argument("--overlap-p", type=float, default=0.4, help="v2: share of scenes whose objects may overlap")
     p.add_argument("--tokenizer", default=None, help="CLIPTokenizer folder (default: the one in ovstore)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--text-hidden", type=int, default=64)
@@ -62,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=3e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="a vae.pt of an earlier run of the same --world and --image-size (skips stage 1)")
     # diffusion stage
     p.add_argument("--steps", type=int, default=16000)
     p.add_argument("--batch", type=int, default=16)
@@ -73,11 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR weighting; 0 disables")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--text-lr-scale", type=float, default=1.0, help="text encoder lr = this x --lr")
+    p.add_argument("--ground-weight", type=float, default=0.0,
+                   help="weight of the grounding term (attention share of a word outside its object)")
     # bookkeeping
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--probe-every", type=int, default=1000)
-    p.add_argument("--probe-per-count", type=int, default=4, help="probe captions per object count (1,2,3)")
+    p.add_argument("--probe-per-count", type=int, default=8, help="probe captions per object count (1,2,3)")
     p.add_argument("--probe-steps", type=int, default=20)
     p.add_argument("--probe-guidance", type=float, default=3.0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if present")
@@ -122,16 +148,58 @@ def hardware() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": "cpu", "torch": torch.__version__, "python": platform.python_version(),
+    dev = torch.device(DEVICE)
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(dev), "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform()}
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+DEVICE = "cpu"
+WORLD: dict[str, object] = {"world": "v2"}
+
+
+def batch_scenes(seed: int, stream: int, step: int, n: int, image_size: int) -> list:
+    """Scenes of one step: a pure function of (seed, stream, step), hence resumable."""
+    rng = np.random.default_rng([seed, stream, step])
+    if WORLD["world"] == "v1":
+        return [sample_scene(rng, image_size=image_size) for _ in range(n)]
+    kw = {k: v for k, v in WORLD.items() if k != "world"}
+    return [sample_rich_scene(rng, image_size=image_size, split="train", **kw) for _ in range(n)]
 
 
 def batch_images(seed: int, stream: int, step: int, n: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
-    """Scenes of one step: a pure function of (seed, stream, step), hence resumable."""
-    rng = np.random.default_rng([seed, stream, step])
-    scenes = [sample_scene(rng, image_size=image_size) for _ in range(n)]
+    """Images (``[-1, 1]``, on the CPU) and captions of one step."""
+    scenes = batch_scenes(seed, stream, step, n, image_size)
     return torch.from_numpy(scenes_to_array(scenes)), [s.caption for s in scenes]
+
+
+def grounding_targets(scenes: list, tokenizer, keep: list[bool]) -> list[tuple[int, int, np.ndarray]]:
+    """``(sample, token position, exact object mask)`` for each colour word and noun of each
+    kept caption (a word of several BPE tokens gives each token its object's mask)."""
+    out = []
+    for b, scene in enumerate(scenes):
+        if not keep[b]:
+            continue
+        order = scene.caption_order or tuple(range(len(scene.objects)))
+        pos = 1
+        # walk the caption word by word; each phrase is 'a [colour] noun' in caption order
+        tokens = scene.caption.replace(",", " , ").split()
+        phrase_i, expect = -1, None
+        for w in tokens:
+            n_tok = len(tokenizer(w, add_special_tokens=False).input_ids)
+            if w == "a":
+                phrase_i += 1
+                obj = scene.objects[order[phrase_i]]
+                expect = {obj.word} | ({obj.color} if not obj.bare else set())
+            elif expect is not None and w in expect:
+                for t in range(pos, pos + n_tok):
+                    if t < tokenizer.model_max_length - 1:
+                        out.append((b, t, scene.object_masks[order[phrase_i]]))
+            pos += n_tok
+    return out
 
 
 def train_vae(vae, args: argparse.Namespace, log: Log) -> dict[str, float]:
@@ -175,6 +243,51 @@ def train_vae(vae, args: argparse.Namespace, log: Log) -> dict[str, float]:
     return stats
 
 
+class Grounder:
+    """Hooks on the UNet's cross-attention (``attn2``, mid block left out as in ovstore's
+    maps) that keep each layer's token-softmax attention of the current forward pass, with
+    gradients, and turn it into the grounding term."""
+
+    def __init__(self, unet) -> None:
+        self.layers = [m for n, m in unet.named_modules() if n.endswith("attn2") and not n.startswith("mid_block")]
+        self.probs: list[torch.Tensor] = []
+        self.emb = None
+        for attn in self.layers:
+            attn.to_q.register_forward_hook(self._hook(attn))
+
+    def _hook(self, attn):
+        def hook(_m, _inp, q):
+            if self.emb is None:
+                return
+            k = attn.to_k(self.emb)
+            n, hw, c = q.shape
+            h = attn.heads
+            qh = q.view(n, hw, h, c // h).transpose(1, 2)
+            kh = k.view(n, -1, h, c // h).transpose(1, 2)
+            self.probs.append(torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1).mean(1))  # (n, hw, T)
+        return hook
+
+    def start(self, emb: torch.Tensor) -> None:
+        self.emb, self.probs = emb, []
+
+    def loss(self, targets: list) -> torch.Tensor:
+        """Mean over layers and (sample, token) targets of 1 - (attention inside the mask) / (all of it)."""
+        self.emb = None
+        probs, self.probs = self.probs, []
+        if not targets or not probs:
+            return torch.zeros((), device=probs[0].device if probs else "cpu")
+        b_idx = torch.tensor([b for b, _, _ in targets])
+        t_idx = torch.tensor([t for _, t, _ in targets])
+        masks = torch.from_numpy(np.stack([m for _, _, m in targets]).astype(np.float32))[:, None]
+        terms = []
+        for p in probs:
+            side = int(round(p.shape[1] ** 0.5))
+            m = torch.nn.functional.adaptive_avg_pool2d(masks, side).flatten(1).to(p.device)  # (K, hw)
+            a = p[b_idx.to(p.device), :, t_idx.to(p.device)]  # (K, hw)
+            terms.append(1 - (a * m).sum(1) / a.sum(1).clamp_min(1e-8))
+        return torch.stack(terms).mean()
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_frac``; a run continued with
     ``--init-from`` warms up again (its optimizer state is new) towards the cosine value."""
@@ -197,20 +310,35 @@ def ema_pipeline(pipe, ema_unet, ema_text):
     return out
 
 
+def probe_scenes(seed: int, per_count: int, image_size: int) -> list:
+    """The probe set of the run's world (v2: held-out seeds and captions)."""
+    if WORLD["world"] == "v1":
+        return v1_probe_scenes(seed, per_count, image_size)
+    return rich_probe_scenes(seed, per_count, image_size)
+
+
 def do_probe(pipe, args: argparse.Namespace, step: int, log: Log) -> dict[str, float]:
     scenes = probe_scenes(args.seed, args.probe_per_count, args.image_size)
     t0 = time.time()
-    res = run_probe(pipe, [s.caption for s in scenes], seed=args.seed, steps=args.probe_steps,
-                    guidance_scale=args.probe_guidance, image_size=args.image_size)
+    res = run_word_probe(pipe, [s.caption for s in scenes], seed=args.seed, steps=args.probe_steps,
+                         guidance_scale=args.probe_guidance, image_size=args.image_size)
     Image.fromarray(probe_grid(res)).save(args.out / f"probe_{step:06d}.png")
     metrics = {"step": step, **res.metrics, "seconds": time.time() - t0}
-    log("probe " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    log("probe " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                            if not k.startswith(("mass_", "word_")) or k in ("mass_word", "mass_eot_pad")))
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = args.device
+    WORLD.update(world=args.world)
+    if args.world == "v2":
+        WORLD.update(synonym_p=args.synonym_p, hypernym_p=args.hypernym_p, bare_p=args.bare_p,
+                     overlap_p=args.overlap_p)
+    device = torch.device(args.device)
     import diffusers
     import transformers
 
@@ -253,8 +381,13 @@ def main(argv: list[str] | None = None) -> None:
         log(f"initialised from {args.init_from} at step {args.init_step}")
 
     # Stage 1: autoencoder (skipped when its result is on disk).
-    if (args.resume or continued) and vae_path.exists():
-        saved = torch.load(vae_path, weights_only=False)
+    if args.vae_from is not None and not vae_path.exists():
+        import shutil
+
+        shutil.copyfile(args.vae_from, vae_path)
+        log(f"autoencoder copied from {args.vae_from}")
+    if (args.resume or continued or args.vae_from is not None) and vae_path.exists():
+        saved = torch.load(vae_path, weights_only=False, map_location="cpu")
         vae.load_state_dict(saved["state"])
         vae_stats = saved["stats"]
         log(f"loaded autoencoder from {vae_path}")
@@ -264,16 +397,21 @@ def main(argv: list[str] | None = None) -> None:
     vae.eval().requires_grad_(False)
     vae.register_to_config(scaling_factor=vae_stats["scaling_factor"])
     sf = vae_stats["scaling_factor"]
+    pipe.to(device)
 
     # Stage 2: diffusion.
     text.requires_grad_(not args.freeze_text)
     params = [p for p in list(unet.parameters()) + list(text.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr_scale": 1.0},
+              {"params": [p for p in text.parameters() if p.requires_grad], "lr_scale": args.text_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.99),
+                            weight_decay=args.weight_decay)
     ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
     ema_text = copy.deepcopy(text).eval().requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     live_params = list(unet.parameters()) + list(text.parameters())
-    alphas = pipe.scheduler.alphas_cumprod.float()
+    alphas = pipe.scheduler.alphas_cumprod.float().to(device)
+    grounder = Grounder(unet) if args.ground_weight > 0 else None
     tok = pipe.tokenizer
     token_cache: dict[str, torch.Tensor] = {}
 
@@ -283,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
             ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
             token_cache.update(zip(missing, ids))
-        return torch.stack([token_cache[c] for c in captions])
+        return torch.stack([token_cache[c] for c in captions]).to(device)
 
     start, elapsed, history, probes = 0, 0.0, [], []
     if continued is not None:
@@ -291,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = float(before.get("seconds_diffusion") or 0.0)
         history, probes = list(before.get("loss_history", [])), list(before.get("probes", []))
     if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
         continued = ck.get("continued")
         unet.load_state_dict(ck["unet"])
         text.load_state_dict(ck["text"])
@@ -327,29 +465,37 @@ def main(argv: list[str] | None = None) -> None:
     unet.train()
     text.train()
     step_done = start
-    window_loss, window_n, t_window = 0.0, 0, time.time()
+    window_loss, window_ground, window_n, t_window = 0.0, 0.0, 0, time.time()
     for step in range(start, args.steps):
         t_step = time.time()
-        x, captions = batch_images(args.seed, 2, step, args.batch, args.image_size)
+        scenes = batch_scenes(args.seed, 2, step, args.batch, args.image_size)
+        x = torch.from_numpy(scenes_to_array(scenes)).to(device)
         rng = np.random.default_rng([args.seed, 5, step])
-        captions = ["" if rng.random() < args.caption_dropout else c for c in captions]
+        keep = [not (rng.random() < args.caption_dropout) for _ in scenes]
+        captions = [s.caption if k else "" for s, k in zip(scenes, keep)]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 7 * step + 1)
         with torch.no_grad():
             z0 = vae.encode(x).latent_dist.mean * sf
-        t = torch.randint(0, alphas.numel(), (args.batch,), generator=gen)
-        eps = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, alphas.numel(), (args.batch,), generator=gen).to(device)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         emb = text(tokenize(captions))[0]
+        if grounder is not None:
+            grounder.start(emb)
         pred = unet(zt, t, emb).sample
         per = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
         if args.snr_gamma > 0:
             snr = alphas[t] / (1 - alphas[t])
             per = per * torch.clamp(snr, max=args.snr_gamma) / snr
         loss = per.mean()
+        ground = None
+        if grounder is not None:
+            ground = grounder.loss(grounding_targets(scenes, tok, keep))
+            loss = loss + args.ground_weight * ground
         lr = lr_at(step, args)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
@@ -359,21 +505,33 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, live_params, 1 - decay)
         step_done = step + 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         elapsed += time.time() - t_step
         window_loss += loss.item()
+        window_ground += ground.item() if ground is not None else 0.0
         window_n += 1
         if step_done % args.log_every == 0 or step_done == args.steps:
             rate = window_n / (time.time() - t_window)
-            history.append({"step": step_done, "loss": window_loss / window_n, "lr": lr, "steps_per_s": rate})
-            log(f"step {step_done} loss {window_loss / window_n:.4f} lr {lr:.2e} {rate:.2f} steps/s "
-                f"elapsed {elapsed / 60:.1f} min")
-            window_loss, window_n = 0.0, 0
+            entry = {"step": step_done, "loss": window_loss / window_n, "lr": lr, "steps_per_s": rate}
+            if grounder is not None:
+                entry["ground"] = window_ground / window_n
+            history.append(entry)
+            log(f"step {step_done} loss {window_loss / window_n:.4f} "
+                + (f"ground {window_ground / window_n:.4f} " if grounder is not None else "")
+                + f"lr {lr:.2e} {rate:.2f} steps/s elapsed {elapsed / 60:.1f} min")
+            window_loss, window_ground, window_n = 0.0, 0.0, 0
         probe_now = step_done % args.probe_every == 0 or step_done == args.steps
-        if probe_now:
-            probes.append(do_probe(ema_pipeline(pipe, ema_unet, ema_text), args, step_done, log))
         if step_done % args.ckpt_every == 0 or step_done == args.steps or probe_now:
             checkpoint()
             log(f"checkpoint at step {step_done}")
+        if probe_now:
+            try:
+                probes.append(do_probe(ema_pipeline(pipe, ema_unet, ema_text), args, step_done, log))
+            except Exception as exc:  # a failed probe must not end a long run; it is logged and recorded
+                log(f"PROBE FAILED at step {step_done}: {type(exc).__name__}: {exc}")
+                probes.append({"step": step_done, "error": f"{type(exc).__name__}: {exc}"})
+            checkpoint()  # again, so that the checkpoint holds this probe
         if probe_now or step_done % args.log_every == 0:
             t_window = time.time()
 

@@ -49,3 +49,41 @@ def test_probe_runs_and_reports(pipe):
     assert res.metrics["attn_calls"] == 2 * 7
     assert set(res.word_maps[0]) == {"red", "circle", "blue", "square"}
     assert all(np.isfinite(m).all() for m in res.word_maps[0].values())
+
+
+def test_word_probe_reports_every_target_figure(pipe):
+    from ovstore.toyworld.probe import rich_probe_scenes, run_word_probe
+
+    scenes = rich_probe_scenes(0, per_count=2)
+    res = run_word_probe(pipe, [s.caption for s in scenes], steps=2, guidance_scale=2.0)
+    m = res.metrics
+    assert res.images.shape == (6, 32, 32, 3)
+    assert m["attn_calls"] == 2 * 6  # ovstore's default maps: mid block left out
+    for key in ("mass_sot", "mass_word", "mass_filler", "mass_eot_pad"):
+        assert 0 <= m[key] <= 1
+    assert abs(m["mass_sot"] + m["mass_word"] + m["mass_filler"] + m["mass_eot_pad"] - 1) < 1e-5
+    assert m["n_words"] + m["n_missing"] > 0
+
+
+def test_training_resumes_exactly(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_toyworld.py"
+    spec = importlib.util.spec_from_file_location("train_toyworld", script)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    common = ["--vae-steps", "2", "--vae-batch", "4", "--batch", "4", "--probe-every", "1000", "--ckpt-every", "1",
+              "--warmup", "1", "--ground-weight", "0.01", "--text-lr-scale", "0.5", "--probe-per-count", "1",
+              "--probe-steps", "1", "--unet-channels", "16,16,16", "--log-every", "1"]
+    train.main(["--out", str(tmp_path / "a"), "--steps", "3", *common])
+    train.main(["--out", str(tmp_path / "b"), "--steps", "2", *common])
+    train.main(["--out", str(tmp_path / "b"), "--steps", "3", "--resume", *common])
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    for part in ("unet", "text", "ema_unet", "ema_text"):
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), (part, name)
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert "ground" in a["history"][-1]
