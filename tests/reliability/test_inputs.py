@@ -304,6 +304,7 @@ def test_every_test_named_in_the_error_table_exists():
     from pathlib import Path
 
     from test_bad_input import CASES
+    from test_outputs import REFUSED
 
     root = Path(__file__).resolve().parents[2]
     text = (root / "docs" / "errors.md").read_text(encoding="utf-8")
@@ -312,6 +313,8 @@ def test_every_test_named_in_the_error_table_exists():
     cases = {c[0] for c in CASES}
     named = re.findall(r"T\[([^\]]+)\]", "\n".join(rows))
     assert named and not set(named) - cases, set(named) - cases
+    refused = set(re.findall(r"\bO\[([^\]]+)\]", text)) - {"CASE"}  # test_outputs.py::test_refused_outputs[case]
+    assert refused and not set(refused) - {c[0] for c in REFUSED}, set(refused) - {c[0] for c in REFUSED}
     files = {"I": "tests/reliability/test_inputs.py", "F": "tests/reliability/test_faults.py",
              "S": "tests/store/test_integrity.py"}
     for prefix, name in re.findall(r"\b([IFS])::(test_\w+)", text):
@@ -320,4 +323,4 @@ def test_every_test_named_in_the_error_table_exists():
         source = next(root.joinpath("tests").rglob(path))
         assert f"def {name}(" in source.read_text(encoding="utf-8"), (path, name)
     for row in rows:
-        assert re.search(r"T\[|::test_", row), row  # every row names its test
+        assert re.search(r"[TO]\[|::test_", row), row  # every row names its test
