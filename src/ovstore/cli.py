@@ -127,76 +127,27 @@ def capture(
 
     After an interruption: ovstore capture --resume --out caps.zarr (or the same command plus --resume).
     """
-    from .capture import (build_requests, check_continuation, continued_config, load_pipeline, plan_capture,
-                          read_prompts_file, recorded_model)
-    from .capture import capture as run_capture
-    from .capture import resume as run_resume
     from rich.markup import escape
 
-    from .errors import StoreFormatError
-    from .store import open_store
+    from .capture import prepare_capture
 
     if model is not None and model.lower() in _SWITCH_VALUES and not Path(model).exists():
         raise InvalidInputError(f"MODEL {model!r} looks like the value of a switch, but --resume and --reserve-only "
                                 "take no value: write the switch alone (e.g. --resume), and MODEL only to name a "
                                 "pipeline")
-    if resume and reserve_only:
-        raise InvalidInputError("--reserve-only records new prompts; it cannot be combined with --resume")
-    if worker is not None and not resume:
-        raise InvalidInputError("--worker K/N splits the work of --resume; add --resume")
-    worker_split = None
-    if worker is not None:
-        k, sep, n_workers = worker.partition("/")
-        if not (sep and k.isdigit() and n_workers.isdigit()) or not int(k) < int(n_workers):
-            raise InvalidInputError(f"--worker {worker!r}: write K/N with 0 <= K < N, e.g. 0/4")
-        worker_split = (int(k), int(n_workers))
-    specs = [(p, None, None) for p in (prompt or [])]
-    if prompts_file is not None:
-        specs += read_prompts_file(prompts_file)
-    if worker is not None and specs:
-        raise InvalidInputError("--worker K/N finishes the recorded slots; record the prompts first with "
-                                "--reserve-only, then run --resume --worker K/N without prompts")
-    if not resume and not specs:
-        raise InvalidInputError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"--out {out} is a file; give a store directory (a new one, or a store to append to)")
-    existing = None
-    if (out / "zarr.json").is_file():
-        existing = open_store(out)
-    elif out.is_dir() and any(p.name != ".ovstore.lock" for p in out.iterdir()):
-        raise InvalidInputError(f"--out {out} is a directory that is not an ovstore store; choose a new --out")
-    if resume and existing is None and not specs:
-        raise StoreFormatError(f"store {out} does not exist, so there is nothing to resume; start the capture "
-                               "without --resume (or give the original prompts with --resume)")
-
-    given = dict(num_inference_steps=steps, guidance=guidance, height=height, width=width, branch=branch,
-                 dtype=dtype, codec=codec, calls=calls)
-    config = continued_config(existing, given, layers=_layer_selection(layer, resolution, include_mid=True),
-                              layers_given=bool(layer or resolution), preset=preset, batch_size=batch_size)
-    requests = build_requests(specs, seed=seed, negative_prompt=negative_prompt, guidance=config.guidance,
-                              num_inference_steps=config.num_inference_steps) if specs else None
-
-    if resume and existing is not None:
-        from .capture.runner import match_requests
-
-        todo, new, done = match_requests(existing, requests, worker=worker_split)
-        if not todo and not new:  # before loading the model
-            console.print(f"nothing to resume: {out} has no incomplete image"
-                          + (" among the given prompts" if requests is not None else "")
-                          + f" ({len(existing.complete_images())} complete of {existing.n_images})", highlight=False)
-            return
-    model_id, model_revision = model, revision
-    if model is None and existing is not None:  # the store's recorded model
-        model_id, model_revision = recorded_model(existing, revision)
-    if torch_dtype is None:
-        torch_dtype = existing.layout.model.torch_dtype if existing is not None else "float32"
+    job = prepare_capture(
+        model, prompts=prompt or (), prompts_file=prompts_file, out=out, negative_prompt=negative_prompt, seed=seed,
+        steps=steps, guidance=guidance, height=height, width=width, branch=branch, dtype=dtype, layers=layer or (),
+        resolutions=resolution or (), calls=calls, preset=preset, batch_size=batch_size, codec=codec, device=device,
+        torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker)
+    if job.nothing_to_resume:  # before loading the model
+        console.print(job.nothing_message(), highlight=False)
+        return
     import diffusers  # noqa: F401  (imported first so that its loading bars are silenced too)
 
     _quiet_libraries()
-    pipe, identity = load_pipeline(model_id, torch_dtype=torch_dtype, device=device, revision=model_revision)
-    layout, _ = plan_capture(pipe, identity, config)
-    if existing is not None:
-        check_continuation(existing, layout, resume=resume)
+    job.load()
+    identity, layout = job.identity, job.layout
     console.print(
         f"[bold]{escape(identity.id)}[/]: {len(layout.layers)} cross-attention layers, {layout.n_steps} of "
         f"{layout.num_unet_calls} UNet calls, branches {','.join(layout.branches)}, {layout.query_dtype}; "
@@ -205,20 +156,13 @@ def capture(
         f"{_human(layout.context_bytes_per_image())})",
         highlight=False,
     )
-    n = len(requests) if requests is not None and not resume else None
+    n = job.total
     with _progress(n or 0, "capturing") as bar:
         task = bar.add_task("capture", total=n)
-        step = lambda slot: bar.advance(task)  # noqa: E731
-        if resume:
-            result = run_resume(pipe, identity, out, config=config, requests=requests, progress=step,
-                                worker=worker_split)
-        else:
-            result = run_capture(pipe, identity, requests, out, config=config, progress=step,
-                                 reserve_only=reserve_only)
+        result = job.run(progress=lambda slot: bar.advance(task))
     slots = list(result.images)
     shown = ", ".join(map(str, slots[:20])) + (f", ... ({len(slots)} in all)" if len(slots) > 20 else "")
-    action = "reserved" if reserve_only else ("finished" if resume else "stored")
-    console.print(f"{action} images {shown} in {out}"
+    console.print(f"{job.action} images {shown} in {out}"
                   + (f"; {len(result.already_complete)} of the given prompts were already complete"
                      if result.already_complete else ""), highlight=False)
 
@@ -392,7 +336,7 @@ def maps(
         raise InvalidInputError(f"--out {out}: use a .npy (one prompt) or .zarr (any number) file name")
     if out.suffix == ".npy" and n_attributions > 1:
         raise InvalidInputError(f"--out {out} is .npy, which holds one attribution; use FILE.zarr for {n_attributions}")
-    from .analyze.export import overlay_dir
+    from .analyze import overlay_dir
     from .outputs import open_output
 
     inputs = [store, *(token or ()), *([attributions_file] if attributions_file else [])]
@@ -425,18 +369,10 @@ def maps(
     attributions: list = list(prompts)
     encoder = None  # loaded here only when the tokens need its start-of-text row; then shared
     if token:
-        from .optimize import combined_attribution, load_token, token_attribution
+        from .optimize import store_token_attributions
 
-        files = [load_token(t) for t in token]
-        if combine_tokens:
-            from .analyze.text import check_recorded_encoder, load_text_encoder, start_of_text_row
-
-            encoder = load_text_encoder(s.layout.model, model=model, device=device)
-            if model is None:
-                check_recorded_encoder(encoder, s.layout.model, s.path)
-            attributions.append(combined_attribution(files, s.layout.model, start_of_text_row(encoder)))
-        else:
-            attributions += [token_attribution(f, s.layout.model) for f in files]
+        learned, encoder = store_token_attributions(s, token, combine=combine_tokens, model=model, device=device)
+        attributions += learned
     with _progress(len(chosen), "maps") as bar:
         task = bar.add_task("maps", total=len(chosen))
         options = dict(images=chosen, config=config, text_encoder=encoder, model=model, device=device,
@@ -469,8 +405,7 @@ def _context_maps(store: Path, *, image, out: Path, size, png, layer, resolution
                   aggregation, normalize, device, overwrite: bool = False) -> None:
     """``maps --generation-context``: options checked, then :func:`compute_context_maps`."""
     from .analyze import MapConfig, compute_context_maps, save_maps
-    from .analyze.context import per_image
-    from .analyze.export import overlay_dir, overlay_files
+    from .analyze import overlay_dir, overlay_files, per_image
     from .store import open_store
 
     if out.suffix not in (".npy", ".zarr"):
@@ -565,19 +500,6 @@ def optimize(
                       f"(plain word {task.init_word!r}: {t['plain_word_iou']:.3f})", highlight=False)
 
 
-def _parse_thresholds(items: list[str] | None) -> dict[str, float]:
-    out = {}
-    for item in items or ():
-        name, sep, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise InvalidInputError(f"--class-threshold {item!r}: write CLASS=VALUE, e.g. cat=0.5")
-    return out
-
-
 @app.command()
 def label(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
@@ -609,27 +531,13 @@ def label(
     Re-running the same command resumes: finished images are skipped.
     Example: ovstore label caps.zarr --classes cat,dog,sofa --out dataset/
     """
-    from .label import LabelConfig, label_store, parse_sweep
-    from .optimize import load_token
+    from .label import label_config, label_store
     from .store import open_store
 
-    from .inputs import parse_names, read_names_file
-
-    names: list[str] = list(parse_names(classes, "--classes")) if classes is not None else []
-    if classes_file is not None:
-        names += read_names_file(classes_file, "--classes-file")
-    if sweep is not None and not adaptive:
-        raise InvalidInputError("--sweep sets the thresholds tried by --adaptive; add --adaptive")
-    tokens = {load_token(t).name: t for t in (token or ())}
-    for name in tokens:
-        if name not in names:
-            names.append(name)
-    config = LabelConfig(classes=tuple(names), prompt_template=prompt_template, tokens=tokens, mode=mode,
-                         normalize=normalize, threshold=threshold,
-                         class_thresholds=_parse_thresholds(class_threshold), adaptive=adaptive,
-                         **({"sweep": parse_sweep(sweep)} if sweep is not None else {}), crf=crf,
-                         min_component=min_component,
-                         prompt_classes_only=prompt_classes_only)
+    config = label_config(classes=classes, classes_file=classes_file, tokens=token or (),
+                          class_thresholds=class_threshold, adaptive=adaptive, sweep=sweep,
+                          prompt_template=prompt_template, mode=mode, normalize=normalize, threshold=threshold,
+                          crf=crf, min_component=min_component, prompt_classes_only=prompt_classes_only)
     _quiet_libraries()
     total = len(open_store(store).check_images(image))
     with _progress(total, "labelling") as bar:
@@ -660,18 +568,9 @@ def evaluate(
 
     Class names come from --classes/--labelmap, else the folders' labelmap.txt (which must agree).
     """
-    from .label import evaluate_dirs, write_report
-    from .label.voc import read_labelmap
+    from .label import evaluate_dirs, evaluation_classes, write_report
 
-    if classes is not None and labelmap is not None:
-        raise InvalidInputError("give --classes or --labelmap, not both")
-    names = None
-    if classes is not None:
-        from .inputs import parse_names
-
-        names = ["background", *parse_names(classes, "--classes")]
-    elif labelmap is not None:
-        names = read_labelmap(labelmap)
+    names = evaluation_classes(classes, labelmap)
     inputs = [pred_dir, gt_dir, *([labelmap] if labelmap else [])]
     if out is not None:
         from .outputs import open_output

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import StoreError
 from .outputs import open_output
-from .store.reader import Store, open_store
+from .store import Store, open_store
 
 __all__ = ["ImagesResult", "write_images"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import OvstoreError, StoreError
-from .store.reader import Store
+from .store import Store
 
 __all__ = ["find_damaged", "RunInterrupted", "listing", "progress_note"]
 

@@ -4,7 +4,7 @@ Loads only a tokenizer and a text encoder plus the stored key projections; never
 """
 
 from .config import MapConfig
-from .context import compute_context_maps
+from .context import compute_context_maps, per_image
 from .engine import (
     PreparedQueries,
     TokenBuckets,
@@ -15,9 +15,12 @@ from .engine import (
     prepare_queries,
     resize_maps,
 )
-from .export import overlay_files, save_maps, write_maps_zarr, write_overlays
+from .export import overlay_dir, overlay_files, save_maps, write_maps_zarr, write_overlays
 from .maps import MapPlan, compute_maps, iter_image_maps, iter_map_blocks, split_by_prompt
-from .text import Attribution, TextEncoder, load_text_encoder
+from .text import (
+    Attribution, TextEncoder, check_recorded_encoder, load_text_encoder, start_of_text_row, word_in_context,
+    words_in_context,
+)
 from .words import word_maps
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "PreparedQueries",
     "TextEncoder",
     "TokenBuckets",
+    "check_recorded_encoder",
     "combine_layers",
     "compute_context_maps",
     "compute_maps",
@@ -38,10 +42,15 @@ __all__ = [
     "normalize_maps",
     "prepare_queries",
     "resize_maps",
+    "overlay_dir",
     "overlay_files",
+    "per_image",
     "save_maps",
     "write_maps_zarr",
     "write_overlays",
     "split_by_prompt",
+    "start_of_text_row",
+    "word_in_context",
+    "words_in_context",
     "word_maps",
 ]

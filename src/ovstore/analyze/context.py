@@ -18,7 +18,7 @@ import torch
 
 from .. import dims
 from ..errors import InvalidInputError
-from ..store.reader import Store, open_store
+from ..store import Store, open_store
 from .config import MapConfig
 from .maps import MapPlan, _block, _prefetched, map_attrs
 from .text import Attribution

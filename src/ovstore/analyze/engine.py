@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..store.format import LayerInfo
+from ..store import LayerInfo
 
 __all__ = [
     "PreparedQueries",

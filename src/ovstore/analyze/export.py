@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..outputs import Output, open_output, zarr_marker
-from ..store.reader import Store
+from ..store import Store
 from .config import MapConfig
 from .text import Attribution, TextEncoder
 

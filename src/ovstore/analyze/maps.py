@@ -26,8 +26,7 @@ from ..devices import check_device
 from ..errors import InvalidInputError, StoreError
 from ..inputs import Line, check_memory
 from ..selection import resolve_indices
-from ..store.format import LayerInfo
-from ..store.reader import Store, open_store
+from ..store import LayerInfo, Store, open_store
 from .config import MapConfig
 from .engine import (
     PreparedQueries,

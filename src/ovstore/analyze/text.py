@@ -19,7 +19,7 @@ from ..models import (
     packaged_model_path,
     text_encoders_fingerprint,
 )
-from ..store.format import ModelIdentity
+from ..store import ModelIdentity
 
 __all__ = ["Attribution", "TextEncoder", "load_text_encoder", "word_in_context", "words_in_context"]
 

@@ -1,6 +1,14 @@
 """Capture: run a diffusers pipeline once and store its cross-attention queries.
 
-Typical use::
+Everything ``ovstore capture`` does (new store, append, ``resume``, ``reserve_only``,
+``worker``), with the same option names::
+
+    from ovstore.capture import run_capture
+
+    run_capture("path/or/hub-id", prompts=["a cat on a sofa"], steps=30, out="captures.zarr")
+    run_capture(out="captures.zarr", resume=True)  # after an interruption, the store's model
+
+Lower level, with a pipeline of your own::
 
     from ovstore.capture import CaptureConfig, build_requests, capture, load_pipeline
 
@@ -10,23 +18,29 @@ Typical use::
 """
 
 from .config import BRANCH_CHOICES, PRESETS, CaptureConfig, store_settings
+from .job import CaptureJob, parse_worker, prepare_capture, run_capture
 from .continuation import check_continuation, continued_config, recorded_model
 from .layers import cross_attention_layers
 from .pipeline import load_pipeline, model_identity
 from .recorder import QueryRecorder
 from .requests import build_requests, read_prompts_file
-from .runner import CaptureResult, capture, check_requests, plan_capture, resume
+from .runner import CaptureResult, capture, check_requests, match_requests, plan_capture, resume
 
 __all__ = [
     "BRANCH_CHOICES",
     "CaptureConfig",
     "PRESETS",
+    "CaptureJob",
     "CaptureResult",
+    "parse_worker",
+    "prepare_capture",
+    "run_capture",
     "QueryRecorder",
     "build_requests",
     "capture",
     "cross_attention_layers",
     "load_pipeline",
+    "match_requests",
     "model_identity",
     "plan_capture",
     "read_prompts_file",

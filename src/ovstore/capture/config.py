@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ..errors import InvalidInputError
 from ..inputs import check_float, check_int
 from ..selection import LayerSelection, parse_index_spec
-from ..store.format import CODEC_PRESETS, DEFAULT_CODEC, ImageRecord, StoreLayout
+from ..store import CODEC_PRESETS, DEFAULT_CODEC, ImageRecord, StoreLayout
 
 __all__ = ["CaptureConfig", "BRANCH_CHOICES", "PRESETS", "store_settings"]
 

@@ -3,6 +3,6 @@ for code that imported them from capture)."""
 
 from __future__ import annotations
 
-from ..families.unet import cross_attention_layers, layer_level
+from ..families import cross_attention_layers, layer_level
 
 __all__ = ["cross_attention_layers", "layer_level"]

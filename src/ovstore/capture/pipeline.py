@@ -15,7 +15,7 @@ from ..models import (
     text_encoders_fingerprint,
 )
 from ..families import family_for_pipeline
-from ..store.format import ModelIdentity
+from ..store import ModelIdentity
 
 __all__ = ["load_pipeline", "model_identity"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError
-from ..store.format import LayerInfo
+from ..store import LayerInfo
 
 __all__ = ["QueryRecorder", "BatchQueries"]
 

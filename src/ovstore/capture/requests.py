@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 from ..inputs import SEED_MAX, check_seed, read_lines
-from ..store.format import ImageRecord
+from ..store import ImageRecord
 
 __all__ = ["read_prompts_file", "build_requests", "PromptSpec"]
 

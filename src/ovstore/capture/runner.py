@@ -20,10 +20,7 @@ import numpy as np
 from ..errors import InvalidInputError, StoreError, StoreFormatError
 from ..inputs import check_memory, check_seed
 from ..selection import resolve_indices
-from ..store import format as fmt
-from ..store.format import ImageRecord, StoreLayout
-from ..store.reader import open_store
-from ..store.writer import StoreWriter
+from ..store import STATUS_COMPLETE, ContextSpec, ImageRecord, StoreLayout, StoreWriter, open_store
 from ..families import ModelFamily, family_for_pipeline
 from .config import CaptureConfig, store_settings
 from .recorder import BatchQueries, QueryRecorder
@@ -80,11 +77,11 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
     return layout, layers
 
 
-def _context_spec(pipe: Any, family: ModelFamily, dtype: str) -> fmt.ContextSpec:
+def _context_spec(pipe: Any, family: ModelFamily, dtype: str) -> ContextSpec:
     """Shape of the attended context: the pipeline's padded prompt length and the features
     the denoiser receives (the joined encoders' widths)."""
     length = len(family.context_token_ids(pipe, [""])[0])
-    return fmt.ContextSpec(length=length, features=family.text_recipe(pipe).width, dtype=dtype)
+    return ContextSpec(length=length, features=family.text_recipe(pipe).width, dtype=dtype)
 
 
 def _key_projections(pipe: Any, layers: Sequence) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
@@ -270,13 +267,13 @@ def match_requests(store: Any, requests: Sequence[ImageRecord] | None, *,
     status = store.status()
     records = store.records()
     if requests is None:
-        todo = [i for i in range(len(records)) if status[i] != fmt.STATUS_COMPLETE
+        todo = [i for i in range(len(records)) if status[i] != STATUS_COMPLETE
                 and (worker is None or i % worker[1] == worker[0])]
         return todo, [], []
     complete_of: dict[ImageRecord, list[int]] = {}
     open_of: dict[ImageRecord, list[int]] = {}
     for i, r in enumerate(records):
-        (complete_of if status[i] == fmt.STATUS_COMPLETE else open_of).setdefault(r, []).append(i)
+        (complete_of if status[i] == STATUS_COMPLETE else open_of).setdefault(r, []).append(i)
     todo, new, done = [], [], []
     for r in requests:
         if complete_of.get(r):

@@ -18,15 +18,16 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from .base import ModelFamily
+from .unet import UNetFamily, cross_attention_layers, layer_level
 
-__all__ = ["ModelFamily", "available_families", "family_for_pipeline", "get_family", "ENTRY_POINT_GROUP"]
+__all__ = [
+    "ModelFamily", "UNetFamily", "cross_attention_layers", "layer_level", "available_families", "family_for_pipeline", "get_family", "ENTRY_POINT_GROUP",
+]
 
 ENTRY_POINT_GROUP = "ovstore.families"
 
 
 def _builtin() -> dict[str, ModelFamily]:
-    from .unet import UNetFamily
-
     return {"unet": UNetFamily()}
 
 

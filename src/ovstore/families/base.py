@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..store.format import LayerInfo, ModelIdentity, TextRecipe
+from ..store import LayerInfo, ModelIdentity, TextRecipe
 
 if TYPE_CHECKING:
     import torch
 
-    from ..analyze.text import TextEncoder
+    from ..analyze import TextEncoder
 
 __all__ = ["ModelFamily"]
 

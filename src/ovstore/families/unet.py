@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError, ModelLoadError
-from ..store.format import LayerInfo, ModelIdentity, TextRecipe
+from ..store import LayerInfo, ModelIdentity, TextRecipe
 from .base import ModelFamily
 
 __all__ = ["UNetFamily", "cross_attention_layers", "layer_level"]
@@ -201,7 +201,7 @@ class UNetFamily(ModelFamily):
     def load_text_encoder(self, identity: ModelIdentity, target: str, *, device: str = "cpu") -> Any:
         import transformers
 
-        from ..analyze.text import TextEncoder
+        from ..analyze import TextEncoder
         from ..models import hub_error
 
         recipe = identity.text_recipe
@@ -229,6 +229,6 @@ class UNetFamily(ModelFamily):
                            hidden_state=recipe.hidden_state, family=self.name)
 
     def layer_keys(self, rows: Any, parameters: tuple[Any, Any], info: LayerInfo) -> Any:
-        from ..analyze.engine import layer_keys
+        from ..analyze import layer_keys
 
         return layer_keys(rows, parameters[0], parameters[1], info)

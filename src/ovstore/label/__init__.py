@@ -1,9 +1,10 @@
 """Dataset-scale labelling: class maps to semantic masks, refinements, VOC and COCO exports,
 on Dask from a laptop to a cluster; and evaluation against ground truth."""
 
-from .config import MODES, NORMALIZATIONS, LabelConfig, parse_sweep
+from .config import MODES, NORMALIZATIONS, LabelConfig, label_config, parse_class_thresholds, parse_sweep
 from .dataset import LabelResult, image_labels, label_partition, label_store
-from .evaluate import EvaluationReport, evaluate_dirs, evaluate_masks, write_report
+from .evaluate import EvaluationReport, evaluate_dirs, evaluate_masks, evaluation_classes, write_report
+from .voc import read_labelmap
 from .refine import (
     adaptive_threshold, classes_in_prompt, crf_unary, dense_crf, label_mask, normalize_maps, remove_small_components,
     require_crf,
@@ -21,12 +22,16 @@ __all__ = [
     "dense_crf",
     "evaluate_dirs",
     "evaluate_masks",
+    "evaluation_classes",
     "image_labels",
+    "label_config",
     "label_mask",
     "label_partition",
     "label_store",
     "normalize_maps",
+    "parse_class_thresholds",
     "parse_sweep",
+    "read_labelmap",
     "remove_small_components",
     "require_crf",
     "write_report",

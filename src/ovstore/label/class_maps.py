@@ -10,12 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..analyze.maps import compute_maps
-from ..analyze.config import MapConfig
-from ..analyze.engine import resize_maps
-from ..analyze.text import Attribution, TextEncoder, start_of_text_row, words_in_context
-from ..optimize.tokens import SOT, load_token, token_attribution
-from ..store.reader import Store
+from ..analyze import (
+    Attribution, MapConfig, TextEncoder, compute_maps, resize_maps, start_of_text_row, words_in_context,
+)
+from ..optimize import SOT, load_token, token_attribution
+from ..store import Store
 from .config import LabelConfig
 from .refine import normalize_maps
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import numpy as np
 
 from ..errors import InvalidInputError
 
-__all__ = ["LabelConfig", "MODES", "NORMALIZATIONS", "DEFAULT_SWEEP", "parse_sweep"]
+__all__ = [
+    "LabelConfig", "MODES", "NORMALIZATIONS", "DEFAULT_SWEEP", "label_config", "parse_class_thresholds", "parse_sweep",
+]
 
 MODES = ("separate", "compete")
 NORMALIZATIONS = ("minmax", "max")
@@ -139,3 +142,59 @@ def parse_sweep(text: str) -> tuple[float, ...]:
     except ValueError:
         raise InvalidInputError(f"--sweep {text!r}: write A,B,C or START:STOP:STEP with STEP > 0, "
                                 "e.g. 0.3:0.9:0.05") from None
+
+
+def parse_class_thresholds(items: Mapping[str, float] | Sequence[str] | None) -> dict[str, float]:
+    """Per-class thresholds from ``{"cat": 0.5}`` or ``["cat=0.5", ...]`` (``--class-threshold``)."""
+    if isinstance(items, Mapping):
+        return {str(k): float(v) for k, v in items.items()}
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise InvalidInputError(f"--class-threshold {item!r}: write CLASS=VALUE, e.g. cat=0.5")
+    return out
+
+
+def label_config(
+    *,
+    classes: str | Sequence[str] | None = None,
+    classes_file: str | Path | None = None,
+    tokens: Sequence[str | Path] = (),
+    class_thresholds: Mapping[str, float] | Sequence[str] | None = None,
+    adaptive: bool = False,
+    sweep: str | Sequence[float] | None = None,
+    **settings,
+) -> LabelConfig:
+    """The :class:`LabelConfig` of ``ovstore label``'s options: class names from ``classes``
+    (comma-separated or a list), then ``classes_file`` (one per line), then the names of the
+    learned ``tokens`` files not yet among them; ``settings`` are the other fields."""
+    from ..inputs import parse_names, read_names_file
+
+    if isinstance(classes, str):
+        names = list(parse_names(classes, "--classes"))
+    else:
+        names = list(classes or ())
+    if classes_file is not None:
+        names += read_names_file(classes_file, "--classes-file")
+    if sweep is not None and not adaptive:
+        raise InvalidInputError("--sweep sets the thresholds tried by --adaptive; add --adaptive")
+    by_name: dict[str, str | Path] = {}
+    if tokens:
+        from ..optimize import load_token
+
+        by_name = {load_token(t).name: t for t in tokens}
+    for name in by_name:
+        if name not in names:
+            names.append(name)
+    thresholds = parse_class_thresholds(class_thresholds)
+    if isinstance(sweep, str):
+        settings["sweep"] = parse_sweep(sweep)
+    elif sweep is not None:
+        settings["sweep"] = tuple(sweep)
+    return LabelConfig(classes=tuple(names), tokens=by_name, class_thresholds=thresholds, adaptive=adaptive,
+                       **settings)

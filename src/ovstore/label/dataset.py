@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from .._version import __version__
-from ..analyze.text import check_recorded_encoder
+from ..analyze import check_recorded_encoder
 from ..errors import InvalidInputError, OutputError, OvstoreError
 from ..inputs import check_int
 from ..outputs import MARKER, held_lock, open_output, os_errors, write_marker
 from ..partial import RunInterrupted, progress_note
-from ..store.reader import Store, open_store
+from ..store import Store, open_store
 from . import voc
 from .config import LabelConfig
 from .refine import adaptive_threshold, classes_in_prompt, dense_crf, label_mask, remove_small_components, require_crf
@@ -61,8 +61,8 @@ class LabelResult:
 @functools.lru_cache(maxsize=4)
 def _encoder(identity_json: str, model: str | None, device: str) -> Any:
     """One text encoder per worker process and model, reused across partitions."""
-    from ..analyze.text import load_text_encoder
-    from ..store.format import ModelIdentity
+    from ..analyze import load_text_encoder
+    from ..store import ModelIdentity
 
     return load_text_encoder(ModelIdentity.from_json(json.loads(identity_json)), model=model, device=device)
 

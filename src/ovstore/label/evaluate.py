@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import InvalidInputError
 from .voc import read_labelmap
 
-__all__ = ["EvaluationReport", "evaluate_masks", "evaluate_dirs", "write_report"]
+__all__ = ["EvaluationReport", "evaluate_masks", "evaluate_dirs", "evaluation_classes", "write_report"]
 
 IGNORE = 255
 
@@ -159,6 +159,22 @@ def evaluate_masks(predictions: Iterable[np.ndarray], ground_truth: Iterable[np.
 
 def _label_dir(path: Path) -> Path:
     return path / "SegmentationClass" if (path / "SegmentationClass").is_dir() else path
+
+
+def evaluation_classes(classes: str | Sequence[str] | None = None,
+                       labelmap: str | Path | None = None) -> list[str] | None:
+    """Class names from 0 (background) for :func:`evaluate_dirs` (``ovstore evaluate``
+    ``--classes``/``--labelmap``): comma-separated (or listed) names numbered from 1, or a
+    ``labelmap.txt``; ``None`` when neither is given (the folders' labelmap.txt decides)."""
+    if classes is not None and labelmap is not None:
+        raise InvalidInputError("give --classes or --labelmap, not both")
+    if classes is not None:
+        from ..inputs import parse_names
+
+        return ["background", *(parse_names(classes, "--classes") if isinstance(classes, str) else classes)]
+    if labelmap is not None:
+        return read_labelmap(Path(labelmap))
+    return None
 
 
 def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, *, classes: Sequence[str] | None = None) -> EvaluationReport:

@@ -6,7 +6,10 @@ The learned [SoT, class] rows replace a word's text embedding in any later analy
 
 from .config import DEFAULT_CONTEXT, RECIPES, OptimizeConfig
 from .masks import load_mask
-from .tokens import TokenFile, combined_attribution, load_token, save_token, token_attribution, write_tokens
+from .tokens import (
+    SOT, TokenFile, combined_attribution, load_token, save_token, store_token_attributions, token_attribution,
+    write_tokens,
+)
 from .tasks import TokenTask, read_tasks_file
 from .trainer import initial_rows, mask_iou, optimize_tokens
 
@@ -14,6 +17,7 @@ __all__ = [
     "DEFAULT_CONTEXT",
     "OptimizeConfig",
     "RECIPES",
+    "SOT",
     "TokenFile",
     "TokenTask",
     "combined_attribution",
@@ -24,6 +28,7 @@ __all__ = [
     "optimize_tokens",
     "read_tasks_file",
     "save_token",
+    "store_token_attributions",
     "token_attribution",
     "write_tokens",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..analyze.config import MapConfig
+from ..analyze import MapConfig
 from ..errors import InvalidInputError
 from ..inputs import check_float, check_int
 

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..analyze.text import Attribution
+from ..analyze import Attribution
 from ..errors import InvalidInputError, OutputError
 from ..outputs import describe_os_error, fix_for, open_output, temporary_path
-from ..store.format import ModelIdentity
+from ..store import ModelIdentity
 
-__all__ = ["TokenFile", "save_token", "write_tokens", "load_token", "token_attribution", "combined_attribution"]
+__all__ = ["TokenFile", "save_token", "write_tokens", "load_token", "token_attribution", "combined_attribution",
+           "store_token_attributions"]
 
 TOKEN_FORMAT = "ovstore-token"
 TOKEN_FORMAT_VERSION = 1
@@ -219,3 +220,22 @@ def combined_attribution(tokens: Sequence[TokenFile], identity: ModelIdentity,
     return Attribution(label="+".join(f"{t.name}*" for t in tokens),
                        tokens=(SOT, *(f"{t.name}*" for t in tokens)),
                        embedding=torch.stack(rows).float())
+
+
+def store_token_attributions(store: Any, tokens: Sequence[str | Path | TokenFile], *, combine: bool = False,
+                             model: str | None = None, device: str = "cpu") -> tuple[list[Attribution], Any]:
+    """Learned ``tokens`` as attributions for ``store`` (``ovstore maps --token``): one each, or
+    with ``combine`` one attribution in which they compete (``--combine-tokens``; loads the text
+    encoder for its start-of-text row, checked against the recorded one unless ``model`` is
+    given). Returns the attributions and the encoder loaded (``None`` if none was), so that a
+    later :func:`ovstore.analyze.compute_maps` can share it."""
+    from ..analyze import check_recorded_encoder, load_text_encoder, start_of_text_row
+
+    files = [t if isinstance(t, TokenFile) else load_token(t) for t in tokens]
+    identity = store.layout.model
+    if not combine:
+        return [token_attribution(f, identity) for f in files], None
+    encoder = load_text_encoder(identity, model=model, device=device)
+    if model is None:
+        check_recorded_encoder(encoder, identity, store.path)
+    return [combined_attribution(files, identity, start_of_text_row(encoder))], encoder

@@ -14,11 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..analyze.engine import TokenBuckets
-from ..analyze.maps import MapPlan
-from ..analyze.text import TextEncoder, load_text_encoder, word_in_context
+from ..analyze import MapPlan, TextEncoder, TokenBuckets, load_text_encoder, word_in_context
 from ..errors import InvalidInputError
-from ..store.reader import Store, open_store
+from ..store import Store, open_store
 from .config import OptimizeConfig
 from .masks import load_mask
 from .tasks import TokenTask

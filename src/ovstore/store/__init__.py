@@ -3,14 +3,19 @@
 Open one with :func:`open_store`; see ``docs/store-format.md`` for the format.
 """
 
-from .format import FORMAT_VERSION, ContextSpec, ImageRecord, LayerInfo, ModelIdentity, StoreLayout, TextRecipe
+from .format import (
+    CODEC_PRESETS, DEFAULT_CODEC, FORMAT_VERSION, STATUS_COMPLETE, ContextSpec, ImageRecord, LayerInfo, ModelIdentity, StoreLayout, TextRecipe,
+)
 from .integrity import Problem, VerifyReport, verify_store
 from .merge import MergeResult, merge_stores
 from .reader import Store, StoreSummary, open_store
 from .writer import StoreWriter, library_versions
 
 __all__ = [
+    "CODEC_PRESETS",
+    "DEFAULT_CODEC",
     "FORMAT_VERSION",
+    "STATUS_COMPLETE",
     "ContextSpec",
     "TextRecipe",
     "ImageRecord",
