@@ -408,6 +408,9 @@ def maps(
         step_reduction=aggregation, layer_reduction=aggregation, normalize=normalize,
         size=tuple(size) if size else None,
     )
+    from .devices import check_device
+
+    check_device(device)  # before the scan for damaged images and the text encoder
     _quiet_libraries()
     s = open_store(store)
     chosen = s.check_images(image)

@@ -307,7 +307,14 @@ def test_every_test_named_in_the_error_table_exists():
 
     root = Path(__file__).resolve().parents[2]
     text = (root / "docs" / "errors.md").read_text(encoding="utf-8")
-    rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| situation")]
+    rows, in_error_table = [], False  # rows of the tables headed "| situation | ...", not the figures
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            in_error_table = False
+        elif line.startswith("| situation"):
+            in_error_table = True
+        elif in_error_table and line.startswith("| "):
+            rows.append(line)
     assert len(rows) >= 45
     cases = {c[0] for c in CASES}
     named = re.findall(r"T\[([^\]]+)\]", "\n".join(rows))
@@ -319,5 +326,17 @@ def test_every_test_named_in_the_error_table_exists():
     for path, name in re.findall(r"`(?:tests/[\w/]+/)?(test_\w+\.py)::(test_\w+)`", text):
         source = next(root.joinpath("tests").rglob(path))
         assert f"def {name}(" in source.read_text(encoding="utf-8"), (path, name)
+    # rows of the outputs table name cases of test_outputs.py::test_refused_outputs
+    from test_outputs import REFUSED
+
+    refused = {c[0] for c in REFUSED}
+    for quoted in re.findall(r'\bcases? ((?:"[^"]+"(?:, )?)+)', text):
+        for name in re.findall(r'"([^"]+)"', quoted):
+            assert "..." in name or name in refused, name  # "... without --overwrite" names a family
+    # and bare `test_name` (or `test_name[ids]`): in the two test files that table's introduction names
+    outputs_tests = "".join((root / "tests" / "reliability" / f).read_text(encoding="utf-8")
+                            for f in ("test_outputs.py", "test_output_properties.py"))
+    for name in re.findall(r"(?<![:\w])`(test_\w+)(?:\[[^\]`]*\])?`", text):
+        assert f"def {name}(" in outputs_tests, name
     for row in rows:
-        assert re.search(r"T\[|::test_", row), row  # every row names its test
+        assert re.search(r'T\[|::test_|\bcases? "|`test_\w+', row), row  # every row names its test

@@ -321,6 +321,7 @@ def prepare_run(store: Store | str | Path, attributions: Sequence[str | Attribut
                 model: str | None, device: str) -> tuple[Store, list[int], list[Attribution], MapPlan]:
     """What every map computation resolves first: the store, the images, the encoded
     attributions and the plan (all arguments checked before any work)."""
+    check_device(device)
     store = store if isinstance(store, Store) else open_store(store)
     config = config or MapConfig()
     images = store.check_images(images)

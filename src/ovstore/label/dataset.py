@@ -26,6 +26,7 @@ import numpy as np
 
 from .._version import __version__
 from ..analyze.text import check_recorded_encoder
+from ..devices import check_device
 from ..errors import InvalidInputError, OutputError, OvstoreError
 from ..inputs import check_int
 from ..outputs import MARKER, held_lock, open_output, os_errors, write_marker
@@ -236,6 +237,7 @@ def label_store(
     LabelResult
         Images labelled now, images skipped as already finished, and the COCO file.
     """
+    check_device(device)  # here, not on the workers after the folder was made
     check_int(partition_size, "--partition-size", 1, 1_000_000)
     if workers is not None:
         check_int(workers, "--workers", 1, 4096)
