@@ -77,3 +77,54 @@ def test_every_device_entry_checks_the_device(multi_store, tmp_path):
         with pytest.raises(InvalidInputError, match="not a torch device"):
             call()
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- --scheduler
+@pytest.mark.parametrize("address,message", [
+    ("foo", "--scheduler 'foo' is not a scheduler address; write tcp://HOST:PORT"),
+    ("tcp://", "is not a scheduler address"),
+    ("tcp://host:notaport", "is not a scheduler address"),
+    ("tcp://host", "listens on 8786 by default"),
+    ("tcp://host:99999", "is not a scheduler address"),
+    ("htp://host:8786", "protocol 'htp' is not one of"),
+    ("threads", "or 'synchronous' to run in this process"),
+])
+def test_malformed_scheduler_addresses(multi_store, monkeypatch, capsys, tmp_path, address, message):
+    before = digest(multi_store)
+    line = run_cli(monkeypatch, capsys, "label", multi_store, "--classes", "cat", "--out", tmp_path / "lab",
+                   "--scheduler", address)
+    assert message in line, line
+    assert digest(multi_store) == before and list(tmp_path.iterdir()) == []
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_scheduler(multi_store, monkeypatch, capsys, tmp_path):
+    from ovstore.label import cluster
+
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 1.0)  # the default is 5 s
+    address = f"tcp://127.0.0.1:{closed_port()}"
+    before = digest(multi_store)
+    line = run_cli(monkeypatch, capsys, "label", multi_store, "--classes", "cat", "--out", tmp_path / "lab",
+                   "--scheduler", address)
+    assert f"no Dask scheduler answered at {address} within 1 s" in line and "nothing was written" in line, line
+    assert digest(multi_store) == before and list(tmp_path.iterdir()) == []
+    # a bare HOST:PORT is tcp, as Dask reads it
+    assert cluster.check_scheduler_address("127.0.0.1:8786") == "tcp://127.0.0.1:8786"
+    assert cluster.check_scheduler_address("tcp://[::1]:8786") == "tcp://[::1]:8786"
+
+
+def test_a_scheduler_address_that_answers_is_used(multi_store, tmp_path):
+    from distributed import LocalCluster
+
+    from ovstore.label import LabelConfig, label_store
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        result = label_store(multi_store, tmp_path / "lab", LabelConfig(classes=("cat",)), images=[0],
+                             scheduler=cluster.scheduler_address)
+    assert result.labelled == (0,) and (tmp_path / "lab" / "annotations.json").exists()

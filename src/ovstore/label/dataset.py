@@ -248,6 +248,24 @@ def label_store(
     chosen = opened.check_images(images)
     if config.crf:
         require_crf()  # before anything is written
+    connected = None
+    if isinstance(scheduler, str) and scheduler != "synchronous":  # a mistyped or dead address: one line, now
+        from .cluster import connect_scheduler
+
+        scheduler = connected = connect_scheduler(scheduler)
+    try:
+        return _label_checked(opened, out, config, chosen, scheduler=scheduler, workers=workers,
+                              partition_size=partition_size, write_maps=write_maps, model=model, device=device,
+                              progress=progress, skip_damaged=skip_damaged)
+    finally:
+        if connected is not None:
+            connected.close()
+
+
+def _label_checked(opened: Store, out: Path, config: LabelConfig, chosen: list[int], *, scheduler: Any,
+                   workers: int | None, partition_size: int, write_maps: bool, model: str | None, device: str,
+                   progress: Callable[[int], None] | None, skip_damaged: bool) -> LabelResult:
+    """:func:`label_store` once its arguments are checked (and a scheduler address connected)."""
     if opened.layout.model.text_encoder_fingerprint and model is None:
         encoder = _encoder(json.dumps(opened.layout.model.to_json(), sort_keys=True), model, device)
         check_recorded_encoder(encoder, opened.layout.model, opened.path)
