@@ -457,8 +457,9 @@ def maps(
         except StoreError as exc:
             if skip_damaged:
                 raise
-            raise type(exc)(f"{exc}; nothing was written to {out}. Add --skip-damaged to write the maps of the "
-                            "other images") from None
+            hint = "" if "--skip-damaged" in str(exc) else (". Add --skip-damaged to write the maps of the "
+                                                             "other images")
+            raise type(exc)(f"{exc}; nothing was written to {out}{hint}") from None
     console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {n_attributions} attribution(s) to {out}")
     if png is not None:
         try:
