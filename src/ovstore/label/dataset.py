@@ -213,7 +213,8 @@ def label_store(
     scheduler
         ``"synchronous"`` runs in this process; ``None`` starts a ``distributed``
         LocalCluster sized to the machine (``workers`` processes, one thread each); a
-        string address (``tcp://host:8786``) or a ``distributed.Client`` uses that cluster.
+        string address (``tcp://host:8786``; checked and connected to before anything is
+        written, see :mod:`ovstore.label.cluster`) or a ``distributed.Client`` uses that cluster.
         Its workers open the store, ``out`` and the token files by path: on a remote
         cluster these must be on a filesystem every worker sees under the same path.
     partition_size
