@@ -323,7 +323,13 @@ def same_output(path: Path, reference: Path) -> bool:
 
 
 def _leftovers(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob(".*") if p.name.endswith(".partial") or p.name.endswith(".ovstore-lock")]
+    """Temporaries and locks under ``folder``; listed again when a running writer renamed a
+    temporary folder away while it was being walked (polled during a run)."""
+    while True:
+        try:
+            return [p for p in folder.rglob(".*") if p.name.endswith(".partial") or p.name.endswith(".ovstore-lock")]
+        except FileNotFoundError:
+            continue
 
 
 def prepare_output_data(data: Path, steps: int = 2) -> None:

@@ -352,6 +352,9 @@ def maps(
         step_reduction=aggregation, layer_reduction=aggregation, normalize=normalize,
         size=tuple(size) if size else None,
     )
+    from .devices import check_device
+
+    check_device(device)  # before the scan for damaged images and the text encoder
     _quiet_libraries()
     s = open_store(store)
     chosen = s.check_images(image)
@@ -390,8 +393,9 @@ def maps(
         except StoreError as exc:
             if skip_damaged:
                 raise
-            raise type(exc)(f"{exc}; nothing was written to {out}. Add --skip-damaged to write the maps of the "
-                            "other images") from None
+            hint = "" if "--skip-damaged" in str(exc) else (". Add --skip-damaged to write the maps of the "
+                                                             "other images")
+            raise type(exc)(f"{exc}; nothing was written to {out}{hint}") from None
     console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {n_attributions} attribution(s) to {out}")
     if png is not None:
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .devices import check_device
 from .errors import InvalidInputError, StoreError
 from .outputs import Output, held_lock, open_output, os_errors, read_marker, temporary_path, write_marker
 from .partial import find_damaged
@@ -52,6 +53,7 @@ def run_demo(out: str | Path = "ovstore-demo", *, device: str = "cpu", steps: in
     from .inputs import check_int
 
     check_int(epochs, "--epochs", 1, 1_000_000)  # before minutes of capture, not after
+    check_device(device)
     target = open_output(out, "demo", kind="dir", resume=True)
     out = target.path
     with held_lock(out, wait=None, what="demo folder"), \

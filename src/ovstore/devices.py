@@ -1,4 +1,10 @@
-"""Torch devices named on the command line, checked before any work starts."""
+"""Torch devices named on the command line, checked before any work starts.
+
+Every library entry that takes a ``device`` (capture's :func:`~ovstore.capture.load_pipeline`,
+maps, optimize, label, demo) calls :func:`check_device` first, so a CPU-only torch or a
+mistyped device ends in one line naming the fix instead of an assertion deep inside torch
+after minutes of loading or reading.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,9 @@ import torch
 from .errors import InvalidInputError
 
 __all__ = ["check_device"]
+
+#: device types ovstore computes on (others, e.g. ``meta``, hold no data)
+_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -17,8 +26,12 @@ def check_device(device: str | torch.device) -> torch.device:
     """
     try:
         parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError(f"--device {device!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidInputError(f"--device {device!r} is not a torch device; write cpu, cuda or cuda:N "
+                                "(N the GPU's number, from 0)") from None
+    if parsed.type not in _TYPES:
+        raise InvalidInputError(f"--device {device}: ovstore computes on {', '.join(_TYPES)}; use --device cpu "
+                                "or cuda")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidInputError(
@@ -32,4 +45,6 @@ def check_device(device: str | torch.device) -> torch.device:
             )
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
         raise InvalidInputError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif parsed.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise InvalidInputError(f"--device {device}: this torch build or machine has no XPU device; use --device cpu")
     return parsed

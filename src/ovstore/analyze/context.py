@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import dims
+from ..devices import check_device
 from ..errors import InvalidInputError
 from ..store import Store, open_store
 from .config import MapConfig
@@ -83,6 +84,7 @@ def compute_context_maps(
     """
     import xarray as xr
 
+    check_device(device)
     store = store if isinstance(store, Store) else open_store(store)
     config = config or MapConfig()
     if store.layout.context is None:

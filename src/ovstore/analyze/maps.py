@@ -91,6 +91,10 @@ class MapPlan:
         self.projections = {}
         for info in self.layers:
             w, b = store.key_projection(info.name)
+            if not (np.isfinite(w).all() and (b is None or np.isfinite(b).all())):  # every map would be NaN
+                raise StoreError(f"layer {info.name}: the stored key projection holds NaN or Inf, so every map "
+                                 f"would be NaN; `ovstore verify {store.path}` reports it; restore the store "
+                                 "from a copy, or capture it again (not one image: --skip-damaged cannot help)")
             self.projections[info.name] = (torch.from_numpy(w).to(device), torch.from_numpy(b).to(device))
 
     def bytes_per_token(self) -> int:
@@ -140,10 +144,12 @@ class MapPlan:
             q = self.store.queries(info.name, image, branch=self.branch, steps=self.steps)
             q = torch.from_numpy(q).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
             prepared = prepare_queries(q, self.device)
-            if not math.isfinite(prepared.max_norm):
+            if not math.isfinite(prepared.max_norm):  # the bound the softmax needs anyway: no extra pass
                 raise StoreError(
-                    f"image {image}, layer {info.name}: the stored queries hold NaN or Inf (the generation "
-                    "overflowed, e.g. float16 on CPU); recapture the image with --torch-dtype float32"
+                    f"image {image}, layer {info.name}: the stored queries hold NaN or Inf (written by other "
+                    "software, or a generation that overflowed, e.g. float16 on CPU), which would make NaN maps; "
+                    f"`ovstore verify {self.store.path}` lists every such image: recapture them "
+                    "(--torch-dtype float32), or leave them out with --skip-damaged"
                 )
             return prepared
 
@@ -320,6 +326,7 @@ def prepare_run(store: Store | str | Path, attributions: Sequence[str | Attribut
                 model: str | None, device: str) -> tuple[Store, list[int], list[Attribution], MapPlan]:
     """What every map computation resolves first: the store, the images, the encoded
     attributions and the plan (all arguments checked before any work)."""
+    check_device(device)
     store = store if isinstance(store, Store) else open_store(store)
     config = config or MapConfig()
     images = store.check_images(images)

@@ -240,8 +240,10 @@ def load_text_encoder(identity: ModelIdentity, *, model: str | None = None, devi
     Resolution: ``model`` if given (a pipeline directory, hub id or built-in name), else the
     recorded local path when it still exists, else the recorded id (hub or built-in).
     """
+    from ..devices import check_device
     from ..families import get_family
 
+    check_device(device)
     target = model or identity.id
     if model is None and identity.source != "builtin" and identity.path and Path(identity.path).exists():
         target = identity.path

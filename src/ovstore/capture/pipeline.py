@@ -40,8 +40,11 @@ def load_pipeline(model: str | None = None, *, torch_dtype: str = "float32", dev
     """
     import torch
 
+    from ..devices import check_device
+
     if torch_dtype not in _DTYPES:
         raise InvalidInputError(f"--torch-dtype {torch_dtype!r} is not one of {', '.join(_DTYPES)}")
+    check_device(device)  # before the (maybe long) loading, not when the pipeline is moved
     model_id = model or DEFAULT_MODEL
     packaged = packaged_model_path(model_id)
     if packaged is not None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from .._version import __version__
 from ..analyze import check_recorded_encoder
+from ..devices import check_device
 from ..errors import InvalidInputError, OutputError, OvstoreError
 from ..inputs import check_int
 from ..outputs import MARKER, held_lock, open_output, os_errors, write_marker
@@ -212,7 +213,8 @@ def label_store(
     scheduler
         ``"synchronous"`` runs in this process; ``None`` starts a ``distributed``
         LocalCluster sized to the machine (``workers`` processes, one thread each); a
-        string address (``tcp://host:8786``) or a ``distributed.Client`` uses that cluster.
+        string address (``tcp://host:8786``; checked and connected to before anything is
+        written, see :mod:`ovstore.label.cluster`) or a ``distributed.Client`` uses that cluster.
         Its workers open the store, ``out`` and the token files by path: on a remote
         cluster these must be on a filesystem every worker sees under the same path.
     partition_size
@@ -236,6 +238,7 @@ def label_store(
     LabelResult
         Images labelled now, images skipped as already finished, and the COCO file.
     """
+    check_device(device)  # here, not on the workers after the folder was made
     check_int(partition_size, "--partition-size", 1, 1_000_000)
     if workers is not None:
         check_int(workers, "--workers", 1, 4096)
@@ -246,6 +249,24 @@ def label_store(
     chosen = opened.check_images(images)
     if config.crf:
         require_crf()  # before anything is written
+    connected = None
+    if isinstance(scheduler, str) and scheduler != "synchronous":  # a mistyped or dead address: one line, now
+        from .cluster import connect_scheduler
+
+        scheduler = connected = connect_scheduler(scheduler)
+    try:
+        return _label_checked(opened, out, config, chosen, scheduler=scheduler, workers=workers,
+                              partition_size=partition_size, write_maps=write_maps, model=model, device=device,
+                              progress=progress, skip_damaged=skip_damaged)
+    finally:
+        if connected is not None:
+            connected.close()
+
+
+def _label_checked(opened: Store, out: Path, config: LabelConfig, chosen: list[int], *, scheduler: Any,
+                   workers: int | None, partition_size: int, write_maps: bool, model: str | None, device: str,
+                   progress: Callable[[int], None] | None, skip_damaged: bool) -> LabelResult:
+    """:func:`label_store` once its arguments are checked (and a scheduler address connected)."""
     if opened.layout.model.text_encoder_fingerprint and model is None:
         encoder = _encoder(json.dumps(opened.layout.model.to_json(), sort_keys=True), model, device)
         check_recorded_encoder(encoder, opened.layout.model, opened.path)

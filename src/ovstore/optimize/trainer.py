@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..analyze import MapPlan, TextEncoder, TokenBuckets, load_text_encoder, word_in_context
+from ..devices import check_device
 from ..errors import InvalidInputError
 from ..store import Store, open_store
 from .config import OptimizeConfig
@@ -97,6 +98,7 @@ def optimize_tokens(
         The lowest-loss embedding of each class with its provenance and training IoU
         (class map min-max normalised, threshold 0.5) beside the plain word's.
     """
+    check_device(device)  # before the masks, the text encoder and the queries
     config = config or OptimizeConfig()
     store = store if isinstance(store, Store) else open_store(store)
     if not tasks:
