@@ -41,7 +41,7 @@ from .errors import InvalidInputError, OutputError
 
 __all__ = ["MARKER", "Output", "describe_os_error", "fix_for", "write_error", "os_errors", "open_output",
            "temporary_path", "zarr_marker", "is_capture_store", "remove_stale_temporaries", "held_lock", "write_marker",
-           "publish_file_atomically"]
+           "publish_file_atomically", "pid_alive"]
 
 MARKER = ".ovstore-output.json"
 PARTIAL = ".partial"
@@ -212,7 +212,8 @@ def temporary_path(path: str | Path, tag: str = "") -> Path:
     return path.with_name(f".{path.name}.{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{tag}{PARTIAL}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie does not): locks and temporaries of dead writers are stale."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -249,7 +250,7 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         return removed
     for entry in entries:
         match = pattern.match(entry.name)
-        if not match or match["host"] != _host() or _pid_alive(int(match["pid"])):
+        if not match or match["host"] != _host() or pid_alive(int(match["pid"])):
             continue
         if match["old"] and not os.path.lexists(path):
             with contextlib.suppress(OSError):

@@ -46,7 +46,7 @@ from ..errors import (
 from . import format as fmt
 from .format import ImageRecord, StoreLayout
 from .reader import Store, open_store
-from ..outputs import describe_os_error
+from ..outputs import describe_os_error, pid_alive as _pid_alive
 
 __all__ = ["StoreWriter", "library_versions", "store_lock", "describe_os_error", "CAPTURE_HINT", "MERGE_HINT"]
 
@@ -350,20 +350,6 @@ def _remove_stale_creations(path: Path) -> None:
             stale = False
         if stale:
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child that its parent has not reaped yet is a zombie: not alive
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _create_atomically(path: Path, layout: StoreLayout, key_projections, hint: str) -> None:
