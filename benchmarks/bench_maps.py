@@ -52,8 +52,15 @@ def prompts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8))) for _ in range(n)]
 
 
-def reference_style(store, encoder, texts: list[str]) -> np.ndarray:
-    """One prompt at a time; per layer, a loop over UNet calls; heads batched (as the reference)."""
+def last_hidden_state(encoder, ids: torch.Tensor) -> torch.Tensor:
+    """SD 1.x/2.x key input: the one encoder's last hidden state, ``(tokens, features)``."""
+    return encoder.model(ids)[0][0]
+
+
+def reference_style(store, encoder, texts: list[str], embed=last_hidden_state) -> np.ndarray:
+    """One prompt at a time; per layer, a loop over UNet calls; heads batched (as the reference).
+
+    ``embed(encoder, ids)`` gives the key input of one tokenized prompt (the family's recipe)."""
     layers = [l for l in store.layers if l.block != "mid"]
     queries = {l.name: torch.from_numpy(store.queries(l.name, 0)).to(DEVICE).float() for l in layers}
     weights = {l.name: torch.from_numpy(store.key_projection(l.name)[0]).to(DEVICE) for l in layers}
@@ -62,7 +69,7 @@ def reference_style(store, encoder, texts: list[str]) -> np.ndarray:
     for text in texts:
         ids = encoder.tokenizer(text, padding=False)["input_ids"]
         with torch.no_grad():
-            emb = encoder.model(torch.tensor([ids], device=DEVICE))[0][0]
+            emb = embed(encoder, torch.tensor([ids], device=DEVICE))
             total = 0
             for l in layers:
                 k = F.linear(emb, weights[l.name]).view(-1, l.heads, l.head_dim).transpose(0, 1)

@@ -15,7 +15,7 @@
   two encoders), channels divided by ``--channel-divisor`` (1 = real SDXL, 2.6 B parameters)
   at ``--size`` pixels, a few calls.
 
-GPU run: ``python benchmarks/bench_sdxl.py --device cuda --encoder-layers 32 --calls 50 --capture
+GPU run: ``python benchmarks/bench_sdxl.py --device cuda --encoder-layers 12 32 --calls 50 --capture
 --channel-divisor 1 --size 1024 --capture-steps 10``.
 """
 
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_maps  # noqa: E402
@@ -88,21 +87,29 @@ def bytes_table(calls: int = 50) -> None:
         print(f"| {name} | {len(chosen)} | {len(kept)} | {q / 1e9:.2f} GB | {c / 1e3:.0f} KB | {(q + c) / 1e9:.2f} GB |")
 
 
-def make_encoder_dir(path: Path, layers: int) -> Path:
-    """Random encoders of SDXL's widths (CLIP-L 768, bigG 1280 with projection) + CLIP tokenizer."""
+def sdxl_encoders(layers: tuple[int, int]):
+    """Random text encoders of SDXL's shapes: CLIP ViT-L/14 (768) and OpenCLIP ViT-bigG/14 (1280, projection)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    common = dict(max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407,
+                  pad_token_id=49407)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                       num_hidden_layers=layers[0], **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                                     projection_dim=1280, num_hidden_layers=layers[1], **common))
+    return te1, te2
+
+
+def make_encoder_dir(path: Path, layers: tuple[int, int]) -> Path:
+    """Random encoders of SDXL's widths (CLIP-L 768, bigG 1280 with projection) + CLIP tokenizer."""
     from ovstore.models import clip_tokenizer
 
     if (path / "text_encoder_2" / "config.json").exists():
         return path
     torch.manual_seed(0)
-    common = dict(max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407,
-                  pad_token_id=49407, num_hidden_layers=layers)
-    CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                 **common)).save_pretrained(path / "text_encoder")
-    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
-                                               projection_dim=1280, **common)).save_pretrained(path / "text_encoder_2")
+    te1, te2 = sdxl_encoders(layers)
+    te1.save_pretrained(path / "text_encoder")
+    te2.save_pretrained(path / "text_encoder_2")
     for sub in ("tokenizer", "tokenizer_2"):
         clip_tokenizer().save_pretrained(path / sub)
     (path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
@@ -142,32 +149,14 @@ def make_store(path: Path, encoder_dir: Path, calls: int, latent: int = 128) -> 
     return path
 
 
+def joined_penultimate(encoder, ids: torch.Tensor) -> torch.Tensor:
+    """SDXL key input: both encoders' ``hidden_states[-2]`` joined on channels, ``(tokens, 2048)``."""
+    return torch.cat([m(ids, output_hidden_states=True).hidden_states[-2][0] for _, m in encoder.components], -1)
+
+
 def reference_style(store, encoder, texts):
-    """One prompt at a time: both encoders' hidden_states[-2] joined, a loop over layers and calls."""
-    device = bench_maps.DEVICE
-    layers = [l for l in store.layers if l.block != "mid"]
-    queries = {l.name: torch.from_numpy(store.queries(l.name, 0)).to(device).float() for l in layers}
-    weights = {l.name: torch.from_numpy(store.key_projection(l.name)[0]).to(device) for l in layers}
-    target = max((l.height, l.width) for l in layers)
-    out = []
-    for text in texts:
-        ids = torch.tensor([encoder.tokenizer(text, padding=False)["input_ids"]], device=device)
-        with torch.no_grad():
-            emb = torch.cat([m(ids, output_hidden_states=True).hidden_states[-2][0] for _, m in encoder.components], -1)
-            total = 0
-            for l in layers:
-                k = F.linear(emb, weights[l.name]).view(-1, l.heads, l.head_dim).transpose(0, 1)
-                q = queries[l.name]
-                acc = 0
-                for t in range(q.shape[0]):
-                    qt = q[t].reshape(l.heads, -1, l.head_dim)
-                    acc = acc + (qt @ k.transpose(1, 2) * l.scale).softmax(dim=-1).sum(0)
-                m = acc.transpose(0, 1).reshape(1, -1, l.height, l.width)
-                if (l.height, l.width) != target:
-                    m = F.interpolate(m, size=target, mode="bilinear", align_corners=False)
-                total = total + m[0]
-            out.append(total.cpu().numpy())
-    return np.concatenate(out, axis=0)
+    """One prompt at a time, a loop over layers and calls (bench_maps' loop with SDXL's key input)."""
+    return bench_maps.reference_style(store, encoder, texts, embed=joined_penultimate)
 
 
 def flops(store, encoder, texts) -> float:
@@ -209,10 +198,10 @@ def maps_table(store, encoder, counts, baseline_max) -> None:
     print(f"\n(parentheses: baseline extrapolated from its rate at {baseline_max} prompts)")
 
 
-def capture_overhead(divisor: int, size: int, steps: int, repeats: int) -> None:
-    """Generation with and without capture, SDXL layout with channels / ``divisor``."""
+def capture_overhead(divisor: int, size: int, steps: int, repeats: int, encoder_layers: tuple[int, int]) -> None:
+    """Generation with and without capture, SDXL layout with channels / ``divisor`` (1: SDXL-1.0's
+    UNet and autoencoder shapes), alternating plain and captured runs so that drift hits both."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ovstore.capture import CaptureConfig, build_requests, capture, model_identity
     from ovstore.models import clip_tokenizer
@@ -227,13 +216,12 @@ def capture_overhead(divisor: int, size: int, steps: int, repeats: int) -> None:
         cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=6 * 256 + 1280, use_linear_projection=True,
         norm_num_groups=32 // divisor if 32 % divisor == 0 else 8)
-    common = dict(max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407,
-                  pad_token_id=49407, num_hidden_layers=2)
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
-                                                     projection_dim=1280, **common))
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32)
+    te1, te2 = sdxl_encoders(encoder_layers)
+    vae_channels = (128, 256, 512, 512) if divisor == 1 else (32, 32, 32, 32)  # SDXL's autoencoder at 1
+    vae = AutoencoderKL(block_out_channels=vae_channels, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32,
+                        layers_per_block=2 if divisor == 1 else 1)
+    params = sum(p.numel() for p in unet.parameters())
     tok = clip_tokenizer()
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
                                      unet=unet, scheduler=EulerDiscreteScheduler(), add_watermarker=False)
@@ -241,22 +229,37 @@ def capture_overhead(divisor: int, size: int, steps: int, repeats: int) -> None:
     pipe.set_progress_bar_config(disable=True)
     identity = model_identity(pipe, "sdxl-layout", source="builtin")
     kwargs = dict(num_inference_steps=steps, guidance_scale=5.0, height=size, width=size, output_type="np")
-    print(f"\nCapture overhead, SDXL layout, channels {ch} (÷{divisor}), {size}², {steps} calls, guidance 5 "
-          f"(batch of 2), full preset, float16 storage, best of {repeats}:\n")
-    print("| run | plain s | with capture s | overhead | bytes per image |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"\nCapture overhead, SDXL layout, UNet channels {ch} (÷{divisor}, {params / 1e9:.2f} B parameters), "
+          f"autoencoder {vae_channels}, encoders {encoder_layers[0]} + {encoder_layers[1]} layers, {size}², {steps} "
+          f"calls, guidance 5 (batch of 2), full preset, float16 storage, {repeats} alternating pairs, "
+          f"{torch.get_num_threads()} thread(s):\n")
+    print("| run | plain s | with capture s | overhead | plain CPU s | with capture CPU s | CPU overhead |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+
+    def timed(fn):
+        """Wall and process CPU seconds (all threads, the store writer's included)."""
+        c0, t0 = time.process_time(), time.perf_counter()
+        _timed(fn)
+        return time.perf_counter() - t0, time.process_time() - c0
+
     with tempfile.TemporaryDirectory() as tmp:
         plain, ours = [], []
         for r in range(repeats):
-            plain.append(_timed(lambda: pipe("a photo", generator=torch.Generator("cpu").manual_seed(r), **kwargs))[1])
+            plain.append(timed(lambda: pipe("a photo", generator=torch.Generator("cpu").manual_seed(r), **kwargs)))
             config = CaptureConfig(num_inference_steps=steps, guidance=5.0, height=size, width=size)
             req = build_requests([("a photo", None, r)], guidance=5.0, num_inference_steps=steps)
-            ours.append(_timed(lambda: capture(pipe, identity, req, Path(tmp) / f"s{r}.zarr", config=config))[1])
+            ours.append(timed(lambda: capture(pipe, identity, req, Path(tmp) / f"s{r}.zarr", config=config)))
+            (pw, pc), (ow, oc) = plain[-1], ours[-1]
+            print(f"| pair {r} | {pw:.2f} | {ow:.2f} | {ow / pw:.3f} | {pc:.1f} | {oc:.1f} | {oc / pc:.3f} |",
+                  flush=True)
         from ovstore.store import open_store
 
         layout = open_store(Path(tmp) / "s0.zarr").layout
-        print(f"| best | {min(plain):.2f} | {min(ours):.2f} | {min(ours) / min(plain):.3f} | "
-              f"{(layout.query_bytes_per_image() + layout.context_bytes_per_image()) / 1e6:.1f} MB |")
+        (pw, pc), (ow, oc) = (min(x[0] for x in plain), min(x[1] for x in plain)), \
+            (min(x[0] for x in ours), min(x[1] for x in ours))
+        print(f"| best | {pw:.2f} | {ow:.2f} | {ow / pw:.3f} | {pc:.1f} | {oc:.1f} | {oc / pc:.3f} |")
+        print(f"\nstored per image: {(layout.query_bytes_per_image() + layout.context_bytes_per_image()) / 1e6:.1f} MB "
+              f"before compression")
 
 
 def main() -> None:
@@ -266,7 +269,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2, help="stored UNet calls of the map store")
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 100, 1000])
     parser.add_argument("--baseline-max", type=int, default=100)
-    parser.add_argument("--encoder-layers", type=int, default=2, help="depth of both random text encoders")
+    parser.add_argument("--encoder-layers", type=int, nargs="+", default=[2],
+                        help="depth of the random text encoders: one number for both, or CLIP-L's and bigG's "
+                             "(SDXL: 12 32)")
     parser.add_argument("--no-maps", action="store_true")
     parser.add_argument("--capture", action="store_true", help="also measure capture overhead")
     parser.add_argument("--channel-divisor", type=int, default=4)
@@ -275,6 +280,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
+    layers = tuple(args.encoder_layers * 2)[:2] if len(args.encoder_layers) == 1 else tuple(args.encoder_layers)
+    if len(layers) != 2:
+        parser.error("--encoder-layers takes one or two numbers")
     torch.set_num_threads(args.threads)
     bench_maps.DEVICE = torch.device(args.device)
     bytes_table()
@@ -283,15 +291,15 @@ def main() -> None:
         from ovstore.store import open_store
 
         work = args.work_dir or Path(tempfile.mkdtemp(prefix="ovstore-sdxl-"))
-        encoders = make_encoder_dir(work / f"encoders-{args.encoder_layers}", args.encoder_layers)
+        encoders = make_encoder_dir(work / f"encoders-{layers[0]}-{layers[1]}", layers)
         store = open_store(make_store(work / f"sdxl-{args.calls}.zarr", encoders, args.calls))
         encoder = load_text_encoder(store.layout.model, device=args.device)
         print(f"\nMaps, SDXL-shaped store (60 layers used of 70, {args.calls} calls, latent 128², float16), text: "
-              f"random CLIP-L + bigG widths (768 + 1280, hidden_states[-2]) with {args.encoder_layers} layers each "
-              f"(SDXL: 12 and 32), {args.threads} thread(s), {args.device}:")
+              f"random CLIP-L + bigG widths (768 + 1280, hidden_states[-2]) with {layers[0]} and {layers[1]} "
+              f"layers (SDXL: 12 and 32), {args.threads} thread(s), {args.device}:")
         maps_table(store, encoder, args.counts, args.baseline_max)
     if args.capture:
-        capture_overhead(args.channel_divisor, args.size, args.capture_steps, args.repeats)
+        capture_overhead(args.channel_divisor, args.size, args.capture_steps, args.repeats, layers)
 
 
 if __name__ == "__main__":
