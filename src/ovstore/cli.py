@@ -288,7 +288,7 @@ def maps(
     image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="FILE.npy (one prompt: float32 (images, tokens, h, w)) or FILE.zarr (any number, xarray).")] = Path("maps.npy"),
     size: Annotated[Optional[tuple[int, int]], typer.Option(help="Upsample maps to H W (bilinear).")] = None,
-    png: Annotated[Optional[Path], typer.Option(help="Folder for per-token PNG overlays on the images.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Folder for per-token PNG overlays on the images, each map brought to [0, 1] by --normalize if given, else by the model's display default (its ovstore_defaults.json), else divided by its maximum.")] = None,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Use layers matching this pattern (repeatable); default: all but the mid block.")] = None,
     resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Use layers of this resolution, e.g. 16x16 (repeatable).")] = None,
     calls: Annotated[Optional[str], typer.Option("--calls", help="Stored UNet calls to use, by position among the stored ones, e.g. '0:5,-1' (default: all).")] = None,
@@ -310,7 +310,7 @@ def maps(
     Example: ovstore maps caps.zarr -a "a cat and a sofa" -a "furniture" --out maps.zarr --png overlays/
     The model's own attention over its context: ovstore maps caps.zarr --generation-context --out ctx.zarr
     """
-    from .analyze import MapConfig, compute_maps, save_maps, write_maps_zarr, write_overlays
+    from .analyze import MapConfig, compute_maps, display_maps, save_maps, write_maps_zarr, write_overlays
     from .errors import OutputError, StoreError
     from .store import open_store
 
@@ -399,7 +399,8 @@ def maps(
     console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {n_attributions} attribution(s) to {out}")
     if png is not None:
         try:
-            files = write_overlays(result, s.image, png, overwrite=overwrite, inputs=[*inputs, target.path])
+            files = write_overlays(display_maps(result, s, None if normalize == "none" else normalize), s.image, png,
+                                   overwrite=overwrite, inputs=[*inputs, target.path])
         except OutputError as exc:
             raise OutputError(f"the maps in {out} are complete, but {exc}") from None
         console.print(f"wrote {len(files)} PNG overlays to {png}")
@@ -510,17 +511,18 @@ def label(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset folder (VOC tree + COCO JSON).")],
     classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names, numbered from 1 in this order.")] = None,
     classes_file: Annotated[Optional[Path], typer.Option(help="One class name per line.")] = None,
-    prompt_template: Annotated[str, typer.Option(help="Sentence of a class word; {} is the class.")] = "a photograph of a {}",
+    prompt_template: Annotated[Optional[str], typer.Option(help="Sentence of a class word; {} is the class. Default: the model's, else 'a photograph of a {}'.")] = None,
     token: Annotated[Optional[list[Path]], typer.Option("--token", help="Learned token file; used for the class it names (repeatable).")] = None,
-    mode: Annotated[str, typer.Option(help="separate: each class its own softmax; compete: all classes in one softmax.")] = "separate",
-    normalize: Annotated[str, typer.Option(help="Class maps to [0, 1] per image: minmax ((m - min)/(max - min)) or max (m/max, the reference protocol; its floor can be high, about 2/3 of the max on the toy-world model).")] = "minmax",
-    threshold: Annotated[float, typer.Option(help="Threshold on the normalised maps (default chosen for minmax on a toy-world calibration set; DAAM-style evaluations of Stable Diffusion use max with ≈0.4).")] = 0.6,
+    mode: Annotated[Optional[str], typer.Option(help="separate: each class its own softmax; compete: all classes in one softmax. Default: the model's, else separate.")] = None,
+    normalize: Annotated[Optional[str], typer.Option(help="Class maps to [0, 1] per image: minmax ((m - min)/(max - min)) or max (m/max, the reference protocol; its floor can be high, about 2/3 of the max on the toy-world model). Default: the model's, else minmax.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Threshold on the normalised maps. Default: the model's, else 0.6 (chosen for minmax on a toy-world calibration set; DAAM-style evaluations of Stable Diffusion use max with ≈0.4).")] = None,
     class_threshold: Annotated[Optional[list[str]], typer.Option("--class-threshold", help="CLASS=VALUE per-class threshold (repeatable).")] = None,
-    adaptive: Annotated[bool, typer.Option("--adaptive", help="DiffuMask adaptive threshold per class and image: the middle of the sweep range where the mask area is most stable.")] = False,
-    sweep: Annotated[Optional[str], typer.Option(help="Thresholds tried by --adaptive: 'A,B,C' or 'START:STOP:STEP' (inclusive); default 0.5:0.95:0.05.")] = None,
-    crf: Annotated[bool, typer.Option("--crf", help="DenseCRF refinement (pip install 'ovstore\\[crf]'); thresholds still decide what is labelled.")] = False,
-    min_component: Annotated[int, typer.Option(help="Remove class regions smaller than this many pixels.")] = 0,
-    prompt_classes_only: Annotated[bool, typer.Option("--prompt-classes-only", help="Only label classes named in each image's prompt.")] = False,
+    adaptive: Annotated[Optional[bool], typer.Option("--adaptive/--no-adaptive", help="DiffuMask adaptive threshold per class and image: the middle of the sweep range where the mask area is most stable. Default: the model's, else off.", show_default=False)] = None,
+    sweep: Annotated[Optional[str], typer.Option(help="Thresholds tried by --adaptive: 'A,B,C' or 'START:STOP:STEP' (inclusive). Default: the model's, else 0.5:0.95:0.05.")] = None,
+    crf: Annotated[Optional[bool], typer.Option("--crf/--no-crf", help="DenseCRF refinement (pip install 'ovstore\\[crf]'); thresholds still decide what is labelled. Default: the model's, else off.", show_default=False)] = None,
+    min_component: Annotated[Optional[int], typer.Option(help="Remove class regions smaller than this many pixels. Default: the model's, else 0.")] = None,
+    prompt_classes_only: Annotated[Optional[bool], typer.Option("--prompt-classes-only/--all-classes", help="Only label classes named in each image's prompt (--all-classes: every class). Default: the model's, else all classes.", show_default=False)] = None,
+    no_model_defaults: Annotated[bool, typer.Option("--no-model-defaults", help="Ignore the model's defaults (its ovstore_defaults.json, recorded in the store at capture): options not given take ovstore's.")] = False,
     image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="'synchronous' (in-process), or a dask.distributed scheduler address; default: a LocalCluster.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="LocalCluster worker processes (default: one per core).")] = None,
@@ -532,23 +534,32 @@ def label(
 ) -> None:
     """Label every complete image into a segmentation dataset (VOC PNGs + COCO RLE JSON).
 
+    Settings not given come from the model's defaults (its ovstore_defaults.json, recorded in
+    the store at capture), else ovstore's; annotations.json records each one and its source.
     Re-running the same command resumes: finished images are skipped.
     Example: ovstore label caps.zarr --classes cat,dog,sofa --out dataset/
     """
     from .label import label_config, label_store
-    from .store import open_store
+    from .store import analysis_defaults, open_store
 
+    opened = open_store(store)
+    defaults = None if no_model_defaults else analysis_defaults(opened)
     config = label_config(classes=classes, classes_file=classes_file, tokens=token or (),
-                          class_thresholds=class_threshold, adaptive=adaptive, sweep=sweep,
+                          class_thresholds=class_threshold, adaptive=adaptive, sweep=sweep, defaults=defaults,
                           prompt_template=prompt_template, mode=mode, normalize=normalize, threshold=threshold,
                           crf=crf, min_component=min_component, prompt_classes_only=prompt_classes_only)
+    from_model = [k for k, v in config.sources.items() if v == "model"]
+    if from_model:
+        console.print(f"model defaults ({defaults.file}): "
+                      + ", ".join(f"{k} {getattr(config, k)!r}" for k in from_model), highlight=False)
     _quiet_libraries()
-    total = len(open_store(store).check_images(image))
+    total = len(opened.check_images(image))
     with _progress(total, "labelling") as bar:
         task = bar.add_task("label", total=total)
         result = label_store(store, out, config, images=image, scheduler=scheduler, workers=workers,
                              partition_size=partition_size, write_maps=write_maps, model=model, device=device,
-                             progress=lambda _: bar.advance(task), skip_damaged=skip_damaged)
+                             progress=lambda _: bar.advance(task), skip_damaged=skip_damaged,
+                             model_defaults=not no_model_defaults)
         bar.update(task, completed=total)
     console.print(f"labelled {len(result.labelled)} images ({len(result.skipped)} already done) into {out}; "
                   f"COCO: {result.coco}")
@@ -611,7 +622,7 @@ def _plain_switches(group) -> None:
 
     for cmd in [group, *getattr(group, "commands", {}).values()]:
         for param in cmd.params:
-            if getattr(param, "is_flag", False) and not getattr(param, "secondary_opts", None):
+            if getattr(param, "is_flag", False):  # --crf/--no-crf too
                 param.metavar = ""
         cmd.get_help_option = lambda ctx, _get=cmd.get_help_option: clear(_get(ctx))
 

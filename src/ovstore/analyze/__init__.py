@@ -5,6 +5,7 @@ Loads only a tokenizer and a text encoder plus the stored key projections; never
 
 from .config import MapConfig
 from .context import compute_context_maps, per_image
+from .display import display_maps, display_normalization
 from .engine import (
     PreparedQueries,
     TokenBuckets,
@@ -34,6 +35,8 @@ __all__ = [
     "combine_layers",
     "compute_context_maps",
     "compute_maps",
+    "display_maps",
+    "display_normalization",
     "iter_image_maps",
     "iter_map_blocks",
     "layer_keys",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ from ..models import (
     text_encoders_fingerprint,
 )
 from ..families import family_for_pipeline
-from ..store import ModelIdentity
+from ..model_defaults import read_model_defaults
+from ..store import AnalysisDefaults, ModelIdentity
 
 __all__ = ["load_pipeline", "model_identity"]
 
@@ -36,7 +38,9 @@ def load_pipeline(model: str | None = None, *, torch_dtype: str = "float32", dev
     Returns
     -------
     (pipeline, identity)
-        The pipeline on ``device`` and the :class:`ModelIdentity` recorded in stores.
+        The pipeline on ``device`` and the :class:`ModelIdentity` recorded in stores,
+        with the model directory's analysis defaults (``ovstore_defaults.json``, validated:
+        a bad file is refused here, before anything is written).
     """
     import torch
 
@@ -47,6 +51,10 @@ def load_pipeline(model: str | None = None, *, torch_dtype: str = "float32", dev
     check_device(device)  # before the (maybe long) loading, not when the pipeline is moved
     model_id = model or DEFAULT_MODEL
     packaged = packaged_model_path(model_id)
+    folder = packaged or Path(model_id).expanduser()
+    built_in_code = packaged is None and model_id in BUILTIN_MODELS
+    # a pipeline directory's bad defaults file is refused before the (maybe long) loading
+    defaults = None if built_in_code or not (folder / "model_index.json").is_file() else read_model_defaults(folder)
     if packaged is not None:
         pipe, _, _ = _from_pretrained(str(packaged), getattr(torch, torch_dtype), None)
         source, path = "builtin", str(packaged)
@@ -63,8 +71,10 @@ def load_pipeline(model: str | None = None, *, torch_dtype: str = "float32", dev
     # refuse unsupported pipelines before anything else; img2img/inpaint pipelines of a family
     # are captured through the text-to-image pipeline sharing their components
     pipe = family_for_pipeline(pipe, model_id).text_to_image(pipe)
-    return pipe, model_identity(pipe, model_id, source=source, path=path, revision=revision,
-                                torch_dtype=torch_dtype)
+    identity = model_identity(pipe, model_id, source=source, path=path, revision=revision, torch_dtype=torch_dtype)
+    if source == "hub":
+        defaults = read_model_defaults(model_id, source="hub", revision=identity.commit_hash or revision)
+    return pipe, replace(identity, analysis_defaults=defaults)
 
 
 def _dtype_kwargs(dtype: Any) -> dict[str, Any]:
@@ -105,9 +115,11 @@ def _from_pretrained(model_id: str, dtype: Any, revision: str | None) -> tuple[A
 
 
 def model_identity(pipe: Any, model_id: str, *, source: str, path: str | None = None,
-                   revision: str | None = None, torch_dtype: str = "float32") -> ModelIdentity:
-    """Describe ``pipe`` for the store: where it came from, its model family and how its
-    family encodes attribution text (the text recipe)."""
+                   revision: str | None = None, torch_dtype: str = "float32",
+                   analysis_defaults: AnalysisDefaults | None = None) -> ModelIdentity:
+    """Describe ``pipe`` for the store: where it came from, its model family, how its
+    family encodes attribution text (the text recipe) and the model's analysis defaults
+    (``ovstore.model_defaults.read_model_defaults(directory)``; ``None``: none)."""
     config = getattr(pipe, "config", {}) or {}
     family = family_for_pipeline(pipe, model_id)
     recipe = family.text_recipe(pipe)
@@ -128,4 +140,5 @@ def model_identity(pipe: Any, model_id: str, *, source: str, path: str | None = 
         text_encoder_fingerprint=text_encoders_fingerprint(models) if models else None,
         family=family.name,
         text=recipe,
+        analysis_defaults=analysis_defaults,
     )

@@ -1,7 +1,10 @@
 """Dataset-scale labelling: class maps to semantic masks, refinements, VOC and COCO exports,
 on Dask from a laptop to a cluster; and evaluation against ground truth."""
 
-from .config import MODES, NORMALIZATIONS, LabelConfig, label_config, parse_class_thresholds, parse_sweep
+from .config import (
+    MODEL_DEFAULT_SETTINGS, MODES, NORMALIZATIONS, OVSTORE_DEFAULTS, SOURCES, LabelConfig, check_label_defaults,
+    label_config, parse_class_thresholds, parse_sweep,
+)
 from .dataset import LabelResult, image_labels, label_partition, label_store
 from .evaluate import EvaluationReport, evaluate_dirs, evaluate_masks, evaluation_classes, write_report
 from .voc import read_labelmap
@@ -14,9 +17,13 @@ __all__ = [
     "EvaluationReport",
     "LabelConfig",
     "LabelResult",
+    "MODEL_DEFAULT_SETTINGS",
     "MODES",
     "NORMALIZATIONS",
+    "OVSTORE_DEFAULTS",
+    "SOURCES",
     "adaptive_threshold",
+    "check_label_defaults",
     "classes_in_prompt",
     "crf_unary",
     "dense_crf",

@@ -1,17 +1,21 @@
-"""Labelling settings: classes, how their maps are made, and how masks are refined."""
+"""Labelling settings: classes, how their maps are made, and how masks are refined; and where
+each setting came from (the user, the model's ``ovstore_defaults.json``, or ovstore)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import InvalidInputError
 
 __all__ = [
-    "LabelConfig", "MODES", "NORMALIZATIONS", "DEFAULT_SWEEP", "label_config", "parse_class_thresholds", "parse_sweep",
+    "LabelConfig", "MODES", "NORMALIZATIONS", "DEFAULT_SWEEP", "OVSTORE_DEFAULTS", "MODEL_DEFAULT_SETTINGS",
+    "SOURCES", "check_label_defaults", "label_config", "parse_class_thresholds", "parse_sweep",
 ]
 
 MODES = ("separate", "compete")
@@ -19,11 +23,28 @@ NORMALIZATIONS = ("minmax", "max")
 #: Default DiffuMask sweep (min-max normalised maps): 0.5, 0.55, ..., 0.95, chosen with the default
 #: threshold on a toy-world calibration set (lower sweeps pick lower thresholds and label more).
 DEFAULT_SWEEP = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
+#: ovstore's own value of each setting that a model's ``ovstore_defaults.json`` may set: used
+#: when neither the user nor the model gives one.
+OVSTORE_DEFAULTS: dict[str, Any] = {
+    "prompt_template": "a photograph of a {}", "mode": "separate", "normalize": "minmax", "threshold": 0.6,
+    "adaptive": False, "sweep": DEFAULT_SWEEP, "crf": False, "min_component": 0, "prompt_classes_only": False,
+}
+#: The LabelConfig fields a model may give defaults for (``classes``, ``tokens`` and
+#: ``class_thresholds`` belong to one labelling, not to a model).
+MODEL_DEFAULT_SETTINGS = tuple(OVSTORE_DEFAULTS)
+#: Where a setting came from, as recorded in the label provenance.
+SOURCES = ("user", "model", "ovstore")
 
 
 @dataclass(frozen=True)
 class LabelConfig:
     """How an image's class maps become a semantic label mask.
+
+    The settings of :data:`MODEL_DEFAULT_SETTINGS` left ``None`` take ovstore's value
+    (:data:`OVSTORE_DEFAULTS`, given below) and are marked ``"ovstore"`` in ``sources``;
+    :meth:`with_model_defaults` (which :func:`~ovstore.label.label_store` applies) replaces
+    them with the values of the store's model defaults, marked ``"model"``; the others are
+    the user's (``"user"``).
 
     Parameters
     ----------
@@ -64,22 +85,34 @@ class LabelConfig:
         Connected class regions smaller than this many pixels become background.
     prompt_classes_only
         Only classes whose name appears in the image's generation prompt may be labelled.
+    sources
+        Where each setting of :data:`MODEL_DEFAULT_SETTINGS` came from: ``user``, ``model``
+        or ``ovstore`` (filled in here; recorded in the label provenance).
     """
 
     classes: tuple[str, ...]
-    prompt_template: str = "a photograph of a {}"
+    prompt_template: str | None = None
     tokens: dict[str, Path] = field(default_factory=dict)
-    mode: str = "separate"
-    normalize: str = "minmax"
-    threshold: float = 0.6
+    mode: str | None = None
+    normalize: str | None = None
+    threshold: float | None = None
     class_thresholds: dict[str, float] = field(default_factory=dict)
-    adaptive: bool = False
-    sweep: tuple[float, ...] = DEFAULT_SWEEP
-    crf: bool = False
-    min_component: int = 0
-    prompt_classes_only: bool = False
+    adaptive: bool | None = None
+    sweep: tuple[float, ...] | None = None
+    crf: bool | None = None
+    min_component: int | None = None
+    prompt_classes_only: bool | None = None
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        sources = dict(self.sources)
+        for name, default in OVSTORE_DEFAULTS.items():  # not given: ovstore's value, until a model's applies
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+                sources[name] = "ovstore"
+            elif sources.get(name) not in SOURCES or (sources[name] == "ovstore" and getattr(self, name) != default):
+                sources[name] = "user"
+        object.__setattr__(self, "sources", sources)
         classes = tuple(c.strip() for c in self.classes)
         if not classes or any(not c for c in classes):
             raise InvalidInputError("--classes needs non-empty class names, e.g. --classes cat,dog,person")
@@ -115,6 +148,23 @@ class LabelConfig:
 
     def threshold_of(self, name: str) -> float:
         return self.class_thresholds.get(name, self.threshold)
+
+    def with_model_defaults(self, defaults: Any) -> LabelConfig:
+        """This config with the model's defaults (an ``ovstore.store.AnalysisDefaults``, e.g.
+        ``analysis_defaults(store)``; ``None``: none) for every setting the user did not give.
+        Applying them again changes nothing."""
+        given = dict(getattr(defaults, "label", None) or {})
+        values = {k: (tuple(v) if k == "sweep" else v) for k, v in given.items() if self.sources.get(k) == "ovstore"}
+        if not values:
+            return self
+        return replace(self, **values, sources={**self.sources, **{k: "model" for k in values}})
+
+    def provenance(self) -> dict[str, dict[str, object]]:
+        """Each model-defaultable setting's value and where it came from (``user``, ``model``,
+        ``ovstore``), as recorded with every labelled image and in the COCO ``info``."""
+        described = self.describe()
+        return {name: {"value": list(self.sweep) if name == "sweep" else described[name],
+                       "source": self.sources[name]} for name in MODEL_DEFAULT_SETTINGS}
 
     def describe(self) -> dict[str, object]:
         """Settings recorded with every labelled image (provenance)."""
@@ -166,13 +216,16 @@ def label_config(
     classes_file: str | Path | None = None,
     tokens: Sequence[str | Path] = (),
     class_thresholds: Mapping[str, float] | Sequence[str] | None = None,
-    adaptive: bool = False,
+    adaptive: bool | None = None,
     sweep: str | Sequence[float] | None = None,
+    defaults: Any = None,
     **settings,
 ) -> LabelConfig:
     """The :class:`LabelConfig` of ``ovstore label``'s options: class names from ``classes``
     (comma-separated or a list), then ``classes_file`` (one per line), then the names of the
-    learned ``tokens`` files not yet among them; ``settings`` are the other fields."""
+    learned ``tokens`` files not yet among them; ``settings`` are the other fields (``None``:
+    not given). ``defaults`` (``ovstore.store.analysis_defaults(store)``) fills the settings
+    not given with the model's values; ovstore's own fill the rest."""
     from ..inputs import parse_names, read_names_file
 
     if isinstance(classes, str):
@@ -181,8 +234,6 @@ def label_config(
         names = list(classes or ())
     if classes_file is not None:
         names += read_names_file(classes_file, "--classes-file")
-    if sweep is not None and not adaptive:
-        raise InvalidInputError("--sweep sets the thresholds tried by --adaptive; add --adaptive")
     by_name: dict[str, str | Path] = {}
     if tokens:
         from ..optimize import load_token
@@ -196,5 +247,60 @@ def label_config(
         settings["sweep"] = parse_sweep(sweep)
     elif sweep is not None:
         settings["sweep"] = tuple(sweep)
-    return LabelConfig(classes=tuple(names), tokens=by_name, class_thresholds=thresholds, adaptive=adaptive,
-                       **settings)
+    settings = {k: v for k, v in settings.items() if v is not None}
+    config = LabelConfig(classes=tuple(names), tokens=by_name, class_thresholds=thresholds, adaptive=adaptive,
+                         **settings).with_model_defaults(defaults)
+    if sweep is not None and not config.adaptive:
+        raise InvalidInputError("--sweep sets the thresholds tried by --adaptive; add --adaptive")
+    return config
+
+
+def check_label_defaults(values: Mapping[str, Any], file: str) -> dict[str, Any]:
+    """The ``label`` section of a model's ``ovstore_defaults.json``, validated strictly: each
+    key a :data:`MODEL_DEFAULT_SETTINGS` name of the right JSON type and range; errors name
+    ``file``, the key and the fix."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        where = f"{file}: label.{key}"
+        shown = json.dumps(value)
+        if key in ("classes", "tokens", "class_thresholds"):
+            option = {"classes": "--classes", "tokens": "--token", "class_thresholds": "--class-threshold"}[key]
+            raise InvalidInputError(f"{where} belongs to one labelling, not to the model; remove it (give it "
+                                    f"to ovstore label as {option})")
+        if key not in OVSTORE_DEFAULTS:
+            raise InvalidInputError(f"{where}: unknown key; label holds only {', '.join(MODEL_DEFAULT_SETTINGS)}; "
+                                    "fix the name or remove the key")
+        if key in ("adaptive", "crf", "prompt_classes_only"):
+            if not isinstance(value, bool):
+                raise InvalidInputError(f"{where} is {shown}, not true or false; write true or false")
+        elif key in ("threshold", "sweep"):
+            if key == "sweep" and not isinstance(value, list):
+                raise InvalidInputError(f"{where} is {shown}, not a list; write a list of at least two different "
+                                        "thresholds, e.g. [0.3, 0.4, 0.5]")
+            for t in value if key == "sweep" else [value]:
+                if isinstance(t, bool) or not isinstance(t, (int, float)):
+                    raise InvalidInputError(f"{where} is {shown}, not a number; write a JSON number such as 0.45")
+                if not 0 < t < 1:
+                    raise InvalidInputError(f"{where} is {shown}; thresholds lie between 0 and 1 (maps are "
+                                            "normalised to [0, 1]): write e.g. 0.45")
+            if key == "sweep" and len(set(value)) < 2:
+                raise InvalidInputError(f"{where} is {shown}; write at least two different thresholds, "
+                                        "e.g. [0.3, 0.4, 0.5]")
+            if key == "sweep" and len(set(value)) != len(value):
+                raise InvalidInputError(f"{where} is {shown}, which has duplicates; list each threshold once")
+            value = [float(t) for t in value] if key == "sweep" else float(value)
+        elif key == "min_component":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInputError(f"{where} is {shown}; write a whole number of pixels >= 0")
+        else:  # prompt_template, mode, normalize
+            choices = {"mode": MODES, "normalize": NORMALIZATIONS}.get(key)
+            if not isinstance(value, str):
+                raise InvalidInputError(f"{where} is {shown}, not a string; write e.g. "
+                                        f"{json.dumps(choices[0] if choices else 'a {}')}")
+            if choices and value not in choices:
+                raise InvalidInputError(f"{where} is {shown}, not one of {', '.join(choices)}; write one of them")
+            if key == "prompt_template" and "{}" not in value:
+                raise InvalidInputError(f"{where} is {shown}, which has no {{}} for the class word; write e.g. "
+                                        "\"a {}\"")
+        out[key] = value
+    return out

@@ -31,7 +31,7 @@ from ..errors import InvalidInputError, OutputError, OvstoreError
 from ..inputs import check_int
 from ..outputs import MARKER, held_lock, open_output, os_errors, write_marker
 from ..partial import RunInterrupted, progress_note
-from ..store import Store, open_store
+from ..store import Store, analysis_defaults, open_store
 from . import voc
 from .config import LabelConfig
 from .refine import adaptive_threshold, classes_in_prompt, dense_crf, label_mask, remove_small_components, require_crf
@@ -149,6 +149,8 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
                                     "min_component": config.min_component,
                                     "prompt_classes_only": config.prompt_classes_only},
                     "token_files": {c: str(p) for c, p in config.tokens.items()},
+                    "settings": config.provenance(),
+                    "model_defaults": _model_defaults_file(store, config),
                     "ovstore_version": __version__,
                 },
             },
@@ -156,6 +158,13 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
             "maps": maps_array is not None,
         })
     return list(images), damaged
+
+
+def _model_defaults_file(store: Store, config: LabelConfig) -> str | None:
+    """The model defaults file whose values ``config`` uses (``None`` when it uses none)."""
+    if "model" not in config.sources.values():
+        return None
+    return analysis_defaults(store).file
 
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
@@ -205,11 +214,18 @@ def label_store(
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
     skip_damaged: bool = False,
+    model_defaults: bool = True,
 ) -> LabelResult:
     """Label every complete image of a store (or ``images``) into ``out``.
 
     Parameters
     ----------
+    config
+        The settings; those it leaves to ovstore (``config.sources``) take the store's model
+        defaults (:func:`ovstore.store.analysis_defaults`, recorded from the model's
+        ``ovstore_defaults.json`` at capture) unless ``model_defaults`` is False. Each
+        image's provenance records every setting and its source (``user``, ``model``,
+        ``ovstore``).
     scheduler
         ``"synchronous"`` runs in this process; ``None`` starts a ``distributed``
         LocalCluster sized to the machine (``workers`` processes, one thread each); a
@@ -243,6 +259,8 @@ def label_store(
     if workers is not None:
         check_int(workers, "--workers", 1, 4096)
     opened = store if isinstance(store, Store) else open_store(store)
+    if model_defaults:
+        config = config.with_model_defaults(analysis_defaults(opened))
     config = replace(config, tokens={k: Path(v).resolve() for k, v in config.tokens.items()})
     target = open_output(out, "label", kind="dir", inputs=[opened.path, *config.tokens.values()], resume=True)
     out = target.path  # absolute: Dask workers may run in another folder
@@ -385,7 +403,7 @@ def _assemble(out: Path, config: LabelConfig, damaged: Sequence[int] = ()) -> Pa
             annotations.append({**ann, "id": len(annotations) + 1})
     coco = {
         "info": {"description": "semantic segmentation labelled by ovstore (OVAM maps)", "version": __version__,
-                 "skipped_damaged_images": [int(i) for i in damaged]},
+                 "skipped_damaged_images": [int(i) for i in damaged], "settings": config.provenance()},
         "licenses": [],
         "images": coco_images,
         "annotations": annotations,

@@ -35,6 +35,8 @@ __all__ = [
     "layout_checksum",
     "TextRecipe",
     "ContextSpec",
+    "AnalysisDefaults",
+    "analysis_defaults",
 ]
 
 FORMAT_NAME = "ovstore"
@@ -189,6 +191,48 @@ class ContextSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AnalysisDefaults:
+    """Analysis defaults a model directory carries (its ``ovstore_defaults.json``), recorded in
+    the store at capture so that every later analysis sees the same ones.
+
+    ``label``: :class:`ovstore.label.LabelConfig` settings that ``ovstore label`` uses for the
+    options not given; ``maps``: how ``ovstore maps --png`` normalises maps for display
+    (``normalize``). Both were validated when the file was read (``ovstore.model_defaults``).
+    ``file`` says where the file was read (a local path, or ``HUB_ID/ovstore_defaults.json``)
+    and ``sha256`` its bytes. An empty record (no ``label``, no ``maps``) means "no defaults".
+    """
+
+    label: dict[str, Any] = field(default_factory=dict, hash=False)
+    maps: dict[str, Any] = field(default_factory=dict, hash=False)
+    file: str | None = None
+    sha256: str | None = None
+    format: int = 1
+
+    @property
+    def empty(self) -> bool:
+        return not self.label and not self.maps
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.format, "label": dict(self.label), "maps": dict(self.maps), "file": self.file,
+                "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AnalysisDefaults:
+        return cls(label=dict(data.get("label") or {}), maps=dict(data.get("maps") or {}), file=data.get("file"),
+                   sha256=data.get("sha256"), format=data.get("format", 1))
+
+
+def analysis_defaults(source: Any) -> AnalysisDefaults:
+    """The analysis defaults recorded with a store (a ``Store``, its ``StoreLayout`` or its
+    ``ModelIdentity``); an empty record for stores captured without them (and v1 stores)."""
+    layout = getattr(source, "layout", source)
+    model = getattr(layout, "model", layout)
+    if not isinstance(model, ModelIdentity):
+        raise TypeError(f"analysis_defaults takes a Store, StoreLayout or ModelIdentity, not {type(source).__name__}")
+    return model.analysis_defaults or AnalysisDefaults()
+
+
+@dataclass(frozen=True, slots=True)
 class ModelIdentity:
     """Enough to find the same text encoder again, years later.
 
@@ -214,6 +258,8 @@ class ModelIdentity:
     family: str = "unet"
     #: how attribution text is encoded; ``None`` (v1 stores): one encoder's last hidden state
     text: TextRecipe | None = None
+    #: the model directory's ``ovstore_defaults.json`` at capture; ``None``: none (older stores too)
+    analysis_defaults: AnalysisDefaults | None = None
 
     @property
     def text_recipe(self) -> TextRecipe:
@@ -229,6 +275,10 @@ class ModelIdentity:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["text"] = None if self.text is None else self.text.to_json()
+        if self.analysis_defaults is None:  # stores without defaults keep the layout record they always had
+            del data["analysis_defaults"]
+        else:
+            data["analysis_defaults"] = self.analysis_defaults.to_json()
         return data
 
     @classmethod
@@ -239,6 +289,8 @@ class ModelIdentity:
                 value = data[f.name]
                 if f.name == "text":
                     value = None if value is None else TextRecipe.from_json(value)
+                elif f.name == "analysis_defaults":
+                    value = None if value is None else AnalysisDefaults.from_json(value)
                 kwargs[f.name] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
 
