@@ -270,6 +270,19 @@ def _run_demo(out: Path, *, device: str, steps: int, guidance: float, epochs: in
               out / "dataset" / f"preview_{i:05d}.png")
     _save(pictures.label_sheet(label_rows, ("background", *classes), palette, title="labels of every image"),
           out / "dataset" / "preview.png")
+    # the labels against the masks recovered from the images (I and U summed over the images)
+    label_iou = {}
+    for k, name in enumerate(("background", *classes)):
+        inter = union = 0
+        for i, (_, label, _) in zip(images, label_rows):
+            true = ~np.any([m for w, m in truth[i].items() if w in classes], axis=0) if k == 0 else \
+                truth[i].get(name, np.zeros(label.shape, bool))
+            inter += int((true & (label == k)).sum())
+            union += int((true | (label == k)).sum())
+        label_iou[name] = inter / union if union else float("nan")
+    lines += ["Labels against the masks recovered from the images (IoU, intersections and unions summed over "
+              "the images): " + ", ".join(f"{n} {v:.2f}" for n, v in label_iou.items()) +
+              f"; mIoU {np.nanmean(list(label_iou.values())):.2f}.", ""]
 
     lines += ["## Figures", "",
               "Top-k IoU: the share of the map's k highest pixels on the object, k = the object's area (IoU of "
@@ -281,7 +294,8 @@ def _run_demo(out: Path, *, device: str, steps: int, guidance: float, epochs: in
         figures[what] = {"topk_iou": float(np.nanmean(a[:, 0])), "flat": float(np.nanmean(a[:, 1])), "n": len(a)}
         lines.append(f"| {what} | {figures[what]['topk_iou']:.2f} | {figures[what]['flat']:.2f} | {len(a)} |")
     lines.append("")
-    _write_report(out / "figures.json", [json.dumps({"topk_iou": figures, "inside_outside": inside}, indent=1)])
+    _write_report(out / "figures.json", [json.dumps({"topk_iou": figures, "inside_outside": inside,
+                                                     "label_iou": label_iou}, indent=1)])
     report = out / "report.md"
     _write_report(report, lines)
     log(f"wrote {report}")

@@ -268,7 +268,7 @@ def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resize_maps(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), size).double().numpy()
 
 
-def _outlines(image: np.ndarray, factor: int, threshold: int = 60) -> np.ndarray:
+def _outlines(image: np.ndarray, factor: int, threshold: int = 40) -> np.ndarray:
     """1-pixel lines, at the enlarged size, where neighbouring image pixels differ in some
     channel by at least ``threshold``: the objects' outlines, drawn over map tiles."""
     img = image.astype(np.int16)
@@ -436,9 +436,11 @@ def prompt_sheets(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], *, 
             prompt = one.isel(token=np.flatnonzero(one["prompt_index"].values == k))
             scale = value_scale(prompt)
             tiles = word_tiles(prompt, all_tokens=all_tokens)
-            title = f"maps of \"{prompt['prompt'].values[0]}\""
+            text = str(prompt["prompt"].values[0])
+            title = f"maps of \"{text}\" on image {int(image)}"
             if "generation_prompt" in one.coords:
-                title += f" on image {int(image)} (\"{one['generation_prompt'].values[0]}\")"
+                generated = str(one["generation_prompt"].values[0])
+                title += " (its own prompt)" if generated == text else f" (prompt \"{generated}\")"
             sheet = map_sheet([SheetRow(rgb, tiles)], title=title, values=scale.description, min_size=min_size,
                               cmap=cmap)
             singles = [(t, map_sheet([SheetRow(rgb, [t])], title=f"{t.label}: {title}", values=scale.description,
