@@ -182,3 +182,12 @@ def test_cli_png_all_tokens(multi_store, tmp_path):
     assert len(list((tmp_path / "png").glob("00000_p000_t*.png"))) == 4  # SoT, a, cat, EoT
     result = runner.invoke(app, [*args, "--png-all-tokens", "--overwrite"])
     assert result.exit_code != 0 and "add --png DIR" in str(result.exception)  # main() prints it as one line
+
+
+def test_the_demo_asks_for_words_that_are_not_in_the_prompt():
+    from ovstore.demo import open_vocabulary
+
+    synonyms, hypernyms = open_vocabulary("a red circle and a blue square")
+    assert (synonyms, hypernyms) == ("a red ball and a blue box", "a red shape and a blue object")
+    prompt = set("a red circle and a blue square".split())
+    assert {"ball", "box", "shape", "object"}.isdisjoint(prompt)
