@@ -288,7 +288,8 @@ def maps(
     image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="FILE.npy (one prompt: float32 (images, tokens, h, w)) or FILE.zarr (any number, xarray).")] = Path("maps.npy"),
     size: Annotated[Optional[tuple[int, int]], typer.Option(help="Upsample maps to H W (bilinear).")] = None,
-    png: Annotated[Optional[Path], typer.Option(help="Folder for per-token PNG overlays on the images, each map brought to [0, 1] by --normalize if given, else by the model's display default (its ovstore_defaults.json), else divided by its maximum.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Folder for PNG pictures: per image and prompt a sheet (the image, one map per word on one shared, labelled colour scale) and one picture per word. The scale is each word's share of the pixel's attention, unless --normalize is given or the model's ovstore_defaults.json sets a display normalisation.")] = None,
+    png_all_tokens: Annotated[bool, typer.Option("--png-all-tokens", help="Draw start/end-of-text and filler words (a, and, ...) in the --png pictures too.")] = False,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Use layers matching this pattern (repeatable); default: all but the mid block.")] = None,
     resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Use layers of this resolution, e.g. 16x16 (repeatable).")] = None,
     calls: Annotated[Optional[str], typer.Option("--calls", help="Stored UNet calls to use, by position among the stored ones, e.g. '0:5,-1' (default: all).")] = None,
@@ -342,6 +343,8 @@ def maps(
     inputs = [store, *(token or ()), *([attributions_file] if attributions_file else [])]
     target = open_output(out, "maps", kind="file" if out.suffix == ".npy" else "dir", inputs=inputs,
                          overwrite=overwrite)  # refused before any work
+    if png_all_tokens and png is None:
+        raise InvalidInputError("--png-all-tokens draws into the --png pictures; add --png DIR (or drop it)")
     if png is not None:
         overlay_dir(png, overwrite=overwrite, inputs=[*inputs, target.path])
     if aggregation not in ("sum", "mean"):
@@ -399,11 +402,12 @@ def maps(
     console.print(f"wrote maps {tuple(result.shape)} (image, token, y, x) for {n_attributions} attribution(s) to {out}")
     if png is not None:
         try:
-            files = write_overlays(display_maps(result, s, None if normalize == "none" else normalize), s.image, png,
-                                   overwrite=overwrite, inputs=[*inputs, target.path])
+            shown = result if normalize != "none" else display_maps(result, s)  # --normalize: already applied
+            files = write_overlays(shown, s.image, png, overwrite=overwrite, inputs=[*inputs, target.path],
+                                   all_tokens=png_all_tokens)
         except OutputError as exc:
             raise OutputError(f"the maps in {out} are complete, but {exc}") from None
-        console.print(f"wrote {len(files)} PNG overlays to {png}")
+        console.print(f"wrote {len(files)} PNG pictures to {png}")
 
 
 def _context_maps(store: Path, *, image, out: Path, size, png, layer, resolution, steps, branch, activation,

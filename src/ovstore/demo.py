@@ -18,7 +18,7 @@ from .errors import InvalidInputError, StoreError
 from .outputs import Output, held_lock, open_output, os_errors, read_marker, temporary_path, write_marker
 from .partial import find_damaged
 
-__all__ = ["CAPTIONS", "run_demo"]
+__all__ = ["CAPTIONS", "open_vocabulary", "run_demo"]
 
 CAPTIONS = (
     "a red circle and a blue square",
@@ -28,7 +28,6 @@ CAPTIONS = (
     "a green circle and a blue triangle",
     "a red square and a yellow circle",
 )
-OPEN_VOCABULARY = ("a round shape", "a pointy shape", "a colourful object")
 
 
 def _topk_iou(norm_map: np.ndarray, mask: np.ndarray) -> float:
@@ -94,46 +93,123 @@ def _folder(path: Path) -> Output:
     return open_output(path, "maps --png", kind="dir", overwrite=True, option="folder")
 
 
+def _flat_iou(mask: np.ndarray, rng: np.random.Generator, draws: int = 20) -> float:
+    """The top-k IoU of a flat map (ties broken at random): the baseline of :func:`_topk_iou`."""
+    return float(np.mean([_topk_iou(rng.random(mask.shape), mask) for _ in range(draws)]))
+
+
+def open_vocabulary(caption: str) -> tuple[str, str]:
+    """Two attributions of words that are not in ``caption``, in the grammar of the model's
+    captions: its shapes' first synonyms (``"a red ball and a blue box"``), and the
+    hypernyms ``shape`` and ``object`` in turn (``"a red shape and a blue object"``)."""
+    from .toyworld import HYPERNYMS, SYNONYMS, parse_caption
+
+    pairs = parse_caption(caption)
+    synonyms = " and ".join(f"a {colour} {SYNONYMS[shape][0]}" for colour, shape in pairs)
+    hypernyms = " and ".join(f"a {colour} {HYPERNYMS[k % len(HYPERNYMS)]}" for k, (colour, _) in enumerate(pairs))
+    return synonyms, hypernyms
+
+
+def _write_report(path: Path, lines: list[str]) -> None:
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _run_demo(out: Path, *, device: str, steps: int, guidance: float, epochs: int,
               log: Callable[[str], None]) -> Path:
-    import torch.nn.functional as F
-    import torch
+    import json
 
-    from .analyze import compute_maps, overlay_files, word_maps, write_overlays
+    from PIL import Image
+
+    from . import pictures
+    from .analyze import compute_maps, overlay_files, word_maps
     from .label import LabelConfig, label_store
     from .optimize import OptimizeConfig, TokenTask, optimize_tokens, save_token, token_attribution
-    from .toyworld import recover_masks
+    from .toyworld import NOUNS, parse_caption, recover_masks
 
     store_path = out / "captures.zarr"
     store = _captures(store_path, device=device, steps=steps, guidance=guidance, log=log)
     images = store.complete_images()
     truth = {i: recover_masks(store.image(i), store.record(i).prompt) for i in images}
+    # the object each caption phrase names: its colour's pixels of its shape
+    objects = {i: [truth[i][c] & truth[i][s] for c, s in parse_caption(store.record(i).prompt)] for i in images}
+    rng = np.random.default_rng(0)
+    size = (store.layout.height, store.layout.width)
+    scores: dict[str, list[tuple[float, float]]] = {}  # what -> [(top-k IoU, flat map's), ...]
+    inside: dict[str, dict[str, list[float]]] = {}  # picture -> word -> [mean inside, mean outside]
+
+    def score(what: str, values: np.ndarray, mask: np.ndarray | None) -> None:
+        if mask is not None and mask.any():
+            scores.setdefault(what, []).append((_topk_iou(values, mask), _flat_iou(mask, rng)))
 
     log("maps of the words in each prompt ...")
-    size = (store.layout.height, store.layout.width)
     lines = ["# ovstore demo", "", f"Model: `{store.layout.model.id}` (trained on the toy world). Store: "
              f"`{store_path.name}`, {len(images)} images, {store.layout.n_steps} UNet calls each.", "",
-             "## Words of the prompt", "",
-             "Each sheet: the generated image, then one overlay per token of its own prompt.", ""]
-    scores: dict[str, list[float]] = {}
+             "Every picture shows maps on one colour scale per picture, from 0 to its largest value: the share "
+             "of each pixel's attention that a word takes (softmax over the attribution prompt's tokens, mean "
+             "over every head, UNet call and layer). White lines are the image's object outlines. "
+             "Start/end-of-text and filler words (a, and, ...) are not drawn.", "",
+             "## Words of the prompt", "", "Each sheet: the generated image, then the map of each word of its own "
+             "prompt (`ovstore maps --png`).", ""]
     with _folder(out / "prompt_words").writing() as folder:
         for i in images:
             caption = store.record(i).prompt
-            maps = compute_maps(store, [caption], images=[i], device=device)
+            maps = compute_maps(store, [caption], images=[i], device=device, config=_map_config(size))
             overlay_files(maps, store.image, folder)
             lines.append(f"![{caption}](prompt_words/{i:05d}_p000.png)")
-            words = word_maps(compute_maps(store, [caption], images=[i], device=device,
-                                           config=_map_config(size)))
+            words = word_maps(maps)
             for k, word in enumerate(words["word_str"].values):
-                if str(word) in truth[i]:
-                    scores.setdefault("in prompt", []).append(_topk_iou(words.values[0, k], truth[i][str(word)]))
-    lines += ["", "## Open vocabulary: words that were never in a prompt", ""]
-    log("maps of open-vocabulary words ...")
-    open_maps = compute_maps(store, list(OPEN_VOCABULARY), images=images, device=device)
-    write_overlays(open_maps, store.image, out / "open_vocabulary", overwrite=True)
-    for i in images:
-        for k in range(len(OPEN_VOCABULARY)):
-            lines.append(f"![{OPEN_VOCABULARY[k]}](open_vocabulary/{i:05d}_p{k:03d}.png)")
+                mask = truth[i].get(str(word))
+                score("words of the prompt", words.values[0, k], mask)
+                if mask is not None and mask.any():
+                    v = words.values[0, k]
+                    inside.setdefault(f"prompt_words/{i:05d}_p000.png", {})[str(word)] = [
+                        float(v[mask].mean()), float(v[~mask].mean())]
+
+    log("maps of words that are not in the prompts ...")
+    lines += ["", "## Open vocabulary: words that are not in the prompt", "",
+              "Per image: synonyms of its shapes (`ball`, `box`, `wedge`) and the hypernyms `shape` and `object`, "
+              "each in a phrase with its object's colour, as the model's captions read (\"a red ball and a blue "
+              "box\" for \"a red circle and a blue square\"). Only the words not in the prompt are drawn.", ""]
+    with _folder(out / "open_vocabulary").writing() as folder:
+        for i in images:
+            caption = store.record(i).prompt
+            prompted = set(caption.split())
+            attributions = [*open_vocabulary(caption), *sorted({f"a {n}" for n, s in NOUNS.items()
+                                                               if s is not None and s in caption and n != s})]
+            maps = compute_maps(store, attributions, images=[i], device=device, config=_map_config(size))
+            tiles = [t for t in pictures.word_tiles(maps.isel(token=maps["prompt_index"].values < 2))
+                     if t.label not in prompted]
+            sheet = pictures.map_sheet([pictures.SheetRow(store.image(i), tiles)],
+                                       title=f"words not in the prompt \"{caption}\" (image {i})",
+                                       values=pictures.value_scale(maps.isel(token=maps["prompt_index"].values == 0)
+                                                                   ).description)
+            sheet.save(folder / f"{i:05d}.png")
+            lines.append(f"![words not in \"{caption}\"](open_vocabulary/{i:05d}.png)")
+            words = word_maps(maps)
+            phrase = {}  # (prompt, word) -> the object its phrase names
+            for k in range(2):
+                cols = np.flatnonzero(words["prompt_index"].values == k)
+                nouns = [c for c in cols if str(words["word_str"].values[c]) in NOUNS]
+                for c, mask in zip(nouns, objects[i]):
+                    phrase[c] = mask
+            for c, mask in phrase.items():
+                word = str(words["word_str"].values[c])
+                what = "hypernyms, in a phrase with the colour" if NOUNS[word] is None else \
+                    "synonyms, in a phrase with the colour"
+                score(what, words.values[0, c], mask)
+                if mask.any():
+                    v = words.values[0, c]
+                    inside.setdefault(f"open_vocabulary/{i:05d}.png", {})[word] = [
+                        float(v[mask].mean()), float(v[~mask].mean())]
+            for c in np.flatnonzero(words["prompt_index"].values >= 2):  # "a ball": the synonym alone
+                word = str(words["word_str"].values[c])
+                if word in NOUNS and NOUNS[word] is not None:
+                    score("synonyms alone (\"a ball\")", words.values[0, c], truth[i].get(NOUNS[word]))
 
     log(f"optimizing a 'circle' token on image 0 for {epochs} epochs ...")
     (token,) = optimize_tokens(store, [TokenTask("circle", (images[0],), (truth[images[0]]["circle"],))],
@@ -141,59 +217,102 @@ def _run_demo(out: Path, *, device: str, steps: int, guidance: float, epochs: in
     token_path = save_token(token, out / "circle.safetensors", overwrite=True)
     learned = compute_maps(store, [token_attribution(token, store.layout.model), "a circle"], images=images,
                            device=device, config=_map_config(size))
-    write_overlays(learned, store.image, out / "token", overwrite=True)
     word_col = int(np.flatnonzero((learned["prompt_index"].values == 1) & (learned["token_str"].values == "circle</w>"))[0])
     held_out = [i for i in images[1:] if "circle" in truth[i] and truth[i]["circle"].any()]
     token_iou = [_topk_iou(learned.values[images.index(i), 1], truth[i]["circle"]) for i in held_out]
     word_iou = [_topk_iou(learned.values[images.index(i), word_col], truth[i]["circle"]) for i in held_out]
+    flat_iou = [_flat_iou(truth[i]["circle"], rng) for i in held_out]
+    for a, f in zip(token_iou, flat_iou):
+        scores.setdefault("learned token on held-out images", []).append((a, f))
+    for b, f in zip(word_iou, flat_iou):
+        scores.setdefault("the word (\"a circle\") on the same images", []).append((b, f))
+    token_maps = learned.isel(token=learned["prompt_index"].values == 0)
+    rows = []
+    for i, a, b, f in zip(held_out, token_iou, word_iou, flat_iou):
+        tiles = pictures.word_tiles(token_maps.isel(image=[images.index(i)]))
+        rows.append(pictures.SheetRow(store.image(i), tiles, f"image {i}: \"{store.record(i).prompt}\"; top-k IoU "
+                                                             f"{a:.2f} (word {b:.2f}, flat map {f:.2f})"))
+        v = token_maps.values[images.index(i), 1]
+        inside.setdefault("token/held_out.png", {})[f"image {i}"] = [float(v[truth[i]["circle"]].mean()),
+                                                                    float(v[~truth[i]["circle"]].mean())]
+    with _folder(out / "token").writing() as folder:
+        if rows:
+            pictures.map_sheet(rows, title=f"a 'circle' token learned from image {images[0]}'s mask, on the other "
+                                           "images", values=pictures.value_scale(token_maps).description
+                               ).save(folder / "held_out.png")
     lines += ["", "## A learned token", "",
-              f"Learned from image 0's circle mask only (`{token_path.name}`: loss {token.training['best_loss']:.3f}, "
-              f"training IoU {token.training['train_iou']:.2f} vs {token.training['plain_word_iou']:.2f} for the word).",
-              "", "| held-out image | token IoU | 'a circle' IoU |", "|---:|---:|---:|"]
-    for i, a, b in zip(held_out, token_iou, word_iou):
-        lines.append(f"| {i} | {a:.2f} | {b:.2f} |")
-    for i in held_out:
-        lines.append(f"![token on image {i}](token/{i:05d}_p000.png)")
+              f"Learned from image {images[0]}'s circle mask only (`{token_path.name}`: loss "
+              f"{token.training['best_loss']:.3f}, training IoU {token.training['train_iou']:.2f} vs "
+              f"{token.training['plain_word_iou']:.2f} for the word), drawn on the images it was not trained on.",
+              "", "| held-out image | token top-k IoU | 'a circle' top-k IoU | flat map |", "|---:|---:|---:|---:|"]
+    for i, a, b, f in zip(held_out, token_iou, word_iou, flat_iou):
+        lines.append(f"| {i} | {a:.2f} | {b:.2f} | {f:.2f} |")
+    if rows:
+        lines += ["", "![the token on held-out images](token/held_out.png)"]
 
     log("labelling the images (circle, square, triangle) ...")
     # the toy model only saw captions "a COLOUR SHAPE": the template follows their grammar, the
     # classes of one image compete in one softmax, and only the prompt's classes are labelled
     # (the best plain-word settings without DenseCRF in BENCHMARKS.md's label-quality section)
-    config = LabelConfig(classes=("circle", "square", "triangle"), prompt_template="a {}", mode="compete",
-                         prompt_classes_only=True)
+    classes = ("circle", "square", "triangle")
+    config = LabelConfig(classes=classes, prompt_template="a {}", mode="compete", prompt_classes_only=True)
     label_store(store, out / "dataset", config, scheduler="synchronous")
     lines += ["", "## Labels", "", "VOC tree and COCO JSON in `dataset/` (classes circle=1, square=2, "
               "triangle=3; palette PNGs; `ovstore label --classes circle,square,triangle --prompt-template "
-              "'a {}' --mode compete --prompt-classes-only`):", ""]
-    from PIL import Image
-
+              "'a {}' --mode compete --prompt-classes-only`): each image beside its label PNG, in the PNG's "
+              "palette.", "", "![labels](dataset/preview.png)", ""]
+    label_rows = []
     for i in images:
-        label = np.asarray(Image.open(out / "dataset" / "SegmentationClass" / f"{i:05d}.png").convert("RGB"))
-        big = np.concatenate([np.kron(store.image(i), np.ones((4, 4, 1), np.uint8)),
-                              np.kron(label, np.ones((4, 4, 1), np.uint8))], axis=1)
-        preview = out / "dataset" / f"preview_{i:05d}.png"
-        tmp = temporary_path(preview)
-        try:
-            Image.fromarray(big).save(tmp, format="PNG")
-            os.replace(tmp, preview)
-        finally:
-            tmp.unlink(missing_ok=True)
-        lines.append(f"![labels {i}](dataset/preview_{i:05d}.png)")
-    mean = {k: float(np.nanmean(v)) for k, v in scores.items()}
-    lines += ["", "## Figures", "",
-              "Top-k IoU (k = the true object's area; a flat map scores about the object's area share):",
-              f"- words of the prompt: {mean.get('in prompt', float('nan')):.2f}",
-              f"- learned token on held-out images: {np.nanmean(token_iou):.2f} (plain word: {np.nanmean(word_iou):.2f})",
-              ""]
+        with Image.open(out / "dataset" / "SegmentationClass" / f"{i:05d}.png") as png:
+            label, palette = np.asarray(png), png.getpalette()
+        label_rows.append((store.image(i), label, f"image {i}: \"{store.record(i).prompt}\""))
+        _save(pictures.label_sheet([label_rows[-1]], ("background", *classes), palette),
+              out / "dataset" / f"preview_{i:05d}.png")
+    _save(pictures.label_sheet(label_rows, ("background", *classes), palette, title="labels of every image"),
+          out / "dataset" / "preview.png")
+    # the labels against the masks recovered from the images (I and U summed over the images)
+    label_iou = {}
+    for k, name in enumerate(("background", *classes)):
+        inter = union = 0
+        for i, (_, label, _) in zip(images, label_rows):
+            true = ~np.any([m for w, m in truth[i].items() if w in classes], axis=0) if k == 0 else \
+                truth[i].get(name, np.zeros(label.shape, bool))
+            inter += int((true & (label == k)).sum())
+            union += int((true | (label == k)).sum())
+        label_iou[name] = inter / union if union else float("nan")
+    lines += ["Labels against the masks recovered from the images (IoU, intersections and unions summed over "
+              "the images): " + ", ".join(f"{n} {v:.2f}" for n, v in label_iou.items()) +
+              f"; mIoU {np.nanmean(list(label_iou.values())):.2f}.", ""]
+
+    lines += ["## Figures", "",
+              "Top-k IoU: the share of the map's k highest pixels on the object, k = the object's area (IoU of "
+              "the two); a flat map scores the figure beside it.", "",
+              "| maps | top-k IoU | flat map | n |", "|---|---:|---:|---:|"]
+    figures = {}
+    for what, pairs in scores.items():
+        a = np.asarray(pairs, dtype=np.float64)
+        figures[what] = {"topk_iou": float(np.nanmean(a[:, 0])), "flat": float(np.nanmean(a[:, 1])), "n": len(a)}
+        lines.append(f"| {what} | {figures[what]['topk_iou']:.2f} | {figures[what]['flat']:.2f} | {len(a)} |")
+    lines.append("")
+    _write_report(out / "figures.json", [json.dumps({"topk_iou": figures, "inside_outside": inside,
+                                                     "label_iou": label_iou}, indent=1)])
     report = out / "report.md"
-    tmp = temporary_path(report)
-    try:
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, report)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_report(report, lines)
     log(f"wrote {report}")
     return report
+
+
+def _save(sheet, path: Path) -> None:
+    """A picture written whole: a temporary beside it, renamed into place."""
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            from PIL import Image
+
+            Image.fromarray(sheet.pixels).save(f, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _map_config(size: tuple[int, int]):

@@ -43,10 +43,12 @@ __all__ = [
 DEFAULTS_FILE = "ovstore_defaults.json"
 DEFAULTS_FORMAT = 1
 #: ``maps.normalize``: how a map is brought to [0, 1] for display (``max``: divided by its
-#: maximum, the reference's display convention and ovstore's default; ``minmax``: its floor
-#: made 0 as well, for models whose maps have a high floor).
+#: maximum, the reference's display convention; ``minmax``: its floor made 0 as well, for models
+#: whose maps have a high floor). Without one (ovstore's default, None) maps are drawn unchanged,
+#: on one scale per sheet (``ovstore.pictures``: a word's share of each pixel's attention), so
+#: that a word weak everywhere looks weak instead of being stretched to full range.
 DISPLAY_NORMALIZATIONS = ("max", "minmax")
-OVSTORE_DISPLAY_NORMALIZE = "max"
+OVSTORE_DISPLAY_NORMALIZE = None
 _SECTIONS = ("format", "label", "maps")
 
 

@@ -201,14 +201,15 @@ def test_maps_png_uses_the_display_default(defaults_store, tmp_path):
     opened = open_store(defaults_store)
     assert display_normalization(opened) == ("minmax", "model")
     assert display_normalization(opened, "max") == ("max", "user")
-    assert display_normalization(opened, model_defaults=False) == ("max", "ovstore")
-    assert display_normalization(open_store(V1 / "store.zarr")) == ("max", "ovstore")
+    assert display_normalization(opened, model_defaults=False) == (None, "ovstore")
+    assert display_normalization(open_store(V1 / "store.zarr")) == (None, "ovstore")
     with pytest.raises(InvalidInputError, match="not one of max, minmax"):
         display_normalization(opened, "none")
     maps = compute_maps(opened, ["a cat and a sofa"])
     shown = display_maps(maps, opened).values
     assert np.allclose(shown.min(axis=(2, 3)), 0) and np.allclose(shown.max(axis=(2, 3)), 1)
     raw = maps.values
+    assert display_maps(maps, opened, model_defaults=False) is maps  # no normalisation: drawn as computed
     np.testing.assert_allclose(display_maps(maps, opened, "max").values,
                                raw / raw.max(axis=(2, 3), keepdims=True), rtol=1e-6)
     # the command: the model's minmax unless --normalize says otherwise

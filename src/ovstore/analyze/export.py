@@ -162,61 +162,27 @@ def write_overlays(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], ou
 
 
 def overlay_files(maps: xr.DataArray, image_of: Callable[[int], np.ndarray], out_dir: str | Path,
-                  *, cmap: str = "jet", alpha: float = 0.5, min_size: int = 128) -> list[Path]:
-    """Per-token heat-map overlays and one labelled sheet per image and prompt, written into
-    the existing folder ``out_dir``.
+                  *, all_tokens: bool = False, cmap: str | None = None, min_size: int | None = None) -> list[Path]:
+    """One map sheet per image and attribution prompt, and one picture per word shown in it,
+    written into the existing folder ``out_dir`` (drawn by :mod:`ovstore.pictures`).
 
-    Maps are upsampled bilinearly to the image size and divided by their maximum (the
-    reference's display convention). Files: ``{image:05d}_p{prompt:03d}_t{pos:02d}_{token}.png``
-    and ``{image:05d}_p{prompt:03d}.png`` (the sheet). Images smaller than ``min_size`` are
-    enlarged (nearest neighbour) so that small models' pictures stay legible.
+    A sheet shows the image and one tile per word (sub-tokens joined) on one colour scale
+    shared by its tiles, with a labelled colour bar; start/end-of-text, padding and filler
+    words are left out unless ``all_tokens``. Files: ``{image:05d}_p{prompt:03d}.png`` (the
+    sheet) and ``{image:05d}_p{prompt:03d}_t{pos:02d}_{word}.png`` (one word, on its sheet's
+    scale; ``pos`` is the position of the word's first token).
     """
-    import matplotlib
+    from .. import pictures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-    from PIL import Image
-
-    from .engine import resize_maps
-
+    style = {"all_tokens": all_tokens}
+    if cmap is not None:
+        style["cmap"] = cmap
+    if min_size is not None:
+        style["min_size"] = min_size
     out_dir = Path(out_dir)
-    colormap = matplotlib.colormaps[cmap]
     written = []
-    prompt_index = maps["prompt_index"].values
-    for i, image in enumerate(maps["image"].values):
-        rgb = image_of(int(image))
-        factor = max(1, -(-min_size // max(rgb.shape[:2])))
-        rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
-        h, w = rgb.shape[:2]
-        data = torch.from_numpy(np.ascontiguousarray(maps.isel(image=i).values))  # one image (lazy arrays)
-        up = resize_maps(data, (h, w)).numpy()
-        for k in np.unique(prompt_index):
-            cols = np.flatnonzero(prompt_index == k)
-            tiles = []
-            for col in cols:
-                m = up[col]
-                m = m / m.max() if m.max() > 0 else m
-                heat = (colormap(np.clip(m, 0, 1))[..., :3] * 255).astype(np.float32)
-                blend = ((1 - alpha) * rgb.astype(np.float32) + alpha * heat).round().astype(np.uint8)
-                token = str(maps["token_str"].values[col])
-                pos = int(maps["position"].values[col])
-                path = out_dir / f"{int(image):05d}_p{int(k):03d}_t{pos:02d}_{_safe(token)}.png"
-                Image.fromarray(blend).save(path)
-                written.append(path)
-                tiles.append((token.replace("</w>", ""), blend))
-            n = len(tiles) + 1
-            fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 1.9), dpi=100)
-            axes[0].imshow(rgb)
-            axes[0].set_title("image", fontsize=7)
-            for ax, (label, tile) in zip(axes[1:], tiles):
-                ax.imshow(tile)
-                ax.set_title(label, fontsize=7)
-            for ax in axes:
-                ax.axis("off")
-            fig.suptitle(str(maps["prompt"].values[cols[0]])[:80], fontsize=8)
-            sheet = out_dir / f"{int(image):05d}_p{int(k):03d}.png"
-            fig.savefig(sheet, bbox_inches="tight")
-            plt.close(fig)
-            written.append(sheet)
+    for image, k, sheet, singles in pictures.prompt_sheets(maps, image_of, **style):
+        for tile, single in singles:
+            written.append(single.save(out_dir / f"{image:05d}_p{k:03d}_t{tile.position:02d}_{_safe(tile.label)}.png"))
+        written.append(sheet.save(out_dir / f"{image:05d}_p{k:03d}.png"))
     return written
