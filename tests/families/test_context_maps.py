@@ -9,50 +9,32 @@ import numpy as np
 import pytest
 
 V1 = Path(__file__).parent.parent / "data" / "v1-store"
-PROMPTS = [("a cat on a sofa", None), ("a red car", "blurry"), ("a dog in a park", None), ("a bird", "dark"),
-           ("a green tree", None)]
 
 
-@pytest.fixture(scope="module")
-def five_store(tiny_pipe, tmp_path_factory):
-    """Five images, both halves, two steps, float32: contexts differ from image to image."""
-    from ovstore.capture import CaptureConfig, build_requests, capture
-
-    pipe, identity = tiny_pipe
-    out = tmp_path_factory.mktemp("ctx") / "five.zarr"
-    requests = build_requests([(p, n, 3 + k) for k, (p, n) in enumerate(PROMPTS)], guidance=7.5,
-                              num_inference_steps=2)
-    capture(pipe, identity, requests, out, config=CaptureConfig(num_inference_steps=2, guidance=7.5,
-                                                                dtype="float32", branch="both"))
-    return out
-
-
-def test_streamed_zarr_equals_the_in_memory_context_maps(five_store, tmp_path):
+def test_streamed_zarr_equals_the_in_memory_context_maps(multi_store, tmp_path):
     import xarray as xr
 
     from ovstore.analyze import MapConfig, compute_context_maps, write_context_maps_zarr
 
-    for branch in ("uncond", "cond"):
-        config = MapConfig(branch=branch)
-        memory = compute_context_maps(five_store, config=config)
-        out = write_context_maps_zarr(five_store, tmp_path / f"{branch}.zarr", config=config, block_images=2)
+    for k, config in enumerate((MapConfig(), MapConfig(size=(16, 16), normalize="max", steps="0,-1"))):
+        memory = compute_context_maps(multi_store, config=config)
+        out = write_context_maps_zarr(multi_store, tmp_path / f"{k}.zarr", config=config, block_images=2)
         ds = xr.open_zarr(out, consolidated=False)
         streamed = ds["ovam_maps"].load()
         assert streamed.dims == memory.dims == ("image", "token", "y", "x")
-        assert streamed.shape == (5, 77, 32, 32)
+        assert streamed.shape == (3, 77, *(config.size or (32, 32)))
         np.testing.assert_array_equal(streamed.values, memory.values)  # exactly, not within a tolerance
         assert set(streamed.coords) == set(memory.coords)
         for name in memory.coords:
             assert streamed[name].dims == memory[name].dims, name
             np.testing.assert_array_equal(streamed[name].values, memory[name].values)
-        assert {k: ds.attrs[k] for k in memory.attrs} == memory.attrs
-        # per-image contexts: uncond the negative prompts ("", "blurry", "", "dark", ""), cond 5 prompts
-        rows = {tuple(row) for row in memory.token_id.values}
-        assert len(rows) == (3 if branch == "uncond" else 5)
-        assert {tuple(row) for row in streamed.token_str.values} == {tuple(r) for r in memory.token_str.values}
+        assert {key: ds.attrs[key] for key in memory.attrs} == memory.attrs
+        # per-image contexts (uncond: the negative prompts "", "blurry", ""), each image its own tokens
+        assert [len(set(row)) > 2 for row in memory.token_str.values] == [False, True, False]
+        assert memory.token_str.values[1, 1] == streamed.token_str.values[1, 1] == "blurry</w>"
 
 
-def test_context_maps_are_written_in_blocks_of_images(five_store, tmp_path, monkeypatch):
+def test_context_maps_are_written_in_blocks_of_images(multi_store, tmp_path, monkeypatch):
     """Memory holds at most two blocks of images (one computed, one written), whatever the
     number of images: the writer receives blocks of ``block_images`` consecutive images, and
     never more than two blocks' maps exist between the computation and the disk."""
@@ -78,17 +60,17 @@ def test_context_maps_are_written_in_blocks_of_images(five_store, tmp_path, monk
     monkeypatch.setattr(context, "compute_context_maps", lambda *a, **k: pytest.fail("held every image"))
     for block_images in (1, 2):
         yielded.clear(), written.clear(), blocks.clear(), alive.clear()
-        export.write_context_maps_zarr(five_store, tmp_path / f"b{block_images}.zarr", block_images=block_images)
-        assert [p for b in blocks for p in b] == [0, 1, 2, 3, 4]
+        export.write_context_maps_zarr(multi_store, tmp_path / f"b{block_images}.zarr", block_images=block_images)
+        assert [p for b in blocks for p in b] == [0, 1, 2]
         assert all(len(b) == block_images for b in blocks[:-1]) and 1 <= len(blocks[-1]) <= block_images
         assert max(alive) <= 2 * block_images
     # the default block fits about 64 MB of maps: every image of this small store at once
     blocks.clear()
-    export.write_context_maps_zarr(five_store, tmp_path / "default.zarr")
-    assert blocks == [[0, 1, 2, 3, 4]]
+    export.write_context_maps_zarr(multi_store, tmp_path / "default.zarr")
+    assert blocks == [[0, 1, 2]]
 
 
-def test_interrupted_context_zarr_publishes_nothing(five_store, tmp_path, monkeypatch):
+def test_interrupted_context_zarr_publishes_nothing(multi_store, tmp_path, monkeypatch):
     import xarray as xr
 
     import ovstore.analyze.export as export
@@ -105,40 +87,40 @@ def test_interrupted_context_zarr_publishes_nothing(five_store, tmp_path, monkey
 
     monkeypatch.setattr(export, "_write_context_block", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export.write_context_maps_zarr(five_store, out, block_images=2)
+        export.write_context_maps_zarr(multi_store, out, block_images=2)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
     # an earlier output is kept whole when its replacement is interrupted
     monkeypatch.setattr(export, "_write_context_block", write)
-    export.write_context_maps_zarr(five_store, out, images=[0, 1])
+    export.write_context_maps_zarr(multi_store, out, images=[0, 1])
     calls.clear()
     monkeypatch.setattr(export, "_write_context_block", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export.write_context_maps_zarr(five_store, out, block_images=1, overwrite=True)
+        export.write_context_maps_zarr(multi_store, out, block_images=1, overwrite=True)
     kept = xr.open_zarr(out, consolidated=False)["ovam_maps"]
     assert list(kept.image.values) == [0, 1] and np.isfinite(kept.values).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]
 
 
-def test_cli_writes_context_zarr_and_overlays(five_store, tmp_path, monkeypatch, capsys):
+def test_cli_writes_context_zarr_and_overlays(multi_store, tmp_path, monkeypatch, capsys):
     import xarray as xr
 
     from ovstore.analyze import compute_context_maps
     from ovstore.cli import main
 
-    args = ["maps", five_store, "--generation-context", "--image", "3", "--out", tmp_path / "c.zarr",
+    args = ["maps", multi_store, "--generation-context", "--image", "1", "--out", tmp_path / "c.zarr",
             "--png", tmp_path / "png"]
     monkeypatch.setattr("sys.argv", ["ovstore", *map(str, args)])
     main()
     assert "wrote generation-context maps (1, 77, 32, 32)" in capsys.readouterr().err
     streamed = xr.open_zarr(tmp_path / "c.zarr", consolidated=False)["ovam_maps"]
-    memory = compute_context_maps(five_store, images=[3])
+    memory = compute_context_maps(multi_store, images=[1])
     np.testing.assert_array_equal(streamed.values, memory.values)
     np.testing.assert_array_equal(streamed.token_str.values, memory.token_str.values)
-    # the image's own tokens (its negative prompt "dark": uncond is the store's first half)
-    assert list(streamed.token_str.values[0, :3]) == ["<|startoftext|>", "dark</w>", "<|endoftext|>"]
+    # the image's own tokens (its negative prompt "blurry": uncond is the store's half)
+    assert list(streamed.token_str.values[0, :3]) == ["<|startoftext|>", "blurry</w>", "<|endoftext|>"]
     # one sheet and 77 token overlays
-    assert len(list((tmp_path / "png").glob("00003_p000_t*.png"))) == 77
-    assert (tmp_path / "png" / "00003_p000.png").exists()
+    assert len(list((tmp_path / "png").glob("00001_p000_t*.png"))) == 77
+    assert (tmp_path / "png" / "00001_p000.png").exists()
 
 
 def test_python_users_get_the_cli_checks_of_generation_context(golden_store, tmp_path):
