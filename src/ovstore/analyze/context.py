@@ -109,6 +109,8 @@ class _ContextRun:
         self.config = config or MapConfig()
         _check_context(self.store, self.config)
         self.images = self.store.check_images(images)
+        if not self.images:
+            raise InvalidInputError("no image chosen; give --image N (or none for every complete image)")
         self.plan = MapPlan(self.store, self.config, device=device)
         spec = self.store.layout.context
         recipe = self.store.layout.model.text_recipe
@@ -130,7 +132,8 @@ def _iter_context_maps(run: _ContextRun) -> Iterator[ContextImage]:
         with torch.inference_mode():
             keys = plan.ordered_keys(block.embedding, block.buckets)
             maps = plan.image_maps(queries, keys, block.buckets).detach().cpu().numpy()
-        ids = store.context_tokenizer_ids(image, plan.branch)
+        ids = (store.context_tokenizer_ids(image, plan.branch) if len(run.tokenizer_names) > 1
+               else np.asarray([att.token_ids]))
         strings = [list(att.tokens)] + [_strings(ids[k], run.tokenizers[k]) for k in range(1, len(ids))]
         yield ContextImage(position, image, maps, np.asarray(ids, dtype=np.int64), strings)
 
