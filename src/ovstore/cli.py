@@ -316,12 +316,13 @@ def maps(
     from .store import open_store
 
     if generation_context:
-        if attribution or attributions_file is not None or token:
-            raise InvalidInputError("--generation-context maps the context each image attended; drop "
-                                    "--attribution/--attributions-file/--token (or drop --generation-context)")
-        _context_maps(store, image=image, out=out, size=size, png=png, layer=layer, resolution=resolution,
-                      steps=_calls_option(calls, steps, "maps"), branch=branch, activation=activation,
-                      aggregation=aggregation, normalize=normalize, device=device, overwrite=overwrite)
+        _context_maps(store, out=out, image=image, png=png, png_all_tokens=png_all_tokens, overwrite=overwrite,
+                      device=device,
+                      skip_damaged=skip_damaged, attribution=attribution, attributions_file=attributions_file, token=token,
+                      config_options=dict(layers=_layer_selection(layer, resolution, include_mid=False),
+                                          steps=_calls_option(calls, steps, "maps"), branch=branch,
+                                          activation=activation, aggregation=aggregation, normalize=normalize,
+                                          size=size))
         return
     prompts = list(attribution or [])
     if attributions_file is not None:  # blank lines skipped, the others' line numbers kept (prompt_line)
@@ -410,38 +411,29 @@ def maps(
         console.print(f"wrote {len(files)} PNG pictures to {png}")
 
 
-def _context_maps(store: Path, *, image, out: Path, size, png, layer, resolution, steps, branch, activation,
-                  aggregation, normalize, device, overwrite: bool = False) -> None:
-    """``maps --generation-context``: options checked, then :func:`compute_context_maps`."""
-    from .analyze import MapConfig, compute_context_maps, save_maps
-    from .analyze import overlay_dir, overlay_files, per_image
-    from .store import open_store
+def _context_maps(store: Path, *, out: Path, image, png, png_all_tokens: bool, overwrite: bool, device: str,
+                  skip_damaged: bool,
+                  attribution, attributions_file, token, config_options: dict) -> None:
+    """``maps --generation-context``: :func:`ovstore.analyze.check_context_request`, then
+    :func:`ovstore.analyze.write_context_maps`."""
+    from .analyze import check_context_request, context_map_config, write_context_maps
 
-    if out.suffix not in (".npy", ".zarr"):
-        raise InvalidInputError(f"--out {out}: use a .npy or .zarr file name")
-    if activation != "token_softmax":
-        raise InvalidInputError("--generation-context maps are the model's softmax over its context; drop --activation")
-    if aggregation not in ("sum", "mean"):
-        raise InvalidInputError(f"--aggregation {aggregation!r} is not one of sum, mean")
-    config = MapConfig(layers=_layer_selection(layer, resolution, include_mid=False), steps=steps, branch=branch,
-                       head_reduction=aggregation, step_reduction=aggregation, layer_reduction=aggregation,
-                       normalize=normalize, size=tuple(size) if size else None)
-    target = None  # the overlay folder is checked before the work, published after it
-    if png is not None:
-        target = overlay_dir(png, overwrite=overwrite, inputs=[store, Path(out).resolve()])
+    request = check_context_request(store, out, images=image, config=context_map_config(**config_options), png=png,
+                                    overwrite=overwrite, device=device, attributions=attribution or (),
+                                    attributions_file=attributions_file, tokens=token or (),
+                                    skip_damaged=skip_damaged, png_all_tokens=png_all_tokens)
+    if request.damaged:
+        from .partial import listing
+
+        console.print(f"skipping {len(request.damaged)} damaged images: {listing(request.damaged)} (`ovstore verify "
+                      f"{store}` says what is damaged)", highlight=False)
     _quiet_libraries()
-    s = open_store(store)
-    chosen = s.check_images(image)
-    with _progress(len(chosen), "maps") as bar:
-        task = bar.add_task("maps", total=len(chosen))
-        result = compute_context_maps(s, images=chosen, config=config, device=device,
-                                      progress=lambda _: bar.advance(task))
-    save_maps(result, out, overwrite=overwrite, inputs=[store])
-    console.print(f"wrote generation-context maps {tuple(result.shape)} (image, token, y, x) to {out}")
-    if target is not None:
-        with target.writing() as tmp:  # every image's overlays, published as one folder
-            files = [f for k in range(len(chosen)) for f in overlay_files(per_image(result, k), s.image, tmp)]
-        console.print(f"wrote {len(files)} PNG overlays to {png}")
+    with _progress(len(request.images), "maps") as bar:
+        task = bar.add_task("maps", total=len(request.images))
+        result = write_context_maps(request, progress=lambda _: bar.advance(task))
+    console.print(f"wrote generation-context maps {tuple(result.maps.shape)} (image, token, y, x) to {out}")
+    if png is not None:
+        console.print(f"wrote {len(result.overlays)} PNG overlays to {png}")
 
 
 @app.command()
@@ -473,24 +465,10 @@ def optimize(
     Several classes at once: ovstore optimize caps.zarr --tasks-file classes.jsonl --out tokens/
     """
     from .analyze import MapConfig
-    from .optimize import OptimizeConfig, TokenTask, optimize_tokens, read_tasks_file, write_tokens
-    from .outputs import open_output
+    from .optimize import OptimizeConfig, optimize_tokens, tasks_from_options, write_tokens
 
-    if tasks_file is not None:
-        if image or mask or init or name:
-            raise InvalidInputError("--tasks-file names every class; drop --image/--mask/--init/--name")
-        if out.suffix == ".safetensors":
-            raise InvalidInputError(f"--out {out}: with --tasks-file, give a folder (one NAME.safetensors per class)")
-        tasks = read_tasks_file(tasks_file)
-    else:
-        if not init or not image or not mask:
-            raise InvalidInputError("give --init WORD with --image N --mask FILE pairs, or --tasks-file F")
-        if out.suffix != ".safetensors":
-            raise InvalidInputError(f"--out {out}: a token file must end in .safetensors")
-        tasks = [TokenTask(init_word=init, images=tuple(image), masks=tuple(mask), name=name)]
-    inputs = [store, *(tasks_file and [tasks_file] or []), *[m for t in tasks for m in t.masks if isinstance(m, Path)]]
-    open_output(out, "optimize", kind="dir" if tasks_file is not None else "file", inputs=inputs,
-                overwrite=overwrite)  # refused before the training, not after
+    request = tasks_from_options(store, out, images=image or (), masks=mask or (), init=init, name=name,
+                                 tasks_file=tasks_file, overwrite=overwrite)
     config = OptimizeConfig(
         recipe=recipe, context=context, epochs=epochs, lr=lr, lr_step=lr_step, lr_gamma=lr_gamma,
         maps=MapConfig(layers=_layer_selection(layer, resolution, include_mid=False),
@@ -499,11 +477,11 @@ def optimize(
     _quiet_libraries()
     with _progress(epochs, "optimizing") as bar:
         progress_task = bar.add_task("optimize", total=epochs)
-        tokens = optimize_tokens(store, tasks, config=config, model=model, device=device,
+        tokens = optimize_tokens(store, list(request.tasks), config=config, model=model, device=device,
                                  progress=lambda epoch, losses: bar.update(progress_task, completed=epoch + 1))
-    paths = write_tokens(tokens, out, folder=tasks_file is not None, overwrite=overwrite, inputs=inputs,
+    paths = write_tokens(tokens, out, folder=request.folder, overwrite=overwrite, inputs=request.inputs,
                          rescue_dir=Path(store).resolve().parent)
-    for task, token, path in zip(tasks, tokens, paths):
+    for task, token, path in zip(request.tasks, tokens, paths):
         t = token.training
         console.print(f"wrote {path}: loss {t['best_loss']:.4f}, training IoU {t['train_iou']:.3f} "
                       f"(plain word {task.init_word!r}: {t['plain_word_iou']:.3f})", highlight=False)

@@ -19,9 +19,10 @@ def sdxl_pipe():
     return load_pipeline(str(SDXL))
 
 
-def build_sdxl(path: Path) -> Path:
+def build_sdxl(path: Path, *, pad_token_2: str | None = None) -> Path:
     """A random SDXL pipeline: text_time UNet with cross-attention at two grids (one with two
-    transformer layers), ``text_encoder`` 16 wide and ``text_encoder_2`` 24 wide (joined: 40)."""
+    transformer layers), ``text_encoder`` 16 wide and ``text_encoder_2`` 24 wide (joined: 40).
+    ``pad_token_2``: the second tokenizer pads with this token (real SDXL checkpoints: "!")."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -43,11 +44,15 @@ def build_sdxl(path: Path) -> Path:
     te1 = CLIPTextModel(CLIPTextConfig(hidden_size=16, **common))
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, projection_dim=16, **common))
     tok = AutoTokenizer.from_pretrained(str(TINY_SD15 / "tokenizer"))
+    tok_2 = tok
+    if pad_token_2 is not None:
+        tok_2 = AutoTokenizer.from_pretrained(str(TINY_SD15 / "tokenizer"))
+        tok_2.pad_token = pad_token_2
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok_2,
                                      unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
                                      add_watermarker=False)
     pipe.save_pretrained(str(path))

@@ -204,4 +204,6 @@ def test_sdxl_presets_and_bytes_per_image(sdxl_pipe, preset, n_layers):
     assert layout.n_steps == calls
     expected = sum(l.heads * l.head_dim * l.height * l.width * 2 for l in layout.layers) * calls
     assert layout.query_bytes_per_image() == expected
-    assert layout.context_bytes_per_image() == 77 * (48 * 2 + 8)
+    # float16 embeddings, and int64 ids: the first tokenizer's, then both tokenizers' (they may differ)
+    assert layout.context.tokenizers == ("tokenizer", "tokenizer_2")
+    assert layout.context_bytes_per_image() == 77 * (48 * 2 + 8 * 3)

@@ -4,7 +4,10 @@ Loads only a tokenizer and a text encoder plus the stored key projections; never
 """
 
 from .config import MapConfig
-from .context import compute_context_maps, per_image
+from .context import (
+    ContextRequest, ContextResult, check_context_request, compute_context_maps, context_map_config, per_image,
+    write_context_maps,
+)
 from .display import display_maps, display_normalization
 from .engine import (
     PreparedQueries,
@@ -16,7 +19,7 @@ from .engine import (
     prepare_queries,
     resize_maps,
 )
-from .export import overlay_dir, overlay_files, save_maps, write_maps_zarr, write_overlays
+from .export import overlay_dir, overlay_files, save_maps, write_context_maps_zarr, write_maps_zarr, write_overlays
 from .maps import MapPlan, compute_maps, iter_image_maps, iter_map_blocks, split_by_prompt
 from .text import (
     Attribution, TextEncoder, check_recorded_encoder, load_text_encoder, start_of_text_row, word_in_context,
@@ -26,15 +29,19 @@ from .words import word_maps
 
 __all__ = [
     "Attribution",
+    "ContextRequest",
+    "ContextResult",
     "MapConfig",
     "MapPlan",
     "PreparedQueries",
     "TextEncoder",
     "TokenBuckets",
+    "check_context_request",
     "check_recorded_encoder",
     "combine_layers",
     "compute_context_maps",
     "compute_maps",
+    "context_map_config",
     "display_maps",
     "display_normalization",
     "iter_image_maps",
@@ -49,6 +56,8 @@ __all__ = [
     "overlay_files",
     "per_image",
     "save_maps",
+    "write_context_maps",
+    "write_context_maps_zarr",
     "write_maps_zarr",
     "write_overlays",
     "split_by_prompt",

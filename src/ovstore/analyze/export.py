@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from .maps import MapBlock
 
-__all__ = ["overlay_dir", "overlay_files", "save_maps", "write_maps_zarr", "write_overlays"]
+__all__ = ["overlay_dir", "overlay_files", "save_maps", "write_context_maps_zarr", "write_maps_zarr", "write_overlays"]
 
 
 def save_maps(maps: xr.DataArray, out: str | Path, *, overwrite: bool = False,
@@ -140,6 +140,97 @@ def _write_block(array, block: MapBlock, data: np.ndarray, total: int,
     array[block.position, block.tokens] = data
     if progress is not None and block.tokens.stop == total:
         progress(block.image)
+
+
+def write_context_maps_zarr(
+    store: Store | str | Path,
+    out: str | Path,
+    *,
+    images: Sequence[int] | None = None,
+    config: MapConfig | None = None,
+    device: str = "cpu",
+    tokenizer: object | None = None,
+    tokenizers: Sequence[object] | None = None,
+    progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
+    block_images: int | None = None,
+    skipped_damaged: Sequence[int] = (),
+) -> Path:
+    """Generation-context maps (:func:`~ovstore.analyze.compute_context_maps`) streamed into
+    ``out``, a Zarr v3 xarray dataset, one block of images at a time.
+
+    ``xarray.open_zarr(out)["ovam_maps"]`` equals the in-memory result: dims ``(image, token,
+    y, x)``, the per-image ``token_id``/``token_str`` (and ``token_id_2``/``token_str_2`` when
+    the store keeps its second tokenizer's ids) as ``(image, token)`` coordinates. Memory holds
+    one block of ``block_images`` images (default: about 64 MB of maps) and the block being
+    written, whatever the number of images. Built in a hidden temporary beside ``out`` and
+    published complete (:mod:`ovstore.outputs`): an interrupted write publishes nothing.
+    Chunks: maps one image × up to ~2 MB of tokens; token coordinates one block of images.
+    ``skipped_damaged`` is recorded in the attrs (provenance).
+    """
+    import dask.array as da
+    import xarray as xr
+    import zarr
+
+    from .. import dims
+    from .context import _ContextRun, _context_attrs, _iter_context_maps, context_coords, context_token_coords
+
+    run = _ContextRun(store, images, config, device, tokenizer, tokenizers)
+    target = open_output(out, "maps", kind="dir", inputs=[run.store.path, *inputs], overwrite=overwrite)
+    n, length, (height, width) = len(run.images), run.length, run.plan.size
+    per_image = 4 * length * height * width
+    if block_images is None:
+        block_images = max(1, _WRITE_BLOCK_BUDGET // per_image)
+    block_images = int(min(max(1, int(block_images)), n))
+    token_chunk = int(min(length, max(1, 2**21 // (4 * height * width))))
+    names = context_token_coords(run.tokenizer_names)
+    coords = context_coords(run.store, run.images, length)
+    for id_name, _ in names:  # written block by block, like the maps
+        coords[id_name] = ((dims.IMAGE, dims.TOKEN), da.full((n, length), -1, chunks=(block_images, length),
+                                                             dtype=np.int64))
+    template = xr.DataArray(
+        da.zeros((n, length, height, width), chunks=(1, token_chunk, height, width), dtype=np.float32),
+        dims=(dims.IMAGE, dims.TOKEN, dims.Y, dims.X), coords=coords, name="ovam_maps",
+    ).to_dataset()
+    template.attrs = {**_context_attrs(run), "skipped_damaged_images": [int(i) for i in skipped_damaged],
+                      **zarr_marker("maps")}
+    with target.writing(kept=f"nothing was written there (an earlier {target.path.name} is unchanged)",
+                        marker=False) as tmp:
+        template.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
+        group = zarr.open_group(tmp, mode="r+", zarr_format=3)
+        maps = group["ovam_maps"]
+        for _, str_name in names:  # variable-length strings, created here so nothing is held for all images
+            group.create_array(str_name, shape=(n, length), chunks=(block_images, length), dtype=str,
+                               fill_value="", dimension_names=(dims.IMAGE, dims.TOKEN))
+        maps.attrs["coordinates"] = " ".join([*str(maps.attrs.get("coordinates", "")).split(),
+                                              *(str_name for _, str_name in names)])
+        arrays = [(group[i], group[s]) for i, s in names]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovstore-write") as writer:
+            pending: Future[None] | None = None
+            block: list = []
+            for item in _iter_context_maps(run):
+                block.append(item)
+                if len(block) == block_images or item.position == n - 1:
+                    if pending is not None:
+                        pending.result()  # at most one block waits to be written: memory stays bounded
+                    pending = writer.submit(_write_context_block, maps, arrays, block, progress)
+                    block = []
+            if pending is not None:
+                pending.result()
+    return target.path
+
+
+def _write_context_block(maps, arrays, block: Sequence, progress: Callable[[int], None] | None) -> None:
+    """One block of consecutive images: their maps and per-image token coordinates."""
+    rows = slice(block[0].position, block[-1].position + 1)
+    maps[rows] = np.stack([item.maps for item in block])
+    for k, (ids, strings) in enumerate(arrays):
+        ids[rows] = np.stack([item.token_ids[k] for item in block])
+        strings[rows] = np.array([item.token_str[k] for item in block], dtype=object)
+    if progress is not None:
+        for item in block:
+            progress(item.image)
 
 
 def overlay_dir(path: str | Path, *, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Output:

@@ -32,12 +32,12 @@ class BatchQueries:
     queries: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     timesteps: list[float] = field(default_factory=list)
     n_calls: int = 0
-    #: the attended context ``(image, branch, token, feature)`` and its ids ``(image, branch, token)``
+    #: the attended context ``(image, branch, token, feature)`` and its ids ``(image, branch, tokenizer, token)``
     context: torch.Tensor | None = None
     context_ids: Any = None
 
     def image_context(self, index: int) -> tuple[Any, Any]:
-        """The context of one image: ``(branch, token, feature)`` and ``(branch, token)`` ids."""
+        """The context of one image: ``(branch, token, feature)`` and ``(branch, tokenizer, token)`` ids."""
         if self.context is None:
             raise InvalidInputError("the denoiser was called without encoder_hidden_states; no context to store")
         return self.context[index].numpy(), self.context_ids[index]

@@ -80,8 +80,14 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
 def _context_spec(pipe: Any, family: ModelFamily, dtype: str) -> ContextSpec:
     """Shape of the attended context: the pipeline's padded prompt length and the features
     the denoiser receives (the joined encoders' widths)."""
-    length = len(family.context_token_ids(pipe, [""])[0])
-    return ContextSpec(length=length, features=family.text_recipe(pipe).width, dtype=dtype)
+    per_tokenizer = family.context_tokenizer_ids(pipe, [""])
+    lengths = {len(ids[0]) for ids in per_tokenizer}
+    if len(lengths) != 1:
+        raise InvalidInputError(f"the pipeline's tokenizers pad prompts to different lengths ({sorted(lengths)}); "
+                                "its text encoders' contexts cannot be joined")
+    recipe = family.text_recipe(pipe)
+    return ContextSpec(length=lengths.pop(), features=recipe.width, dtype=dtype,
+                       tokenizers=tuple(recipe.tokenizers[:len(per_tokenizer)]))
 
 
 def _key_projections(pipe: Any, layers: Sequence) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
@@ -354,10 +360,12 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
 
 def _context_ids(pipe: Any, family: ModelFamily, records: Sequence[ImageRecord],
                  branches: Sequence[str]) -> np.ndarray:
-    """Token ids of each image's attended context per branch ``(image, branch, token)``: the
-    negative prompt for ``uncond``, the prompt for ``cond``, as the pipeline tokenizes them."""
+    """Token ids of each image's attended context per branch and tokenizer ``(image, branch,
+    tokenizer, token)``: the negative prompt for ``uncond``, the prompt for ``cond``, as each
+    of the pipeline's tokenizers encodes them."""
     texts = {"uncond": [r.negative_prompt or "" for r in records], "cond": [r.prompt for r in records]}
-    per_branch = [np.asarray(family.context_token_ids(pipe, texts[b]), dtype=np.int64) for b in branches]
+    per_branch = [np.asarray(family.context_tokenizer_ids(pipe, texts[b]), dtype=np.int64).transpose(1, 0, 2)
+                  for b in branches]
     return np.stack(per_branch, axis=1)
 
 

@@ -99,6 +99,12 @@ class ModelFamily(ABC):
     def context_token_ids(self, pipe: Any, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of ``texts`` exactly as the pipeline encodes prompts (padding included)."""
 
+    def context_tokenizer_ids(self, pipe: Any, texts: Sequence[str]) -> list[list[list[int]]]:
+        """Token ids of ``texts`` as each tokenizer of the text recipe encodes prompts
+        (``[tokenizer][text][token]``, recipe join order; padding included): what each text
+        encoder saw. Default: the first tokenizer's (:meth:`context_token_ids`) only."""
+        return [self.context_token_ids(pipe, texts)]
+
     @abstractmethod
     def pipeline_arguments(self, prompts: Sequence[str], negative_prompts: Sequence[str]) -> dict[str, Any]:
         """Keyword arguments that pass prompts to the pipeline as a user would."""

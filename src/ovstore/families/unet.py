@@ -160,10 +160,17 @@ class UNetFamily(ModelFamily):
         return kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
 
     def context_token_ids(self, pipe: Any, texts: Sequence[str]) -> list[list[int]]:
-        tokenizer = self.text_components(pipe)[0][0]
-        ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True)["input_ids"]
-        return [list(map(int, row)) for row in ids]
+        return self.context_tokenizer_ids(pipe, texts)[0]
+
+    def context_tokenizer_ids(self, pipe: Any, texts: Sequence[str]) -> list[list[list[int]]]:
+        # as encode_prompt: each tokenizer pads to its own model_max_length with its own pad
+        # token (SDXL's tokenizer_2 pads with "!", id 0; tokenizer with end-of-text, 49407)
+        out = []
+        for tokenizer, _ in self.text_components(pipe):
+            ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True)["input_ids"]
+            out.append([list(map(int, row)) for row in ids])
+        return out
 
     def pipeline_arguments(self, prompts: Sequence[str], negative_prompts: Sequence[str]) -> dict[str, Any]:
         # no negative prompt is None, not "": SDXL then applies force_zeros_for_empty_prompt

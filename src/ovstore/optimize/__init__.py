@@ -10,12 +10,13 @@ from .tokens import (
     SOT, TokenFile, combined_attribution, load_token, save_token, store_token_attributions, token_attribution,
     write_tokens,
 )
-from .tasks import TokenTask, read_tasks_file
+from .tasks import OptimizeRequest, TokenTask, read_tasks_file, tasks_from_options
 from .trainer import initial_rows, mask_iou, optimize_tokens
 
 __all__ = [
     "DEFAULT_CONTEXT",
     "OptimizeConfig",
+    "OptimizeRequest",
     "RECIPES",
     "SOT",
     "TokenFile",
@@ -29,6 +30,7 @@ __all__ = [
     "read_tasks_file",
     "save_token",
     "store_token_attributions",
+    "tasks_from_options",
     "token_attribution",
     "write_tokens",
 ]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidInputError
 from ..inputs import read_lines
 
-__all__ = ["TokenTask", "read_tasks_file"]
+__all__ = ["OptimizeRequest", "TokenTask", "read_tasks_file", "tasks_from_options"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,54 @@ def read_tasks_file(path: str | Path) -> list[TokenTask]:
     if not tasks:
         raise InvalidInputError(f"--tasks-file {path} names no class")
     return tasks
+
+
+@dataclass(frozen=True)
+class OptimizeRequest:
+    """The classes of one ``ovstore optimize`` run and where their tokens go, checked.
+
+    ``folder``: ``out`` is a folder of ``NAME.safetensors`` (a tasks file), else one token
+    file; ``inputs`` are the paths the run reads (store, tasks file, masks), never replaced.
+    """
+
+    tasks: tuple[TokenTask, ...]
+    out: Path
+    folder: bool
+    inputs: tuple[Path, ...]
+
+
+def tasks_from_options(
+    store: str | Path,
+    out: str | Path,
+    *,
+    images: Sequence[int] = (),
+    masks: Sequence[str | Path] = (),
+    init: str | None = None,
+    name: str | None = None,
+    tasks_file: str | Path | None = None,
+    overwrite: bool = False,
+) -> OptimizeRequest:
+    """The tasks of ``optimize``'s options, with their one-line errors: a ``tasks_file`` (one
+    class per line, ``out`` a folder) or one class from ``init`` and ``images``/``masks``
+    pairs (``out`` a ``.safetensors`` file), never both. ``out`` is checked here too (never an
+    input; an earlier token only with ``overwrite``), before any training."""
+    from ..outputs import open_output
+
+    out = Path(out)
+    if tasks_file is not None:
+        if images or masks or init or name:
+            raise InvalidInputError("--tasks-file names every class; drop --image/--mask/--init/--name")
+        if out.suffix == ".safetensors":
+            raise InvalidInputError(f"--out {out}: with --tasks-file, give a folder (one NAME.safetensors per class)")
+        tasks = read_tasks_file(tasks_file)
+    else:
+        if not init or not images or not masks:
+            raise InvalidInputError("give --init WORD with --image N --mask FILE pairs, or --tasks-file F")
+        if out.suffix != ".safetensors":
+            raise InvalidInputError(f"--out {out}: a token file must end in .safetensors")
+        tasks = [TokenTask(init_word=init, images=tuple(images), masks=tuple(Path(m) for m in masks), name=name)]
+    inputs = (Path(store), *([Path(tasks_file)] if tasks_file is not None else []),
+              *[m for t in tasks for m in t.masks if isinstance(m, Path)])
+    open_output(out, "optimize", kind="dir" if tasks_file is not None else "file", inputs=inputs,
+                overwrite=overwrite)  # refused before the training, not after
+    return OptimizeRequest(tuple(tasks), out, tasks_file is not None, inputs)

@@ -73,6 +73,9 @@ TIMESTEPS = "timesteps"
 #: Per image and stored branch: the context the denoiser attended (format v2).
 CONTEXT = "context"
 CONTEXT_TOKEN_IDS = "context_token_ids"
+#: Per image, stored branch and tokenizer: the ids each text encoder saw, when the text recipe
+#: has more than one tokenizer (SDXL's pad with different tokens; ``ContextSpec.tokenizers``).
+CONTEXT_TOKENIZER_IDS = "context_tokenizer_ids"
 
 #: Arrays with one entry per image slot (besides the per-layer ``queries``).
 PER_IMAGE_ARRAYS = (STATUS, PROMPT, NEGATIVE_PROMPT, SEED, GUIDANCE, NUM_INFERENCE_STEPS,
@@ -176,18 +179,34 @@ class TextRecipe:
 @dataclass(frozen=True, slots=True)
 class ContextSpec:
     """The generation context stored per image and branch (format v2): ``length`` tokens of
-    ``features`` channels (the denoiser's ``encoder_hidden_states``), and their token ids."""
+    ``features`` channels (the denoiser's ``encoder_hidden_states``), and their token ids.
+
+    ``tokenizers`` names (text-recipe subfolders, join order) the tokenizers whose ids are
+    stored: ``context_token_ids`` holds the first one's; with more than one, every one's is
+    in ``context_tokenizer_ids`` too, since each encoder saw its own (SDXL's second tokenizer
+    pads with another token). Empty in stores written before it: the first tokenizer's only.
+    """
 
     length: int
     features: int
     dtype: str = "float16"
+    tokenizers: tuple[str, ...] = ()
+
+    @property
+    def per_tokenizer(self) -> bool:
+        """Whether ``context_tokenizer_ids`` is stored (more than one tokenizer)."""
+        return len(self.tokenizers) > 1
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.tokenizers:  # as stores written before it record it
+            del data["tokenizers"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ContextSpec:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        return cls(**{f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name]
+                      for f in dataclasses.fields(cls) if f.name in data})
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +364,8 @@ class StoreLayout:
         if self.context is None:
             return 0
         c = self.context
-        return len(self.branches) * c.length * (c.features * (4 if c.dtype == "float32" else 2) + 8)
+        id_sets = 1 + (len(c.tokenizers) if c.per_tokenizer else 0)
+        return len(self.branches) * c.length * (c.features * (4 if c.dtype == "float32" else 2) + 8 * id_sets)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

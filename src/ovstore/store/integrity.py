@@ -155,6 +155,9 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
     if layout.context is not None:
         expected[fmt.CONTEXT] = (len(layout.branches), layout.context.length, layout.context.features)
         expected[fmt.CONTEXT_TOKEN_IDS] = (len(layout.branches), layout.context.length)
+        if layout.context.per_tokenizer:
+            expected[fmt.CONTEXT_TOKENIZER_IDS] = (len(layout.branches), len(layout.context.tokenizers),
+                                                   layout.context.length)
     for info in layout.layers:
         expected[f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}"] = (
             len(layout.branches), layout.n_steps, info.heads, info.height, info.width, info.head_dim)
@@ -217,6 +220,8 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
         if layout.context is not None:
             check.read(fmt.CONTEXT, image, fmt.CONTEXT, must_exist=True, finite=True)
             check.read(fmt.CONTEXT_TOKEN_IDS, image, fmt.CONTEXT_TOKEN_IDS, must_exist=True)
+            if layout.context.per_tokenizer:
+                check.read(fmt.CONTEXT_TOKENIZER_IDS, image, fmt.CONTEXT_TOKENIZER_IDS, must_exist=True)
         for info in layout.layers:
             check.read(f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}", image, info.name, must_exist=True,
                        finite=True)

@@ -53,6 +53,9 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
         raise InvalidInputError("--out must differ from every source store")
     if layout.context is not None and any(s.layout.context is None for s in stores):
         layout = dataclasses.replace(layout, context=None)  # not every source kept its contexts
+    elif layout.context is not None and any(s.layout.context.tokenizers != layout.context.tokenizers for s in stores):
+        # not every source kept every tokenizer's ids: the first tokenizer's, which all kept
+        layout = dataclasses.replace(layout, context=dataclasses.replace(layout.context, tokenizers=()))
     src = stores[0]
     keys = {l.name: src.key_projection(l.name) for l in layout.layers}
     for store in stores[1:]:  # same layout, different weights would be another model
@@ -81,7 +84,8 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
             waiting = open_slots.get(record)
             (slot,) = [waiting.pop(0)] if waiting else writer.reserve([record])
             queries = {l.name: store.queries(l.name, image, branch=None) for l in layout.layers}
-            context = store.context(image) if target.layout.context is not None else None
+            context = ((store.context(image)[0], store.context_tokenizer_ids(image))
+                       if target.layout.context is not None else None)
             writer.write_image(slot, image=store.image(image), queries=queries, timesteps=store.timesteps(image),
                                branch_labels=store.branch_labels(image), context=context)
             writer.mark_complete(slot)

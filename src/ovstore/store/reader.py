@@ -326,6 +326,20 @@ class Store:
         ids = self.read(fmt.CONTEXT_TOKEN_IDS, image, what="generation context token ids", must_exist=True)
         return (emb, ids) if branch is None else (emb[branch], ids[branch])
 
+    def context_tokenizer_ids(self, image: int, branch: int | None = None) -> np.ndarray:
+        """The token ids each tokenizer of the text recipe gave the context of ``image``:
+        ``(branch, tokenizer, token)`` (one branch when ``branch`` is given), tokenizers as
+        ``layout.context.tokenizers`` names them; stores that kept only the first tokenizer's
+        ids give that one (a tokenizer axis of length 1)."""
+        spec = self.layout.context
+        if spec is None or not spec.per_tokenizer:
+            ids = self.context(image)[1][:, None]
+        else:
+            self.check_images([image])
+            ids = self.read(fmt.CONTEXT_TOKENIZER_IDS, image, what="generation context token ids",
+                            must_exist=True)
+        return ids if branch is None else ids[branch]
+
     def image(self, image: int) -> np.ndarray:
         """The generated image as uint8 (height, width, 3).
 

@@ -277,10 +277,16 @@ class StoreWriter:
             if context is None:
                 raise StoreError(f"image {slot}: the store keeps the generation context, none was given")
             embeddings, ids = context
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.ndim == 2:  # (branch, token): the first tokenizer's only
+                ids = ids[:, None]
             expected = (len(store.layout.branches), spec.length, spec.features)
-            if tuple(embeddings.shape) != expected or tuple(ids.shape) != expected[:2]:
+            if tuple(embeddings.shape) != expected or ids.ndim != 3 or ids.shape[::2] != expected[:2]:
                 raise StoreError(f"the context of image {slot} has shape {tuple(embeddings.shape)}, the store "
                                  f"expects {expected}")
+            if spec.per_tokenizer and ids.shape[1] < len(spec.tokenizers):
+                raise StoreError(f"the context of image {slot} has the token ids of {ids.shape[1]} tokenizer(s), "
+                                 f"the store keeps those of {', '.join(spec.tokenizers)}")
         for arr, data in arrays.values():
             arr[slot] = data
         store.array(fmt.IMAGES)[slot] = image
@@ -288,7 +294,9 @@ class StoreWriter:
         store.array(fmt.BRANCH_LABELS)[slot] = ",".join(branch_labels)
         if spec is not None:
             store.array(fmt.CONTEXT)[slot] = np.asarray(embeddings, dtype=spec.dtype)
-            store.array(fmt.CONTEXT_TOKEN_IDS)[slot] = np.asarray(ids, dtype=np.int64)
+            store.array(fmt.CONTEXT_TOKEN_IDS)[slot] = ids[:, 0]
+            if spec.per_tokenizer:
+                store.array(fmt.CONTEXT_TOKENIZER_IDS)[slot] = ids[:, :len(spec.tokenizers)]
 
     def mark_complete(self, slot: int) -> None:
         """The completion marker: written last, after every other piece of the image."""
@@ -301,7 +309,10 @@ class StoreWriter:
 
 def _context_arrays(store: Store) -> tuple[str, ...]:
     """The per-image context arrays of a store that keeps them (format v2)."""
-    return (fmt.CONTEXT, fmt.CONTEXT_TOKEN_IDS) if store.layout.context is not None else ()
+    spec = store.layout.context
+    if spec is None:
+        return ()
+    return (fmt.CONTEXT, fmt.CONTEXT_TOKEN_IDS, *((fmt.CONTEXT_TOKENIZER_IDS,) if spec.per_tokenizer else ()))
 
 
 # ---------------------------------------------------------------------- creation helpers
@@ -416,6 +427,11 @@ def _build(path: Path, layout: StoreLayout, key_projections) -> None:
                           compressors=checked())
         root.create_array(fmt.CONTEXT_TOKEN_IDS, shape=(0, nb, c.length), chunks=(1, nb, c.length), dtype="int64",
                           fill_value=-1, dimension_names=(i, "branch", "context_token"), compressors=checked())
+        if c.per_tokenizer:
+            nt = len(c.tokenizers)
+            root.create_array(fmt.CONTEXT_TOKENIZER_IDS, shape=(0, nb, nt, c.length), chunks=(1, nb, nt, c.length),
+                              dtype="int64", fill_value=-1, dimension_names=(i, "branch", "tokenizer", "context_token"),
+                              compressors=checked())
     layers = root.create_group(fmt.LAYERS_GROUP)
     for info in layout.layers:
         g = layers.create_group(info.name, attributes={"layer": info.to_json()})
