@@ -105,7 +105,7 @@ def compute_context_maps(
         att = context_attribution(store, image, plan.branch, tokenizer)
         block = _block([att], 0)
         with torch.inference_mode():
-            keys = plan.ordered_keys(block.embedding, block.buckets)
+            keys = plan.ordered_keys(block.embedding, block.buckets, image)
             out[position] = plan.image_maps(queries, keys, block.buckets).detach().cpu().numpy()
         token_ids[position] = att.token_ids
         token_str[position] = att.tokens
