@@ -244,3 +244,35 @@ def test_max_sequence_length_is_refused_for_unet(tmp_path):
     pipe, identity = load_pipeline(str(TINY_SD15))
     with pytest.raises(InvalidInputError, match="max-sequence-length"):
         plan_capture(pipe, identity, CaptureConfig(num_inference_steps=2, max_sequence_length=32))
+
+
+def test_cli_capture_and_maps_on_sd3(tmp_path):
+    """The command line end to end: --max-sequence-length is recorded, the bytes are printed
+    before capture, and both attribution and generation-context maps come out."""
+    from typer.testing import CliRunner
+
+    from ovstore.cli import app
+    from ovstore.store import open_store
+
+    runner = CliRunner()
+    out = tmp_path / "cli.zarr"
+    result = runner.invoke(app, ["capture", str(PIPELINE), "--prompt", "a robot in the rain", "--steps", "2",
+                                 "--guidance", "4", "--height", "64", "--width", "64", "--branch", "cond",
+                                 "--max-sequence-length", "16", "--dtype", "float32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "per image" in result.output
+    store = open_store(out)
+    assert store.layout.context.length == 77 + 16 and store.layout.extra["max_sequence_length"] == 16
+    result = runner.invoke(app, ["maps", str(out), "--attribution", "umbrella", "--out", str(tmp_path / "m.npy")])
+    assert result.exit_code == 0, result.output
+    maps = np.load(tmp_path / "m.npy")
+    assert maps.shape[-2:] == (16, 16) and np.isfinite(maps).all()
+    result = runner.invoke(app, ["maps", str(out), "--generation-context", "--out", str(tmp_path / "c.npy")])
+    assert result.exit_code == 0, result.output
+    context = np.load(tmp_path / "c.npy")
+    np.testing.assert_allclose(context.reshape(-1, 16, 16).sum(0), 2 * 4 * 3, rtol=1e-5)
+    # resuming with the store's settings keeps the T5 length
+    result = runner.invoke(app, ["capture", "--resume", "--prompt", "a robot in the rain", "--prompt", "a cat",
+                                 "--steps", "2", "--guidance", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert open_store(out).complete_images() == [0, 1]
