@@ -276,3 +276,35 @@ def test_cli_capture_and_maps_on_sd3(tmp_path):
                                  "--steps", "2", "--guidance", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert open_store(out).complete_images() == [0, 1]
+
+
+def test_verify_and_merge_know_the_mmdit_arrays(sd3_store, tmp_path):
+    import shutil
+
+    import zarr
+
+    from ovstore.analyze import MapConfig
+    from ovstore.analyze.context import compute_context_maps
+    from ovstore.store import merge_stores, open_store, verify_store
+
+    merged = tmp_path / "merged.zarr"
+    result = merge_stores(merged, [sd3_store])
+    assert result.added == 1
+    assert verify_store(open_store(merged)).ok
+    a = compute_context_maps(sd3_store, config=MapConfig(branch="cond")).values
+    b = compute_context_maps(merged, config=MapConfig(branch="cond")).values
+    np.testing.assert_array_equal(a, b)
+    # damage: an image-values chunk removed, a stored weight edited
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(merged, damaged)
+    values = damaged / "layers" / "transformer_blocks.1.attn" / "image_values" / "c"
+    shutil.rmtree(values)
+    root = zarr.open_group(damaged, mode="r+")
+    weight = root["weights/transformer_blocks.0.ff_context.net.2.weight"]
+    weight[0, 0] = float(weight[0, 0]) + 1.0
+    report = verify_store(open_store(damaged))
+    found = {(p.image, p.array, p.kind) for p in report.problems}
+    assert (0, "transformer_blocks.1.attn image_values", "missing") in found
+    assert any("ff_context.net.2.weight" in a and k == "checksum mismatch" for _, a, k in found)
+    with pytest.raises(Exception, match="image values is missing"):
+        open_store(damaged).layer_array("transformer_blocks.1.attn", "image_values", 0)
