@@ -154,7 +154,8 @@ def capture(
         f"[bold]{escape(identity.id)}[/]: {len(layout.layers)} cross-attention layers, {layout.n_steps} of "
         f"{layout.num_unet_calls} UNet calls, branches {','.join(layout.branches)}, {layout.query_dtype}; "
         f"about {_human(layout.query_bytes_per_image() + layout.context_bytes_per_image())} per image before "
-        f"compression (queries {_human(layout.query_bytes_per_image())}, context "
+        f"compression ({'queries, image keys/values and temb' if layout.layer_arrays else 'queries'} "
+        f"{_human(layout.query_bytes_per_image())}, context "
         f"{_human(layout.context_bytes_per_image())})",
         highlight=False,
     )

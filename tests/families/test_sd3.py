@@ -95,7 +95,9 @@ def test_generation_context_maps_equal_golden(sd3_store, case):
     assert store.layout.model.family == "sd3"
     assert list(store.context(0, 0)[1]) == case["context_token_ids"]
     golden = np.load(CASE / "maps.npy")
-    maps = compute_context_maps(store, config=MapConfig(branch="cond")).values[0]
+    result = compute_context_maps(store, config=MapConfig(branch="cond"))
+    assert list(result["token_str"].values[0]) == case["context_tokens"]  # CLIP then T5 pieces
+    maps = result.values[0]
     assert maps.shape == golden.shape == (109, 16, 16)
     assert np.abs(maps - golden).max() <= 1e-4 * np.abs(golden).max()
     # every pixel's token sum is calls x heads x blocks: the softmax runs over all 109 tokens
@@ -260,7 +262,8 @@ def test_cli_capture_and_maps_on_sd3(tmp_path):
                                  "--guidance", "4", "--height", "64", "--width", "64", "--branch", "cond",
                                  "--max-sequence-length", "16", "--dtype", "float32", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "per image" in result.output
+    printed = " ".join(result.output.split())
+    assert "per image" in printed and "image keys/values and temb" in printed
     store = open_store(out)
     assert store.layout.context.length == 77 + 16 and store.layout.extra["max_sequence_length"] == 16
     result = runner.invoke(app, ["maps", str(out), "--attribution", "umbrella", "--out", str(tmp_path / "m.npy")])

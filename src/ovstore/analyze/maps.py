@@ -106,6 +106,8 @@ class MapPlan:
         the softmax keeps a log2(e)-scaled copy), one running sum per resolution and the
         upsampled map."""
         keys = sum(info.heads * info.head_dim for info in self.layers)
+        if self.family.image_dependent_keys:  # one set of keys per stored call, plus the text stream
+            keys *= len(self.steps) + 4
         sums = sum(h * w for h, w in {(l.height, l.width) for l in self.layers})
         in_flight = self.workers * max(l.height * l.width for l in self.layers)  # layer maps being summed
         return 4 * (2 * keys + sums + in_flight + 2 * self.target[0] * self.target[1] + self.size[0] * self.size[1])

@@ -100,14 +100,12 @@ class SD3Family(ModelFamily):
             and all(getattr(pipe, e, None) is not None for _, e in _TEXT)
 
     def text_to_image(self, pipe: Any) -> Any:
-        name = type(pipe).__name__
-        if name == "StableDiffusion3Pipeline":
+        if type(pipe).__name__ == "StableDiffusion3Pipeline":
             return pipe
-        from diffusers import StableDiffusion3Pipeline
+        from diffusers import AutoPipelineForText2Image
 
-        converted = StableDiffusion3Pipeline(**{k: v for k, v in pipe.components.items()
-                                                 if k in StableDiffusion3Pipeline._get_signature_keys(
-                                                     StableDiffusion3Pipeline)[0]})
+        # the same transformer, text encoders and VAE, driven from text
+        converted = AutoPipelineForText2Image.from_pipe(pipe)
         converted.set_progress_bar_config(disable=True)
         return converted
 
@@ -364,6 +362,24 @@ class TextStream:
         return out
 
 
+class _ContextTokens:
+    """The CLIP tokenizer, naming the ids of a stored SD3 context: its first
+    ``model_max_length`` positions with CLIP's vocabulary, the rest with T5's."""
+
+    def __init__(self, clip: Any, t5: Any) -> None:
+        self._clip, self._t5 = clip, t5
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        n = int(self._clip.model_max_length)
+        return list(self._clip.convert_ids_to_tokens(list(ids[:n]))) + list(self._t5.convert_ids_to_tokens(list(ids[n:])))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._clip, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._clip(*args, **kwargs)
+
+
 class SD3TextEncoder:
     """SD3's attribution text encoding: the prompt tokenized without padding by the CLIP
     tokenizers (start and end kept; both must agree) and by T5 (its end token kept); rows:
@@ -379,7 +395,9 @@ class SD3TextEncoder:
         from ..devices import check_device
 
         self.components = [(t, m.to(check_device(device)).eval()) for t, m in components]
-        self.tokenizer, self.model = self.components[0]
+        self.model = self.components[0][1]
+        #: names tokens of a stored context (CLIP positions, then T5 positions)
+        self.tokenizer = _ContextTokens(self.components[0][0], self.components[2][0])
         self.device = device
         self.name = name
         self.hidden_state = -2
@@ -395,7 +413,7 @@ class SD3TextEncoder:
 
     @property
     def max_length(self) -> int:
-        return int(self.tokenizer.model_max_length)
+        return int(self.components[0][0].model_max_length)
 
     def fingerprint(self) -> str:
         from ..analyze.text import text_encoders_fingerprint
