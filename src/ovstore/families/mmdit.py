@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError, ModelLoadError, StoreError
-from ..store import LayerInfo, ModelIdentity, TextRecipe
-from ..store import format as fmt
+from ..store import IMAGE_KEYS, IMAGE_VALUES, LayerInfo, ModelIdentity, TextRecipe
 from .base import ModelFamily
 
 __all__ = ["SD3Family", "TextStream", "joint_blocks"]
@@ -91,7 +90,7 @@ class SD3Family(ModelFamily):
     pipelines = "Stable Diffusion 3 and 3.5 (StableDiffusion3Pipeline)"
     capture_options = ("max_sequence_length",)
     image_dependent_keys = True
-    layer_arrays = (fmt.IMAGE_KEYS, fmt.IMAGE_VALUES)
+    layer_arrays = (IMAGE_KEYS, IMAGE_VALUES)
 
     # ------------------------------------------------------------------ capture
     def supports(self, pipe: Any) -> bool:
@@ -144,8 +143,8 @@ class SD3Family(ModelFamily):
 
     def record_points(self, layer: Any) -> dict[str, Any]:
         return {"queries": self.query_module(layer),
-                fmt.IMAGE_KEYS: layer.norm_k if layer.norm_k is not None else layer.to_k,
-                fmt.IMAGE_VALUES: layer.to_v}
+                IMAGE_KEYS: layer.norm_k if layer.norm_k is not None else layer.to_k,
+                IMAGE_VALUES: layer.to_v}
 
     def output_rows(self, kind: str, output: Any) -> Any:
         if output.dim() == 4:  # (batch, head, pixel, channel) after norm_q / norm_k
@@ -255,8 +254,8 @@ class SD3Family(ModelFamily):
         temb = torch.from_numpy(np.asarray(store.conditioning(image, branch, steps), dtype=np.float32))
         image_kv = {}
         for info in needed:
-            k = store.layer_array(info.name, fmt.IMAGE_KEYS, image, branch=branch, steps=steps)
-            v = store.layer_array(info.name, fmt.IMAGE_VALUES, image, branch=branch, steps=steps)
+            k = store.layer_array(info.name, IMAGE_KEYS, image, branch=branch, steps=steps)
+            v = store.layer_array(info.name, IMAGE_VALUES, image, branch=branch, steps=steps)
             image_kv[info.name] = tuple(torch.from_numpy(np.asarray(a, dtype=np.float32)).flatten(2, 3)
                                         for a in (k, v))  # (step, head, pixel, channel)
         wanted = {l.name for l in layers}
@@ -416,7 +415,7 @@ class SD3TextEncoder:
         return int(self.components[0][0].model_max_length)
 
     def fingerprint(self) -> str:
-        from ..analyze.text import text_encoders_fingerprint
+        from ..models import text_encoders_fingerprint
 
         if self._fingerprint is None:
             self._fingerprint = text_encoders_fingerprint([m for _, m in self.components])
@@ -450,7 +449,7 @@ class SD3TextEncoder:
     def encode(self, prompts: Sequence[str], *, batch_size: int = 256) -> list[Any]:
         import torch
 
-        from ..analyze.text import Attribution
+        from ..analyze import Attribution
 
         (tok1, te1), (_, te2), (tok3, te3) = self.components
         out = []

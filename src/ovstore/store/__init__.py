@@ -4,7 +4,7 @@ Open one with :func:`open_store`; see ``docs/store-format.md`` for the format.
 """
 
 from .format import (
-    CODEC_PRESETS, DEFAULT_CODEC, FORMAT_VERSION, STATUS_COMPLETE, ContextSpec, ImageRecord, LayerInfo, ModelIdentity, StoreLayout, TextRecipe,
+    IMAGE_KEYS, IMAGE_VALUES, CODEC_PRESETS, DEFAULT_CODEC, FORMAT_VERSION, STATUS_COMPLETE, ContextSpec, ImageRecord, LayerInfo, ModelIdentity, StoreLayout, TextRecipe,
 )
 from .integrity import Problem, VerifyReport, verify_store
 from .merge import MergeResult, merge_stores
@@ -12,6 +12,8 @@ from .reader import Store, StoreSummary, open_store
 from .writer import StoreWriter, library_versions
 
 __all__ = [
+    "IMAGE_KEYS",
+    "IMAGE_VALUES",
     "CODEC_PRESETS",
     "DEFAULT_CODEC",
     "FORMAT_VERSION",
