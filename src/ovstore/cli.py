@@ -120,6 +120,7 @@ def capture(
     resume: Annotated[bool, typer.Option("--resume", help="Finish the store's incomplete images from their recorded prompts and seeds, with the store's model and settings. With the original --prompt/--prompts-file it finishes exactly what of those is missing.")] = False,
     reserve_only: Annotated[bool, typer.Option("--reserve-only", help="Only record the prompts as incomplete slots; generate them later with --resume (e.g. one --worker per GPU).")] = False,
     worker: Annotated[Optional[str], typer.Option(help="With --resume: K/N generates only slots with slot % N == K, so N processes share one store.")] = None,
+    max_sequence_length: Annotated[Optional[int], typer.Option(help="SD3/FLUX: T5 tokens of the prompt encoding (the pipeline's max_sequence_length; default the pipeline's, or the store's).")] = None,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
@@ -139,7 +140,8 @@ def capture(
         model, prompts=prompt or (), prompts_file=prompts_file, out=out, negative_prompt=negative_prompt, seed=seed,
         steps=steps, guidance=guidance, height=height, width=width, branch=branch, dtype=dtype, layers=layer or (),
         resolutions=resolution or (), calls=calls, preset=preset, batch_size=batch_size, codec=codec, device=device,
-        torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker)
+        torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker,
+        max_sequence_length=max_sequence_length)
     if job.nothing_to_resume:  # before loading the model
         console.print(job.nothing_message(), highlight=False)
         return
@@ -152,7 +154,8 @@ def capture(
         f"[bold]{escape(identity.id)}[/]: {len(layout.layers)} cross-attention layers, {layout.n_steps} of "
         f"{layout.num_unet_calls} UNet calls, branches {','.join(layout.branches)}, {layout.query_dtype}; "
         f"about {_human(layout.query_bytes_per_image() + layout.context_bytes_per_image())} per image before "
-        f"compression (queries {_human(layout.query_bytes_per_image())}, context "
+        f"compression ({'queries, image keys/values and temb' if layout.layer_arrays else 'queries'} "
+        f"{_human(layout.query_bytes_per_image())}, context "
         f"{_human(layout.context_bytes_per_image())})",
         highlight=False,
     )

@@ -67,14 +67,19 @@ def _strings(ids: Sequence[int], tokenizer: Any | None) -> list[str]:
 
 
 def _tokenizers(store: Store) -> list[Any]:
-    """The recorded model's tokenizers in text-recipe order, for token strings (empty when
-    unavailable: the maps do not need them)."""
+    """Tokenizers for token strings, one per stored id row: the recorded model's tokenizers in
+    text-recipe order where each one's ids are stored, else the encoder's own tokenizer (SD3's
+    names CLIP then T5 positions); empty when unavailable (the maps do not need them)."""
     try:
         from .text import load_text_encoder
 
-        return [t for t, _ in load_text_encoder(store.layout.model).components]
+        encoder = load_text_encoder(store.layout.model)
     except Exception:  # token strings are a convenience; the ids are always given
         return []
+    spec = store.layout.context
+    if spec is not None and spec.per_tokenizer:
+        return [t for t, _ in encoder.components]
+    return [encoder.tokenizer]
 
 
 def _check_context(store: Store, config: MapConfig) -> None:
@@ -130,7 +135,7 @@ def _iter_context_maps(run: _ContextRun) -> Iterator[ContextImage]:
         att = context_attribution(store, image, plan.branch, run.tokenizers[0])
         block = _block([att], 0)
         with torch.inference_mode():
-            keys = plan.ordered_keys(block.embedding, block.buckets)
+            keys = plan.ordered_keys(block.embedding, block.buckets, image)
             maps = plan.image_maps(queries, keys, block.buckets).detach().cpu().numpy()
         ids = (store.context_tokenizer_ids(image, plan.branch) if len(run.tokenizer_names) > 1
                else np.asarray([att.token_ids]))

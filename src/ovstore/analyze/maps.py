@@ -96,19 +96,41 @@ class MapPlan:
                                  f"would be NaN; `ovstore verify {store.path}` reports it; restore the store "
                                  "from a copy, or capture it again (not one image: --skip-damaged cannot help)")
             self.projections[info.name] = (torch.from_numpy(w).to(device), torch.from_numpy(b).to(device))
+        #: families whose keys depend on the image (MM-DiT: the text stream attends it) keep
+        #: what they need for every image here (their stored weights on the device)
+        self.family_state = (self.family.analysis_state(store, self.layers, self.device)
+                             if self.family.image_dependent_keys else None)
 
     def bytes_per_token(self) -> int:
         """Memory one attribution token takes while one image is evaluated: its keys (twice:
         the softmax keeps a log2(e)-scaled copy), one running sum per resolution and the
         upsampled map."""
         keys = sum(info.heads * info.head_dim for info in self.layers)
+        if self.family.image_dependent_keys:  # one set of keys per stored call, plus the text stream
+            keys *= len(self.steps) + 4
         sums = sum(h * w for h, w in {(l.height, l.width) for l in self.layers})
         in_flight = self.workers * max(l.height * l.width for l in self.layers)  # layer maps being summed
         return 4 * (2 * keys + sums + in_flight + 2 * self.target[0] * self.target[1] + self.size[0] * self.size[1])
 
-    def ordered_keys(self, embedding: torch.Tensor, buckets: TokenBuckets) -> dict[str, torch.Tensor]:
-        """:meth:`keys` of the tokens in engine order (``buckets.order``), as :meth:`image_maps` takes them."""
-        return self.keys(embedding[buckets.order.to(embedding.device)])
+    def ordered_keys(self, embedding: torch.Tensor, buckets: TokenBuckets,
+                     image: int | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`keys` of the tokens in engine order (``buckets.order``), as :meth:`image_maps` takes them.
+        Families with image-dependent keys need ``image`` (their keys are per stored call:
+        ``(step, head, token, channel)``)."""
+        ordered = embedding[buckets.order.to(embedding.device)]
+        if not self.family.image_dependent_keys:
+            return self.keys(ordered)
+        if image is None:
+            raise InvalidInputError(f"the {self.family.name} family's keys depend on the image; this analysis "
+                                    "does not support it yet")
+        self.keys(ordered[:0])  # the width check
+        return self.family.image_layer_keys(self.family_state, self.store, image, self.branch, self.steps,
+                                            self.layers, ordered.to(self.device), buckets.groups)
+
+    @property
+    def keys_per_image(self) -> bool:
+        """Whether keys must be computed for every image (MM-DiT families)."""
+        return bool(self.family.image_dependent_keys)
 
     def keys(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         """Scaled keys ``(head, token, channel)`` per layer for ``(token, hidden)`` embeddings."""
@@ -121,6 +143,8 @@ class MapPlan:
                     f"({self.store.layout.model.id})"
                 )
         embedding = embedding.to(self.device)
+        if self.family.image_dependent_keys:
+            return {}
         return {info.name: self.family.layer_keys(embedding, self.projections[info.name], info)
                 for info in self.layers}
 
@@ -166,8 +190,14 @@ class MapPlan:
         cfg = self.config
 
         def layer_maps(info: LayerInfo) -> tuple[LayerInfo, torch.Tensor]:
-            maps = ordered_token_maps(queries[info.name], keys[info.name], buckets,
-                                      activation=cfg.activation, memory_budget=self.memory_budget)
+            q, k = queries[info.name], keys[info.name]
+            if k.dim() == 4:  # keys per stored call (MM-DiT): each call's queries meet its own keys
+                p = q.pixels
+                maps = sum(ordered_token_maps(PreparedQueries(q.data[:, :, s * p:(s + 1) * p], 1, p, q.max_norm),
+                                              k[s], buckets, activation=cfg.activation,
+                                              memory_budget=self.memory_budget) for s in range(q.steps))
+            else:
+                maps = ordered_token_maps(q, k, buckets, activation=cfg.activation, memory_budget=self.memory_budget)
             if cfg.head_reduction == "mean":
                 maps = maps / info.heads
             if cfg.step_reduction == "mean":
@@ -290,11 +320,12 @@ def iter_map_blocks(plan: MapPlan, images: Sequence[int], attributions: Sequence
     that memory holds one block's keys and maps whatever the number of prompts.
     """
     blocks = prompt_blocks(attributions, plan.bytes_per_token(), block_budget)
-    cached = plan.ordered_keys(blocks[0].embedding, blocks[0].buckets) if len(blocks) == 1 else None
+    cached = plan.ordered_keys(blocks[0].embedding, blocks[0].buckets) \
+        if len(blocks) == 1 and not plan.keys_per_image else None
     for position, image, queries in _prefetched(plan, images):
         with torch.inference_mode():
             for block in blocks:
-                keys = cached if cached is not None else plan.ordered_keys(block.embedding, block.buckets)
+                keys = cached if cached is not None else plan.ordered_keys(block.embedding, block.buckets, image)
                 yield MapBlock(position, image, block.tokens, plan.image_maps(queries, keys, block.buckets))
 
 

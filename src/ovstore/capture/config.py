@@ -62,6 +62,9 @@ class CaptureConfig:
         layers at the finest cross-attention grid), ``half-calls`` (every other UNet call),
         ``no-finest-half-calls``, ``thin`` (the first layer of each transformer stack; for
         SDXL's 10-deep stacks) or ``thin-half-calls``.
+    max_sequence_length
+        T5 tokens of the prompt encoding (SD3, FLUX: the pipelines' ``max_sequence_length``);
+        ``None``: the pipeline's default. Refused for families without a T5 encoder.
     """
 
     num_inference_steps: int = 50
@@ -75,8 +78,11 @@ class CaptureConfig:
     batch_size: int = 1
     codec: str = DEFAULT_CODEC
     preset: str = "full"
+    max_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_sequence_length is not None:
+            check_int(self.max_sequence_length, "--max-sequence-length", 1, 4096)
         if self.preset not in PRESETS:
             raise InvalidInputError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
         if self.preset != "full" and (self.calls is not None and PRESETS[self.preset]["calls"]):
@@ -153,6 +159,8 @@ def store_settings(layout: StoreLayout, records: list[ImageRecord] | None = None
     steps, guidance = layout.extra.get("num_inference_steps"), layout.extra.get("guidance")
     if records:
         steps, guidance = records[0].num_inference_steps, records[0].guidance
+    if layout.extra.get("max_sequence_length") is not None:
+        settings["max_sequence_length"] = int(layout.extra["max_sequence_length"])
     if steps is not None:
         settings["num_inference_steps"] = int(steps)
     if guidance is not None:

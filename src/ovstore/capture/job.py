@@ -136,6 +136,7 @@ def prepare_capture(
     resume: bool = False,
     reserve_only: bool = False,
     worker: str | tuple[int, int] | None = None,
+    max_sequence_length: int | None = None,
 ) -> CaptureJob:
     """Check the options of ``ovstore capture`` (same names, same defaults) against each other
     and against the store at ``out``, without loading a model.
@@ -170,7 +171,7 @@ def prepare_capture(
                                "without --resume (or give the original prompts with --resume)")
 
     given = dict(num_inference_steps=steps, guidance=guidance, height=height, width=width, branch=branch,
-                 dtype=dtype, codec=codec, calls=calls)
+                 dtype=dtype, codec=codec, calls=calls, max_sequence_length=max_sequence_length)
     selection = LayerSelection(patterns=tuple(layers), include_mid=True,
                                resolutions=tuple(parse_resolution(r) for r in resolutions))
     config = continued_config(existing, given, layers=selection, layers_given=bool(layers or resolutions),

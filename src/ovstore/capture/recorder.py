@@ -35,6 +35,21 @@ class BatchQueries:
     #: the attended context ``(image, branch, token, feature)`` and its ids ``(image, branch, tokenizer, token)``
     context: torch.Tensor | None = None
     context_ids: Any = None
+    #: other per-layer arrays (the family's ``layer_arrays``): kind -> layer -> calls, as queries
+    arrays: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
+    #: per stored call, the conditioning vector ``(image, branch, width)``
+    conditioning: list[torch.Tensor] = field(default_factory=list)
+
+    def image_arrays(self, index: int) -> dict[str, dict[str, torch.Tensor]]:
+        """The other per-layer arrays of one image, each ``(branch, step, head, y, x, channel)``."""
+        return {kind: {name: torch.stack([t[index] for t in calls], dim=1) for name, calls in layers.items()}
+                for kind, layers in self.arrays.items()}
+
+    def image_conditioning(self, index: int) -> torch.Tensor | None:
+        """The conditioning vectors of one image ``(branch, step, width)``, if recorded."""
+        if not self.conditioning:
+            return None
+        return torch.stack([t[index] for t in self.conditioning], dim=1)
 
     def image_context(self, index: int) -> tuple[Any, Any]:
         """The context of one image: ``(branch, token, feature)`` and ``(branch, tokenizer, token)`` ids."""
@@ -97,7 +112,9 @@ class QueryRecorder:
         """Reset state for a pipeline call generating ``batch_size`` images (``context_ids``:
         the token ids of their contexts, stored with the context)."""
         self.batch_size = batch_size
-        self.result = BatchQueries(queries={info.name: [] for info, _ in self.layers}, context_ids=context_ids)
+        self.result = BatchQueries(queries={info.name: [] for info, _ in self.layers}, context_ids=context_ids,
+                                   arrays={kind: {info.name: [] for info, _ in self.layers}
+                                           for kind in getattr(self.family, "layer_arrays", ())})
         self.branch_labels: tuple[str, ...] = self.branches
         self._call = -1
 
@@ -107,7 +124,11 @@ class QueryRecorder:
             if info.name in names:
                 raise InvalidInputError(f"layer {info.name} is registered twice")
             names.add(info.name)
-            self._handles.append(self.family.query_module(module).register_forward_hook(self._make_hook(info)))
+            for kind, point in self.family.record_points(module).items():
+                self._handles.append(point.register_forward_hook(self._make_hook(info, kind)))
+        conditioning = self.family.conditioning_module(self.unet)
+        if conditioning is not None:
+            self._handles.append(conditioning.register_forward_hook(self._on_conditioning))
         self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
         return self
 
@@ -147,11 +168,23 @@ class QueryRecorder:
             "one image per prompt (num_images_per_prompt=1)"
         )
 
-    def _make_hook(self, info: LayerInfo) -> Any:
+    def _on_conditioning(self, module: Any, inputs: tuple, out: torch.Tensor) -> None:
+        if self._call not in self.calls:
+            return
+        c, _ = self._select(out.detach())
+        self.result.conditioning.append(self._to_host(c))
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        on_cuda = t.device.type == "cuda"
+        host = torch.empty(t.shape, dtype=self.dtype, device="cpu", pin_memory=on_cuda)
+        host.copy_(t, non_blocking=on_cuda)
+        return host
+
+    def _make_hook(self, info: LayerInfo, kind: str = "queries") -> Any:
         def hook(module: Any, inputs: tuple, out: torch.Tensor) -> None:
             if self._call not in self.calls:
                 return
-            q, labels = self._select(out.detach())
+            q, labels = self._select(self.family.output_rows(kind, out.detach()))
             self.branch_labels = labels
             b, nb, seq, _ = q.shape
             if seq != info.height * info.width:
@@ -161,9 +194,7 @@ class QueryRecorder:
                 )
             q = q.reshape(b, nb, info.height, info.width, info.heads, info.head_dim)
             q = q.permute(0, 1, 4, 2, 3, 5)  # (image, branch, head, y, x, channel)
-            on_cuda = q.device.type == "cuda"
-            host = torch.empty(q.shape, dtype=self.dtype, device="cpu", pin_memory=on_cuda)
-            host.copy_(q, non_blocking=on_cuda)
-            self.result.queries[info.name].append(host)
+            target = self.result.queries if kind == "queries" else self.result.arrays[kind]
+            target[info.name].append(self._to_host(q))
 
         return hook

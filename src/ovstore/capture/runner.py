@@ -63,6 +63,8 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
         found = [(info, module) for info, module in found if info.name in leaders]
     chosen = set(config.layers.select([(info.name, info.resolution) for info, _ in found]))
     layers = [(info, module) for info, module in found if info.name in chosen]
+    family.check_layers([info for info, _ in found], [info for info, _ in layers])
+    options = family_options(family, config)
     n_calls = _unet_calls(pipe, config.num_inference_steps)
     calls = resolve_indices(config.call_spec, n_calls, what="UNet call")
     layout = StoreLayout(
@@ -71,27 +73,50 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
         calls=tuple(calls), query_dtype=config.dtype, codec=config.codec,
         extra={"preset": config.preset, "scheduler": type(pipe.scheduler).__name__,
                "scheduler_config": dict(pipe.scheduler.config),
-               "num_inference_steps": config.num_inference_steps, "guidance": config.guidance},
-        context=_context_spec(pipe, family, config.dtype),
+               "num_inference_steps": config.num_inference_steps, "guidance": config.guidance} | options,
+        context=_context_spec(pipe, family, config.dtype, options),
+        layer_arrays=tuple(family.layer_arrays), conditioning=family.conditioning_width(pipe),
     )
     return layout, layers
 
 
-def _context_spec(pipe: Any, family: ModelFamily, dtype: str) -> ContextSpec:
+def family_options(family: ModelFamily, config: CaptureConfig) -> dict[str, Any]:
+    """The capture options given for ``family`` (e.g. ``max_sequence_length``), as keyword
+    arguments of its pipeline; an option the family has no use for is refused."""
+    options = {}
+    for name in ("max_sequence_length",):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if name not in family.capture_options:
+            raise InvalidInputError(f"--{name.replace('_', '-')} applies to pipelines with a T5 text encoder "
+                                    f"(SD3, FLUX); the {family.name} family has none: drop it")
+        options[name] = value
+    return options
+
+
+def _context_spec(pipe: Any, family: ModelFamily, dtype: str, options: dict[str, Any] | None = None) -> ContextSpec:
     """Shape of the attended context: the pipeline's padded prompt length and the features
     the denoiser receives (the joined encoders' widths)."""
-    per_tokenizer = family.context_tokenizer_ids(pipe, [""])
+    per_tokenizer = family.context_tokenizer_ids(pipe, [""], **(options or {}))
     lengths = {len(ids[0]) for ids in per_tokenizer}
     if len(lengths) != 1:
         raise InvalidInputError(f"the pipeline's tokenizers pad prompts to different lengths ({sorted(lengths)}); "
                                 "its text encoders' contexts cannot be joined")
     recipe = family.text_recipe(pipe)
-    return ContextSpec(length=lengths.pop(), features=recipe.width, dtype=dtype,
-                       tokenizers=tuple(recipe.tokenizers[:len(per_tokenizer)]))
+    # one id row per tokenizer; a family whose tokenizers' rows form one joined sequence (SD3:
+    # CLIP then T5) gives one row, named by no tokenizer
+    named = len(per_tokenizer) > 1 or len(recipe.tokenizers) == 1
+    return ContextSpec(length=lengths.pop(), features=family.context_width(pipe), dtype=dtype,
+                       tokenizers=tuple(recipe.tokenizers[:len(per_tokenizer)]) if named else ())
 
 
 def _key_projections(pipe: Any, layers: Sequence) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     return family_for_pipeline(pipe).key_parameters(layers)
+
+
+def _stored_weights(pipe: Any, layers: Sequence) -> dict[str, np.ndarray]:
+    return family_for_pipeline(pipe).stored_weights(pipe, layers)
 
 
 class _BackgroundWriter:
@@ -125,8 +150,13 @@ class _BackgroundWriter:
         for k, slot in enumerate(slots):
             queries = {name: t.numpy() for name, t in batch.image_queries(k).items()}
             context = batch.image_context(k) if self.writer.store.layout.context is not None else None
+            arrays = {kind: {name: t.numpy() for name, t in per_layer.items()}
+                      for kind, per_layer in batch.image_arrays(k).items()}
+            conditioning = batch.image_conditioning(k)
             self.writer.write_image(slot, image=images[k], queries=queries,
-                                    timesteps=stored_timesteps, branch_labels=labels, context=context)
+                                    timesteps=stored_timesteps, branch_labels=labels, context=context,
+                                    layer_arrays=arrays,
+                                    conditioning=None if conditioning is None else conditioning.numpy())
             self.writer.mark_complete(slot)
             if self.on_image is not None:
                 self.on_image(slot)
@@ -204,7 +234,8 @@ def capture(
     layout, layers = plan_capture(pipe, identity, config)
     if not reserve_only:
         check_capture_memory(layout, config)
-    writer = StoreWriter.open(out, layout, key_projections=_key_projections(pipe, layers))
+    writer = StoreWriter.open(out, layout, key_projections=_key_projections(pipe, layers),
+                              weights=_stored_weights(pipe, layers))
     slots = writer.reserve(requests)
     if not reserve_only:
         _generate(pipe, layers, writer, list(zip(slots, requests)), config, progress)
@@ -254,7 +285,8 @@ def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig |
     run_config = CaptureConfig(**settings)
     layout, layers = plan_capture(pipe, identity, run_config)
     check_capture_memory(layout, run_config)
-    writer = StoreWriter.open(out, layout, key_projections=_key_projections(pipe, layers))
+    writer = StoreWriter.open(out, layout, key_projections=_key_projections(pipe, layers),
+                              weights=_stored_weights(pipe, layers))
     if new:
         for r in new:
             _check_fits(pipe, r, layout)
@@ -315,12 +347,14 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
     recorder = QueryRecorder(family.denoiser(pipe), layers, calls=layout.calls, branches=layout.branches,
                              dtype=layout.query_dtype, family=family,
                              context_dtype=layout.context.dtype if layout.context is not None else None)
+    options = family_options(family, config)
     background = _BackgroundWriter(writer, progress)
     try:
         with recorder:
             for chunk in _batches(work, config.batch_size):
                 records = [r for _, r in chunk]
-                recorder.start_batch(len(chunk), context_ids=_context_ids(pipe, family, records, recorder.branches))
+                recorder.start_batch(len(chunk), context_ids=_context_ids(pipe, family, records, recorder.branches,
+                                                                          options))
                 steps, guidance = records[0].num_inference_steps, records[0].guidance
                 if _unet_calls(pipe, steps) != layout.num_unet_calls:
                     raise StoreError(
@@ -329,6 +363,7 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
                     )
                 output = pipe(
                     **family.pipeline_arguments([r.prompt for r in records], [r.negative_prompt for r in records]),
+                    **options,
                     generator=[torch.Generator("cpu").manual_seed(r.seed) for r in records],
                     num_inference_steps=steps,
                     guidance_scale=guidance,
@@ -359,12 +394,13 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
 
 
 def _context_ids(pipe: Any, family: ModelFamily, records: Sequence[ImageRecord],
-                 branches: Sequence[str]) -> np.ndarray:
+                 branches: Sequence[str], options: dict[str, Any] | None = None) -> np.ndarray:
     """Token ids of each image's attended context per branch and tokenizer ``(image, branch,
     tokenizer, token)``: the negative prompt for ``uncond``, the prompt for ``cond``, as each
     of the pipeline's tokenizers encodes them."""
     texts = {"uncond": [r.negative_prompt or "" for r in records], "cond": [r.prompt for r in records]}
-    per_branch = [np.asarray(family.context_tokenizer_ids(pipe, texts[b]), dtype=np.int64).transpose(1, 0, 2)
+    per_branch = [np.asarray(family.context_tokenizer_ids(pipe, texts[b], **(options or {})),
+                             dtype=np.int64).transpose(1, 0, 2)
                   for b in branches]
     return np.stack(per_branch, axis=1)
 

@@ -18,7 +18,14 @@ modules themselves; they ask the pipeline's :class:`ModelFamily`:
 An MM-DiT family (SD3, FLUX) fits the same seam: its layers are the joint attention blocks,
 its queries the image rows of each block's (normalised, rotated) queries, and its key
 parameters what recomputing the text stream at analysis needs (see docs/store-format.md,
-"Families"). A family is registered by name (:mod:`ovstore.families`), by third parties
+"Families"). The MM-DiT additions below all have defaults that keep the ``unet`` family as it
+was: :meth:`record_points` / :meth:`output_rows` (record image keys and values besides the
+queries), :meth:`conditioning_module` (a per-call conditioning vector), :meth:`stored_weights`
+(text-side weights copied into the store once), ``capture_options`` (pipeline options such as
+``max_sequence_length``) and, for analysis, ``image_dependent_keys`` with
+:meth:`analysis_state` / :meth:`image_layer_keys` (keys that depend on the image and call,
+because the attribution's text stream attends the stored image keys and values).
+A family is registered by name (:mod:`ovstore.families`), by third parties
 through the ``ovstore.families`` entry-point group.
 """
 
@@ -53,6 +60,14 @@ class ModelFamily(ABC):
 
     name: str = ""
     pipelines: str = ""
+    #: capture options (``CaptureConfig`` field names) this family passes to its pipeline and
+    #: to :meth:`context_token_ids` as keyword arguments; others are refused for it
+    capture_options: tuple[str, ...] = ()
+    #: keys depend on the image and stored call (MM-DiT): analysis asks
+    #: :meth:`image_layer_keys` per image instead of :meth:`layer_keys` once
+    image_dependent_keys: bool = False
+    #: per-layer arrays recorded besides the queries (``StoreLayout.layer_arrays``)
+    layer_arrays: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ capture
     @abstractmethod
@@ -90,20 +105,46 @@ class ModelFamily(ABC):
         """The submodule of ``layer`` whose forward output is the queries to store
         (``(batch, pixels, heads * head_dim)``)."""
 
+    def record_points(self, layer: Any) -> dict[str, Any]:
+        """What to record of ``layer``: array kind (``queries`` and the ``layer_arrays``) ->
+        the submodule whose forward output it is (passed through :meth:`output_rows`)."""
+        return {"queries": self.query_module(layer)}
+
+    def output_rows(self, kind: str, output: Any) -> torch.Tensor:
+        """A recorded module output as ``(batch, pixels, heads * head_dim)`` (default: as is)."""
+        return output
+
+    def conditioning_module(self, denoiser: Any) -> Any | None:
+        """A submodule of the denoiser whose forward output ``(batch, width)`` is recorded at
+        every stored call (MM-DiT: the timestep/pooled-text embedding); default none."""
+        return None
+
+    def conditioning_width(self, pipe: Any) -> int:
+        """Width of that vector (0: none recorded)."""
+        return 0
+
+    def context_width(self, pipe: Any) -> int:
+        """Features of the stored generation context (default: the joined text rows' width)."""
+        return self.text_recipe(pipe).width
+
+    def check_layers(self, found: Sequence[LayerInfo], chosen: Sequence[LayerInfo]) -> None:
+        """Refuse a layer selection the family cannot analyse (default: any is fine)."""
+
     @abstractmethod
     def context(self, args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
         """The context a denoiser call attends to (``(batch, tokens, features)``), from the
         arguments of the call (a forward pre-hook)."""
 
     @abstractmethod
-    def context_token_ids(self, pipe: Any, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of ``texts`` exactly as the pipeline encodes prompts (padding included)."""
+    def context_token_ids(self, pipe: Any, texts: Sequence[str], **options: Any) -> list[list[int]]:
+        """Token ids of ``texts`` exactly as the pipeline encodes prompts (padding included);
+        ``options``: the family's capture options (e.g. ``max_sequence_length``)."""
 
-    def context_tokenizer_ids(self, pipe: Any, texts: Sequence[str]) -> list[list[list[int]]]:
+    def context_tokenizer_ids(self, pipe: Any, texts: Sequence[str], **options: Any) -> list[list[list[int]]]:
         """Token ids of ``texts`` as each tokenizer of the text recipe encodes prompts
         (``[tokenizer][text][token]``, recipe join order; padding included): what each text
         encoder saw. Default: the first tokenizer's (:meth:`context_token_ids`) only."""
-        return [self.context_token_ids(pipe, texts)]
+        return [self.context_token_ids(pipe, texts, **options)]
 
     @abstractmethod
     def pipeline_arguments(self, prompts: Sequence[str], negative_prompts: Sequence[str]) -> dict[str, Any]:
@@ -122,7 +163,26 @@ class ModelFamily(ABC):
     def key_parameters(self, layers: Sequence[tuple[LayerInfo, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         """Per layer, the arrays analysis needs to compute keys without the denoiser."""
 
+    def stored_weights(self, pipe: Any, layers: Sequence[tuple[LayerInfo, Any]]) -> dict[str, np.ndarray]:
+        """Weights copied into the store once (``weights/<name>``), besides the per-layer key
+        projections; default none."""
+        return {}
+
     # ------------------------------------------------------------------ analysis
+    def analysis_state(self, store: Any, layers: Sequence[LayerInfo], device: Any) -> Any:
+        """What :meth:`image_layer_keys` needs for every image (e.g. stored weights on the
+        device), built once per analysis."""
+        return None
+
+    def image_layer_keys(self, state: Any, store: Any, image: int, branch: int, steps: Sequence[int],
+                         layers: Sequence[LayerInfo], rows: torch.Tensor, groups: Sequence[tuple[int, int, int]]
+                         ) -> dict[str, torch.Tensor]:
+        """Scaled keys ``(step, head, token, channel)`` per layer for encoded rows
+        ``(token, width)`` of one image (``image_dependent_keys`` families). ``groups`` are
+        ``(n_tokens, start, stop)`` slices of ``rows`` holding whole attributions of
+        ``n_tokens`` tokens each (an attribution's tokens attend each other)."""
+        raise NotImplementedError(f"family {self.name} computes keys without the image")
+
     @abstractmethod
     def load_text_encoder(self, identity: ModelIdentity, target: str, *, device: str = "cpu") -> TextEncoder:
         """The attribution text encoder of ``identity``'s recipe, loaded from ``target`` (a

@@ -159,10 +159,10 @@ class UNetFamily(ModelFamily):
     def context(self, args: tuple, kwargs: Mapping[str, Any]) -> Any:
         return kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
 
-    def context_token_ids(self, pipe: Any, texts: Sequence[str]) -> list[list[int]]:
+    def context_token_ids(self, pipe: Any, texts: Sequence[str], **options: Any) -> list[list[int]]:
         return self.context_tokenizer_ids(pipe, texts)[0]
 
-    def context_tokenizer_ids(self, pipe: Any, texts: Sequence[str]) -> list[list[list[int]]]:
+    def context_tokenizer_ids(self, pipe: Any, texts: Sequence[str], **options: Any) -> list[list[list[int]]]:
         # as encode_prompt: each tokenizer pads to its own model_max_length with its own pad
         # token (SDXL's tokenizer_2 pads with "!", id 0; tokenizer with end-of-text, 49407)
         out = []

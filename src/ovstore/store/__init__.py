@@ -4,8 +4,8 @@ Open one with :func:`open_store`; see ``docs/store-format.md`` for the format.
 """
 
 from .format import (
-    CODEC_PRESETS, DEFAULT_CODEC, FORMAT_VERSION, STATUS_COMPLETE, AnalysisDefaults, ContextSpec, ImageRecord, LayerInfo, ModelIdentity, StoreLayout, TextRecipe,
-    analysis_defaults,
+    IMAGE_KEYS, IMAGE_VALUES, CODEC_PRESETS, DEFAULT_CODEC, FORMAT_VERSION, STATUS_COMPLETE, AnalysisDefaults,
+    ContextSpec, ImageRecord, LayerInfo, ModelIdentity, StoreLayout, TextRecipe, analysis_defaults,
 )
 from .integrity import Problem, VerifyReport, verify_store
 from .merge import MergeResult, merge_stores
@@ -15,6 +15,8 @@ from .writer import StoreWriter, library_versions
 __all__ = [
     "AnalysisDefaults",
     "analysis_defaults",
+    "IMAGE_KEYS",
+    "IMAGE_VALUES",
     "CODEC_PRESETS",
     "DEFAULT_CODEC",
     "FORMAT_VERSION",

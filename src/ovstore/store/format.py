@@ -76,6 +76,15 @@ CONTEXT_TOKEN_IDS = "context_token_ids"
 #: Per image, stored branch and tokenizer: the ids each text encoder saw, when the text recipe
 #: has more than one tokenizer (SDXL's pad with different tokens; ``ContextSpec.tokenizers``).
 CONTEXT_TOKENIZER_IDS = "context_tokenizer_ids"
+#: MM-DiT families (format v2): per layer, the image keys and values of each stored call (what
+#: an attribution's own text stream attends), per image the conditioning vector of each call,
+#: and, once per store, the text-side weights that recompute the text stream.
+IMAGE_KEYS = "image_keys"
+IMAGE_VALUES = "image_values"
+CONDITIONING = "conditioning"
+WEIGHTS_GROUP = "weights"
+#: Extra per-layer arrays a layout may name (``StoreLayout.layer_arrays``), shaped as the queries.
+LAYER_ARRAYS = (IMAGE_KEYS, IMAGE_VALUES)
 
 #: Arrays with one entry per image slot (besides the per-layer ``queries``).
 PER_IMAGE_ARRAYS = (STATUS, PROMPT, NEGATIVE_PROMPT, SEED, GUIDANCE, NUM_INFERENCE_STEPS,
@@ -164,7 +173,11 @@ class TextRecipe:
 
     @property
     def width(self) -> int:
-        """Channels of a joined row (the key projections' input width)."""
+        """Channels of a joined row (the key projections' input width). ``join="clip-t5"``
+        (SD3): the first encoders joined on channels and zero-padded to the last's width, whose
+        rows follow on the token axis, so a row is as wide as the wider of the two."""
+        if self.join == "clip-t5":
+            return int(max(sum(self.widths[:-1]), self.widths[-1]))
         return int(sum(self.widths))
 
     def to_json(self) -> dict[str, Any]:
@@ -335,6 +348,10 @@ class StoreLayout:
     extra: dict[str, Any] = field(default_factory=dict)
     #: the stored generation context (format v2); ``None``: not stored (v1 stores)
     context: ContextSpec | None = None
+    #: per-layer arrays stored besides the queries, same shape (MM-DiT: image keys and values)
+    layer_arrays: tuple[str, ...] = ()
+    #: width of the per-call conditioning vector stored in ``conditioning`` (0: none)
+    conditioning: int = 0
 
     def __post_init__(self) -> None:
         if self.query_dtype not in ("float16", "float32", "bfloat16"):
@@ -343,6 +360,9 @@ class StoreLayout:
             raise StoreFormatError(
                 f"unknown codec {self.codec!r}; choose one of {', '.join(CODEC_PRESETS)}"
             )
+        unknown = [a for a in self.layer_arrays if a not in LAYER_ARRAYS]
+        if unknown:
+            raise StoreFormatError(f"unknown per-layer arrays {unknown}; this ovstore knows {', '.join(LAYER_ARRAYS)}")
 
     @property
     def n_steps(self) -> int:
@@ -355,8 +375,10 @@ class StoreLayout:
         raise KeyError(name)
 
     def query_bytes_per_image(self) -> int:
-        """Uncompressed bytes of queries one image adds to the store."""
-        per_call = sum(l.query_bytes_per_call(self.query_dtype) for l in self.layers)
+        """Uncompressed bytes of queries (and the per-layer arrays and conditioning recorded
+        with them) one image adds to the store."""
+        per_call = sum(l.query_bytes_per_call(self.query_dtype) for l in self.layers) * (1 + len(self.layer_arrays))
+        per_call += self.conditioning * (4 if self.query_dtype == "float32" else 2)
         return per_call * self.n_steps * len(self.branches)
 
     def context_bytes_per_image(self) -> int:
@@ -374,6 +396,11 @@ class StoreLayout:
         data["context"] = None if self.context is None else self.context.to_json()
         if self.context is None:
             del data["context"]
+        # absent unless used: layouts of other families keep the JSON (and checksum) they had
+        data["layer_arrays"] = list(self.layer_arrays)
+        for name, empty in (("layer_arrays", []), ("conditioning", 0)):
+            if data[name] == empty:
+                del data[name]
         return data
 
     @classmethod
@@ -392,6 +419,8 @@ class StoreLayout:
             codec=data["codec"],
             extra=dict(data.get("extra", {})),
             context=ContextSpec.from_json(data["context"]) if data.get("context") else None,
+            layer_arrays=tuple(data.get("layer_arrays", ())),
+            conditioning=int(data.get("conditioning", 0)),
         )
 
     def differences(self, other: StoreLayout) -> list[str]:
@@ -399,7 +428,8 @@ class StoreLayout:
         diffs = []
         if self.model.family != other.model.family:
             diffs.append(f"family: store has {self.model.family}, this capture has {other.model.family}")
-        for name in ("height", "width", "branches", "num_unet_calls", "calls", "query_dtype"):
+        for name in ("height", "width", "branches", "num_unet_calls", "calls", "query_dtype", "layer_arrays",
+                     "conditioning"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 diffs.append(f"{name}: store has {a}, this capture has {b}")

@@ -158,9 +158,12 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
         if layout.context.per_tokenizer:
             expected[fmt.CONTEXT_TOKENIZER_IDS] = (len(layout.branches), len(layout.context.tokenizers),
                                                    layout.context.length)
+    if layout.conditioning:
+        expected[fmt.CONDITIONING] = (len(layout.branches), layout.n_steps, layout.conditioning)
     for info in layout.layers:
-        expected[f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}"] = (
-            len(layout.branches), layout.n_steps, info.heads, info.height, info.width, info.head_dim)
+        for kind in (fmt.QUERIES, *layout.layer_arrays):
+            expected[f"{fmt.LAYERS_GROUP}/{info.name}/{kind}"] = (
+                len(layout.branches), layout.n_steps, info.heads, info.height, info.width, info.head_dim)
     for name, shape in expected.items():
         check.array(name, shape=shape)
     for info in layout.layers:  # the copy of each layer's record in its group must agree
@@ -185,6 +188,21 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
                     report.problems.append(Problem(None, name, "missing"))
                 else:
                     check.read(name, None, name, must_exist=False, finite=True)
+
+    if layout.layer_arrays:  # MM-DiT: the text-stream weights, each whole and matching its SHA-256
+        from .writer import weights_sha256
+
+        try:
+            weights = store._root[fmt.WEIGHTS_GROUP]
+            arrays = list(weights.arrays())
+        except Exception as exc:
+            report.problems.append(Problem(None, fmt.WEIGHTS_GROUP, "missing", _short(exc)))
+            arrays = []
+        for name, arr in arrays:
+            data = check.read(f"{fmt.WEIGHTS_GROUP}/{name}", None, f"weight {name}", must_exist=True, finite=True)
+            if data is not None and weights_sha256(data) != arr.attrs.get("sha256"):
+                report.problems.append(Problem(None, f"{fmt.WEIGHTS_GROUP}/{name}", "checksum mismatch",
+                                               "the weight differs from the SHA-256 recorded with it"))
 
     # --- status, chunk by chunk: a corrupt status entry makes its image unknown
     status_arr = check.array(fmt.STATUS)
@@ -222,9 +240,12 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
             check.read(fmt.CONTEXT_TOKEN_IDS, image, fmt.CONTEXT_TOKEN_IDS, must_exist=True)
             if layout.context.per_tokenizer:
                 check.read(fmt.CONTEXT_TOKENIZER_IDS, image, fmt.CONTEXT_TOKENIZER_IDS, must_exist=True)
+        if layout.conditioning:
+            check.read(fmt.CONDITIONING, image, fmt.CONDITIONING, must_exist=True, finite=True)
         for info in layout.layers:
-            check.read(f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}", image, info.name, must_exist=True,
-                       finite=True)
+            for kind in (fmt.QUERIES, *layout.layer_arrays):
+                what = info.name if kind == fmt.QUERIES else f"{info.name} {kind}"
+                check.read(f"{fmt.LAYERS_GROUP}/{info.name}/{kind}", image, what, must_exist=True, finite=True)
         report.checked_images += 1
         if progress is not None:
             progress(image)

@@ -63,7 +63,8 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
             if not all(np.array_equal(a, b) for a, b in zip(store.key_projection(layer.name), keys[layer.name])):
                 raise IncompatibleStoreError(f"cannot merge {store.path}: to_k of {layer.name} differs from "
                                              f"{src.path}'s; not the same model")
-    writer = StoreWriter.open(out, layout, key_projections=keys, hint=MERGE_HINT)
+    weights = src.weights() if layout.layer_arrays else None  # MM-DiT: the text-stream weights
+    writer = StoreWriter.open(out, layout, key_projections=keys, hint=MERGE_HINT, weights=weights)
     target = writer.store
     status = target.status()
     records = target.records()
@@ -86,8 +87,13 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
             queries = {l.name: store.queries(l.name, image, branch=None) for l in layout.layers}
             context = ((store.context(image)[0], store.context_tokenizer_ids(image))
                        if target.layout.context is not None else None)
+            arrays = {kind: {l.name: store.layer_array(l.name, kind, image, branch=None) for l in layout.layers}
+                      for kind in layout.layer_arrays}
+            conditioning = (np.stack([store.conditioning(image, b) for b in range(len(layout.branches))])
+                            if layout.conditioning else None)
             writer.write_image(slot, image=store.image(image), queries=queries, timesteps=store.timesteps(image),
-                               branch_labels=store.branch_labels(image), context=context)
+                               branch_labels=store.branch_labels(image), context=context, layer_arrays=arrays,
+                               conditioning=conditioning)
             writer.mark_complete(slot)
             seen.add(record)
             added += 1

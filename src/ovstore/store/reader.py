@@ -383,12 +383,28 @@ class Store:
         StoreError
             The image's data is missing or fails its checksum (never returned as data).
         """
+        return self.layer_array(layer, fmt.QUERIES, image, branch=branch, steps=steps)
+
+    def layer_array(self, layer: str, kind: str, image: int, *, branch: int | None = 0,
+                    steps: Sequence[int] | None = None) -> np.ndarray:
+        """:meth:`queries`, or another per-layer array of the layout shaped as them
+        (``image_keys``, ``image_values`` of MM-DiT stores)."""
         image = int(image)
         self.check_images([image])
-        arr = self._queries_array(layer, image)
+        if kind == fmt.QUERIES:
+            arr = self._queries_array(layer, image)
+        else:
+            if kind not in self.layout.layer_arrays:
+                raise InvalidInputError(
+                    f"store {self.path} holds no {kind.replace('_', ' ')} (it keeps "
+                    f"{', '.join(('queries', *self.layout.layer_arrays))}); capture with a model family and preset "
+                    "that record them")
+            self._queries_array(layer)  # a known layer
+            arr = self.array(f"{fmt.LAYERS_GROUP}/{layer}/{kind}")
+        what = "query data" if kind == fmt.QUERIES else kind.replace("_", " ")
         if not self.chunk_exists(arr, (image,)):
             raise StoreError(
-                f"image {image}, layer {layer}: query data is missing from {self.path} although the "
+                f"image {image}, layer {layer}: {what} is missing from {self.path} although the "
                 "image is marked complete; run `ovstore verify` and recapture it"
             )
         if steps is not None:
@@ -408,9 +424,43 @@ class Store:
             return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
         except Exception as exc:
             raise StoreError(
-                f"image {image}, layer {layer}: stored queries are corrupted ({_short(exc)}); "
+                f"image {image}, layer {layer}: stored {what} is corrupted ({_short(exc)}); "
                 "run `ovstore verify` to list damaged images"
             ) from exc
+
+    def conditioning(self, image: int, branch: int = 0, steps: Sequence[int] | None = None) -> np.ndarray:
+        """Conditioning vectors of the stored calls of one image and branch ``(step, channel)``
+        (MM-DiT stores: the timestep and pooled-text embedding every block is modulated by)."""
+        if not self.layout.conditioning:
+            raise InvalidInputError(f"store {self.path} holds no conditioning vectors; it was not captured from an "
+                                    "MM-DiT model family")
+        self.check_images([image])
+        data = self.read(fmt.CONDITIONING, int(image), what="conditioning vectors", must_exist=True)[branch]
+        return data if steps is None else data[list(steps)]
+
+    def weight_digests(self) -> dict[str, str]:
+        """SHA-256 of each stored text-stream weight (``weights/``), by name."""
+        try:
+            group = self._root[fmt.WEIGHTS_GROUP]
+        except KeyError:
+            return {}
+        return {name: str(arr.attrs.get("sha256", "")) for name, arr in group.arrays()}
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every stored text-stream weight (``weights/``, float32), by name."""
+        try:
+            group = self._root[fmt.WEIGHTS_GROUP]
+        except KeyError:
+            raise StoreFormatError(f"store {self.path} holds no text-stream weights (weights/); it was not "
+                                   "captured from an MM-DiT model family, or is damaged: run `ovstore verify`") from None
+        out = {}
+        for name, arr in group.arrays():
+            try:
+                out[name] = np.asarray(arr[...])
+            except Exception as exc:
+                raise StoreError(f"text-stream weight {name} of {self.path} is corrupted ({_short(exc)}); "
+                                 "run `ovstore verify`") from exc
+        return out
 
     def chunk_exists(self, arr: zarr.Array, leading: tuple[int, ...]) -> bool:
         """Whether the storage object (chunk or shard) starting at ``leading`` coordinates

@@ -96,12 +96,14 @@ class StoreWriter:
     @classmethod
     def open(cls, path: str | Path, layout: StoreLayout, *,
              key_projections: Mapping[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
-             hint: str = CAPTURE_HINT) -> StoreWriter:
+             hint: str = CAPTURE_HINT, weights: Mapping[str, np.ndarray] | None = None) -> StoreWriter:
         """Create a store at ``path`` or open an existing one for appending.
 
         A new store is built in a hidden sibling directory (with ``key_projections`` when
         given) and renamed into place, so a kill or a full disk never leaves a half-made store.
         For an existing store, missing key projections are written and present ones compared.
+        ``weights`` (MM-DiT families: the text-stream weights) are written with a new store
+        under ``weights/``; an existing store's must be the same (compared by SHA-256).
 
         Raises
         ------
@@ -116,15 +118,16 @@ class StoreWriter:
             raise InvalidInputError(f"--out {path} exists and is not a directory; choose another --out")
         _remove_stale_creations(path)
         if not _is_empty_dir(path):
-            return cls._open_existing(path, layout, key_projections, hint)
+            return cls._open_existing(path, layout, key_projections, hint, weights)
         try:
-            _create_atomically(path, layout, key_projections, hint)
+            _create_atomically(path, layout, key_projections, hint, weights)
         except _Raced:  # another process created it meanwhile: append to it
-            return cls._open_existing(path, layout, key_projections, hint)
+            return cls._open_existing(path, layout, key_projections, hint, weights)
         return cls(open_store(path, mode="r+"), hint=hint)
 
     @classmethod
-    def _open_existing(cls, path: Path, layout: StoreLayout, key_projections, hint: str) -> StoreWriter:
+    def _open_existing(cls, path: Path, layout: StoreLayout, key_projections, hint: str,
+                       weights: Mapping[str, np.ndarray] | None = None) -> StoreWriter:
         try:
             store = open_store(path, mode="r+")
         except StoreFormatError as exc:
@@ -141,6 +144,8 @@ class StoreWriter:
         writer = cls(store, hint=hint)
         if key_projections is not None:
             writer.write_key_projections(key_projections)
+        if weights:
+            _check_weights(store, weights)
         return writer
 
     @contextlib.contextmanager
@@ -216,8 +221,9 @@ class StoreWriter:
             # data arrays first, the status array last: the status length is the truth, so a
             # reserve killed half-way adds no slot (longer data arrays are cut back next time)
             for info in store.layout.layers:
-                arr = store.array(f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}")
-                arr.resize((n, *arr.shape[1:]))
+                for kind in (fmt.QUERIES, *store.layout.layer_arrays):
+                    arr = store.array(f"{fmt.LAYERS_GROUP}/{info.name}/{kind}")
+                    arr.resize((n, *arr.shape[1:]))
             for name in (fmt.IMAGES, fmt.TIMESTEPS, *_PER_IMAGE_TEXT, *_PER_IMAGE_SCALARS, *_context_arrays(store)):
                 arr = store.array(name)
                 arr.resize((n, *arr.shape[1:]))
@@ -241,37 +247,56 @@ class StoreWriter:
         timesteps: Sequence[float],
         branch_labels: Sequence[str],
         context: tuple[np.ndarray, np.ndarray] | None = None,
+        layer_arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        conditioning: np.ndarray | None = None,
     ) -> None:
         """Write one image's data; it stays incomplete until :meth:`mark_complete`.
 
         ``queries[name]`` has shape ``(branch, step, head, y, x, channel)``; ``context`` is the
         attended context ``(branch, token, feature)`` and its token ids ``(branch, token)``,
         written when the store keeps contexts (format v2) and required then.
+        ``layer_arrays[kind][name]`` (the layout's ``layer_arrays``, e.g. image keys) are shaped
+        as the queries; ``conditioning`` is ``(branch, step, channel)`` when the layout has it.
         """
         if int(self.store.read(fmt.STATUS, slot)[()]) == fmt.STATUS_COMPLETE:
             raise StoreError(f"image {slot} is already complete; refusing to overwrite it")
         with zarr.config.set(_DENSE), self._os_errors():
-            self._write_image(slot, image, queries, timesteps, branch_labels, context)
+            self._write_image(slot, image, queries, timesteps, branch_labels, context, layer_arrays or {},
+                              conditioning)
 
     def _write_image(self, slot: int, image: np.ndarray, queries: Mapping[str, np.ndarray],
                      timesteps: Sequence[float], branch_labels: Sequence[str],
-                     context: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                     context: tuple[np.ndarray, np.ndarray] | None = None,
+                     layer_arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                     conditioning: np.ndarray | None = None) -> None:
         store = self.store
         arrays = {}
+        layer_arrays = layer_arrays or {}
         for info in store.layout.layers:  # every check before the first write
-            arr = store.array(f"{fmt.LAYERS_GROUP}/{info.name}/{fmt.QUERIES}")
-            data = queries[info.name]
-            if data.shape != arr.shape[1:]:
-                raise StoreError(
-                    f"queries of layer {info.name} have shape {data.shape}, the store expects "
-                    f"{arr.shape[1:]}"
-                )
-            if not np.isfinite(data).all():
-                raise InvalidInputError(
-                    f"queries of layer {info.name} for image {slot} contain NaN or Inf; the "
-                    "generation diverged (try float32 weights or another seed); nothing written"
-                )
-            arrays[info.name] = (arr, data)
+            for kind in (fmt.QUERIES, *store.layout.layer_arrays):
+                arr = store.array(f"{fmt.LAYERS_GROUP}/{info.name}/{kind}")
+                source = queries if kind == fmt.QUERIES else layer_arrays.get(kind, {})
+                if info.name not in source:
+                    raise StoreError(f"image {slot}: no {kind} of layer {info.name} were recorded; the store keeps them")
+                data = source[info.name]
+                what = kind.replace("_", " ")
+                if data.shape != arr.shape[1:]:
+                    raise StoreError(
+                        f"{what} of layer {info.name} have shape {data.shape}, the store expects "
+                        f"{arr.shape[1:]}"
+                    )
+                if not np.isfinite(data).all():
+                    raise InvalidInputError(
+                        f"{what} of layer {info.name} for image {slot} contain NaN or Inf; the "
+                        "generation diverged (try float32 weights or another seed); nothing written"
+                    )
+                arrays[(info.name, kind)] = (arr, data)
+        if store.layout.conditioning:
+            expected_c = (len(store.layout.branches), store.layout.n_steps, store.layout.conditioning)
+            if conditioning is None or tuple(conditioning.shape) != expected_c:
+                raise StoreError(f"image {slot}: the conditioning vectors have shape "
+                                 f"{None if conditioning is None else tuple(conditioning.shape)}, the store expects "
+                                 f"{expected_c}")
         spec = store.layout.context
         if spec is not None:
             if context is None:
@@ -292,6 +317,8 @@ class StoreWriter:
         store.array(fmt.IMAGES)[slot] = image
         store.array(fmt.TIMESTEPS)[slot] = np.asarray(timesteps, dtype=np.float64)
         store.array(fmt.BRANCH_LABELS)[slot] = ",".join(branch_labels)
+        if store.layout.conditioning:
+            store.array(fmt.CONDITIONING)[slot] = np.asarray(conditioning, dtype=store.layout.query_dtype)
         if spec is not None:
             store.array(fmt.CONTEXT)[slot] = np.asarray(embeddings, dtype=spec.dtype)
             store.array(fmt.CONTEXT_TOKEN_IDS)[slot] = ids[:, 0]
@@ -308,11 +335,12 @@ class StoreWriter:
 
 
 def _context_arrays(store: Store) -> tuple[str, ...]:
-    """The per-image context arrays of a store that keeps them (format v2)."""
+    """The per-image context arrays of a store that keeps them (format v2), and the
+    conditioning vectors of one that has them (MM-DiT)."""
     spec = store.layout.context
-    if spec is None:
-        return ()
-    return (fmt.CONTEXT, fmt.CONTEXT_TOKEN_IDS, *((fmt.CONTEXT_TOKENIZER_IDS,) if spec.per_tokenizer else ()))
+    names = () if spec is None else (
+        fmt.CONTEXT, fmt.CONTEXT_TOKEN_IDS, *((fmt.CONTEXT_TOKENIZER_IDS,) if spec.per_tokenizer else ()))
+    return names + ((fmt.CONDITIONING,) if store.layout.conditioning else ())
 
 
 # ---------------------------------------------------------------------- creation helpers
@@ -363,13 +391,13 @@ def _remove_stale_creations(path: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _create_atomically(path: Path, layout: StoreLayout, key_projections, hint: str) -> None:
+def _create_atomically(path: Path, layout: StoreLayout, key_projections, hint: str, weights=None) -> None:
     parent = path.parent
     tmp = parent / f"{_creation_prefix(path)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     renaming = False
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        _build(tmp, layout, key_projections)
+        _build(tmp, layout, key_projections, weights)
         renaming = True
         os.rename(tmp, path)  # atomic; replaces an empty directory, fails on a non-empty one
     except OSError as exc:
@@ -385,7 +413,7 @@ def _create_atomically(path: Path, layout: StoreLayout, key_projections, hint: s
         raise
 
 
-def _build(path: Path, layout: StoreLayout, key_projections) -> None:
+def _build(path: Path, layout: StoreLayout, key_projections, weights=None) -> None:
     """Write an empty store (no slot) with ``layout`` at ``path``."""
     meta = {
         "format": fmt.FORMAT_NAME,
@@ -432,18 +460,26 @@ def _build(path: Path, layout: StoreLayout, key_projections) -> None:
             root.create_array(fmt.CONTEXT_TOKENIZER_IDS, shape=(0, nb, nt, c.length), chunks=(1, nb, nt, c.length),
                               dtype="int64", fill_value=-1, dimension_names=(i, "branch", "tokenizer", "context_token"),
                               compressors=checked())
+    if layout.conditioning:
+        root.create_array(fmt.CONDITIONING, shape=(0, nb, layout.n_steps, layout.conditioning),
+                          chunks=(1, nb, layout.n_steps, layout.conditioning), dtype=layout.query_dtype,
+                          fill_value=0.0, dimension_names=(i, "branch", fmt.STEP_DIM, "conditioning_channel"),
+                          compressors=checked())
+    if weights:
+        _write_weights(root.create_group(fmt.WEIGHTS_GROUP), weights)
     layers = root.create_group(fmt.LAYERS_GROUP)
     for info in layout.layers:
         g = layers.create_group(info.name, attributes={"layer": info.to_json()})
         calls = fmt.query_chunk_steps(info, layout.n_steps, layout.query_dtype)
         inner = (1, 1, calls, info.heads, info.height, info.width, info.head_dim)
         shard = (1, nb, layout.n_steps, info.heads, info.height, info.width, info.head_dim)
-        g.create_array(
-            fmt.QUERIES, shape=(0, *shard[1:]), chunks=inner, shards=shard,
-            dtype=layout.query_dtype, fill_value=0.0,
-            compressors=fmt.query_codecs(layout.codec),
-            dimension_names=fmt.QUERY_DIM_NAMES,
-        )
+        for kind in (fmt.QUERIES, *layout.layer_arrays):  # image keys and values are laid out as queries
+            g.create_array(
+                kind, shape=(0, *shard[1:]), chunks=inner, shards=shard,
+                dtype=layout.query_dtype, fill_value=0.0,
+                compressors=fmt.query_codecs(layout.codec),
+                dimension_names=fmt.QUERY_DIM_NAMES,
+            )
         if key_projections is not None:
             weight, bias = key_projections[info.name]
             _write_key_arrays(g, weight, bias)
@@ -466,6 +502,35 @@ def _write_key_arrays(group: zarr.Group, weight: np.ndarray, bias: np.ndarray | 
                                      fill_value=0.0, dimension_names=dims,
                                      compressors=fmt.checked_codecs(), overwrite=True)
             arr[...] = data
+
+
+def weights_sha256(data: np.ndarray) -> str:
+    """SHA-256 of a stored weight's float32 bytes and shape (compared on append)."""
+    import hashlib
+
+    a = np.ascontiguousarray(data, dtype=np.float32)
+    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def _write_weights(group: zarr.Group, weights: Mapping[str, np.ndarray]) -> None:
+    """Write each weight whole (float32, checksummed) with its SHA-256 as an attribute."""
+    with zarr.config.set(_DENSE):
+        for name, value in weights.items():
+            data = np.asarray(value, dtype=np.float32)
+            arr = group.create_array(name, shape=data.shape, chunks=data.shape or None, dtype="float32",
+                                     fill_value=0.0, compressors=fmt.checked_codecs(),
+                                     attributes={"sha256": weights_sha256(data)})
+            arr[...] = data
+
+
+def _check_weights(store: Store, weights: Mapping[str, np.ndarray]) -> None:
+    """An append must come from the same text-side weights as the store's."""
+    stored = store.weight_digests()
+    for name, value in weights.items():
+        if stored.get(name) != weights_sha256(value):
+            raise IncompatibleStoreError(
+                f"cannot append to {store.path}: the text-stream weight {name} differs from the store's (or is "
+                "missing); this is another model. Capture into a new --out")
 
 
 # ---------------------------------------------------------------------- lock
