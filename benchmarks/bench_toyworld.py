@@ -64,8 +64,14 @@ def checkpoint_table(paths: list[Path]) -> str:
     rows = ["| run | step | words top-k (flat / objects) | binding | noun in > out | bare t, IoU (2-obj) "
             "(flat / objects) | 'a SYNONYM' top-k (flat / objects), binding | 'a HYPERNYM' (flat) | words missing |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    seen: dict[str, Path] = {}
     for path in paths:
         d = json.loads(path.read_text())
+        key = json.dumps(d.get("probes", []), sort_keys=True)
+        if key in seen:
+            rows.append(f"\n{path}: the same probes as {seen[key]} (the same run)")
+            continue
+        seen[key] = path
         for p in d.get("probes", []):
             g = lambda k: p.get(k, float("nan"))  # noqa: E731
             missing = g("n_missing") / max(g("n_missing") + g("n_words"), 1)

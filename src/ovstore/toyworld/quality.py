@@ -42,7 +42,10 @@ _MIN_PIXELS = 3  # a word whose object the generated image lacks (fewer pixels) 
 def quality_scenes(seed: int, per_count: int, *, image_size: int = 32, exclude: Sequence[str] = ()) -> list:
     """``per_count`` held-out v2 scenes each with 1, 2 and 3 objects, from the stream ``[seed, 11]``
     (training draws none of these captions; the training probe uses the stream ``[seed, 9]``).
-    Captions in ``exclude`` (another set's) are skipped, so two sets never share a caption."""
+
+    Two- and three-object captions in ``exclude`` (another set's) are skipped, so two sets share
+    none of them; one-object captions may repeat (the held-out split has only about five of them:
+    4 colours x 11 nouns, one in eight held out), each with its own generation seed."""
     rng = np.random.default_rng([seed, 11])
     skip = set(exclude)
     out = []
@@ -50,9 +53,8 @@ def quality_scenes(seed: int, per_count: int, *, image_size: int = 32, exclude: 
         count = 0
         while count < per_count:
             scene = sample_rich_scene(rng, image_size=image_size, min_objects=n, max_objects=n, split="held_out")
-            if scene.caption in skip:
+            if n > 1 and scene.caption in skip:
                 continue
-            skip.add(scene.caption)
             out.append(scene)
             count += 1
     return out
@@ -241,16 +243,41 @@ def open_vocabulary_quality(store: Any, images: Sequence[int], truths: dict[int,
     return out
 
 
+def padded_attribution(encoder: Any, text: str) -> Any:
+    """``text`` encoded padded to the encoder's full length (77 tokens), as a pipeline encodes
+    its prompt and as the training probe evaluates maps: the end-of-text and padding rows then
+    take their share of each pixel's softmax. ovstore's attributions are unpadded (the OVAM
+    reference semantics); this is for comparison only."""
+    import torch
+
+    from ..analyze import Attribution
+
+    tok = encoder.tokenizer
+    ids = tok(text, padding="max_length", max_length=encoder.max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        rows = encoder._rows(ids.to(encoder.device))[0]
+    return Attribution(label=text + " [padded]", tokens=tuple(tok.convert_ids_to_tokens(ids[0].tolist())),
+                       embedding=rows, token_ids=tuple(int(i) for i in ids[0]))
+
+
 def bare_rows(store: Any, images: Sequence[int], truths: dict[int, ImageTruth], *,
-              text_encoder: Any = None) -> list[tuple[int, int, str, np.ndarray, np.ndarray, np.ndarray]]:
+              text_encoder: Any = None, padded: bool = False
+              ) -> list[tuple[int, int, str, np.ndarray, np.ndarray, np.ndarray]]:
     """The reference protocol's inputs: ``"circle square triangle"`` as attribution; per image and
-    shape the image shows, ``(image, objects in the caption, shape, map / its max, truth, objects)``."""
-    from ..analyze import MapConfig, compute_maps, word_maps
+    shape the image shows, ``(image, objects in the caption, shape, map / its max, truth, objects)``.
+    ``padded``: the attribution padded to 77 tokens (:func:`padded_attribution`)."""
+    from ..analyze import MapConfig, compute_maps, load_text_encoder
 
     size = (store.layout.height, store.layout.width)
-    maps = word_maps(compute_maps(store, [BARE_SHAPES], images=list(images), text_encoder=text_encoder,
-                                  config=MapConfig(size=size)))
-    col = {s: int(np.flatnonzero(maps["word_str"].values == s)[0]) for s in SHAPES}
+    if padded:
+        text_encoder = text_encoder or load_text_encoder(store.layout.model)
+        attribution: Any = padded_attribution(text_encoder, BARE_SHAPES)
+    else:
+        attribution = BARE_SHAPES
+    maps = compute_maps(store, [attribution], images=list(images), text_encoder=text_encoder,
+                        config=MapConfig(size=size))
+    tokens = [str(t).replace("</w>", "") for t in maps["token_str"].values]
+    col = {s: tokens.index(s) for s in SHAPES}
     rows = []
     for row, i in enumerate(images):
         t = truths[i]
