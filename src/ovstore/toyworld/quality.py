@@ -315,10 +315,12 @@ def label_truth(t: ImageTruth) -> np.ndarray:
     return label
 
 
-def class_norm_maps(store: Any, images: Sequence[int], config: Any, text_encoder: Any) -> np.ndarray:
+def class_norm_maps(store: Any, images: Sequence[int], config: Any, text_encoder: Any = None) -> np.ndarray:
     """Normalised class maps ``(image, class, H, W)`` exactly as ``ovstore label`` makes them."""
+    from ..analyze import load_text_encoder
     from ..label.class_maps import class_attributions, class_maps
 
+    text_encoder = text_encoder or load_text_encoder(store.layout.model)
     size = (store.layout.height, store.layout.width)
     return class_maps(store, list(images), class_attributions(store, config, text_encoder), size=size,
                       normalize=config.normalize)
@@ -333,7 +335,8 @@ def label_miou(norm: np.ndarray, images: Sequence[int], truths: dict[int, ImageT
     return evaluate_masks(preds, [label_truth(truths[i]) for i in images], LABEL_NAMES).miou
 
 
-def label_baselines(images: Sequence[int], truths: dict[int, ImageTruth], config: Any, seed: int = 0) -> dict[str, float]:
+def label_baselines(images: Sequence[int], truths: dict[int, ImageTruth], config: Any,
+                    seed: int = 0) -> dict[str, float]:
     """``label_miou`` of the same settings on maps that need no word knowledge: ``flat``
     (uniform noise: no localisation) and ``objects`` (every class map = the union of the true
     objects, plus noise to break ties: where things are, not which is which)."""
