@@ -76,7 +76,10 @@ def capture_captions(captions: Sequence[str], out: str | Path, *, seed: int, ste
     store = open_store(out)
     stored = [store.record(i).prompt for i in store.complete_images()]
     if stored != list(captions):
-        raise ValueError(f"{out} holds other captions than this set; remove it to capture again")
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"{out} holds other or incomplete captures than this set ({len(stored)} complete of "
+                                f"{len(captions)}); remove it to capture again")
     return store
 
 
