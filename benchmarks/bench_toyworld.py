@@ -89,6 +89,16 @@ def checkpoint_table(paths: list[Path]) -> str:
     return "\n".join(rows)
 
 
+def class_norm_maps(store, images, config, text_encoder=None):
+    """Normalised class maps ``(image, class, H, W)`` exactly as ``ovstore label`` makes them."""
+    from ovstore.analyze import load_text_encoder
+    from ovstore.label.class_maps import class_attributions, class_maps
+
+    text_encoder = text_encoder or load_text_encoder(store.layout.model)
+    return class_maps(store, list(images), class_attributions(store, config, text_encoder),
+                      size=(store.layout.height, store.layout.width), normalize=config.normalize)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-count", type=int, default=50)
@@ -203,7 +213,7 @@ def main() -> None:
     for template in TEMPLATES:
         for mode in ("separate", "compete"):
             for normalize in ("minmax", "max"):
-                norm = q.class_norm_maps(cal, cal_images, LabelConfig(classes=CLASSES, prompt_template=template,
+                norm = class_norm_maps(cal, cal_images, LabelConfig(classes=CLASSES, prompt_template=template,
                                                                       mode=mode, normalize=normalize), encoder)
                 for prompt_only in (False, True):
                     for min_component in (0, 4):
@@ -278,7 +288,7 @@ def main() -> None:
         label_store(ev, out, config, images=held, scheduler="synchronous", partition_size=32)
         report = evaluate_dirs(out, gt)
         base = q.label_baselines(held, ev_truth, config, seed=k)
-        norm = q.class_norm_maps(ev, held, config, encoder)
+        norm = class_norm_maps(ev, held, config, encoder)
         per = [q.label_miou(norm[[held.index(i) for i in p if i in held]], [i for i in p if i in held], ev_truth,
                             config) for p in parts]
         print(f"| {label} | {report.miou:.3f} | {base['flat']:.3f} | {base['objects']:.3f} | "

@@ -29,7 +29,7 @@ from .world import HYPERNYMS, NOUNS, PALETTE, SHAPES, SYNONYMS, classify_pixels,
 __all__ = [
     "BARE_SHAPES", "LABEL_NAMES", "IGNORE", "ImageTruth", "IoUSums", "quality_scenes", "capture_captions",
     "image_truth", "prompt_word_quality", "open_vocabulary_quality", "bare_rows", "bare_iou", "bare_baselines",
-    "label_truth", "label_miou", "label_baselines", "class_norm_maps",
+    "label_truth", "label_miou", "label_baselines", "padded_attribution",
 ]
 
 #: The bare attribution of the reference protocol.
@@ -318,20 +318,10 @@ def label_truth(t: ImageTruth) -> np.ndarray:
     return label
 
 
-def class_norm_maps(store: Any, images: Sequence[int], config: Any, text_encoder: Any = None) -> np.ndarray:
-    """Normalised class maps ``(image, class, H, W)`` exactly as ``ovstore label`` makes them."""
-    from ..analyze import load_text_encoder
-    from ..label.class_maps import class_attributions, class_maps
-
-    text_encoder = text_encoder or load_text_encoder(store.layout.model)
-    size = (store.layout.height, store.layout.width)
-    return class_maps(store, list(images), class_attributions(store, config, text_encoder), size=size,
-                      normalize=config.normalize)
-
-
 def label_miou(norm: np.ndarray, images: Sequence[int], truths: dict[int, ImageTruth], config: Any) -> float:
     """mIoU (background + classes, ``ovstore evaluate``'s protocol) of ``ovstore label``'s labelling
-    function (``image_labels``, every refinement of ``config``) on given normalised maps."""
+    function (``image_labels``, every refinement of ``config``) on given normalised class maps
+    ``(image, class, H, W)`` (``ovstore.label.class_maps`` makes them as ``label_store`` does)."""
     from ..label import evaluate_masks, image_labels
 
     preds = [image_labels(norm[k], truths[i].rgb, truths[i].caption, config)[0] for k, i in enumerate(images)]
