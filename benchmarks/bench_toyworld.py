@@ -1,230 +1,320 @@
-"""Semantic quality of OVAM on the embedded toy-world model, with exact ground truth.
+"""Quality of the embedded toy-world (v2) model against the toy-world targets, every figure beside
+its flat-map and object-oracle baselines, through ovstore's own APIs (``capture``,
+``analyze.compute_maps``, ``label.label_store`` + ``evaluate_dirs``, ``optimize_tokens``).
 
-A fixed evaluation set (toy-world captions from a seed, fixed generation seeds) is captured;
-ground-truth masks of the *generated* images come from their flat colours
-(``ovstore.toyworld.recover_masks``: nearest palette colour per pixel; a colour word takes
-the pixels of its colour, a shape word the pixels of the colour(s) its caption pairs it
-with). Every IoU has I and U summed per word over the set, then averaged over words, and
-is printed beside two baselines that no word knowledge is needed for:
+Sets (``ovstore.toyworld.quality.quality_scenes``: held-out world-v2 captions, which training never
+draws, 1, 2 and 3 objects in equal numbers):
 
-- flat: a uniform map (random tie-breaks), which scores the object's area share;
-- objects: a map that marks every object of the image alike (it knows where things are,
-  not which is which).
+- calibration: ``--calibration-per-count`` scenes per object count from ``--calibration-seed``,
+  generation seeds ``1000 * calibration-seed + i``; every threshold and label setting is chosen here;
+- evaluation: ``--per-count`` per count from ``--seed``, no caption of the calibration set,
+  generation seeds ``seed + i``; every reported figure is measured here.
 
-Protocols:
+Ground truth is recovered from the generated images (``recover_masks``), not taken from the
+world renderer: the model draws objects where it likes. Run (re-runnable after the weights change;
+stores are captured again when missing):
 
-- top-k: the k = |ground truth| highest pixels of the map (a flat map cannot pass it);
-- threshold t: pixels of the max-normalised map >= t (the reference protocol), swept;
-- binding: in images with several objects, the fraction of (word, other object) pairs
-  where the word's map is higher on average over its own object than over the other
-  (chance 0.5; the objects baseline scores 0.5).
+    python benchmarks/bench_toyworld.py [--per-count 50] [--calibration-per-count 20] [--work DIR]
+        [--write-defaults]
 
-Sections: (a) words of the prompt; (b) open vocabulary (attributions that were never the
-prompt, and words never in any prompt); (c) tokens optimized on annotated images, on
-held-out images, vs the plain word; (d) layer and step subsets. Run:
-
-    python benchmarks/bench_toyworld.py [--images 200] [--epochs 300] [--store EVAL.zarr] [--model DIR]
+``--write-defaults`` writes the label settings chosen on the calibration set to
+``src/ovstore/data/toy-shapes/ovstore_defaults.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import shutil
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9)
-OPEN_VOCABULARY = {"round": ("circle",), "pointy": ("triangle",), "shape": None, "object": None}
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "src" / "ovstore" / "data" / "toy-shapes"
+CLASSES = ("circle", "square", "triangle")
+BARE_GRID = tuple(round(0.1 + 0.05 * k, 2) for k in range(17))  # 0.1 .. 0.9
+LABEL_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))  # 0.05 .. 0.9
+TEMPLATES = ("a photograph of a {}", "a {}", "{}")
+SUBSET = 8  # scenes per object count in a test-sized subset (tests/toyworld/test_quality.py's size)
 
 
-class Scores:
-    """I and U summed per word for each protocol and baseline, and binding outcomes."""
-
-    def __init__(self, seed: int = 0) -> None:
-        self.iu: dict[tuple, np.ndarray] = defaultdict(lambda: np.zeros(2))
-        self.binding: dict[str, list[bool]] = defaultdict(list)
-        self.rng = np.random.default_rng(seed)
-
-    def add(self, word: str, score_map: np.ndarray, mask: np.ndarray, objects: np.ndarray,
-            others: list[np.ndarray] = ()) -> None:
-        """``objects``: every object's pixels; ``others``: masks of objects that are not ``word``'s."""
-        k = int(mask.sum())
-        noise = self.rng.random(mask.shape)
-        for name, m in (("map", score_map), ("flat", noise), ("objects", objects + 0.5 * noise)):
-            top = np.zeros(mask.size, bool)
-            top[np.argsort(m.ravel())[::-1][:k]] = True
-            top = top.reshape(mask.shape)
-            self.iu[(name, "top-k", word)] += ((top & mask).sum(), (top | mask).sum())
-        peak = max(float(score_map.max()), 1e-12)
-        for t in THRESHOLDS:
-            pred = score_map / peak >= t
-            self.iu[("map", t, word)] += ((pred & mask).sum(), (pred | mask).sum())
-        self.iu[("flat", "threshold", word)] += (mask.sum(), mask.size)  # a flat map passes everywhere
-        self.iu[("objects", "threshold", word)] += (mask.sum(), objects.sum())
-        for other in others:
-            if other.any() and not (other & mask).any():
-                self.binding[word].append(bool(score_map[mask].mean() > score_map[other].mean()))
-
-    def miou(self, name: str, protocol) -> float:
-        values = [iu[0] / iu[1] for (n, p, _), iu in self.iu.items() if n == name and p == protocol and iu[1]]
-        return float(np.mean(values)) if values else float("nan")
-
-    def binding_accuracy(self) -> tuple[float, int]:
-        outcomes = [o for v in self.binding.values() for o in v]
-        return (float(np.mean(outcomes)) if outcomes else float("nan")), len(outcomes)
-
-    def row(self, label: str) -> str:
-        sweep = " | ".join(f"{self.miou('map', t):.3f}" for t in THRESHOLDS)
-        words = len({w for (_, _, w) in self.iu})
-        bind, pairs = self.binding_accuracy()
-        best = max(self.miou("objects", "threshold"), self.miou("flat", "threshold"))
-        return (f"| {label} | {words} | {self.miou('map', 'top-k'):.3f} | {self.miou('flat', 'top-k'):.3f} | "
-                f"{self.miou('objects', 'top-k'):.3f} | {sweep} | {best:.3f} | "
-                + (f"{bind:.2f} ({pairs}) |" if pairs else "- |"))
+def fmt(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"
 
 
-HEADER = ("| maps | words | top-k mIoU | flat | objects | " + " | ".join(f"t={t}" for t in THRESHOLDS)
-          + " | best baseline (any t) | binding (pairs) |\n|---|---:|---:|---:|---:|" + "---:|" * len(THRESHOLDS)
-          + "---:|---:|")
+def spread(values: list[float]) -> str:
+    v = [x for x in values if x == x]
+    return f"{min(v):.3f} .. {max(v):.3f} (sd {np.std(v):.3f})" if v else "-"
+
+
+def subsets(images: list[int], per_count: int) -> list[list[int]]:
+    """Disjoint test-sized subsets: the j-th ``SUBSET`` scenes of each object count."""
+    blocks = [images[k * per_count:(k + 1) * per_count] for k in range(3)]
+    return [[i for b in blocks for i in b[j * SUBSET:(j + 1) * SUBSET]] for j in range(per_count // SUBSET)]
+
+
+def checkpoint_table(paths: list[Path]) -> str:
+    """Per probe step of each training.json: the training probe's figures (beside baselines)."""
+    rows = ["| run | step | words top-k (flat / objects) | binding | noun in > out | bare t, IoU (2-obj) "
+            "(flat / objects) | 'a SYNONYM' top-k (flat / objects), binding | 'a HYPERNYM' (flat) | words missing |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    seen: dict[str, Path] = {}
+    for path in paths:
+        d = json.loads(path.read_text())
+        key = json.dumps(d.get("probes", []), sort_keys=True)
+        if key in seen:
+            rows.append(f"\n{path}: the same probes as {seen[key]} (the same run)")
+            continue
+        seen[key] = path
+        for p in d.get("probes", []):
+            g = lambda k: p.get(k, float("nan"))  # noqa: E731
+            missing = g("n_missing") / max(g("n_missing") + g("n_words"), 1)
+            rows.append(f"| {path.parent.name} | {p['step']} | {fmt(g('words'))} ({fmt(g('words_flat'))} / "
+                        f"{fmt(g('words_objects'))}) | {fmt(g('binding'))} | {fmt(g('inside_gt_outside'))} | "
+                        f"{g('bare_threshold'):.1f}, {fmt(g('bare_iou'))} ({fmt(g('bare_iou_2obj'))}) "
+                        f"({fmt(g('bare_iou_flat'))} / {fmt(g('bare_iou_objects'))}) | {fmt(g('synonym'))} "
+                        f"({fmt(g('synonym_flat'))} / {fmt(g('synonym_objects'))}), {fmt(g('synonym_binding'))} | "
+                        f"{fmt(g('hypernym'))} ({fmt(g('hypernym_flat'))}) | {missing:.2f} |")
+        ae = d.get("autoencoder", {})
+        rows.append(f"\n{path}: {d['steps']} steps of batch {d['batch']}, diffusion "
+                    f"{d['seconds_diffusion'] / 3600:.2f} h ({d['steps_per_second']:.2f} steps/s), autoencoder "
+                    f"{ae.get('vae_seconds', float('nan')) / 3600:.2f} h, on {d['hardware']['cpu']} "
+                    f"({d['hardware']['torch_threads']} torch thread, {d['hardware']['device']})\n")
+    return "\n".join(rows)
+
+
+def class_norm_maps(store, images, config, text_encoder=None):
+    """Normalised class maps ``(image, class, H, W)`` exactly as ``ovstore label`` makes them."""
+    from ovstore.analyze import load_text_encoder
+    from ovstore.label.class_maps import class_attributions, class_maps
+
+    text_encoder = text_encoder or load_text_encoder(store.layout.model)
+    return class_maps(store, list(images), class_attributions(store, config, text_encoder),
+                      size=(store.layout.height, store.layout.width), normalize=config.normalize)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--per-count", type=int, default=50)
     parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--calibration-per-count", type=int, default=20)
+    parser.add_argument("--calibration-seed", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--store", type=Path, default=None, help="reuse (or create) this evaluation store")
     parser.add_argument("--model", default=None, help="pipeline to evaluate (default: the embedded toy-world model)")
+    parser.add_argument("--work", type=Path, default=None, help="stores and datasets (default: a temp dir)")
+    parser.add_argument("--write-defaults", action="store_true", help="write the chosen label settings to "
+                        "src/ovstore/data/toy-shapes/ovstore_defaults.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from ovstore.analyze import MapConfig, compute_maps, load_text_encoder, word_maps
-    from ovstore.capture import CaptureConfig, build_requests, capture, load_pipeline
-    from ovstore.optimize import OptimizeConfig, TokenTask, optimize_tokens, token_attribution
-    from ovstore.selection import LayerSelection
-    from ovstore.store import open_store
-    from ovstore.toyworld import COLORS, SHAPES, parse_caption, recover_masks, sample_scenes
+    from ovstore.analyze import MapConfig, compute_maps, load_text_encoder
+    from ovstore.label import LabelConfig, evaluate_dirs, label_store
+    from ovstore.label.voc import write_label_png, write_labelmap
+    from ovstore.optimize import OptimizeConfig, TokenTask, optimize_tokens, save_token, token_attribution
+    from ovstore.toyworld import quality as q
 
     t_start = time.perf_counter()
-    store_path = args.store or Path(tempfile.mkdtemp()) / "toy-eval.zarr"
-    if not (store_path / "zarr.json").exists():
-        captions = [s.caption for s in sample_scenes(args.seed, args.images)]
-        pipe, identity = load_pipeline(args.model)
-        capture(pipe, identity, build_requests([(c, None, None) for c in captions], seed=args.seed,
-                                               guidance=args.guidance, num_inference_steps=args.steps),
-                store_path, config=CaptureConfig(num_inference_steps=args.steps, guidance=args.guidance, batch_size=16))
-    store = open_store(store_path)
-    images = store.complete_images()
-    encoder = load_text_encoder(store.layout.model)
-    size = (store.layout.height, store.layout.width)
-    truth, objects, pairs_of = {}, {}, {}
-    for i in images:
-        caption = store.record(i).prompt
-        masks = recover_masks(store.image(i), caption)
-        truth[i] = {w: m for w, m in masks.items() if m.any()}
-        pairs_of[i] = parse_caption(caption)
-        objects[i] = np.logical_or.reduce([masks[c] for c, _ in pairs_of[i]])
+    work = args.work or Path(tempfile.mkdtemp())
+    work.mkdir(parents=True, exist_ok=True)
+    cal_scenes = q.quality_scenes(args.calibration_seed, args.calibration_per_count)
+    ev_scenes = q.quality_scenes(args.seed, args.per_count, exclude=[s.caption for s in cal_scenes])
+    cal = q.capture_captions([s.caption for s in cal_scenes], work / "toy-v2-cal.zarr",
+                             seed=1000 * args.calibration_seed, steps=args.steps, guidance=args.guidance,
+                             model=args.model)
+    ev = q.capture_captions([s.caption for s in ev_scenes], work / "toy-v2-eval.zarr", seed=args.seed,
+                            steps=args.steps, guidance=args.guidance, model=args.model)
+    t_capture = time.perf_counter() - t_start
+    encoder = load_text_encoder(ev.layout.model)
+    cal_images, ev_images = cal.complete_images(), ev.complete_images()
+    cal_truth = {i: q.image_truth(cal, i) for i in cal_images}
+    ev_truth = {i: q.image_truth(ev, i) for i in ev_images}
+    parts = subsets(ev_images, args.per_count)
+    n_syn = sum(any(n != s for _, n, s in t.phrases) for t in ev_truth.values())
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, 1 torch thread; model {ev.layout.model.id} "
+          f"(text encoder {(ev.layout.model.text_encoder_fingerprint or '?')[:12]}); {ev.layout.height}x"
+          f"{ev.layout.width}, {ev.layout.n_steps} UNet calls, guidance {args.guidance}; evaluation "
+          f"{len(ev_images)} images ({n_syn} captions with a synonym or hypernym), calibration {len(cal_images)}; "
+          f"capture {t_capture:.0f} s; {len(parts)} test-sized subsets of {3 * SUBSET}")
 
-    def others(i: int, word: str) -> list[np.ndarray]:
-        """Masks of the objects of image ``i`` that ``word`` does not name."""
-        return [truth[i][c] for c, s in pairs_of[i] if word not in (c, s) and c in truth[i]]
+    # (a) prompt words in their caption
+    word_parts = [q.prompt_word_quality(ev, p, ev_truth, text_encoder=encoder) for p in parts]
+    words = q.IoUSums.merged(word_parts)
+    bind, n_bind = words.rate("binding")
+    inside, n_inside = words.rate("inside")
+    print("\n(a) prompt words in their caption (colour words and nouns, maps from the generation prompt)\n")
+    print("| figure | target | measured | flat map | object oracle | instances | spread over subsets |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    print(f"| top-k mIoU ({len(words.words())} words) | ≥ 0.60 | {fmt(words.miou())} | {fmt(words.miou('flat'))} | "
+          f"{fmt(words.miou('objects'))} | {len(words.instances['map'])} | {spread([w.miou() for w in word_parts])} |")
+    print(f"| binding (own object > other object) | ≥ 0.97 | {fmt(bind)} | 0.5 | 0.5 | {n_bind} | "
+          f"{spread([w.rate('binding')[0] for w in word_parts])} |")
+    print(f"| noun's mean map higher inside its object | ≥ 0.95 | {fmt(inside)} | 0.5 | "
+          f"{fmt(words.rate('inside_objects')[0])} | {n_inside} | "
+          f"{spread([w.rate('inside')[0] for w in word_parts])} |")
+    print(f"\nwords whose object the generation lacks (excluded): {words.rate('missing')[0]:.3f} of "
+          f"{words.rate('missing')[1]}; per word top-k IoU: " + ", ".join(
+              f"{w} {words.iu[('map', w)][0] / words.iu[('map', w)][1]:.2f}" for w in words.words()))
 
-    print(f"machine: {platform.machine()}, 1 torch thread; model {store.layout.model.id}; {len(images)} images, "
-          f"{store.layout.n_steps} UNet calls, guidance {args.guidance}")
+    # (b) reference protocol: bare attribution, threshold chosen on the calibration set
+    cal_rows = q.bare_rows(cal, cal_images, cal_truth, text_encoder=encoder)
+    cal_sweep = {t: q.bare_iou(cal_rows, t) for t in BARE_GRID}
+    best_t = max(cal_sweep, key=cal_sweep.get)
+    ev_rows = q.bare_rows(ev, ev_images, ev_truth, text_encoder=encoder)
+    print(f"\n(b) reference protocol: '{q.BARE_SHAPES}', each map ÷ its max, threshold {best_t} (chosen on the "
+          "calibration set: " + ", ".join(f"{t} {v:.3f}" for t, v in cal_sweep.items()) + ")\n")
+    print("| generations | target | mean IoU | flat map (any t) | object oracle (any t) | top-k | objects | "
+          "spread over subsets |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    # for comparison: the attribution padded to 77 tokens, as the pipeline and the training probe encode it
+    cal_padded = q.bare_rows(cal, cal_images, cal_truth, text_encoder=encoder, padded=True)
+    padded_sweep = {t: q.bare_iou(cal_padded, t) for t in BARE_GRID}
+    padded_t = max(padded_sweep, key=padded_sweep.get)
+    ev_padded = q.bare_rows(ev, ev_images, ev_truth, text_encoder=encoder, padded=True)
+    from ovstore.toyworld import topk_iou
 
-    def in_prompt(config: MapConfig, words=None) -> Scores:
-        scores = Scores()
-        for i in images:
-            maps = word_maps(compute_maps(store, [store.record(i).prompt], images=[i], text_encoder=encoder,
-                                          config=config))
-            for k, word in enumerate(maps["word_str"].values):
-                word = str(word)
-                if word in truth[i] and (words is None or word in words):
-                    scores.add(word, maps.values[0, k], truth[i][word], objects[i], others(i, word))
-        return scores
+    for label, n_obj, source, t in (("two-object", (2,), ev_rows, best_t),
+                                    ("all (1-3 objects)", (1, 2, 3), ev_rows, best_t),
+                                    (f"two-object, padded to 77 tokens (t={padded_t}, calibrated)", (2,), ev_padded,
+                                     padded_t),
+                                    ("all, padded to 77 tokens", (1, 2, 3), ev_padded, padded_t)):
+        rows = [r for r in source if r[1] in n_obj]
+        base = q.bare_baselines(rows)
+        topk = np.mean([topk_iou(m, truth) for *_, m, truth, _ in rows])
+        per = [q.bare_iou([r for r in rows if r[0] in set(p)], t) for p in parts]
+        print(f"| {label} | {'≥ 0.55' if label == 'two-object' else ''} | {fmt(q.bare_iou(rows, t))} | "
+              f"{fmt(base['flat'])} | {fmt(base['objects'])} | {fmt(topk)} | {len(rows)} | {spread(per)} |")
 
-    full = MapConfig(size=size)
-    print("\n(a) words of the prompt\n")
-    print(HEADER)
-    print(in_prompt(full, COLORS).row("colour words"))
-    print(in_prompt(full, SHAPES).row("shape words"))
-    print(in_prompt(full).row("all words"))
+    # (c) synonyms and hypernyms not in the prompt
+    ov_parts = [q.open_vocabulary_quality(ev, p, ev_truth, text_encoder=encoder) for p in parts]
+    print("\n(c) nouns not in the generation prompt, each alone ('a ball'), top-k\n")
+    print("| nouns | target | top-k mIoU | flat map | ÷ flat | object oracle | binding (pairs) | instances | "
+          "spread over subsets |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name in ("synonyms + hypernyms", "synonyms", "hypernyms", "shape words"):
+        s = q.IoUSums.merged([o[name] for o in ov_parts])
+        b, nb = s.rate("binding")
+        goal = "≥ 0.50, ≥ 5× flat" if name.startswith("synonyms +") else ""
+        print(f"| {name} ({', '.join(s.words())}) | {goal} | "
+              f"{fmt(s.miou())} | {fmt(s.miou('flat'))} | {s.miou() / s.miou('flat'):.1f}× | "
+              f"{fmt(s.miou('objects'))} | {fmt(b)} ({nb}) | {len(s.instances['map'])} | "
+              f"{spread([o[name].miou() for o in ov_parts])} |")
 
-    print("\n(b) open vocabulary: attributions that are not the generation prompt\n")
-    print(HEADER)
-    phrase_scores, word_scores_b = Scores(), Scores()
-    for i in images:
-        phrases = [f"a {c} {s}" for c, s in pairs_of[i]] + [f"a {w}" for c, s in pairs_of[i] for w in (c, s)]
-        maps = word_maps(compute_maps(store, phrases, images=[i], text_encoder=encoder, config=full))
-        for k, phrase in enumerate(phrases):
-            target = phrase.split()[1:]
-            for word in target:
-                col = np.flatnonzero((maps["prompt_index"].values == k) & (maps["word_str"].values == word))
-                if word in truth[i] and col.size:
-                    (phrase_scores if len(target) == 2 else word_scores_b).add(
-                        word, maps.values[0, col[0]], truth[i][word], objects[i], others(i, word))
-    print(phrase_scores.row("one object's phrase alone ('a red circle')"))
-    print(word_scores_b.row("one word in a template ('a circle', 'a red')"))
-    attributions = list(OPEN_VOCABULARY)
-    maps = word_maps(compute_maps(store, attributions, images=images, text_encoder=encoder, config=full))
-    for k, word in enumerate(attributions):
-        scores = Scores()
-        col = int(np.flatnonzero((maps["prompt_index"].values == k) & (maps["word_str"].values == word))[0])
-        targets = OPEN_VOCABULARY[word]
-        for row, i in enumerate(images):
-            present = [truth[i][s] for s in (targets or SHAPES) if s in truth[i]]
-            if present:
-                rest = [truth[i][c] for c, s in pairs_of[i] if targets and s not in targets and c in truth[i]]
-                scores.add(word, maps.values[row, col], np.logical_or.reduce(present), objects[i], rest)
-        target = "/".join(targets) if targets else "every object"
-        print(scores.row(f'unseen word "{word}" vs {target}'))
+    # (d) label settings chosen on the calibration set
+    print("\n(d) `ovstore label --classes circle,square,triangle`: settings chosen on the calibration set\n")
+    results = []
+    for template in TEMPLATES:
+        for mode in ("separate", "compete"):
+            for normalize in ("minmax", "max"):
+                norm = class_norm_maps(cal, cal_images, LabelConfig(classes=CLASSES, prompt_template=template,
+                                                                      mode=mode, normalize=normalize), encoder)
+                for prompt_only in (False, True):
+                    for min_component in (0, 4):
+                        for t in LABEL_GRID:
+                            c = LabelConfig(classes=CLASSES, prompt_template=template, mode=mode, normalize=normalize,
+                                            threshold=t, prompt_classes_only=prompt_only,
+                                            min_component=min_component)
+                            results.append((q.label_miou(norm, cal_images, cal_truth, c), c))
+    results.sort(key=lambda r: -r[0])
+    print("best 8 on the calibration set (mIoU, background + 3 classes):\n")
+    print("| template | mode | normalize | threshold | prompt classes only | min component | calibration mIoU |")
+    print("|---|---|---|---:|---|---:|---:|")
+    for miou, c in results[:8]:
+        print(f"| `{c.prompt_template}` | {c.mode} | {c.normalize} | {c.threshold} | {c.prompt_classes_only} | "
+              f"{c.min_component} | {miou:.3f} |")
+    chosen = results[0][1]
+    best_without = next(c for m, c in results if not c.prompt_classes_only)
+    defaults = {"format": 1,
+                "label": {"prompt_template": chosen.prompt_template, "mode": chosen.mode,
+                          "normalize": chosen.normalize, "threshold": chosen.threshold,
+                          "prompt_classes_only": chosen.prompt_classes_only, "min_component": chosen.min_component},
+                "maps": {"normalize": chosen.normalize}}
+    print("\nchosen: " + json.dumps(defaults))
+    if args.write_defaults:
+        (MODEL_DIR / "ovstore_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
+        print(f"written to {MODEL_DIR / 'ovstore_defaults.json'}")
 
-    for n_train in (1, 3):
-        print(f"\n(c) tokens optimized on {n_train} annotated image(s) per word ({args.epochs} epochs, reference "
-              "recipe), on the held-out images, vs the plain word ('a WORD')\n")
-        print(HEADER)
-        tasks, train_images = [], {}
-        for word in (*SHAPES, *COLORS):
-            having = [i for i in images if word in truth[i]][:n_train]
-            if len(having) == n_train:
-                train_images[word] = set(having)
-                tasks.append(TokenTask(word, tuple(having), tuple(truth[i][word] for i in having)))
-        tokens = optimize_tokens(store, tasks, config=OptimizeConfig(epochs=args.epochs), text_encoder=encoder)
-        token_scores, word_scores = Scores(), Scores()
-        for token in tokens:
-            word = token.name
-            held = [i for i in images if word in truth[i] and i not in train_images[word]]
-            maps = word_maps(compute_maps(store, [token_attribution(token, store.layout.model), f"a {word}"],
-                                          images=held, text_encoder=encoder, config=full))
-            col = int(np.flatnonzero((maps["prompt_index"].values == 1) & (maps["word_str"].values == word))[0])
-            for row, i in enumerate(held):
-                token_scores.add(word, maps.values[row, 1], truth[i][word], objects[i], others(i, word))
-                word_scores.add(word, maps.values[row, col], truth[i][word], objects[i], others(i, word))
-        print(token_scores.row("learned tokens"))
-        print(word_scores.row("plain words ('a WORD')"))
+    # the evaluation set, through label_store and evaluate_dirs
+    train = {c: next(i for i in ev_images if c in ev_truth[i].masks and ev_truth[i].masks[c].sum() >= 10)
+             for c in CLASSES}
+    held = [i for i in ev_images if i not in train.values()]
+    gt = work / "gt"
+    shutil.rmtree(gt, ignore_errors=True)
+    (gt / "SegmentationClass").mkdir(parents=True)
+    write_labelmap(gt / "labelmap.txt", CLASSES)
+    for i in held:
+        write_label_png(gt / "SegmentationClass" / f"{i:05d}.png", q.label_truth(ev_truth[i]))
+    t0 = time.perf_counter()
+    tokens = optimize_tokens(ev, [TokenTask(c, (train[c],), (ev_truth[train[c]].masks[c],)) for c in CLASSES],
+                             config=OptimizeConfig(epochs=args.epochs), text_encoder=encoder)
+    t_tokens = time.perf_counter() - t0
+    token_files = {t.name: save_token(t, work / f"{t.name}.safetensors", overwrite=True) for t in tokens}
+    try:
+        import pydensecrf  # noqa: F401
 
-    print("\n(d) layer and step subsets (words of the prompt)\n")
-    print(HEADER)
-    n = store.layout.n_steps
-    subsets = {
-        "all layers, all calls": full,
-        "16x16 layers only": MapConfig(size=size, layers=LayerSelection(resolutions=((16, 16),), include_mid=False)),
-        "8x8 layers only": MapConfig(size=size, layers=LayerSelection(resolutions=((8, 8),), include_mid=False)),
-        "mid block included": MapConfig(size=size, layers=LayerSelection(include_mid=True)),
-        f"first half of the calls (0:{n // 2})": MapConfig(size=size, steps=f"0:{n // 2}"),
-        f"second half of the calls ({n // 2}:)": MapConfig(size=size, steps=f"{n // 2}:"),
-        "every other call": MapConfig(size=size, steps="::2"),
+        has_crf = True
+    except ImportError:
+        has_crf = False
+    fields = dict(defaults["label"])
+    rows = {
+        "package defaults (`a photograph of a {}`, separate, minmax, 0.6)": LabelConfig(classes=CLASSES),
+        "chosen settings (ovstore_defaults.json)": LabelConfig(classes=CLASSES, **fields),
+        f"calibration best without prompt classes only (`{best_without.prompt_template}`, {best_without.mode}, "
+        f"{best_without.normalize}, {best_without.threshold}, min component {best_without.min_component})":
+            best_without,
     }
-    for label, config in subsets.items():
-        print(in_prompt(config).row(label))
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+    if has_crf:
+        rows["chosen settings + `--crf`"] = LabelConfig(classes=CLASSES, crf=True, **fields)
+    token_fields = {**fields, "mode": "separate"}
+    rows["tokens (1 annotated image per class), chosen settings, separate"] = LabelConfig(
+        classes=CLASSES, tokens=token_files, **token_fields)
+    rows["plain words, same settings (for the tokens row)"] = LabelConfig(classes=CLASSES, **token_fields)
+    print(f"\nevaluation: {len(held)} images (the 3 annotated images of the token rows, "
+          f"{', '.join(f'{c} {i}' for c, i in train.items())}, left out of every row); tokens {args.epochs} "
+          f"epochs, {t_tokens:.0f} s" + ("" if has_crf else "; DenseCRF not installed: its row is left out") + "\n")
+    print("| settings | mIoU | flat map | object oracle | " + " | ".join(f"{c} IoU" for c in ("background", *CLASSES))
+          + " | spread over subsets |")
+    print("|---|---:|---:|---:|" + "---:|" * 4 + "---|")
+    for k, (label, config) in enumerate(rows.items()):
+        out = work / f"label-{k:02d}"
+        shutil.rmtree(out, ignore_errors=True)
+        label_store(ev, out, config, images=held, scheduler="synchronous", partition_size=32)
+        report = evaluate_dirs(out, gt)
+        base = q.label_baselines(held, ev_truth, config, seed=k)
+        norm = class_norm_maps(ev, held, config, encoder)
+        per = [q.label_miou(norm[[held.index(i) for i in p if i in held]], [i for i in p if i in held], ev_truth,
+                            config) for p in parts]
+        print(f"| {label} | {report.miou:.3f} | {base['flat']:.3f} | {base['objects']:.3f} | "
+              + " | ".join(f"{v:.3f}" for v in report.iou) + f" | {spread(per)} |", flush=True)
+        shutil.rmtree(out)
+
+    # learned tokens against the plain word, top-k on held-out images
+    tok_scores, word_scores = q.IoUSums(1), q.IoUSums(2)
+    for token in tokens:
+        having = [i for i in held if token.name in ev_truth[i].masks and ev_truth[i].masks[token.name].sum() >= 3]
+        maps = compute_maps(ev, [token_attribution(token, ev.layout.model), f"a {token.name}"], images=having,
+                            text_encoder=encoder, config=MapConfig(size=(ev.layout.height, ev.layout.width)))
+        col = int(np.flatnonzero(maps["token_str"].values == f"{token.name}</w>")[0])
+        for row, i in enumerate(having):
+            truth = ev_truth[i].masks[token.name]
+            tok_scores.add(token.name, maps.values[row, 1], truth, ev_truth[i].objects)
+            word_scores.add(token.name, maps.values[row, col], truth, ev_truth[i].objects)
+    print(f"\ntop-k on held-out images: learned tokens {tok_scores.miou():.3f}, plain word 'a WORD' "
+          f"{word_scores.miou():.3f} (flat {tok_scores.miou('flat'):.3f}, object oracle "
+          f"{tok_scores.miou('objects'):.3f}; {len(tok_scores.instances['map'])} instances)")
+
+    print("\n(e) training probe per checkpoint (training.json `probes`)\n")
+    print(checkpoint_table([MODEL_DIR / "training.json", ROOT / "training" / "toyworld-v2" / "training.json"]))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"total {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

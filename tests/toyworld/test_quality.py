@@ -1,88 +1,130 @@
-"""Quality floor of the embedded toy-world model: OVAM maps of the prompt's colour and shape
-words must find their objects (a small version of the benchmark in BENCHMARKS.md)."""
+"""Quality floors of the embedded toy-world (v2) model: a test-sized version of
+``benchmarks/bench_toyworld.py`` (BENCHMARKS.md, "Toy world v2: quality").
+
+24 held-out world-v2 captions (8 each with 1, 2 and 3 objects, a caption stream neither the
+benchmark's sets nor training use) are captured with ``ovstore capture``; ground truth is recovered
+from the generated images. Each floor lies below the benchmark's lowest figure over its
+test-sized subsets (same size as this set) and above the figure's baselines, so the test fails
+on a model whose maps do not localise. The margins are in the comments, as measured.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ovstore.analyze import MapConfig, compute_maps, word_maps
-from ovstore.capture import CaptureConfig, build_requests, capture, load_pipeline
-from ovstore.demo import CAPTIONS, _topk_iou
-from ovstore.store import open_store
-from ovstore.toyworld import parse_caption, recover_masks
+from ovstore.label import LabelConfig, evaluate_dirs, label_store
+from ovstore.label.voc import write_label_png, write_labelmap
+from ovstore.toyworld import quality as q
+
+
+def class_norm_maps(store, images, config, text_encoder=None):
+    """Normalised class maps ``(image, class, H, W)`` exactly as ``ovstore label`` makes them."""
+    from ovstore.analyze import load_text_encoder
+    from ovstore.label.class_maps import class_attributions, class_maps
+
+    text_encoder = text_encoder or load_text_encoder(store.layout.model)
+    return class_maps(store, list(images), class_attributions(store, config, text_encoder),
+                      size=(store.layout.height, store.layout.width), normalize=config.normalize)
+
+
+DEFAULTS = Path(q.__file__).resolve().parents[1] / "data" / "toy-shapes" / "ovstore_defaults.json"
+CLASSES = ("circle", "square", "triangle")
+#: The reference protocol's threshold, chosen on the benchmark's calibration set.
+BARE_THRESHOLD = 0.45
 
 
 @pytest.fixture(scope="module")
-def toy_store(tmp_path_factory):
-    pipe, identity = load_pipeline(None)
-    out = tmp_path_factory.mktemp("toy") / "toy.zarr"
-    capture(pipe, identity, build_requests([(c, None, None) for c in CAPTIONS], seed=0, guidance=5.0,
-                                           num_inference_steps=20), out,
-            config=CaptureConfig(num_inference_steps=20, guidance=5.0, batch_size=len(CAPTIONS)))
-    return open_store(out)
+def toy(tmp_path_factory):
+    scenes = q.quality_scenes(3, 8)
+    store = q.capture_captions([s.caption for s in scenes], tmp_path_factory.mktemp("toy-v2") / "toy.zarr",
+                               seed=3000, batch_size=12)
+    images = store.complete_images()
+    assert len(images) == 24
+    return store, images, {i: q.image_truth(store, i) for i in images}
 
 
-def test_prompt_words_find_their_objects(toy_store):
-    scores, uniform, binding = [], [], []
-    rng = np.random.default_rng(0)
-    for i in toy_store.complete_images():
-        caption = toy_store.record(i).prompt
-        truth = recover_masks(toy_store.image(i), caption)
-        pairs = parse_caption(caption)
-        words = word_maps(compute_maps(toy_store, [caption], images=[i], config=MapConfig(size=(32, 32))))
-        for k, word in enumerate(words["word_str"].values):
-            mask = truth.get(str(word))
-            if mask is None or not mask.any():
-                continue
-            scores.append(_topk_iou(words.values[0, k], mask))
-            uniform.append(_topk_iou(rng.random(mask.shape), mask))  # a flat map with random tie-breaks
-            for colour, shape in pairs:  # is the word's map higher on its object than on the others?
-                other = truth.get(colour)
-                if str(word) not in (colour, shape) and other is not None and other.any() and not (other & mask).any():
-                    binding.append(words.values[0, k][mask].mean() > words.values[0, k][other].mean())
-    assert len(scores) >= 12 and len(binding) >= 10
-    # measured with the shipped weights: top-k 0.63 (uniform 0.04), binding 1.0 (20 pairs); floors leave room
-    assert np.mean(scores) >= 0.45
-    assert np.mean(scores) >= 5 * np.mean(uniform)
-    assert np.mean(binding) >= 0.75  # chance: 0.5
+def test_prompt_words_find_their_own_objects(toy):
+    store, images, truth = toy
+    s = q.prompt_word_quality(store, images, truth)
+    assert len(s.instances["map"]) >= 60 and s.rate("binding")[1] >= 20 and s.rate("inside")[1] >= 25
+    # benchmark: top-k 0.666 over 96 images, 0.664 .. 0.733 over its 4 test-sized subsets (this set: 0.62);
+    # flat 0.10, object oracle 0.53; binding 0.944 .. 1.000 (0.99 here); inside 0.938 .. 1.000 (1.00 here)
+    assert s.miou() >= 0.50, s.miou()
+    assert s.miou() >= 5 * s.miou("flat") and s.miou() > s.miou("objects")
+    assert s.rate("binding")[0] >= 0.90  # flat and object oracle: 0.5
+    assert s.rate("inside")[0] >= 0.90  # flat: 0.5
 
 
-@pytest.fixture(scope="module")
-def toy_eval(tmp_path_factory):
-    """Sixteen toy-world scenes: enough held-out images for learned tokens."""
-    from ovstore.toyworld import sample_scenes
-
-    pipe, identity = load_pipeline(None)
-    out = tmp_path_factory.mktemp("toy-eval") / "eval.zarr"
-    captions = [s.caption for s in sample_scenes(2024, 16)]
-    capture(pipe, identity, build_requests([(c, None, None) for c in captions], seed=2024, guidance=5.0,
-                                           num_inference_steps=20), out,
-            config=CaptureConfig(num_inference_steps=20, guidance=5.0, batch_size=8))
-    return open_store(out)
+def test_bare_attribution_reference_protocol(toy):
+    store, images, truth = toy
+    rows = q.bare_rows(store, images, truth)
+    assert len(rows) >= 25
+    iou = q.bare_iou(rows, BARE_THRESHOLD)
+    base = q.bare_baselines(rows)
+    # benchmark, 1-3 objects: 0.278, subsets 0.213 .. 0.316 (this set: 0.25); flat 0.13, object oracle 0.61.
+    # Two-object images alone spread too widely at this size (0.153 .. 0.383) for a floor above the flat map.
+    assert iou >= 0.18, iou
+    assert iou >= 1.3 * base["flat"], (iou, base)
 
 
-def test_tokens_learned_on_one_image_beat_the_words_on_held_out_images(toy_eval):
+def test_synonyms_and_hypernyms_not_in_the_prompt(toy):
+    store, images, truth = toy
+    s = q.open_vocabulary_quality(store, images, truth)["synonyms + hypernyms"]
+    assert len(s.instances["map"]) >= 30
+    # benchmark: 0.383 (3.2x flat), subsets 0.377 .. 0.411 (this set: 0.36, 3.4x flat)
+    assert s.miou() >= 0.30, s.miou()
+    assert s.miou() >= 2.5 * s.miou("flat")
+
+
+def _label(store, images, truth, config, out: Path) -> float:
+    gt = out / "gt"
+    (gt / "SegmentationClass").mkdir(parents=True)
+    write_labelmap(gt / "labelmap.txt", CLASSES)
+    for i in images:
+        write_label_png(gt / "SegmentationClass" / f"{i:05d}.png", q.label_truth(truth[i]))
+    label_store(store, out / "labels", config, images=images, scheduler="synchronous", partition_size=32)
+    return evaluate_dirs(out / "labels", gt).miou
+
+
+def test_label_with_the_models_defaults(toy, tmp_path):
+    store, images, truth = toy
+    settings = json.loads(DEFAULTS.read_text())
+    assert settings["format"] == 1
+    config = LabelConfig(classes=CLASSES, **settings["label"])
+    miou = _label(store, images, truth, config, tmp_path)
+    base = q.label_baselines(images, truth, config)
+    package = LabelConfig(classes=CLASSES)
+    package_miou = q.label_miou(class_norm_maps(store, images, package, None), images, truth, package)
+    # benchmark: 0.354 over 93 images, subsets 0.268 .. 0.427 (this set: 0.34); flat 0.185, object oracle 0.35;
+    # package defaults 0.229 (0.26 here)
+    assert miou >= 0.25, miou
+    assert miou > base["flat"] + 0.05, (miou, base)
+    assert miou > package_miou + 0.03, (miou, package_miou)
+
+
+def test_tokens_learned_on_one_image_beat_the_words_on_held_out_images(toy):
+    from ovstore.analyze import MapConfig, compute_maps
     from ovstore.optimize import OptimizeConfig, TokenTask, optimize_tokens, token_attribution
-    from ovstore.toyworld import SHAPES
 
-    images = toy_eval.complete_images()
-    truth = {i: {w: m for w, m in recover_masks(toy_eval.image(i), toy_eval.record(i).prompt).items() if m.any()}
-             for i in images}
+    store, images, truth = toy
     tasks = []
-    for shape in SHAPES:
-        first = next(i for i in images if shape in truth[i])
-        tasks.append(TokenTask(shape, (first,), (truth[first][shape],)))
-    tokens = optimize_tokens(toy_eval, tasks, config=OptimizeConfig(epochs=100))
-    learned, plain = [], []
+    for shape in CLASSES:
+        first = next(i for i in images if truth[i].masks.get(shape, np.zeros(1)).sum() >= 10)
+        tasks.append(TokenTask(shape, (first,), (truth[first].masks[shape],)))
+    tokens = optimize_tokens(store, tasks, config=OptimizeConfig(epochs=100))
+    learned, plain = q.IoUSums(1), q.IoUSums(2)
     for task, token in zip(tasks, tokens):
-        held_out = [i for i in images if token.name in truth[i] and i not in task.images]
-        maps = compute_maps(toy_eval, [token_attribution(token, toy_eval.layout.model), f"a {token.name}"],
-                            images=held_out, config=MapConfig(size=(32, 32)))
+        held = [i for i in images if i not in task.images and truth[i].masks.get(token.name, np.zeros(1)).sum() >= 3]
+        maps = compute_maps(store, [token_attribution(token, store.layout.model), f"a {token.name}"],
+                            images=held, config=MapConfig(size=(32, 32)))
         word = int(np.flatnonzero(maps["token_str"].values == f"{token.name}</w>")[0])
-        for row, i in enumerate(held_out):
-            learned.append(_topk_iou(maps.values[row, 1], truth[i][token.name]))
-            plain.append(_topk_iou(maps.values[row, word], truth[i][token.name]))
-    assert len(learned) >= 10
-    # measured here: 0.60 vs 0.46 (and 0.58 vs 0.48 on 48 images: BENCHMARKS.md, toy-world (c))
-    assert np.mean(learned) > np.mean(plain) + 0.03, (np.mean(learned), np.mean(plain))
+        for row, i in enumerate(held):
+            learned.add(token.name, maps.values[row, 1], truth[i].masks[token.name], truth[i].objects)
+            plain.add(token.name, maps.values[row, word], truth[i].masks[token.name], truth[i].objects)
+    assert len(learned.instances["map"]) >= 15
+    # benchmark (300 epochs): tokens 0.505 vs the word 0.367 on 121 held-out instances
+    assert learned.miou() > plain.miou() + 0.02, (learned.miou(), plain.miou())

@@ -3,7 +3,8 @@ text-to-image pipeline trained on it from scratch so that its cross-attention tr
 binds colour and shape words to image regions.
 
 ``world`` is pure numpy + Pillow; ``model`` and ``probe`` import torch and diffusers
-only when their functions are called.
+only when their functions are called. ``quality`` (imported on its own) measures a model
+against the toy-world targets through ovstore's capture, analyze and label APIs.
 """
 
 from .model import (
