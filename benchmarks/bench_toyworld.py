@@ -234,8 +234,9 @@ def main() -> None:
     defaults = {"format": 1,
                 "label": {"prompt_template": chosen.prompt_template, "mode": chosen.mode,
                           "normalize": chosen.normalize, "threshold": chosen.threshold,
-                          "prompt_classes_only": chosen.prompt_classes_only, "min_component": chosen.min_component},
-                "maps": {"normalize": chosen.normalize}}
+                          "prompt_classes_only": chosen.prompt_classes_only, "min_component": chosen.min_component}}
+    # no "maps" display default: `maps --png` then draws every word of a sheet on one scale (shares
+    # of attention), where a per-map normalisation would stretch weak words to full range
     print("\nchosen: " + json.dumps(defaults))
     if args.write_defaults:
         (MODEL_DIR / "ovstore_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
