@@ -251,16 +251,14 @@ def _run_demo(out: Path, *, device: str, steps: int, guidance: float, epochs: in
         lines += ["", "![the token on held-out images](token/held_out.png)"]
 
     log("labelling the images (circle, square, triangle) ...")
-    # the toy model only saw captions "a COLOUR SHAPE": the template follows their grammar, the
-    # classes of one image compete in one softmax, and only the prompt's classes are labelled
-    # (the best plain-word settings without DenseCRF in BENCHMARKS.md's label-quality section)
+    # the plain command: every setting from the model's ovstore_defaults.json (recorded in the
+    # store), which were chosen on a calibration set (BENCHMARKS.md, "Toy world v2: quality")
     classes = ("circle", "square", "triangle")
-    config = LabelConfig(classes=classes, prompt_template="a {}", mode="compete", prompt_classes_only=True)
-    label_store(store, out / "dataset", config, scheduler="synchronous")
+    label_store(store, out / "dataset", LabelConfig(classes=classes), scheduler="synchronous")
     lines += ["", "## Labels", "", "VOC tree and COCO JSON in `dataset/` (classes circle=1, square=2, "
-              "triangle=3; palette PNGs; `ovstore label --classes circle,square,triangle --prompt-template "
-              "'a {}' --mode compete --prompt-classes-only`): each image beside its label PNG, in the PNG's "
-              "palette.", "", "![labels](dataset/preview.png)", ""]
+              "triangle=3; palette PNGs; `ovstore label --classes circle,square,triangle`, the model's "
+              "default settings): each image beside its label PNG, in the PNG's palette.", "",
+              "![labels](dataset/preview.png)", ""]
     label_rows = []
     for i in images:
         with Image.open(out / "dataset" / "SegmentationClass" / f"{i:05d}.png") as png:
