@@ -500,7 +500,7 @@ def label(
     token: Annotated[Optional[list[Path]], typer.Option("--token", help="Learned token file; used for the class it names (repeatable).")] = None,
     mode: Annotated[Optional[str], typer.Option(help="separate: each class its own softmax; compete: all classes in one softmax. Default: the model's, else separate.")] = None,
     normalize: Annotated[Optional[str], typer.Option(help="Class maps to [0, 1] per image: minmax ((m - min)/(max - min)) or max (m/max, the reference protocol; its floor can be high, about 2/3 of the max on the toy-world model). Default: the model's, else minmax.")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Threshold on the normalised maps. Default: the model's, else 0.6 (chosen for minmax on a toy-world calibration set; DAAM-style evaluations of Stable Diffusion use max with ≈0.4).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Threshold on the normalised maps. Default: the model's, else 0.6 (chosen for minmax on the v1 toy-world model's calibration set; DAAM-style evaluations of Stable Diffusion use max with ≈0.4).")] = None,
     class_threshold: Annotated[Optional[list[str]], typer.Option("--class-threshold", help="CLASS=VALUE per-class threshold (repeatable).")] = None,
     adaptive: Annotated[Optional[bool], typer.Option("--adaptive/--no-adaptive", help="DiffuMask adaptive threshold per class and image: the middle of the sweep range where the mask area is most stable. Default: the model's, else off.", show_default=False)] = None,
     sweep: Annotated[Optional[str], typer.Option(help="Thresholds tried by --adaptive: 'A,B,C' or 'START:STOP:STEP' (inclusive). Default: the model's, else 0.5:0.95:0.05.")] = None,

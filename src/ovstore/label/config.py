@@ -61,13 +61,14 @@ class LabelConfig:
     normalize
         How each class map of an image is brought to [0, 1] before thresholding:
         ``minmax`` (default): ``(map - min) / (max - min)``; ``max``: ``map / max``, the
-        reference protocol of OVAM/DAAM. They differ by the map's floor: on the toy-world
-        model a class map's minimum is about two thirds of its maximum, so under ``max`` any
-        threshold up to about 0.6 labels nearly the whole image. In ``compete`` mode each class is still
+        reference protocol of OVAM/DAAM. They differ by the map's floor: where a class map's
+        minimum is a large part of its maximum (about two thirds on the first, v1 toy-world
+        model), ``max`` with any threshold below that floor labels nearly the whole image. In ``compete`` mode each class is still
         normalised on its own, after the joint softmax.
     threshold
-        Default threshold on the normalised maps (0.6: chosen on a toy-world calibration set
-        disjoint from the benchmark's evaluation set, see BENCHMARKS.md; DAAM-style
+        Default threshold on the normalised maps (0.6: chosen on a calibration set of the v1
+        toy-world model, disjoint from its evaluation set, see BENCHMARKS.md; a model's
+        ``ovstore_defaults.json`` replaces it, as the embedded model's does; DAAM-style
         evaluations of Stable Diffusion use ``normalize="max"`` with about 0.4).
     class_thresholds
         Per-class thresholds overriding ``threshold``.
