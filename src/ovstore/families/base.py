@@ -188,6 +188,37 @@ class ModelFamily(ABC):
         """The attribution text encoder of ``identity``'s recipe, loaded from ``target`` (a
         pipeline directory or hub id)."""
 
+    def load_text_components(self, identity: ModelIdentity, target: str, *, hint: str) -> list[tuple[Any, Any]]:
+        """``(tokenizer, encoder)`` of every encoder in ``identity``'s text recipe, loaded from
+        ``target`` with ``from_pretrained`` (a local pipeline directory, or a hub id at the
+        recorded revision); ``hint`` ends the error for a directory missing an encoder folder."""
+        from pathlib import Path
+
+        import transformers
+
+        from ..errors import ModelLoadError
+        from ..models import hub_error
+
+        recipe = identity.text_recipe
+        local = Path(target).expanduser()
+        components = []
+        for tok_folder, enc_folder, class_name in zip(recipe.tokenizers, recipe.encoders, recipe.encoder_classes):
+            encoder_class = getattr(transformers, class_name, None)
+            if encoder_class is None:
+                raise ModelLoadError(f"transformers has no class {class_name!r}; upgrade transformers")
+            if local.exists() and not (local / enc_folder).is_dir():
+                raise ModelLoadError(
+                    f"{local} has no {enc_folder}/ folder, which the store's text recipe needs "
+                    f"({', '.join(recipe.encoders)}); {hint}")
+            kwargs = {} if local.exists() else {"revision": identity.revision}
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(str(target), subfolder=tok_folder, **kwargs)
+                encoder = encoder_class.from_pretrained(str(target), subfolder=enc_folder, **kwargs)
+            except Exception as exc:
+                raise hub_error(str(target), exc, what="text encoder") from exc
+            components.append((tokenizer, encoder))
+        return components
+
     @abstractmethod
     def layer_keys(self, rows: torch.Tensor, parameters: tuple[torch.Tensor, torch.Tensor | None],
                    info: LayerInfo) -> torch.Tensor:

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, ModelLoadError, StoreError
+from ..errors import InvalidInputError, StoreError
 from ..store import IMAGE_KEYS, IMAGE_VALUES, LayerInfo, ModelIdentity, TextRecipe
 from .base import ModelFamily
 
@@ -213,29 +212,8 @@ class SD3Family(ModelFamily):
 
     # ------------------------------------------------------------------ analysis
     def load_text_encoder(self, identity: ModelIdentity, target: str, *, device: str = "cpu") -> Any:
-        import transformers
-
-        from ..models import hub_error
-
-        recipe = identity.text_recipe
-        local = Path(target).expanduser()
-        components = []
-        for tok_folder, enc_folder, class_name in zip(recipe.tokenizers, recipe.encoders, recipe.encoder_classes):
-            encoder_class = getattr(transformers, class_name, None)
-            if encoder_class is None:
-                raise ModelLoadError(f"transformers has no class {class_name!r}; upgrade transformers")
-            if local.exists() and not (local / enc_folder).is_dir():
-                raise ModelLoadError(
-                    f"{local} has no {enc_folder}/ folder, which the store's text recipe needs "
-                    f"({', '.join(recipe.encoders)}); pass the SD3 pipeline directory as --model")
-            kwargs = {} if local.exists() else {"revision": identity.revision}
-            try:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(str(target), subfolder=tok_folder, **kwargs)
-                encoder = encoder_class.from_pretrained(str(target), subfolder=enc_folder, **kwargs)
-            except Exception as exc:
-                raise hub_error(str(target), exc, what="text encoder") from exc
-            components.append((tokenizer, encoder))
-        return SD3TextEncoder(components, device=device, name=str(target), width=recipe.width)
+        components = self.load_text_components(identity, target, hint="pass the SD3 pipeline directory as --model")
+        return SD3TextEncoder(components, device=device, name=str(target), width=identity.text_recipe.width)
 
     def layer_keys(self, rows: Any, parameters: tuple[Any, Any], info: LayerInfo) -> Any:
         raise InvalidInputError("sd3 keys depend on the image (the text stream attends it); they are computed per "

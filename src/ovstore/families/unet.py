@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, ModelLoadError
+from ..errors import InvalidInputError
 from ..store import LayerInfo, ModelIdentity, TextRecipe
 from .base import ModelFamily
 
@@ -206,34 +205,13 @@ class UNetFamily(ModelFamily):
 
     # ------------------------------------------------------------------ analysis
     def load_text_encoder(self, identity: ModelIdentity, target: str, *, device: str = "cpu") -> Any:
-        import transformers
-
         from ..analyze import TextEncoder
-        from ..models import hub_error
 
-        recipe = identity.text_recipe
-        local = Path(target).expanduser()
-        components = []
-        for tok_folder, enc_folder, class_name in zip(recipe.tokenizers, recipe.encoders, recipe.encoder_classes):
-            encoder_class = getattr(transformers, class_name, None)
-            if encoder_class is None:
-                raise ModelLoadError(f"transformers has no class {class_name!r}; upgrade transformers")
-            if local.exists() and not (local / enc_folder).is_dir():
-                raise ModelLoadError(
-                    f"{local} has no {enc_folder}/ folder, which the store's text recipe needs "
-                    f"({', '.join(recipe.encoders)}); pass the diffusers pipeline directory of the captured "
-                    "model family as --model"
-                )
-            kwargs = {} if local.exists() else {"revision": identity.revision}
-            try:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(str(target), subfolder=tok_folder, **kwargs)
-                encoder = encoder_class.from_pretrained(str(target), subfolder=enc_folder, **kwargs)
-            except Exception as exc:
-                raise hub_error(str(target), exc, what="text encoder") from exc
-            components.append((tokenizer, encoder))
+        components = self.load_text_components(
+            identity, target, hint="pass the diffusers pipeline directory of the captured model family as --model")
         (tokenizer, encoder), *more = components
         return TextEncoder(tokenizer, encoder, device=device, name=str(target), more=more,
-                           hidden_state=recipe.hidden_state, family=self.name)
+                           hidden_state=identity.text_recipe.hidden_state, family=self.name)
 
     def layer_keys(self, rows: Any, parameters: tuple[Any, Any], info: LayerInfo) -> Any:
         from ..analyze import layer_keys
