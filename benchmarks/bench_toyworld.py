@@ -35,12 +35,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ovstore.toyworld.world import SYNONYMS
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "src" / "ovstore" / "data" / "toy-shapes"
 CLASSES = ("circle", "square", "triangle")
 BARE_GRID = tuple(round(0.1 + 0.05 * k, 2) for k in range(17))  # 0.1 .. 0.9
 LABEL_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))  # 0.05 .. 0.9
 TEMPLATES = ("a photograph of a {}", "a {}", "{}")
+#: The other words the toy world's captions name each class by: the model's vocabulary, which
+#: its defaults may give ``--prompt-classes-only`` (a prompt saying "ball" names the circle class).
+CLASS_WORDS = {c: list(words) for c, words in SYNONYMS.items()}
 SUBSET = 8  # scenes per object count in a test-sized subset (tests/toyworld/test_quality.py's size)
 
 
@@ -215,11 +220,11 @@ def main() -> None:
             for normalize in ("minmax", "max"):
                 norm = class_norm_maps(cal, cal_images, LabelConfig(classes=CLASSES, prompt_template=template,
                                                                       mode=mode, normalize=normalize), encoder)
-                for prompt_only in (False, True):
+                for prompt_only, words in ((False, None), (True, None), (True, CLASS_WORDS)):
                     for min_component in (0, 4):
                         for t in LABEL_GRID:
                             c = LabelConfig(classes=CLASSES, prompt_template=template, mode=mode, normalize=normalize,
-                                            threshold=t, prompt_classes_only=prompt_only,
+                                            threshold=t, prompt_classes_only=prompt_only, class_words=words,
                                             min_component=min_component)
                             results.append((q.label_miou(norm, cal_images, cal_truth, c), c))
     results.sort(key=lambda r: -r[0])
@@ -227,7 +232,8 @@ def main() -> None:
     print("| template | mode | normalize | threshold | prompt classes only | min component | calibration mIoU |")
     print("|---|---|---|---:|---|---:|---:|")
     for miou, c in results[:8]:
-        print(f"| `{c.prompt_template}` | {c.mode} | {c.normalize} | {c.threshold} | {c.prompt_classes_only} | "
+        only = ("yes, with class words" if c.class_words else "yes, names only") if c.prompt_classes_only else "no"
+        print(f"| `{c.prompt_template}` | {c.mode} | {c.normalize} | {c.threshold} | {only} | "
               f"{c.min_component} | {miou:.3f} |")
     chosen = results[0][1]
     best_without = next(c for m, c in results if not c.prompt_classes_only)
@@ -235,6 +241,8 @@ def main() -> None:
                 "label": {"prompt_template": chosen.prompt_template, "mode": chosen.mode,
                           "normalize": chosen.normalize, "threshold": chosen.threshold,
                           "prompt_classes_only": chosen.prompt_classes_only, "min_component": chosen.min_component}}
+    if chosen.prompt_classes_only and chosen.class_words:
+        defaults["label"]["class_words"] = {c: list(w) for c, w in chosen.class_words.items()}
     # no "maps" display default: `maps --png` then draws every word of a sheet on one scale (shares
     # of attention), where a per-map normalisation would stretch weak words to full range
     print("\nchosen: " + json.dumps(defaults))

@@ -14,6 +14,16 @@ Two stages:
    (TokenCompose's token loss), and the text encoder may learn at a fraction of the
    UNet's rate (``--text-lr-scale``).
 
+Against attention drained into end-of-text and padding (which ovstore's maps, softmax over
+an attribution's own tokens, never see), three v2 augmentations: ``--unpadded-p`` cuts a
+share of the contexts after end-of-text with the UNet's ``encoder_attention_mask`` (the
+grounding term sees the same mask), so the model also learns to attend the way the maps
+are computed; ``--list-p`` gives a share of captions as bare word lists ("circle square",
+the reference protocol's attribution); ``--partial-p`` names only some of a scene's
+objects, so that a word alone must not attend to the objects it does not name. A run
+resumed with other settings keeps each recipe and the step it started at (``recipe`` in
+``training.json``).
+
 ``--world v2`` (the default) trains on :func:`ovstore.toyworld.world.sample_rich_scene`
 scenes (overlaps, textured backgrounds, shading, captions in random order with synonyms,
 hypernyms and ``--bare-p`` colour-less phrases); captions of the held-out split are never
@@ -70,6 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hypernym-p", type=float, default=0.1, help="v2: share of nouns given as shape/object")
     p.add_argument("--bare-p", type=float, default=0.15, help="v2: share of phrases without their colour")
     p.add_argument("--overlap-p", type=float, default=0.4, help="v2: share of scenes whose objects may overlap")
+    p.add_argument("--list-p", type=float, default=0.0,
+                   help="v2: share of captions given as a bare word list ('circle square', 'red ball , blue box'), "
+                        "the form of a bare attribution")
+    p.add_argument("--partial-p", type=float, default=0.0,
+                   help="v2: share of multi-object captions that name only some of the objects, so that a word "
+                        "alone must not attend to the objects it does not name")
+    p.add_argument("--unpadded-p", type=float, default=0.0,
+                   help="share of samples whose context is cut after end-of-text (an attention mask over the "
+                        "padding): the way ovstore's maps see an attribution, softmax over its own tokens only")
     p.add_argument("--tokenizer", default=None, help="CLIPTokenizer folder (default: the one in ovstore)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--text-hidden", type=int, default=64)
@@ -158,6 +177,8 @@ def hardware() -> dict[str, object]:
 
 
 DEVICE = "cpu"
+#: Arguments that do not change what is trained (where and how often things are written).
+_NOT_RECIPE = {"out", "resume", "threads", "device", "log_every", "ckpt_every", "probe_every"}
 WORLD: dict[str, object] = {"world": "v2"}
 
 
@@ -176,28 +197,86 @@ def batch_images(seed: int, stream: int, step: int, n: int, image_size: int) -> 
     return torch.from_numpy(scenes_to_array(scenes)), [s.caption for s in scenes]
 
 
-def grounding_targets(scenes: list, tokenizer, keep: list[bool]) -> list[tuple[int, int, np.ndarray]]:
+Words = list[tuple[str, "int | None"]]
+
+
+def caption_words(caption: str, scene) -> Words:
+    """The words of a world caption (commas split off, as the CLIP tokenizer splits them),
+    each with the index of the object it names: the colour word and noun of each phrase
+    ``'a [colour] noun'``, in caption order; ``None`` for fillers."""
+    order = scene.caption_order or tuple(range(len(scene.objects)))
+    out: Words = []
+    phrase_i, expect = -1, set()
+    for w in caption.replace(",", " , ").split():
+        if w == "a":
+            phrase_i += 1
+            obj = scene.objects[order[phrase_i]]
+            expect = {obj.word} | ({obj.color} if not obj.bare else set())
+            out.append((w, None))
+        else:
+            out.append((w, order[phrase_i] if w in expect else None))
+    return out
+
+
+def training_words(scene, rng: np.random.Generator, list_p: float, partial_p: float) -> Words:
+    """The words of the caption one training sample uses: the scene's own caption, or (v2
+    caption augmentation) some of its phrases only (``partial_p``, scenes of 2-3 objects)
+    and/or its phrases as a bare word list (``list_p``). An augmented caption that falls in
+    the held-out split is replaced by the scene's own caption, so the split stays held out."""
+    from ovstore.toyworld.world import JOINERS, is_held_out_caption
+
+    order = list(scene.caption_order or range(len(scene.objects)))
+    partial = len(order) > 1 and rng.random() < partial_p
+    as_list = rng.random() < list_p
+    if not (partial or as_list):
+        return caption_words(scene.caption, scene)
+    if partial:
+        keep = sorted(rng.choice(len(order), size=int(rng.integers(1, len(order))), replace=False).tolist())
+        order = [order[i] for i in keep]
+    words: Words = []
+    if as_list:
+        with_colour = rng.random() < 0.5
+        comma = rng.random() < 0.5
+        for n, i in enumerate(order):
+            obj = scene.objects[i]
+            if n and comma:
+                words.append((",", None))
+            if with_colour and not obj.bare:
+                words.append((obj.color, i))
+            words.append((obj.word, i))
+    else:
+        for n, i in enumerate(order):
+            obj = scene.objects[i]
+            if n:
+                words += [(w, None) for w in JOINERS[int(rng.integers(len(JOINERS)))].replace(",", " , ").split()]
+            words.append(("a", None))
+            if not obj.bare:
+                words.append((obj.color, i))
+            words.append((obj.word, i))
+    if is_held_out_caption(" ".join(w for w, _ in words).replace(" , ", ", ")):
+        return caption_words(scene.caption, scene)
+    return words
+
+
+def words_caption(words: Words) -> str:
+    return " ".join(w for w, _ in words).replace(" , ", ", ")
+
+
+def grounding_targets(words: list[Words], scenes: list, tokenizer,
+                      keep: list[bool]) -> list[tuple[int, int, np.ndarray]]:
     """``(sample, token position, exact object mask)`` for each colour word and noun of each
     kept caption (a word of several BPE tokens gives each token its object's mask)."""
     out = []
-    for b, scene in enumerate(scenes):
+    for b, (sample_words, scene) in enumerate(zip(words, scenes)):
         if not keep[b]:
             continue
-        order = scene.caption_order or tuple(range(len(scene.objects)))
         pos = 1
-        # walk the caption word by word; each phrase is 'a [colour] noun' in caption order
-        tokens = scene.caption.replace(",", " , ").split()
-        phrase_i, expect = -1, None
-        for w in tokens:
+        for w, obj in sample_words:
             n_tok = len(tokenizer(w, add_special_tokens=False).input_ids)
-            if w == "a":
-                phrase_i += 1
-                obj = scene.objects[order[phrase_i]]
-                expect = {obj.word} | ({obj.color} if not obj.bare else set())
-            elif expect is not None and w in expect:
+            if obj is not None:
                 for t in range(pos, pos + n_tok):
                     if t < tokenizer.model_max_length - 1:
-                        out.append((b, t, scene.object_masks[order[phrase_i]]))
+                        out.append((b, t, scene.object_masks[obj]))
             pos += n_tok
     return out
 
@@ -252,6 +331,7 @@ class Grounder:
         self.layers = [m for n, m in unet.named_modules() if n.endswith("attn2") and not n.startswith("mid_block")]
         self.probs: list[torch.Tensor] = []
         self.emb = None
+        self.bias = None
         for attn in self.layers:
             attn.to_q.register_forward_hook(self._hook(attn))
 
@@ -264,11 +344,17 @@ class Grounder:
             h = attn.heads
             qh = q.view(n, hw, h, c // h).transpose(1, 2)
             kh = k.view(n, -1, h, c // h).transpose(1, 2)
-            self.probs.append(torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1).mean(1))  # (n, hw, T)
+            logits = qh @ kh.transpose(-1, -2) * attn.scale
+            if self.bias is not None:
+                logits = logits + self.bias[:, None, None, :]
+            self.probs.append(torch.softmax(logits, dim=-1).mean(1))  # (n, hw, T)
         return hook
 
-    def start(self, emb: torch.Tensor) -> None:
+    def start(self, emb: torch.Tensor | None, keep: torch.Tensor | None = None) -> None:
+        """Begin a forward pass on context ``emb``; ``keep`` (n, T) masks context rows out
+        as the UNet's ``encoder_attention_mask`` does."""
         self.emb, self.probs = emb, []
+        self.bias = None if keep is None else (1 - keep.to(emb.dtype)) * -10000.0
 
     def loss(self, targets: list) -> torch.Tensor:
         """Mean over layers and (sample, token) targets of 1 - (attention inside the mask) / (all of it)."""
@@ -424,6 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         return torch.stack([token_cache[c] for c in captions]).to(device)
 
     start, elapsed, history, probes = 0, 0.0, [], []
+    recipe: list[dict] = []  # the settings in force from each step on (a resume may change them)
     if continued is not None:
         start = args.init_step
         elapsed = float(before.get("seconds_diffusion") or 0.0)
@@ -437,7 +524,19 @@ def main(argv: list[str] | None = None) -> None:
         ema_text.load_state_dict(ck["ema_text"])
         opt.load_state_dict(ck["opt"])
         start, elapsed, history, probes = ck["step"], ck["elapsed"], ck["history"], ck["probes"]
+        recipe = list(ck.get("recipe", []))
+        if not recipe and (args.out / "training.json").exists():  # a checkpoint from before recipes were kept
+            old = json.loads((args.out / "training.json").read_text()).get("hyperparameters", {})
+            recipe = [{"from_step": 0, "hyperparameters": {k: v for k, v in old.items() if k not in _NOT_RECIPE}}]
         log(f"resumed at step {start}")
+    now = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in _NOT_RECIPE}
+    if not recipe or {k: v for k, v in recipe[-1]["hyperparameters"].items()} != now:
+        # a resume with other settings continues the run under a new recipe: keep the record
+        recipe.append({"from_step": start, "hyperparameters": now})
+        if len(recipe) > 1:
+            old = recipe[-2]["hyperparameters"]
+            log("recipe changed at step " + str(start) + ": "
+                + ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in now.items() if old.get(k) != v))
 
     def record(finished: bool) -> None:
         info = {
@@ -445,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
             "steps_per_second": step_done / elapsed if elapsed else None, "seed": args.seed,
             "hardware": hardware(),
             "hyperparameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "parameters": counts, "autoencoder": vae_stats, "loss_history": history, "probes": probes,
+            "recipe": recipe, "parameters": counts, "autoencoder": vae_stats, "loss_history": history,
+            "probes": probes,
             "pipeline": str(args.out / "pipeline"), "continued_from": continued,
             "probe_captions": [sc.caption for sc in probe_scenes(args.seed, args.probe_per_count, args.image_size)],
         }
@@ -457,7 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     def checkpoint() -> None:
         atomic_torch_save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
                            "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step_done,
-                           "elapsed": elapsed, "history": history, "probes": probes, "continued": continued},
+                           "elapsed": elapsed, "history": history, "probes": probes, "continued": continued,
+                           "recipe": recipe},
                           ckpt_path)
         save_toy_pipeline(ema_pipeline(pipe, ema_unet, ema_text), args.out / "pipeline")
         record(False)
@@ -472,7 +573,12 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.from_numpy(scenes_to_array(scenes)).to(device)
         rng = np.random.default_rng([args.seed, 5, step])
         keep = [not (rng.random() < args.caption_dropout) for _ in scenes]
-        captions = [s.caption if k else "" for s, k in zip(scenes, keep)]
+        if args.world == "v2" and (args.list_p > 0 or args.partial_p > 0):
+            aug = np.random.default_rng([args.seed, 6, step])
+            words = [training_words(sc, aug, args.list_p, args.partial_p) for sc in scenes]
+        else:
+            words = [caption_words(sc.caption, sc) for sc in scenes]
+        captions = [words_caption(w) if k else "" for w, k in zip(words, keep)]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 7 * step + 1)
         with torch.no_grad():
             z0 = vae.encode(x).latent_dist.mean * sf
@@ -480,10 +586,17 @@ def main(argv: list[str] | None = None) -> None:
         eps = torch.randn(z0.shape, generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        emb = text(tokenize(captions))[0]
+        ids = tokenize(captions)
+        emb = text(ids)[0]
+        ctx_keep = None
+        if args.unpadded_p > 0:
+            cut = torch.from_numpy(np.random.default_rng([args.seed, 8, step]).random(args.batch) < args.unpadded_p)
+            eot = (ids == tok.eos_token_id).int().argmax(1).cpu()  # first end-of-text
+            rows = torch.arange(ids.shape[1])[None]
+            ctx_keep = (~cut[:, None] | (rows <= eot[:, None])).to(device)
         if grounder is not None:
-            grounder.start(emb)
-        pred = unet(zt, t, emb).sample
+            grounder.start(emb, ctx_keep)
+        pred = unet(zt, t, emb, encoder_attention_mask=ctx_keep).sample
         per = ((pred - eps) ** 2).mean(dim=(1, 2, 3))
         if args.snr_gamma > 0:
             snr = alphas[t] / (1 - alphas[t])
@@ -491,7 +604,7 @@ def main(argv: list[str] | None = None) -> None:
         loss = per.mean()
         ground = None
         if grounder is not None:
-            ground = grounder.loss(grounding_targets(scenes, tok, keep))
+            ground = grounder.loss(grounding_targets(words, scenes, tok, keep))
             loss = loss + args.ground_weight * ground
         lr = lr_at(step, args)
         for g in opt.param_groups:

@@ -506,7 +506,8 @@ def label(
     sweep: Annotated[Optional[str], typer.Option(help="Thresholds tried by --adaptive: 'A,B,C' or 'START:STOP:STEP' (inclusive). Default: the model's, else 0.5:0.95:0.05.")] = None,
     crf: Annotated[Optional[bool], typer.Option("--crf/--no-crf", help="DenseCRF refinement (pip install 'ovstore\\[crf]'); thresholds still decide what is labelled. Default: the model's, else off.", show_default=False)] = None,
     min_component: Annotated[Optional[int], typer.Option(help="Remove class regions smaller than this many pixels. Default: the model's, else 0.")] = None,
-    prompt_classes_only: Annotated[Optional[bool], typer.Option("--prompt-classes-only/--all-classes", help="Only label classes named in each image's prompt (--all-classes: every class). Default: the model's, else all classes.", show_default=False)] = None,
+    prompt_classes_only: Annotated[Optional[bool], typer.Option("--prompt-classes-only/--all-classes", help="Only label classes named in each image's prompt, by name or by one of their --class-words (--all-classes: every class). Default: the model's, else all classes.", show_default=False)] = None,
+    class_words: Annotated[Optional[list[str]], typer.Option("--class-words", help="CLASS=WORD,WORD: other words that name a class in prompts, for --prompt-classes-only (repeatable), e.g. dog=puppy,hound. Default: the model's, else none.")] = None,
     no_model_defaults: Annotated[bool, typer.Option("--no-model-defaults", help="Ignore the model's defaults (its ovstore_defaults.json, recorded in the store at capture): options not given take ovstore's.")] = False,
     image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="'synchronous' (in-process), or a dask.distributed scheduler address; default: a LocalCluster.")] = None,
@@ -530,9 +531,10 @@ def label(
     opened = open_store(store)
     defaults = None if no_model_defaults else analysis_defaults(opened)
     config = label_config(classes=classes, classes_file=classes_file, tokens=token or (),
-                          class_thresholds=class_threshold, adaptive=adaptive, sweep=sweep, defaults=defaults,
-                          prompt_template=prompt_template, mode=mode, normalize=normalize, threshold=threshold,
-                          crf=crf, min_component=min_component, prompt_classes_only=prompt_classes_only)
+                          class_thresholds=class_threshold, class_words=class_words, adaptive=adaptive, sweep=sweep,
+                          defaults=defaults, prompt_template=prompt_template, mode=mode, normalize=normalize,
+                          threshold=threshold, crf=crf, min_component=min_component,
+                          prompt_classes_only=prompt_classes_only)
     from_model = [k for k, v in config.sources.items() if v == "model"]
     if from_model:
         console.print(f"model defaults ({defaults.file}): "

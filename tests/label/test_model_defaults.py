@@ -258,6 +258,8 @@ BAD_FILES = [
     ("unknown maps key", {"format": 1, "maps": {"cmap": "jet"}}, "unknown key maps.cmap"),
     ("display normalisation none", {"format": 1, "maps": {"normalize": "none"}}, 'maps.normalize is "none", not one of max, minmax'),
     ("not an object", [1], "must hold a JSON object"),
+    ("class words not lists", {"format": 1, "label": {"class_words": {"dog": "puppy"}}}, "label.class_words is"),
+    ("class words empty", {"format": 1, "label": {"class_words": {"dog": []}}}, "write an object of class -> list"),
 ]
 
 
@@ -282,6 +284,16 @@ def test_good_defaults_files_are_read_whole(tmp_path):
     assert read_model_defaults(tmp_path / "nothing-here") is None
     config = LabelConfig(classes=("cat",)).with_model_defaults(parsed)
     assert config.sweep == (0.4, 0.5, 0.6) and config.adaptive and config.min_component == 4
+
+
+def test_the_models_class_words_apply_to_the_classes_labelled():
+    parsed = parse_model_defaults({"format": 1, "label": {"class_words": {"circle": ["ball"], "cat": ["kitten"]}}},
+                                  "f")
+    config = LabelConfig(classes=("circle", "square")).with_model_defaults(parsed)
+    assert config.class_words == {"circle": ("ball",)} and config.sources["class_words"] == "model"
+    assert LabelConfig(classes=("square",)).with_model_defaults(parsed).sources["class_words"] == "ovstore"
+    mine = LabelConfig(classes=("circle",), class_words={"circle": ["disc"]}).with_model_defaults(parsed)
+    assert mine.class_words == {"circle": ("disc",)} and mine.sources["class_words"] == "user"
 
 
 def test_a_bad_file_stops_capture_before_anything_is_written(tmp_path, capsys):

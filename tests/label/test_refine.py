@@ -37,6 +37,38 @@ def test_label_mask_prompt_classes_and_small_components():
     assert classes_in_prompt("Two cats on a Sofa", ["cat", "sofa", "dog"]) == [True, True, False]
 
 
+def test_class_words_let_a_prompt_name_a_class_by_another_word():
+    words = {"circle": ("ball", "disc"), "square": ("box",)}
+    assert classes_in_prompt("a red ball and two boxes", ["circle", "square", "triangle"], words) == [True, True, False]
+    assert classes_in_prompt("a red ball", ["circle", "square"]) == [False, False]  # without them, names only
+    assert classes_in_prompt("a football", ["circle"], words) == [False]  # whole words only
+    config = LabelConfig(classes=("circle", "square"), class_words={"circle": ["ball", " disc", "ball"]})
+    assert config.class_words == {"circle": ("ball", "disc")} and config.sources["class_words"] == "user"
+    assert config.words_of("circle") == ("circle", "ball", "disc") and config.words_of("square") == ("square",)
+    assert config.describe()["class_words"] == {"circle": ["ball", "disc"]}
+    assert config.provenance()["class_words"] == {"value": {"circle": ["ball", "disc"]}, "source": "user"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"class_words": ["dog=puppy"]}, "--class-words names 'dog', which is not in --classes"),
+    ({"class_words": ["cat"]}, "--class-words 'cat': write CLASS=WORD,WORD"),
+    ({"class_words": ["cat= ,"]}, "--class-words 'cat= ,': write CLASS=WORD,WORD"),
+])
+def test_bad_class_words_get_one_line(kwargs, message):
+    from ovstore.label import label_config
+
+    with pytest.raises(InvalidInputError) as info:
+        label_config(classes="cat,sofa", **kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_label_config_parses_repeated_class_words():
+    from ovstore.label import label_config
+
+    config = label_config(classes="cat,sofa", class_words=["cat=kitten,kitty", "sofa=couch", "cat=tabby"])
+    assert config.class_words == {"cat": ("kitten", "kitty", "tabby"), "sofa": ("couch",)}
+
+
 def test_normalisations():
     floor = np.full((1, 10, 10), 0.64)
     floor[0, :2] = 1.0  # an object on 20 % of the image; the rest at the toy-world floor

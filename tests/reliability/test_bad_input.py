@@ -234,6 +234,8 @@ CASES = [
     ("unknown label --mode", ["label", "{store}", "--classes", "cat", "--mode", "joint", "--out", "{root}/lab"], "--mode 'joint' is not one of"),
     ("unknown label --normalize", ["label", "{store}", "--classes", "cat", "--normalize", "none", "--out", "{root}/lab"], "--normalize 'none' is not one of"),
     ("--class-threshold without a value", ["label", "{store}", "--classes", "cat", "--class-threshold", "cat", "--out", "{root}/lab"], "write CLASS=VALUE"),
+    ("--class-words without words", ["label", "{store}", "--classes", "cat", "--class-words", "cat", "--out", "{root}/lab"], "write CLASS=WORD,WORD"),
+    ("--class-words of a class not labelled", ["label", "{store}", "--classes", "cat", "--class-words", "dog=puppy", "--out", "{root}/lab"], "which is not in --classes"),
     ("--class-threshold of a class not labelled", ["label", "{store}", "--classes", "cat", "--class-threshold", "dog=0.5", "--out", "{root}/lab"], "is not in --classes"),
     ("--sweep without --adaptive", ["label", "{store}", "--classes", "cat", "--sweep", "0.5:0.9:0.1", "--out", "{root}/lab"], "add --adaptive"),
     ("--sweep running backwards", ["label", "{store}", "--classes", "cat", "--adaptive", "--sweep", "0.9:0.5:0.1", "--out", "{root}/lab"], "START:STOP:STEP with STEP > 0"),

@@ -63,6 +63,8 @@ def test_word_probe_reports_every_target_figure(pipe):
         assert 0 <= m[key] <= 1
     assert abs(m["mass_sot"] + m["mass_word"] + m["mass_filler"] + m["mass_eot_pad"] - 1) < 1e-5
     assert m["n_words"] + m["n_missing"] > 0
+    for key in ("bare_u_iou", "bare_u_iou_2obj", "synonym_u"):  # the attributions as ovstore maps them
+        assert 0 <= m[key] <= 1
 
 
 def test_training_resumes_exactly(tmp_path):
@@ -75,7 +77,8 @@ def test_training_resumes_exactly(tmp_path):
     spec.loader.exec_module(train)
     common = ["--vae-steps", "2", "--vae-batch", "4", "--batch", "4", "--probe-every", "1000", "--ckpt-every", "1",
               "--warmup", "1", "--ground-weight", "0.01", "--text-lr-scale", "0.5", "--probe-per-count", "1",
-              "--probe-steps", "1", "--unet-channels", "16,16,16", "--log-every", "1"]
+              "--probe-steps", "1", "--unet-channels", "16,16,16", "--log-every", "1",
+              "--list-p", "0.5", "--partial-p", "0.5", "--unpadded-p", "0.5"]
     train.main(["--out", str(tmp_path / "a"), "--steps", "3", *common])
     train.main(["--out", str(tmp_path / "b"), "--steps", "2", *common])
     train.main(["--out", str(tmp_path / "b"), "--steps", "3", "--resume", *common])

@@ -3,7 +3,7 @@ on Dask from a laptop to a cluster; and evaluation against ground truth."""
 
 from .config import (
     MODEL_DEFAULT_SETTINGS, MODES, NORMALIZATIONS, OVSTORE_DEFAULTS, SOURCES, LabelConfig, check_label_defaults,
-    label_config, parse_class_thresholds, parse_sweep,
+    label_config, parse_class_thresholds, parse_class_words, parse_sweep,
 )
 from .dataset import LabelResult, image_labels, label_partition, label_store
 from .evaluate import EvaluationReport, evaluate_dirs, evaluate_masks, evaluation_classes, write_report
@@ -37,6 +37,7 @@ __all__ = [
     "label_store",
     "normalize_maps",
     "parse_class_thresholds",
+    "parse_class_words",
     "parse_sweep",
     "read_labelmap",
     "remove_small_components",

@@ -15,7 +15,7 @@ from ..errors import InvalidInputError
 
 __all__ = [
     "LabelConfig", "MODES", "NORMALIZATIONS", "DEFAULT_SWEEP", "OVSTORE_DEFAULTS", "MODEL_DEFAULT_SETTINGS",
-    "SOURCES", "check_label_defaults", "label_config", "parse_class_thresholds", "parse_sweep",
+    "SOURCES", "check_label_defaults", "label_config", "parse_class_thresholds", "parse_class_words", "parse_sweep",
 ]
 
 MODES = ("separate", "compete")
@@ -28,6 +28,7 @@ DEFAULT_SWEEP = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
 OVSTORE_DEFAULTS: dict[str, Any] = {
     "prompt_template": "a photograph of a {}", "mode": "separate", "normalize": "minmax", "threshold": 0.6,
     "adaptive": False, "sweep": DEFAULT_SWEEP, "crf": False, "min_component": 0, "prompt_classes_only": False,
+    "class_words": {},
 }
 #: The LabelConfig fields a model may give defaults for (``classes``, ``tokens`` and
 #: ``class_thresholds`` belong to one labelling, not to a model).
@@ -86,6 +87,11 @@ class LabelConfig:
         Connected class regions smaller than this many pixels become background.
     prompt_classes_only
         Only classes whose name appears in the image's generation prompt may be labelled.
+    class_words
+        Other words that name a class in prompts (``{"person": ("man", "woman")}``): with
+        ``prompt_classes_only`` a prompt naming any of them allows the class, so that a prompt
+        saying "puppy" still lets "dog" be labelled. A model's defaults may give the words of
+        its vocabulary; those of classes not labelled are dropped.
     sources
         Where each setting of :data:`MODEL_DEFAULT_SETTINGS` came from: ``user``, ``model``
         or ``ovstore`` (filled in here; recorded in the label provenance).
@@ -103,6 +109,7 @@ class LabelConfig:
     crf: bool | None = None
     min_component: int | None = None
     prompt_classes_only: bool | None = None
+    class_words: Mapping[str, Sequence[str]] | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -126,6 +133,19 @@ class LabelConfig:
         if len(classes) > 254:
             raise InvalidInputError("at most 254 classes fit an 8-bit label PNG (0 background, 255 ignore)")
         object.__setattr__(self, "classes", classes)
+        words: dict[str, tuple[str, ...]] = {}
+        for name, given in dict(self.class_words).items():
+            if name not in classes:
+                if sources["class_words"] == "user":
+                    raise InvalidInputError(f"--class-words names {name!r}, which is not in --classes; add it to "
+                                            "--classes or drop its words")
+                continue  # the model knows more classes than this labelling uses
+            cleaned = tuple(dict.fromkeys(w.strip() for w in ([given] if isinstance(given, str) else given)))
+            if not cleaned or any(not w for w in cleaned):
+                raise InvalidInputError(f"--class-words {name}=...: give at least one non-empty word, e.g. "
+                                        f"{name}=word1,word2")
+            words[name] = cleaned
+        object.__setattr__(self, "class_words", words)
         if "{}" not in self.prompt_template:
             raise InvalidInputError(f"--prompt-template {self.prompt_template!r} needs {{}} for the class word")
         if self.mode not in MODES:
@@ -150,12 +170,20 @@ class LabelConfig:
     def threshold_of(self, name: str) -> float:
         return self.class_thresholds.get(name, self.threshold)
 
+    def words_of(self, name: str) -> tuple[str, ...]:
+        """The words that name class ``name`` in a prompt: its name, then its ``class_words``."""
+        return (name, *(w for w in self.class_words.get(name, ()) if w != name))
+
     def with_model_defaults(self, defaults: Any) -> LabelConfig:
         """This config with the model's defaults (an ``ovstore.store.AnalysisDefaults``, e.g.
         ``analysis_defaults(store)``; ``None``: none) for every setting the user did not give.
         Applying them again changes nothing."""
         given = dict(getattr(defaults, "label", None) or {})
         values = {k: (tuple(v) if k == "sweep" else v) for k, v in given.items() if self.sources.get(k) == "ovstore"}
+        if "class_words" in values:  # only the words of the classes labelled here count
+            values["class_words"] = {c: w for c, w in values["class_words"].items() if c in self.classes}
+            if not values["class_words"]:
+                del values["class_words"]
         if not values:
             return self
         return replace(self, **values, sources={**self.sources, **{k: "model" for k in values}})
@@ -176,6 +204,7 @@ class LabelConfig:
             "adaptive": self.adaptive, "sweep": list(self.sweep) if self.adaptive else None,
             "crf": self.crf, "min_component": self.min_component,
             "prompt_classes_only": self.prompt_classes_only,
+            "class_words": {c: list(w) for c, w in self.class_words.items()},
         }
 
 
@@ -211,12 +240,27 @@ def parse_class_thresholds(items: Mapping[str, float] | Sequence[str] | None) ->
     return out
 
 
+def parse_class_words(items: Mapping[str, Sequence[str]] | Sequence[str] | None) -> dict[str, tuple[str, ...]]:
+    """Class words from ``{"dog": ["puppy"]}`` or ``["dog=puppy,hound", ...]`` (``--class-words``)."""
+    if isinstance(items, Mapping):
+        return {str(k): tuple(v) for k, v in items.items()}
+    out: dict[str, tuple[str, ...]] = {}
+    for item in items or ():
+        name, sep, words = item.partition("=")
+        listed = tuple(w.strip() for w in words.split(",") if w.strip())
+        if not sep or not name.strip() or not listed:
+            raise InvalidInputError(f"--class-words {item!r}: write CLASS=WORD,WORD, e.g. dog=puppy,hound")
+        out[name.strip()] = out.get(name.strip(), ()) + listed
+    return out
+
+
 def label_config(
     *,
     classes: str | Sequence[str] | None = None,
     classes_file: str | Path | None = None,
     tokens: Sequence[str | Path] = (),
     class_thresholds: Mapping[str, float] | Sequence[str] | None = None,
+    class_words: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
     adaptive: bool | None = None,
     sweep: str | Sequence[float] | None = None,
     defaults: Any = None,
@@ -248,6 +292,8 @@ def label_config(
         settings["sweep"] = parse_sweep(sweep)
     elif sweep is not None:
         settings["sweep"] = tuple(sweep)
+    if class_words:
+        settings["class_words"] = parse_class_words(class_words)
     settings = {k: v for k, v in settings.items() if v is not None}
     config = LabelConfig(classes=tuple(names), tokens=by_name, class_thresholds=thresholds, adaptive=adaptive,
                          **settings).with_model_defaults(defaults)
@@ -290,6 +336,13 @@ def check_label_defaults(values: Mapping[str, Any], file: str) -> dict[str, Any]
             if key == "sweep" and len(set(value)) != len(value):
                 raise InvalidInputError(f"{where} is {shown}, which has duplicates; list each threshold once")
             value = [float(t) for t in value] if key == "sweep" else float(value)
+        elif key == "class_words":
+            if not isinstance(value, dict) or not all(
+                    isinstance(w, list) and w and all(isinstance(x, str) and x.strip() for x in w)
+                    for w in value.values()):
+                raise InvalidInputError(f"{where} is {shown}; write an object of class -> list of words, e.g. "
+                                        "{\"dog\": [\"puppy\", \"hound\"]}")
+            value = {str(k): [x.strip() for x in w] for k, w in value.items()}
         elif key == "min_component":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInputError(f"{where} is {shown}; write a whole number of pixels >= 0")

@@ -78,7 +78,8 @@ def image_labels(norm: np.ndarray, rgb: np.ndarray, prompt: str,
     """One image's label mask from its normalised class maps ``(class, H, W)``, every refinement
     of ``config`` applied; also the thresholds used and the classes allowed."""
     n = len(config.classes)
-    allowed = classes_in_prompt(prompt, config.classes) if config.prompt_classes_only else [True] * n
+    allowed = (classes_in_prompt(prompt, config.classes, config.class_words) if config.prompt_classes_only
+               else [True] * n)
     if config.adaptive:
         thresholds = [adaptive_threshold(norm[c], config.sweep) for c in range(n)]
     else:

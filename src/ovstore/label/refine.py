@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -164,7 +164,11 @@ def dense_crf(image: np.ndarray, norm_maps: np.ndarray, thresholds: Sequence[flo
     return np.argmax(q, axis=0).astype(np.uint8)
 
 
-def classes_in_prompt(prompt: str, classes: Sequence[str]) -> list[bool]:
-    """Which class names occur in ``prompt`` as words (case-insensitive, plural 's' allowed)."""
+def classes_in_prompt(prompt: str, classes: Sequence[str],
+                      words: Mapping[str, Sequence[str]] | None = None) -> list[bool]:
+    """Which classes ``prompt`` names: by their name or one of their ``words`` (as whole words,
+    case-insensitive, plural 's' allowed)."""
     text = prompt.lower()
-    return [re.search(rf"\b{re.escape(c.lower())}(s|es)?\b", text) is not None for c in classes]
+    words = words or {}
+    return [any(re.search(rf"\b{re.escape(w.lower())}(s|es)?\b", text) is not None
+                for w in (c, *words.get(c, ()))) for c in classes]

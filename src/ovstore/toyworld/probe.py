@@ -50,7 +50,7 @@ class AttentionProbe:
     """
 
     def __init__(self, unet: Any, text_embeds: Any, image_size: int, extra: dict[str, Any] | None = None,
-                 branch: str = "cond", include_mid: bool = True) -> None:
+                 branch: str = "cond", include_mid: bool = True, extra_keep: dict[str, Any] | None = None) -> None:
         import torch
 
         self._torch = torch
@@ -61,6 +61,9 @@ class AttentionProbe:
         #: Maps of other attributions (same queries, keys from other ``(B, T, D)`` embeddings).
         self.extra = dict(extra or {})
         self.extra_maps = {name: torch.zeros(b, t, image_size, image_size) for name in self.extra}
+        #: ``(B, T)`` booleans per extra attribution: the rows its softmax runs over (the
+        #: others are masked out: ovstore's unpadded maps); absent: all rows.
+        self.extra_keep = dict(extra_keep or {})
         self.calls = 0
         if branch not in ("cond", "uncond"):
             raise ValueError(f"branch {branch!r} is not one of cond, uncond")
@@ -83,11 +86,14 @@ class AttentionProbe:
                 h = attn.heads
                 qh = q.view(n, hw, h, c // h).transpose(1, 2)
                 side = int(round(hw**0.5))
-                for embeds, maps in [(self.text_embeds, self.maps)] + [
-                        (self.extra[k], self.extra_maps[k]) for k in self.extra]:
+                for embeds, maps, keep in [(self.text_embeds, self.maps, None)] + [
+                        (self.extra[k], self.extra_maps[k], self.extra_keep.get(k)) for k in self.extra]:
                     k = attn.to_k(embeds.to(q.device, q.dtype))
                     kh = k.view(n, t, h, c // h).transpose(1, 2)
-                    probs = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1).sum(1)
+                    logits = qh @ kh.transpose(-1, -2) * attn.scale
+                    if keep is not None:
+                        logits = logits.masked_fill(~keep.to(q.device)[:, None, None, :], float("-inf"))
+                    probs = torch.softmax(logits, dim=-1).sum(1)
                     grid = probs.transpose(1, 2).reshape(n, t, side, side)
                     maps += f.interpolate(grid, size=(self.image_size,) * 2, mode="bilinear",
                                           align_corners=False).cpu()
@@ -356,6 +362,8 @@ def run_word_probe(
       on a disjoint object); ``hypernym``: ``"a object"`` alone on every object.
       ``*_in_context``: the caption with the noun replaced (the causal encoder's colour
       context alone then locates the object, so these say little about the noun);
+    * ``bare_u_*``, ``synonym_u``: the same with the attribution unpadded (softmax over
+      its own tokens, as ``ovstore maps`` computes it);
     * ``mass_*``: share of attention on start-of-text, colour/noun words, other words and
       end-of-text + padding, over all pixels and over object pixels.
     """
@@ -379,6 +387,7 @@ def run_word_probe(
         acc.setdefault(key, []).append(float(value))
 
     bare_rows: list[tuple] = []  # (image, n_objects, map, mask, all objects)
+    bare_u_rows: list[tuple] = []  # the same, unpadded
     all_images, all_word_maps, all_masks = [], [], []
     bare_pos = [p[0] for p in _token_positions(tokenizer, BARE_SHAPES)]
     for start in range(0, len(captions), batch_size):
@@ -410,7 +419,15 @@ def run_word_probe(
                     texts[f"{k}{slot}"].append(" ".join(words[:idx] + [new] + words[idx + 1:]).replace(" , ", ", "))
         texts["thyp"] = ["a " + (_not_in(cap.replace(",", " , ").split(), HYPERNYMS) or "object") for cap in chunk]
         extra = {name: encode(t)[1] for name, t in texts.items()}
-        probe = AttentionProbe(pipe.unet, embeds, image_size, extra=extra, branch=branch, include_mid=include_mid)
+        # the same attributions as ovstore's maps see them: softmax over their own tokens only
+        keep = {}
+        for name in ("bare", *(f"tsyn{slot}" for slot in range(_MAX_PHRASES))):
+            ids_u = encode(texts[name])[0]
+            eot = (ids_u == tokenizer.eos_token_id).int().argmax(1)
+            keep[name + "_u"] = torch.arange(ids_u.shape[1])[None] <= eot[:, None]
+            extra[name + "_u"] = extra[name]
+        probe = AttentionProbe(pipe.unet, embeds, image_size, extra=extra, branch=branch, include_mid=include_mid,
+                               extra_keep=keep)
         try:
             gen = torch.Generator(device="cpu").manual_seed(seed + start)
             out = pipe(prompt_embeds=embeds, negative_prompt=[""] * len(chunk), num_inference_steps=steps,
@@ -486,6 +503,7 @@ def run_word_probe(
                             continue
                         add(name + "_in_context", topk_iou(m, truth))
                     # a synonym (or the shape word) not in the prompt, alone: "a ball"
+                    add("synonym_u", topk_iou(extra_maps[f"tsyn{p}_u"][j, 2], masks[shape]))
                     m = extra_maps[f"tsyn{p}"][j, 2]
                     add("synonym", topk_iou(m, masks[shape]))
                     add("synonym_flat", pp / (2 - pp))
@@ -501,6 +519,7 @@ def run_word_probe(
             for s_idx, shape in enumerate(SHAPES):
                 if shape in masks and masks[shape].sum() >= 3:
                     bare_rows.append((i, len(phrases), extra_maps["bare"][j, bare_pos[s_idx]], masks[shape], fg))
+                    bare_u_rows.append((i, len(phrases), extra_maps["bare_u"][j, bare_pos[s_idx]], masks[shape], fg))
             all_images.append(images[j])
             all_word_maps.append(word_maps)
             all_masks.append(masks)
@@ -527,5 +546,11 @@ def run_word_probe(
         metrics["bare_iou_objects"] = mean([truth.sum() / max((truth | fg).sum(), 1) for *_, truth, fg in ev])
         metrics["bare_iou_flat"] = mean([truth.sum() / truth.size for *_, truth, _ in ev])
         metrics["bare_topk"] = mean([topk_iou(m, truth) for *_, m, truth, _ in ev])
+        cal_u = [r for r in bare_u_rows if r[0] % 2 == 0]
+        ev_u = [r for r in bare_u_rows if r[0] % 2 == 1]
+        best_u = max(BARE_THRESHOLDS, key=lambda t: bare_iou(cal_u, t))
+        metrics["bare_u_threshold"] = best_u
+        metrics["bare_u_iou"] = bare_iou(ev_u, best_u)
+        metrics["bare_u_iou_2obj"] = bare_iou([r for r in ev_u if r[1] == 2], best_u)
     metrics["attn_calls"] = probe.calls
     return ProbeResult(metrics, np.stack(all_images), all_word_maps, all_masks, list(captions))
