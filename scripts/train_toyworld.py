@@ -526,8 +526,11 @@ def main(argv: list[str] | None = None) -> None:
         start, elapsed, history, probes = ck["step"], ck["elapsed"], ck["history"], ck["probes"]
         recipe = list(ck.get("recipe", []))
         if not recipe and (args.out / "training.json").exists():  # a checkpoint from before recipes were kept
-            old = json.loads((args.out / "training.json").read_text()).get("hyperparameters", {})
-            recipe = [{"from_step": 0, "hyperparameters": {k: v for k, v in old.items() if k not in _NOT_RECIPE}}]
+            info = json.loads((args.out / "training.json").read_text())
+            recipe = [r for r in info.get("recipe", []) if r["from_step"] < start]  # a record written past it
+            if not recipe:
+                old = info.get("hyperparameters", {})
+                recipe = [{"from_step": 0, "hyperparameters": {k: v for k, v in old.items() if k not in _NOT_RECIPE}}]
         log(f"resumed at step {start}")
     now = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in _NOT_RECIPE}
     if not recipe or {k: v for k, v in recipe[-1]["hyperparameters"].items()} != now:

@@ -89,4 +89,8 @@ def test_training_resumes_exactly(tmp_path):
         for name, value in a[part].items():
             assert torch.equal(value, b[part][name]), (part, name)
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    # a resume under other settings (here a longer schedule) keeps both recipes and where each began
+    assert [r["from_step"] for r in a["recipe"]] == [0]
+    assert [r["from_step"] for r in b["recipe"]] == [0, 2]
+    assert [r["hyperparameters"]["steps"] for r in b["recipe"]] == [2, 3]
     assert "ground" in a["history"][-1]
