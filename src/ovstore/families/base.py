@@ -110,9 +110,39 @@ class ModelFamily(ABC):
         the submodule whose forward output it is (passed through :meth:`output_rows`)."""
         return {"queries": self.query_module(layer)}
 
-    def output_rows(self, kind: str, output: Any) -> torch.Tensor:
-        """A recorded module output as ``(batch, pixels, heads * head_dim)`` (default: as is)."""
+    def output_rows(self, kind: str, output: Any, point: Any = None) -> torch.Tensor:
+        """A recorded module output as ``(batch, pixels, heads * head_dim)`` (default: as is);
+        ``point`` is the submodule that produced it (from :meth:`record_points`)."""
         return output
+
+    def capture_hooks(self, denoiser: Any) -> list[Any]:
+        """Extra hooks on the denoiser for the duration of a capture (handles with
+        ``remove()``), e.g. to read per-call state that :meth:`output_rows` needs; default none."""
+        return []
+
+    def stored_branches(self, config: Any) -> tuple[str, ...]:
+        """The branches a capture with ``config`` (a ``CaptureConfig``) stores (default: its
+        classifier-free-guidance halves, ``config.branches``)."""
+        return config.branches
+
+    def call_order(self, extra: Mapping[str, Any]) -> tuple[str, ...] | None:
+        """Branches run as separate denoiser calls within a step, in call order, for a store
+        with capture settings ``extra`` (FLUX's true CFG); default ``None``: one call per step
+        whose batch holds the branches."""
+        return None
+
+    def denoiser_calls(self, pipe: Any, steps: int) -> int | None:
+        """Denoiser calls per branch of a generation with ``steps`` steps, where the scheduler
+        alone cannot tell (``None``: ask a copy of the scheduler)."""
+        return None
+
+    def call_timesteps(self, pipe: Any, recorded: Sequence[float]) -> list[float]:
+        """The scheduler timestep of each call, from the values the denoiser received
+        (``recorded``) or the pipeline's scheduler after the generation; default as received."""
+        return list(recorded)
+
+    def check_requests(self, requests: Sequence[Any], config: Any) -> None:
+        """Refuse requests whose options the pipeline would ignore (default: none refused)."""
 
     def conditioning_module(self, denoiser: Any) -> Any | None:
         """A submodule of the denoiser whose forward output ``(batch, width)`` is recorded at

@@ -145,7 +145,7 @@ class SD3Family(ModelFamily):
                 IMAGE_KEYS: layer.norm_k if layer.norm_k is not None else layer.to_k,
                 IMAGE_VALUES: layer.to_v}
 
-    def output_rows(self, kind: str, output: Any) -> Any:
+    def output_rows(self, kind: str, output: Any, point: Any = None) -> Any:
         if output.dim() == 4:  # (batch, head, pixel, channel) after norm_q / norm_k
             b, h, n, d = output.shape
             return output.transpose(1, 2).reshape(b, n, h * d)
