@@ -73,7 +73,7 @@ def _hooked_generation(pipe, case, monkeypatch=None):
 
     def on_call(module, args, kwargs):
         calls.append({"stream": [], "temb": None, "rotated": [], "text_q": [], "text_k": [], "v": [],
-                      "txt_ids": kwargs["txt_ids"].clone()})
+                      "txt_ids": kwargs["txt_ids"].clone(), "single_stream": [], "single_k": []})
 
     def on_block(module, args, kwargs):
         calls[-1]["stream"].append(kwargs["encoder_hidden_states"][0].detach().clone())
@@ -100,6 +100,12 @@ def _hooked_generation(pipe, case, monkeypatch=None):
             lambda m, i, o: calls[-1]["text_k"].append(o[0].detach().clone())))
         handles.append(block.attn.to_v.register_forward_hook(
             lambda m, i, o: calls[-1]["v"].append(o[0].detach().clone())))
+    for block in transformer.single_transformer_blocks:
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, kw: calls[-1]["single_stream"].append(kw["encoder_hidden_states"][0].detach().clone()),
+            with_kwargs=True))
+        handles.append(block.attn.norm_k.register_forward_hook(
+            lambda m, i, o: calls[-1]["single_k"].append(o[0].detach().clone())))
     tf.apply_rotary_emb = recording_rotary
     try:
         out = pipe(case["prompt"], negative_prompt=case.get("negative_prompt"), num_inference_steps=case["steps"],
@@ -139,6 +145,64 @@ def test_generation_context_maps_equal_golden(flux_stores, name):
                                                        layers=LayerSelection(patterns=("transformer_blocks.1.attn",))))
     golden_1 = per_layer["transformer_blocks.1.attn"]
     assert np.abs(one.values[0] - golden_1).max() <= 1e-4 * np.abs(golden_1).max()
+
+
+@pytest.fixture(scope="module")
+def single_stores(tmp_path_factory, flux_pipe):
+    root = tmp_path_factory.mktemp("flux-single")
+    return {name: _capture(flux_pipe, root / f"{name}.zarr", _case(name), single_blocks=True) for name in CASES}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_single_blocks_maps_equal_golden_and_their_text_stream_the_hooked(flux_pipe, single_stores, name):
+    """--single-blocks: the single-stream blocks' maps equal maps_single.npy, the double
+    blocks' still maps.npy, and the recomputed text stream (through every double block, then
+    the single blocks) equals the hooked one entering each single block."""
+    from ovstore.analyze import MapConfig
+    from ovstore.analyze.context import compute_context_maps
+    from ovstore.families.flux import FluxTextStream
+    from ovstore.selection import LayerSelection
+    from ovstore.store import format as fmt
+    from ovstore.store import open_store
+
+    pipe, _ = flux_pipe
+    case = _case(name)
+    store = open_store(single_stores[name])
+    assert [l.block for l in store.layout.layers] == ["joint", "joint", "single", "single"]
+    for pattern, golden_file in (("single_transformer_blocks.*", "maps_single.npy"), ("transformer_blocks.*", "maps.npy")):
+        golden = np.load(FLUX / "cases" / name / golden_file)
+        maps = compute_context_maps(store, config=MapConfig(branch="cond", layers=LayerSelection(patterns=(pattern,))))
+        assert np.abs(maps.values[0] - golden).max() <= 1e-4 * np.abs(golden).max(), golden_file
+    calls, _ = _hooked_generation(pipe, case)
+    stream = FluxTextStream(store.weights(), store.layout.layers)
+    rows = torch.from_numpy(store.context(0, 0)[0])[None]
+    T = case["context_length"]
+    for s, call in enumerate(calls):
+        temb = torch.from_numpy(store.conditioning(0, 0)[s])
+        kv = {info.name: tuple(torch.from_numpy(store.layer_array(info.name, kind, 0, steps=[s])[0]).flatten(1, 2)
+                               for kind in (fmt.IMAGE_KEYS, fmt.IMAGE_VALUES)) for info in store.layout.layers}
+        hidden: list = []
+        keys = stream.keys(rows, temb, kv, until=3, hidden=hidden)
+        for j in range(2):
+            real = call["single_stream"][j]
+            assert (hidden[2 + j][0] - real).abs().max() <= 1e-5 * real.abs().max(), f"call {s} single block {j}"
+            text_k = keys[f"single_transformer_blocks.{j}.attn"][0].transpose(0, 1)
+            real_k = call["single_k"][j][:T]
+            assert (text_k - real_k).abs().max() <= 1e-5 * real_k.abs().max()
+
+
+def test_single_blocks_are_off_by_default_and_flux_only(flux_stores):
+    from ovstore.capture import CaptureConfig, load_pipeline, plan_capture
+    from ovstore.errors import InvalidInputError
+    from ovstore.store import open_store
+
+    from conftest import TINY_SD15
+
+    assert [l.name for l in open_store(flux_stores["flux-guidance"]).layout.layers] == [
+        "transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+    sd, sd_identity = load_pipeline(str(TINY_SD15))
+    with pytest.raises(InvalidInputError, match="single-blocks applies to FLUX"):
+        plan_capture(sd, sd_identity, CaptureConfig(num_inference_steps=2, single_blocks=True))
 
 
 def test_store_timesteps_are_the_shifted_schedule(flux_pipe, flux_stores):
@@ -424,3 +488,23 @@ def test_cli_capture_and_maps_on_flux(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "would ignore --true-cfg-scale" in err[0], err
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_nonzero_text_ids_are_refused(tmp_path):
+    """A transformer call with text position ids other than 0 would rotate the text rows,
+    which the recomputed stream does not do: capture stops with one line."""
+    from ovstore.capture import load_pipeline
+    from ovstore.errors import InvalidInputError
+
+    pipe, identity = load_pipeline(str(PIPELINE))
+
+    def shifted_text_ids(module, args, kwargs):
+        kwargs["txt_ids"] = kwargs["txt_ids"] + 1
+        return args, kwargs
+
+    handle = pipe.transformer.register_forward_pre_hook(shifted_text_ids, with_kwargs=True)
+    try:
+        with pytest.raises(InvalidInputError, match="non-zero text position ids"):
+            _capture((pipe, identity), tmp_path / "s.zarr", _case("flux-guidance"))
+    finally:
+        handle.remove()

@@ -70,6 +70,8 @@ class CaptureConfig:
         negative prompt and a value > 1 every step runs the prompt's and the negative
         prompt's calls, whose halves ``branch`` chooses). ``guidance`` is then FLUX's embedded
         guidance. Refused for other families.
+    single_blocks
+        FLUX: also record the single-stream blocks (off by default; see docs/store-format.md).
     """
 
     num_inference_steps: int = 50
@@ -85,6 +87,7 @@ class CaptureConfig:
     preset: str = "full"
     max_sequence_length: int | None = None
     true_cfg_scale: float | None = None
+    single_blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.max_sequence_length is not None:

@@ -141,6 +141,7 @@ def prepare_capture(
     worker: str | tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
     true_cfg_scale: float | None = None,
+    single_blocks: bool = False,
 ) -> CaptureJob:
     """Check the options of ``ovstore capture`` (same names, same defaults) against each other
     and against the store at ``out``, without loading a model.
@@ -179,8 +180,11 @@ def prepare_capture(
                  true_cfg_scale=true_cfg_scale)
     selection = LayerSelection(patterns=tuple(layers), include_mid=True,
                                resolutions=tuple(parse_resolution(r) for r in resolutions))
-    config = continued_config(existing, given, layers=selection, layers_given=bool(layers or resolutions),
-                              preset=preset, batch_size=batch_size)
+    if single_blocks:
+        given["single_blocks"] = True
+    config = continued_config(existing, given, layers=selection,
+                              layers_given=bool(layers or resolutions or single_blocks), preset=preset,
+                              batch_size=batch_size)
     requests = build_requests(specs, seed=seed, negative_prompt=negative_prompt, guidance=config.guidance,
                               num_inference_steps=config.num_inference_steps) if specs else None
     nothing = False

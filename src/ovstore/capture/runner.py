@@ -57,7 +57,7 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
     native = family.native_size(pipe)
     height, width = config.height or native[0], config.width or native[1]
     lh, lw = family.latent_size(pipe, height, width)
-    found = family.attention_layers(pipe, lh, lw)
+    found = family.default_layers(family.attention_layers(pipe, lh, lw), config)
     if config.skip_finest:
         # the finest grid among the recorded layers (SD 1.x: the latent; SDXL: latent/2)
         finest = min(info.level for info, _ in found)
@@ -95,7 +95,7 @@ def family_options(family: ModelFamily, config: CaptureConfig) -> dict[str, Any]
             continue
         if name not in family.capture_options:
             raise InvalidInputError(f"--{name.replace('_', '-')} applies to {applies}; the {family.name} family "
-                                    "has no such option: drop it")
+                                    "has none: drop it")
         options[name] = value
     return options
 

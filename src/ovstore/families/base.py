@@ -95,6 +95,16 @@ class ModelFamily(ABC):
     def attention_layers(self, pipe: Any, latent_height: int, latent_width: int) -> list[tuple[LayerInfo, Any]]:
         """Every text-attending layer to record, with its :class:`LayerInfo`, in module order."""
 
+    def default_layers(self, found: Sequence[tuple[LayerInfo, Any]], config: Any) -> list[tuple[LayerInfo, Any]]:
+        """The layers a capture with ``config`` chooses from (before presets and ``--layer``):
+        default every one; ``--single-blocks`` (FLUX only) is refused."""
+        if getattr(config, "single_blocks", False):
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError(f"--single-blocks applies to FLUX pipelines (their single-stream blocks); the "
+                                    f"{self.name} family has none: drop it")
+        return list(found)
+
     def stack_leaders(self, layers: Sequence[LayerInfo]) -> list[str]:
         """Names of the layers the ``thin`` presets keep: the first of each stack of layers
         that attend at the same place (default: every layer)."""

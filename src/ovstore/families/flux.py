@@ -25,6 +25,7 @@ see docs/store-format.md (FLUX) for why and what they would need.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,13 +33,16 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..store import IMAGE_KEYS, IMAGE_VALUES, LayerInfo, ModelIdentity, TextRecipe
-from .mmdit import _EPS, SD3Family, block_index
+from .mmdit import _EPS, SD3Family, TextStream, block_index
 
-__all__ = ["FluxFamily", "FluxTextEncoder", "double_blocks"]
+__all__ = ["FluxFamily", "FluxTextEncoder", "FluxTextStream", "double_blocks", "single_blocks"]
 
 #: the T5 length FluxPipeline uses when none is given (also its maximum)
 FLUX_DEFAULT_MAX_SEQUENCE_LENGTH = 512
 _TEXT = (("tokenizer_2", "text_encoder_2"),)
+_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.attn$")
+#: a single-stream block's modules that the text stream runs through (shared with the image)
+_SINGLE_MODULES = ("norm.linear", "attn.norm_q", "attn.norm_k", "proj_mlp", "proj_out")
 _CONTEXT_MODULES = ("norm1_context", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.norm_added_q",
                     "attn.norm_added_k", "attn.to_add_out", "norm2_context", "ff_context")
 
@@ -81,6 +85,38 @@ def double_blocks(transformer: Any, grid: tuple[int, int]) -> list[tuple[LayerIn
     return found
 
 
+def single_blocks(transformer: Any, grid: tuple[int, int]) -> list[tuple[LayerInfo, Any]]:
+    """Every single-stream block's attention (``single_transformer_blocks.j.attn``) with its
+    :class:`LayerInfo` (``block="single"``)."""
+    found = []
+    for j, block in enumerate(transformer.single_transformer_blocks):
+        attn = block.attn
+        name = f"single_transformer_blocks.{j}.attn"
+        for part in ("norm_q", "norm_k"):
+            module = getattr(attn, part, None)
+            eps = getattr(module, "eps", None)
+            if type(module).__name__ != "RMSNorm" or eps is None or abs(eps - _EPS) > 1e-12 \
+                    or getattr(module, "weight", None) is None:
+                raise InvalidInputError(f"layer {name}: {part} is a {type(module).__name__} (eps {eps}); the flux "
+                                        f"family recomputes RMSNorm q/k norms with eps {_EPS} and a weight only")
+        if type(block.norm).__name__ != "AdaLayerNormZeroSingle" or getattr(block.act_mlp, "approximate", "") != "tanh":
+            raise InvalidInputError(f"layer {name}: not a FLUX single-stream block (AdaLayerNormZeroSingle, tanh-GELU "
+                                    "MLP)")
+        found.append((
+            LayerInfo(name=name, block="single", level=0, height=grid[0], width=grid[1], heads=attn.heads,
+                      head_dim=int(attn.head_dim), scale=float(attn.head_dim) ** -0.5,
+                      key_input_dim=int(attn.query_dim), has_bias=attn.to_k.bias is not None),
+            attn,
+        ))
+    return found
+
+
+def _stream_position(name: str) -> tuple[int, int]:
+    """Order of a block in the text stream: double blocks first, then single blocks."""
+    m = _SINGLE.match(name)
+    return (1, int(m.group(1))) if m else (0, block_index(name))
+
+
 class FluxFamily(SD3Family):
     """FLUX.1: double-stream blocks, rotated image q/k and v + temb per call, the SD3 text
     stream recomputed at analysis, T5 attribution text."""
@@ -91,8 +127,10 @@ class FluxFamily(SD3Family):
     layer_arrays = (IMAGE_KEYS, IMAGE_VALUES)
 
     def __init__(self) -> None:
-        #: (cos, sin) of the current transformer call's rotary embedding, set by a capture hook
+        #: (cos, sin) of the current transformer call's rotary embedding and its text rows, set
+        #: by capture hooks
         self._rotary: tuple[Any, Any] | None = None
+        self._text_len = 0
 
     # ------------------------------------------------------------------ capture
     def supports(self, pipe: Any) -> bool:
@@ -117,7 +155,15 @@ class FluxFamily(SD3Family):
         return size, size
 
     def attention_layers(self, pipe: Any, latent_height: int, latent_width: int) -> list[tuple[LayerInfo, Any]]:
-        return double_blocks(pipe.transformer, (latent_height // 2, latent_width // 2))
+        grid = (latent_height // 2, latent_width // 2)
+        return double_blocks(pipe.transformer, grid) + single_blocks(pipe.transformer, grid)
+
+    def default_layers(self, found: Sequence[tuple[LayerInfo, Any]], config: Any) -> list[tuple[LayerInfo, Any]]:
+        # single-stream blocks are opt-in: they share every weight with the image, so storing
+        # them means storing those blocks whole (docs/store-format.md, FLUX)
+        if config.single_blocks or config.layers.patterns:
+            return list(found)
+        return [(info, module) for info, module in found if info.block != "single"]
 
     def stored_branches(self, config: Any) -> tuple[str, ...]:
         from ..capture import BRANCH_CHOICES
@@ -159,6 +205,7 @@ class FluxFamily(SD3Family):
     def capture_hooks(self, denoiser: Any) -> list[Any]:
         def on_call(module: Any, args: tuple, kwargs: dict) -> None:
             txt_ids = kwargs.get("txt_ids")
+            self._text_len = int(txt_ids.shape[-2]) if txt_ids is not None else 0
             if txt_ids is not None and bool((txt_ids != 0).any()):
                 raise InvalidInputError("the transformer was called with non-zero text position ids; the flux family "
                                         "assumes FluxPipeline's text ids 0 (no rotation of the text rows)")
@@ -176,6 +223,8 @@ class FluxFamily(SD3Family):
                 IMAGE_VALUES: layer.to_qkv if fused else layer.to_v}
 
     def output_rows(self, kind: str, output: Any, point: Any = None) -> Any:
+        if self._rotary is not None and output.shape[1] == self._rotary[0].shape[0]:
+            output = output[:, self._text_len:]  # a single block's joint [text, image] sequence: the image rows
         if output.dim() == 4:  # (batch, pixel, head, channel) after norm_q / norm_k: rotate the image rows
             from diffusers.models.embeddings import apply_rotary_emb
 
@@ -221,9 +270,10 @@ class FluxFamily(SD3Family):
     def key_parameters(self, layers: Sequence[tuple[LayerInfo, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
         out = {}
         for info, attn in layers:
-            weights = _context_linears(attn)
-            w, b = weights["attn.add_k_proj"]
-            out[info.name] = (w, b)
+            if info.block == "single":
+                out[info.name] = _linears(attn, "to_qkv", ("to_q", "to_k", "to_v"))["attn.to_k"]
+            else:
+                out[info.name] = _context_linears(attn)["attn.add_k_proj"]
         return out
 
     def stored_weights(self, pipe: Any, layers: Sequence[tuple[LayerInfo, Any]]) -> dict[str, np.ndarray]:
@@ -233,20 +283,27 @@ class FluxFamily(SD3Family):
         transformer = pipe.transformer
         parts = ["context_embedder"]
         for info, _ in layers:
-            i = block_index(info.name)
-            parts += [f"transformer_blocks.{i}.{m}" for m in _CONTEXT_MODULES
-                      if m not in ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")]
+            if info.block == "single":  # the whole block: text and image share its weights
+                parts += [f"{info.name[:-len('.attn')]}.{m}" for m in _SINGLE_MODULES]
+            else:
+                parts += [f"transformer_blocks.{block_index(info.name)}.{m}" for m in _CONTEXT_MODULES
+                          if m not in ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")]
         out = {}
         for name, param in transformer.named_parameters():
             if any(name.startswith(p + ".") for p in parts):
                 out[name] = param.detach().float().cpu().numpy()
         for info, attn in layers:
-            i = block_index(info.name)
-            for m, (w, b) in _context_linears(attn).items():
-                out[f"transformer_blocks.{i}.{m}.weight"] = w
+            prefix = info.name[:-len(".attn")]
+            linears = _linears(attn, "to_qkv", ("to_q", "to_k", "to_v")) if info.block == "single" \
+                else _context_linears(attn)
+            for m, (w, b) in linears.items():
+                out[f"{prefix}.{m}.weight"] = w
                 if b is not None:
-                    out[f"transformer_blocks.{i}.{m}.bias"] = b
+                    out[f"{prefix}.{m}.bias"] = b
         return out
+
+    def analysis_state(self, store: Any, layers: Sequence[LayerInfo], device: Any) -> FluxTextStream:
+        return FluxTextStream(store.weights(), store.layout.layers, device=device)
 
     # ------------------------------------------------------------------ analysis
     def load_text_encoder(self, identity: ModelIdentity, target: str, *, device: str = "cpu") -> Any:
@@ -260,19 +317,54 @@ def _is_fused_qkv(point: Any) -> bool:
     return point is not None and getattr(point, "out_features", 0) == 3 * getattr(point, "in_features", -1)
 
 
-def _context_linears(attn: Any) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """``add_q/k/v_proj`` weights and biases (float32) of a double block's attention, read from
-    ``to_added_qkv`` when the projections are fused (the weights that actually run)."""
+def _linears(attn: Any, fused_name: str, names: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Weights and biases (float32) of the q/k/v linears ``names`` of an attention, named
+    ``attn.<name>``, read from the fused linear ``fused_name`` when the projections are fused
+    (the weights that actually run)."""
     def arr(t: Any) -> np.ndarray | None:
         return None if t is None else t.detach().float().cpu().numpy()
 
-    fused = getattr(attn, "to_added_qkv", None)
+    fused = getattr(attn, fused_name, None)
     if getattr(attn, "fused_projections", False) and fused is not None:
         ws = np.split(arr(fused.weight), 3, axis=0)
         bs = np.split(arr(fused.bias), 3, axis=0) if fused.bias is not None else [None] * 3
-        return {f"attn.add_{x}_proj": (w, b) for x, w, b in zip("qkv", ws, bs)}
-    return {f"attn.add_{x}_proj": (arr(getattr(attn, f"add_{x}_proj").weight), arr(getattr(attn, f"add_{x}_proj").bias))
-            for x in "qkv"}
+        return {f"attn.{n}": (w, b) for n, w, b in zip(names, ws, bs)}
+    return {f"attn.{n}": (arr(getattr(attn, n).weight), arr(getattr(attn, n).bias)) for n in names}
+
+
+def _context_linears(attn: Any) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """``add_q/k/v_proj`` of a double block's attention (split from ``to_added_qkv`` when fused)."""
+    return _linears(attn, "to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))
+
+
+class FluxTextStream(TextStream):
+    """FLUX's text stream: SD3's joint-block step through the double blocks, then, where the
+    store holds single-stream blocks, through those: the text rows take the block's shared
+    modulation, q/k/v projections and MLP, attend the stored image keys/values and each other
+    (one-way, unrotated: text ids are 0), and are updated by ``proj_out``."""
+
+    def __init__(self, weights: Mapping[str, np.ndarray], layers: Sequence[LayerInfo], *, device: Any = "cpu") -> None:
+        super().__init__(weights, sorted(layers, key=lambda l: _stream_position(l.name)), device=device)
+
+    def block_step(self, x: Any, info: LayerInfo, silu: Any, image_kv: Mapping[str, tuple[Any, Any]], *,
+                   last: bool) -> tuple[Any, Any]:
+        import torch
+        import torch.nn.functional as F
+
+        if info.block != "single":
+            return super().block_step(x, info, silu, image_kv, last=last)
+        p = info.name[:-len(".attn")]
+        shift, scale, gate = self._linear(silu, f"{p}.norm.linear").chunk(3, dim=-1)  # AdaLayerNormZeroSingle
+        n = F.layer_norm(x, (x.shape[-1],), eps=_EPS) * (1 + scale) + shift
+        k = self._rms(self._heads(self._linear(n, f"{p}.attn.to_k"), info), f"{p}.attn.norm_k")
+        if last:
+            return k, None
+        q = self._rms(self._heads(self._linear(n, f"{p}.attn.to_q"), info), f"{p}.attn.norm_q")
+        v = self._heads(self._linear(n, f"{p}.attn.to_v"), info)
+        image_k, image_v = (t.to(self.device) for t in image_kv[info.name])
+        attn = self._attend(q, k, v, image_k, image_v, info.scale).transpose(-3, -2).reshape(*x.shape[:-1], -1)
+        mlp = F.gelu(self._linear(n, f"{p}.proj_mlp"), approximate="tanh")
+        return k, x + gate * self._linear(torch.cat([attn, mlp], dim=-1), f"{p}.proj_out")
 
 
 class FluxTextEncoder:
