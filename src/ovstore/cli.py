@@ -103,7 +103,7 @@ def capture(
     negative_prompt: Annotated[Optional[str], typer.Option(help="Negative prompt of every image (a JSONL line may override).")] = None,
     seed: Annotated[int, typer.Option(help="Image i gets seed SEED+i (torch.Generator('cpu').manual_seed) unless its JSONL line names one.")] = 0,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (PNDM makes steps+1 UNet calls). Default: 50, or the store's when --out exists.")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; <= 1 disables it (one half, stored as 'cond'). Default: 7.5, or the store's.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; <= 1 disables it (one half, stored as 'cond'). FLUX: the embedded guidance (guidance_scale; one half, 'cond'). Default: 7.5, or the store's.")] = None,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the store's, else the pipeline's native size).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the store's, else the pipeline's native size).")] = None,
     branch: Annotated[Optional[str], typer.Option(help="Guidance half to store: uncond (reference default), cond or both. Default: uncond, or the store's.")] = None,

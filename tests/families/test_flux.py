@@ -340,12 +340,14 @@ def test_open_vocabulary_maps_equal_module_loop_and_batching(flux_pipe, flux_sto
     np.testing.assert_allclose(mine, alone.values[0][alone.prompt_index.values == 0], rtol=1e-5, atol=1e-6)
 
 
-def test_fused_qkv_stores_the_same(flux_stores, tmp_path):
+def test_fused_qkv_stores_the_same(single_stores, tmp_path):
     """diffusers' fuse_qkv_projections: values come from to_qkv, the text-side weights from
-    the split of to_added_qkv; the store equals the unfused one and gives the golden maps."""
+    the split of to_added_qkv (single blocks: of to_qkv); the store equals the unfused one and
+    gives the golden maps."""
     from ovstore.analyze import MapConfig
     from ovstore.analyze.context import compute_context_maps
     from ovstore.capture import load_pipeline
+    from ovstore.selection import LayerSelection
     from ovstore.store import format as fmt
     from ovstore.store import open_store
 
@@ -355,18 +357,24 @@ def test_fused_qkv_stores_the_same(flux_stores, tmp_path):
         for block in pipe.transformer.transformer_blocks:
             block.attn.add_k_proj.weight.mul_(2.0)
             block.attn.to_v.weight.mul_(2.0)
+        for block in pipe.transformer.single_transformer_blocks:
+            block.attn.to_k.weight.mul_(2.0)
+            block.attn.to_v.weight.mul_(2.0)
     case = _case("flux-guidance")
-    fused = open_store(_capture((pipe, identity), tmp_path / "fused.zarr", case))
-    plain = open_store(flux_stores["flux-guidance"])
+    fused = open_store(_capture((pipe, identity), tmp_path / "fused.zarr", case, single_blocks=True))
+    plain = open_store(single_stores["flux-guidance"])
+    assert [l.name for l in fused.layout.layers] == [l.name for l in plain.layout.layers]
     for info in plain.layout.layers:
         for kind in (fmt.IMAGE_KEYS, fmt.IMAGE_VALUES):
             np.testing.assert_allclose(fused.layer_array(info.name, kind, 0), plain.layer_array(info.name, kind, 0),
                                        rtol=1e-5, atol=1e-6)
+    assert set(fused.weights()) == set(plain.weights())
     for name, w in plain.weights().items():
         np.testing.assert_allclose(fused.weights()[name], w, rtol=1e-6, atol=1e-7, err_msg=name)
-    golden = np.load(FLUX / "cases" / "flux-guidance" / "maps.npy")
-    maps = compute_context_maps(fused, config=MapConfig(branch="cond")).values[0]
-    assert np.abs(maps - golden).max() <= 1e-4 * np.abs(golden).max()
+    for pattern, golden_file in (("transformer_blocks.*", "maps.npy"), ("single_transformer_blocks.*", "maps_single.npy")):
+        golden = np.load(FLUX / "cases" / "flux-guidance" / golden_file)
+        maps = compute_context_maps(fused, config=MapConfig(branch="cond", layers=LayerSelection(patterns=(pattern,))))
+        assert np.abs(maps.values[0] - golden).max() <= 1e-4 * np.abs(golden).max(), golden_file
 
 
 def test_true_cfg_both_branches(flux_pipe, flux_stores, tmp_path):
@@ -388,6 +396,10 @@ def test_true_cfg_both_branches(flux_pipe, flux_stores, tmp_path):
                                   cond.layer_array(name, fmt.IMAGE_VALUES, 0, branch=0))
     negative = pipe.tokenizer_2([case["negative_prompt"]], padding="max_length", max_length=32)["input_ids"][0]
     assert list(both.context(0, 0)[1]) == list(negative)
+    with torch.no_grad():  # the uncond context is the negative prompt's T5 encoding, as the pipeline made it
+        expected = pipe._get_t5_prompt_embeds(case["negative_prompt"], max_sequence_length=32)[0]
+    np.testing.assert_allclose(both.context(0, 0)[0], expected.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(both.context(0, 1)[0], cond.context(0, 0)[0])
     assert not np.array_equal(both.queries(name, 0, branch=0), both.queries(name, 0, branch=1))
     a = compute_context_maps(both, config=MapConfig(branch="cond")).values[0]
     b = compute_context_maps(cond, config=MapConfig(branch="cond")).values[0]
@@ -463,10 +475,12 @@ def test_cli_capture_and_maps_on_flux(tmp_path, monkeypatch, capsys):
     store = open_store(out)
     assert store.layout.context.length == 16 and store.layout.extra["max_sequence_length"] == 16
     assert store.layout.extra["true_cfg_scale"] == 4.0 and store.layout.extra["guidance"] == 3.5
-    result = runner.invoke(app, ["maps", str(out), "--attribution", "coffee", "--out", str(tmp_path / "m.npy")])
+    result = runner.invoke(app, ["maps", str(out), "--attribution", "coffee", "--out", str(tmp_path / "m.npy"),
+                                 "--png", str(tmp_path / "png")])
     assert result.exit_code == 0, result.output
     maps = np.load(tmp_path / "m.npy")
     assert maps.shape[-2:] == (16, 16) and np.isfinite(maps).all()
+    assert any(p.name.endswith("_coffee_s.png") for p in (tmp_path / "png").iterdir())
     result = runner.invoke(app, ["maps", str(out), "--generation-context", "--out", str(tmp_path / "c.npy")])
     assert result.exit_code == 0, result.output
     context = np.load(tmp_path / "c.npy")
@@ -476,6 +490,14 @@ def test_cli_capture_and_maps_on_flux(tmp_path, monkeypatch, capsys):
     assert result.exit_code == 0, result.output
     store = open_store(out)
     assert store.complete_images() == [0, 1] and store.layout.extra["true_cfg_scale"] == 4.0
+    # an append with another true CFG scale would mix two recipes in one store
+    result = runner.invoke(app, ["capture", "--prompt", "a lamp", "--negative-prompt", "blurry",
+                                 "--true-cfg-scale", "2", "--out", str(out)])
+    assert result.exit_code != 0 and "true_cfg_scale: store has 4.0, this capture has 2.0" in str(result.exception)
+    assert open_store(out).n_images == 2
+    from ovstore.store import verify_store
+
+    assert verify_store(open_store(out)).ok
     # one line, exit 2, nothing written: true CFG without a negative prompt
     from ovstore.cli import main
 

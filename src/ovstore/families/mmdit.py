@@ -216,8 +216,8 @@ class SD3Family(ModelFamily):
         return SD3TextEncoder(components, device=device, name=str(target), width=identity.text_recipe.width)
 
     def layer_keys(self, rows: Any, parameters: tuple[Any, Any], info: LayerInfo) -> Any:
-        raise InvalidInputError("sd3 keys depend on the image (the text stream attends it); they are computed per "
-                                "image by image_layer_keys")
+        raise InvalidInputError(f"{self.name} keys depend on the image (the text stream attends it); they are "
+                                "computed per image by image_layer_keys")
 
     def analysis_state(self, store: Any, layers: Sequence[LayerInfo], device: Any) -> TextStream:
         return TextStream(store.weights(), store.layout.layers, device=device)
