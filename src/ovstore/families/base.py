@@ -25,6 +25,11 @@ queries), :meth:`conditioning_module` (a per-call conditioning vector), :meth:`s
 ``max_sequence_length``) and, for analysis, ``image_dependent_keys`` with
 :meth:`analysis_state` / :meth:`image_layer_keys` (keys that depend on the image and call,
 because the attribution's text stream attends the stored image keys and values).
+For FLUX also: :meth:`capture_hooks` (per-call state such as the rotary embedding),
+:meth:`default_layers` (opt-in layers), :meth:`stored_branches` / :meth:`call_order` (branches
+run as separate denoiser calls, true CFG), :meth:`denoiser_calls` / :meth:`call_timesteps`
+(schedules a copy of the scheduler cannot tell) and :meth:`check_requests` (options the
+pipeline would ignore).
 A family is registered by name (:mod:`ovstore.families`), by third parties
 through the ``ovstore.families`` entry-point group.
 """
