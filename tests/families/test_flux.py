@@ -512,13 +512,12 @@ def test_cli_capture_and_maps_on_flux(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_nonzero_text_ids_are_refused(tmp_path):
+def test_nonzero_text_ids_are_refused(flux_pipe, tmp_path):
     """A transformer call with text position ids other than 0 would rotate the text rows,
     which the recomputed stream does not do: capture stops with one line."""
-    from ovstore.capture import load_pipeline
     from ovstore.errors import InvalidInputError
 
-    pipe, identity = load_pipeline(str(PIPELINE))
+    pipe, identity = flux_pipe
 
     def shifted_text_ids(module, args, kwargs):
         kwargs["txt_ids"] = kwargs["txt_ids"] + 1
