@@ -103,7 +103,7 @@ def capture(
     negative_prompt: Annotated[Optional[str], typer.Option(help="Negative prompt of every image (a JSONL line may override).")] = None,
     seed: Annotated[int, typer.Option(help="Image i gets seed SEED+i (torch.Generator('cpu').manual_seed) unless its JSONL line names one.")] = 0,
     steps: Annotated[Optional[int], typer.Option(help="Denoising steps (PNDM makes steps+1 UNet calls). Default: 50, or the store's when --out exists.")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; <= 1 disables it (one half, stored as 'cond'). Default: 7.5, or the store's.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; <= 1 disables it (one half, stored as 'cond'). FLUX: the embedded guidance (guidance_scale; one half, 'cond'). Default: 7.5, or the store's.")] = None,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the store's, else the pipeline's native size).")] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the store's, else the pipeline's native size).")] = None,
     branch: Annotated[Optional[str], typer.Option(help="Guidance half to store: uncond (reference default), cond or both. Default: uncond, or the store's.")] = None,
@@ -121,6 +121,8 @@ def capture(
     reserve_only: Annotated[bool, typer.Option("--reserve-only", help="Only record the prompts as incomplete slots; generate them later with --resume (e.g. one --worker per GPU).")] = False,
     worker: Annotated[Optional[str], typer.Option(help="With --resume: K/N generates only slots with slot % N == K, so N processes share one store.")] = None,
     max_sequence_length: Annotated[Optional[int], typer.Option(help="SD3/FLUX: T5 tokens of the prompt encoding (the pipeline's max_sequence_length; default the pipeline's, or the store's).")] = None,
+    true_cfg_scale: Annotated[Optional[float], typer.Option(help="FLUX: true classifier-free guidance scale; > 1 with --negative-prompt runs the prompt's and the negative prompt's calls (--branch chooses which are stored). --guidance is then FLUX's embedded guidance.")] = None,
+    single_blocks: Annotated[bool, typer.Option("--single-blocks", help="FLUX: also record the single-stream blocks (off by default: they are stored whole, weights included; see docs/store-format.md).")] = False,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
@@ -141,7 +143,7 @@ def capture(
         steps=steps, guidance=guidance, height=height, width=width, branch=branch, dtype=dtype, layers=layer or (),
         resolutions=resolution or (), calls=calls, preset=preset, batch_size=batch_size, codec=codec, device=device,
         torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker,
-        max_sequence_length=max_sequence_length)
+        max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks)
     if job.nothing_to_resume:  # before loading the model
         console.print(job.nothing_message(), highlight=False)
         return

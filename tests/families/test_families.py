@@ -36,7 +36,7 @@ def test_registry_has_the_unet_family_and_entry_points(monkeypatch):
     available_families.cache_clear()
     try:
         assert isinstance(available_families()["other"], ModelFamily)
-        assert set(available_families()) == {"unet", "sd3", "other"}
+        assert set(available_families()) == {"unet", "sd3", "flux", "other"}
     finally:
         available_families.cache_clear()
     with pytest.raises(Exception, match="not known to this ovstore"):

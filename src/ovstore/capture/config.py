@@ -65,6 +65,13 @@ class CaptureConfig:
     max_sequence_length
         T5 tokens of the prompt encoding (SD3, FLUX: the pipelines' ``max_sequence_length``);
         ``None``: the pipeline's default. Refused for families without a T5 encoder.
+    true_cfg_scale
+        FLUX: true classifier-free guidance scale (the pipeline's ``true_cfg_scale``; with a
+        negative prompt and a value > 1 every step runs the prompt's and the negative
+        prompt's calls, whose halves ``branch`` chooses). ``guidance`` is then FLUX's embedded
+        guidance. Refused for other families.
+    single_blocks
+        FLUX: also record the single-stream blocks (off by default; see docs/store-format.md).
     """
 
     num_inference_steps: int = 50
@@ -79,10 +86,14 @@ class CaptureConfig:
     codec: str = DEFAULT_CODEC
     preset: str = "full"
     max_sequence_length: int | None = None
+    true_cfg_scale: float | None = None
+    single_blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.max_sequence_length is not None:
             check_int(self.max_sequence_length, "--max-sequence-length", 1, 4096)
+        if self.true_cfg_scale is not None:
+            check_float(self.true_cfg_scale, "--true-cfg-scale", 0.0)
         if self.preset not in PRESETS:
             raise InvalidInputError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
         if self.preset != "full" and (self.calls is not None and PRESETS[self.preset]["calls"]):
@@ -103,7 +114,7 @@ class CaptureConfig:
                                             f"e.g. {max(8, value - value % 8)} or {value - value % 8 + 8}")
         if self.codec not in CODEC_PRESETS:
             raise InvalidInputError(f"--codec {self.codec!r} is not one of {', '.join(CODEC_PRESETS)}")
-        if self.branch == "both" and self.guidance <= 1:
+        if self.branch == "both" and self.guidance <= 1 and self.true_cfg_scale is None:
             raise InvalidInputError(
                 "--branch both needs classifier-free guidance (--guidance > 1); with guidance "
                 "<= 1 there is a single half"
@@ -161,10 +172,12 @@ def store_settings(layout: StoreLayout, records: list[ImageRecord] | None = None
         steps, guidance = records[0].num_inference_steps, records[0].guidance
     if layout.extra.get("max_sequence_length") is not None:
         settings["max_sequence_length"] = int(layout.extra["max_sequence_length"])
+    if layout.extra.get("true_cfg_scale") is not None:
+        settings["true_cfg_scale"] = float(layout.extra["true_cfg_scale"])
     if steps is not None:
         settings["num_inference_steps"] = int(steps)
     if guidance is not None:
         settings["guidance"] = float(guidance)
-        if float(guidance) > 1 and branches == ("cond",):
+        if (float(guidance) > 1 or settings.get("true_cfg_scale") is not None) and branches == ("cond",):
             settings["branch"] = "cond"
     return settings

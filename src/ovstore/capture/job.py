@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError, StoreFormatError
+from ..families import family_for_pipeline
 from ..selection import LayerSelection, parse_resolution
 from ..store import ImageRecord, ModelIdentity, Store, StoreLayout, open_store
 from .config import CaptureConfig
@@ -90,6 +91,8 @@ class CaptureJob:
         elif identity is None:
             raise InvalidInputError("pass the pipeline's identity with pipe (see ovstore.capture.model_identity)")
         layout, _ = plan_capture(pipe, identity, self.config)
+        if self.requests:  # options the pipeline would ignore for these prompts, before any output
+            family_for_pipeline(pipe, identity.id).check_requests(self.requests, self.config)
         if self.existing is not None:
             check_continuation(self.existing, layout, resume=self.resume)
         self.pipe, self.identity, self.layout = pipe, identity, layout
@@ -137,6 +140,8 @@ def prepare_capture(
     reserve_only: bool = False,
     worker: str | tuple[int, int] | None = None,
     max_sequence_length: int | None = None,
+    true_cfg_scale: float | None = None,
+    single_blocks: bool = False,
 ) -> CaptureJob:
     """Check the options of ``ovstore capture`` (same names, same defaults) against each other
     and against the store at ``out``, without loading a model.
@@ -171,11 +176,15 @@ def prepare_capture(
                                "without --resume (or give the original prompts with --resume)")
 
     given = dict(num_inference_steps=steps, guidance=guidance, height=height, width=width, branch=branch,
-                 dtype=dtype, codec=codec, calls=calls, max_sequence_length=max_sequence_length)
+                 dtype=dtype, codec=codec, calls=calls, max_sequence_length=max_sequence_length,
+                 true_cfg_scale=true_cfg_scale)
     selection = LayerSelection(patterns=tuple(layers), include_mid=True,
                                resolutions=tuple(parse_resolution(r) for r in resolutions))
-    config = continued_config(existing, given, layers=selection, layers_given=bool(layers or resolutions),
-                              preset=preset, batch_size=batch_size)
+    if single_blocks:
+        given["single_blocks"] = True
+    config = continued_config(existing, given, layers=selection,
+                              layers_given=bool(layers or resolutions or single_blocks), preset=preset,
+                              batch_size=batch_size)
     requests = build_requests(specs, seed=seed, negative_prompt=negative_prompt, guidance=config.guidance,
                               num_inference_steps=config.num_inference_steps) if specs else None
     nothing = False

@@ -85,11 +85,15 @@ class QueryRecorder:
         the ``unet`` family.
     context_dtype
         Storage dtype of the attended context; ``None`` records none.
+    call_order
+        Branches the pipeline runs as separate denoiser calls, in call order within a step
+        (FLUX's true CFG: ``("cond", "uncond")``); ``None``: one call per step whose batch holds
+        the branches (``[uncond..., cond...]`` under classifier-free guidance).
     """
 
     def __init__(self, unet: Any, layers: Sequence[tuple[LayerInfo, Any]], *, calls: Sequence[int],
                  branches: Sequence[str], dtype: str = "float16", family: Any = None,
-                 context_dtype: str | None = None) -> None:
+                 context_dtype: str | None = None, call_order: Sequence[str] | None = None) -> None:
         if family is None:
             from ..families import get_family
 
@@ -106,6 +110,13 @@ class QueryRecorder:
         self._handles: list[Any] = []
         self.branch_labels = self.branches
         self._call = -1
+        self.call_order = tuple(call_order) if call_order else None
+        if self.call_order is not None and not set(self.branches) <= set(self.call_order):
+            raise InvalidInputError(f"branches {','.join(self.branches)} are not among the pipeline's calls "
+                                    f"({','.join(self.call_order)})")
+        self._raw_call = -1
+        self._branch = "cond"
+        self._pending: dict[Any, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start_batch(self, batch_size: int, context_ids: Any = None) -> None:
@@ -117,6 +128,8 @@ class QueryRecorder:
                                            for kind in getattr(self.family, "layer_arrays", ())})
         self.branch_labels: tuple[str, ...] = self.branches
         self._call = -1
+        self._raw_call = -1
+        self._pending = {}
 
     def __enter__(self) -> QueryRecorder:
         names = set()
@@ -130,6 +143,7 @@ class QueryRecorder:
         if conditioning is not None:
             self._handles.append(conditioning.register_forward_hook(self._on_conditioning))
         self._handles.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
+        self._handles.extend(self.family.capture_hooks(self.unet))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -139,20 +153,53 @@ class QueryRecorder:
 
     # ------------------------------------------------------------------ hooks
     def _on_unet_call(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.call_order is not None:  # one branch per call: step = raw call // branches per step
+            self._raw_call += 1
+            self._branch = self.call_order[self._raw_call % len(self.call_order)]
+            if self._raw_call % len(self.call_order):
+                if self._call == 0 and self.context_dtype is not None and self._branch in self.branches:
+                    self._record_context(args, kwargs)
+                return
         self._call += 1
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.flatten()[0].item()
         self.result.timesteps.append(float(timestep) if timestep is not None else float("nan"))
         self.result.n_calls = self._call + 1
-        if self._call == 0 and self.context_dtype is not None:
-            context = self.family.context(args, kwargs)
-            if isinstance(context, torch.Tensor):
-                selected, _ = self._select(context.detach())
+        if self._call == 0 and self.context_dtype is not None and self._keeps_branch():
+            self._record_context(args, kwargs)
+
+    def _record_context(self, args: tuple, kwargs: dict) -> None:
+        context = self.family.context(args, kwargs)
+        if isinstance(context, torch.Tensor):
+            selected, _ = self._select(context.detach())
+            selected = self._joined("context", selected)
+            if selected is not None:
                 self.result.context = selected.to("cpu", self.context_dtype)
+
+    def _keeps_branch(self) -> bool:
+        """Whether the current call's branch is stored (always, when calls hold every branch)."""
+        return self.call_order is None or self._branch in self.branches
+
+    def _joined(self, key: Any, t: torch.Tensor) -> torch.Tensor | None:
+        """``t`` ``(image, 1, ...)`` of the current call's branch, joined with the other stored
+        branches of the same step (separate calls) in ``branches`` order once all are there."""
+        if self.call_order is None or len(self.branches) == 1:
+            return t
+        parts = self._pending.setdefault(key, {})
+        parts[self._branch] = t
+        if len(parts) < len(self.branches):
+            return None
+        del self._pending[key]
+        return torch.cat([parts[b] for b in self.branches], dim=1)
 
     def _select(self, out: torch.Tensor) -> tuple[torch.Tensor, tuple[str, ...]]:
         n = self.batch_size
+        if self.call_order is not None:
+            if out.shape[0] != n:
+                raise InvalidInputError(f"the denoiser was called with batch {out.shape[0]} for {n} images; ovstore "
+                                        "expects one image per prompt (num_images_per_prompt=1)")
+            return out[:, None], self.branches
         if out.shape[0] == 2 * n:  # classifier-free guidance: [uncond..., cond...]
             halves = {"uncond": out[:n], "cond": out[n:]}
             return torch.stack([halves[b] for b in self.branches], dim=1), self.branches
@@ -169,10 +216,12 @@ class QueryRecorder:
         )
 
     def _on_conditioning(self, module: Any, inputs: tuple, out: torch.Tensor) -> None:
-        if self._call not in self.calls:
+        if self._call not in self.calls or not self._keeps_branch():
             return
         c, _ = self._select(out.detach())
-        self.result.conditioning.append(self._to_host(c))
+        c = self._joined("conditioning", c)
+        if c is not None:
+            self.result.conditioning.append(self._to_host(c))
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         on_cuda = t.device.type == "cuda"
@@ -182,9 +231,12 @@ class QueryRecorder:
 
     def _make_hook(self, info: LayerInfo, kind: str = "queries") -> Any:
         def hook(module: Any, inputs: tuple, out: torch.Tensor) -> None:
-            if self._call not in self.calls:
+            if self._call not in self.calls or not self._keeps_branch():
                 return
-            q, labels = self._select(self.family.output_rows(kind, out.detach()))
+            q, labels = self._select(self.family.output_rows(kind, out.detach(), module))
+            q = self._joined((kind, info.name), q)
+            if q is None:  # the step's other stored branch comes with a later call
+                return
             self.branch_labels = labels
             b, nb, seq, _ = q.shape
             if seq != info.height * info.width:

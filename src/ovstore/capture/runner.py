@@ -40,7 +40,11 @@ class CaptureResult:
 
 
 def _unet_calls(pipe: Any, steps: int) -> int:
-    """UNet calls the pipeline will make (PNDM: steps + 1), from a copy of its scheduler."""
+    """UNet calls the pipeline will make per branch (PNDM: steps + 1), from its model family or
+    a copy of its scheduler."""
+    known = family_for_pipeline(pipe).denoiser_calls(pipe, steps)
+    if known is not None:
+        return int(known)
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(steps)
     return len(scheduler.timesteps)
@@ -53,7 +57,7 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
     native = family.native_size(pipe)
     height, width = config.height or native[0], config.width or native[1]
     lh, lw = family.latent_size(pipe, height, width)
-    found = family.attention_layers(pipe, lh, lw)
+    found = family.default_layers(family.attention_layers(pipe, lh, lw), config)
     if config.skip_finest:
         # the finest grid among the recorded layers (SD 1.x: the latent; SDXL: latent/2)
         finest = min(info.level for info, _ in found)
@@ -69,7 +73,7 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
     calls = resolve_indices(config.call_spec, n_calls, what="UNet call")
     layout = StoreLayout(
         model=identity, layers=tuple(info for info, _ in layers), height=height, width=width,
-        latent_height=lh, latent_width=lw, branches=config.branches, num_unet_calls=n_calls,
+        latent_height=lh, latent_width=lw, branches=family.stored_branches(config), num_unet_calls=n_calls,
         calls=tuple(calls), query_dtype=config.dtype, codec=config.codec,
         extra={"preset": config.preset, "scheduler": type(pipe.scheduler).__name__,
                "scheduler_config": dict(pipe.scheduler.config),
@@ -84,13 +88,14 @@ def family_options(family: ModelFamily, config: CaptureConfig) -> dict[str, Any]
     """The capture options given for ``family`` (e.g. ``max_sequence_length``), as keyword
     arguments of its pipeline; an option the family has no use for is refused."""
     options = {}
-    for name in ("max_sequence_length",):
+    for name, applies in (("max_sequence_length", "pipelines with a T5 text encoder (SD3, FLUX)"),
+                          ("true_cfg_scale", "FLUX pipelines (true classifier-free guidance)")):
         value = getattr(config, name)
         if value is None:
             continue
         if name not in family.capture_options:
-            raise InvalidInputError(f"--{name.replace('_', '-')} applies to pipelines with a T5 text encoder "
-                                    f"(SD3, FLUX); the {family.name} family has none: drop it")
+            raise InvalidInputError(f"--{name.replace('_', '-')} applies to {applies}; the {family.name} family "
+                                    "has none: drop it")
         options[name] = value
     return options
 
@@ -231,6 +236,7 @@ def capture(
         The store path and the slots written.
     """
     check_requests(requests, config)
+    family_for_pipeline(pipe, getattr(identity, "id", "")).check_requests(requests, config)
     layout, layers = plan_capture(pipe, identity, config)
     if not reserve_only:
         check_capture_memory(layout, config)
@@ -288,6 +294,7 @@ def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig |
     writer = StoreWriter.open(out, layout, key_projections=_key_projections(pipe, layers),
                               weights=_stored_weights(pipe, layers))
     if new:
+        family_for_pipeline(pipe).check_requests(new, run_config)
         for r in new:
             _check_fits(pipe, r, layout)
         todo += writer.reserve(new)
@@ -331,7 +338,8 @@ def _check_fits(pipe: Any, record: ImageRecord, layout: StoreLayout) -> None:
             f"prompt {record.prompt[:40]!r} asks for {record.num_inference_steps} steps ({calls} UNet calls); "
             f"the store holds {layout.num_unet_calls} calls per image: leave --steps out to use the store's"
         )
-    if record.guidance <= 1 and tuple(layout.branches) != ("cond",):
+    if record.guidance <= 1 and tuple(layout.branches) != ("cond",) \
+            and family_for_pipeline(pipe).call_order(layout.extra) is None:
         raise InvalidInputError(
             f"prompt {record.prompt[:40]!r} asks for guidance {record.guidance} (no classifier-free guidance, a "
             f"single half) but the store holds the {','.join(layout.branches)} half: leave --guidance out"
@@ -346,7 +354,8 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
     family = family_for_pipeline(pipe)
     recorder = QueryRecorder(family.denoiser(pipe), layers, calls=layout.calls, branches=layout.branches,
                              dtype=layout.query_dtype, family=family,
-                             context_dtype=layout.context.dtype if layout.context is not None else None)
+                             context_dtype=layout.context.dtype if layout.context is not None else None,
+                             call_order=family.call_order(layout.extra))
     options = family_options(family, config)
     background = _BackgroundWriter(writer, progress)
     try:
@@ -372,6 +381,7 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
                     output_type="np",
                 )
                 batch = recorder.result
+                batch.timesteps = family.call_timesteps(pipe, batch.timesteps)
                 if batch.n_calls != layout.num_unet_calls:
                     raise StoreError(
                         f"the pipeline made {batch.n_calls} UNet calls, {layout.num_unet_calls} "

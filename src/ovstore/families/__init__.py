@@ -2,7 +2,7 @@
 
 A family (:class:`ModelFamily`) knows which modules of a pipeline to hook, how to describe
 them, what the store must keep to recompute keys without the denoiser, and how attribution
-text is encoded. Built in: ``unet`` (SD 1.x/2.x/SDXL) and ``sd3`` (SD3/SD3.5 MM-DiT). Others are found through the
+text is encoded. Built in: ``unet`` (SD 1.x/2.x/SDXL), ``sd3`` (SD3/SD3.5 MM-DiT) and ``flux`` (FLUX.1). Others are found through the
 ``ovstore.families`` entry-point group (like xarray's backends)::
 
     [project.entry-points."ovstore.families"]
@@ -18,18 +18,19 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from .base import ModelFamily
+from .flux import FluxFamily
 from .mmdit import SD3Family
 from .unet import UNetFamily, cross_attention_layers, layer_level
 
 __all__ = [
-    "ModelFamily", "SD3Family", "UNetFamily", "cross_attention_layers", "layer_level", "available_families", "family_for_pipeline", "get_family", "ENTRY_POINT_GROUP",
+    "ModelFamily", "FluxFamily", "SD3Family", "UNetFamily", "cross_attention_layers", "layer_level", "available_families", "family_for_pipeline", "get_family", "ENTRY_POINT_GROUP",
 ]
 
 ENTRY_POINT_GROUP = "ovstore.families"
 
 
 def _builtin() -> dict[str, ModelFamily]:
-    return {"unet": UNetFamily(), "sd3": SD3Family()}
+    return {"unet": UNetFamily(), "sd3": SD3Family(), "flux": FluxFamily()}
 
 
 @functools.lru_cache(maxsize=1)

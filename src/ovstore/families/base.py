@@ -25,6 +25,11 @@ queries), :meth:`conditioning_module` (a per-call conditioning vector), :meth:`s
 ``max_sequence_length``) and, for analysis, ``image_dependent_keys`` with
 :meth:`analysis_state` / :meth:`image_layer_keys` (keys that depend on the image and call,
 because the attribution's text stream attends the stored image keys and values).
+For FLUX also: :meth:`capture_hooks` (per-call state such as the rotary embedding),
+:meth:`default_layers` (opt-in layers), :meth:`stored_branches` / :meth:`call_order` (branches
+run as separate denoiser calls, true CFG), :meth:`denoiser_calls` / :meth:`call_timesteps`
+(schedules a copy of the scheduler cannot tell) and :meth:`check_requests` (options the
+pipeline would ignore).
 A family is registered by name (:mod:`ovstore.families`), by third parties
 through the ``ovstore.families`` entry-point group.
 """
@@ -95,6 +100,16 @@ class ModelFamily(ABC):
     def attention_layers(self, pipe: Any, latent_height: int, latent_width: int) -> list[tuple[LayerInfo, Any]]:
         """Every text-attending layer to record, with its :class:`LayerInfo`, in module order."""
 
+    def default_layers(self, found: Sequence[tuple[LayerInfo, Any]], config: Any) -> list[tuple[LayerInfo, Any]]:
+        """The layers a capture with ``config`` chooses from (before presets and ``--layer``):
+        default every one; ``--single-blocks`` (FLUX only) is refused."""
+        if getattr(config, "single_blocks", False):
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError(f"--single-blocks applies to FLUX pipelines (their single-stream blocks); the "
+                                    f"{self.name} family has none: drop it")
+        return list(found)
+
     def stack_leaders(self, layers: Sequence[LayerInfo]) -> list[str]:
         """Names of the layers the ``thin`` presets keep: the first of each stack of layers
         that attend at the same place (default: every layer)."""
@@ -110,9 +125,39 @@ class ModelFamily(ABC):
         the submodule whose forward output it is (passed through :meth:`output_rows`)."""
         return {"queries": self.query_module(layer)}
 
-    def output_rows(self, kind: str, output: Any) -> torch.Tensor:
-        """A recorded module output as ``(batch, pixels, heads * head_dim)`` (default: as is)."""
+    def output_rows(self, kind: str, output: Any, point: Any = None) -> torch.Tensor:
+        """A recorded module output as ``(batch, pixels, heads * head_dim)`` (default: as is);
+        ``point`` is the submodule that produced it (from :meth:`record_points`)."""
         return output
+
+    def capture_hooks(self, denoiser: Any) -> list[Any]:
+        """Extra hooks on the denoiser for the duration of a capture (handles with
+        ``remove()``), e.g. to read per-call state that :meth:`output_rows` needs; default none."""
+        return []
+
+    def stored_branches(self, config: Any) -> tuple[str, ...]:
+        """The branches a capture with ``config`` (a ``CaptureConfig``) stores (default: its
+        classifier-free-guidance halves, ``config.branches``)."""
+        return config.branches
+
+    def call_order(self, extra: Mapping[str, Any]) -> tuple[str, ...] | None:
+        """Branches run as separate denoiser calls within a step, in call order, for a store
+        with capture settings ``extra`` (FLUX's true CFG); default ``None``: one call per step
+        whose batch holds the branches."""
+        return None
+
+    def denoiser_calls(self, pipe: Any, steps: int) -> int | None:
+        """Denoiser calls per branch of a generation with ``steps`` steps, where the scheduler
+        alone cannot tell (``None``: ask a copy of the scheduler)."""
+        return None
+
+    def call_timesteps(self, pipe: Any, recorded: Sequence[float]) -> list[float]:
+        """The scheduler timestep of each call, from the values the denoiser received
+        (``recorded``) or the pipeline's scheduler after the generation; default as received."""
+        return list(recorded)
+
+    def check_requests(self, requests: Sequence[Any], config: Any) -> None:
+        """Refuse requests whose options the pipeline would ignore (default: none refused)."""
 
     def conditioning_module(self, denoiser: Any) -> Any | None:
         """A submodule of the denoiser whose forward output ``(batch, width)`` is recorded at

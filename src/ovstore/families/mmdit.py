@@ -132,7 +132,7 @@ class SD3Family(ModelFamily):
         # block L's text stream needs the image keys/values of every block before it
         if [l.name for l in chosen] != [l.name for l in found[:len(chosen)]]:
             raise InvalidInputError(
-                "the sd3 family records joint blocks from the first on (block L's text stream attends the image "
+                f"the {self.name} family records joint blocks from the first on (block L's text stream attends the image "
                 f"keys and values of every block before it); choose the first N blocks, e.g. --layer "
                 f"'transformer_blocks.[0-{max(len(chosen) - 1, 0)}].attn', not "
                 + ", ".join(l.name for l in chosen[:4]))
@@ -145,7 +145,7 @@ class SD3Family(ModelFamily):
                 IMAGE_KEYS: layer.norm_k if layer.norm_k is not None else layer.to_k,
                 IMAGE_VALUES: layer.to_v}
 
-    def output_rows(self, kind: str, output: Any) -> Any:
+    def output_rows(self, kind: str, output: Any, point: Any = None) -> Any:
         if output.dim() == 4:  # (batch, head, pixel, channel) after norm_q / norm_k
             b, h, n, d = output.shape
             return output.transpose(1, 2).reshape(b, n, h * d)
@@ -216,8 +216,8 @@ class SD3Family(ModelFamily):
         return SD3TextEncoder(components, device=device, name=str(target), width=identity.text_recipe.width)
 
     def layer_keys(self, rows: Any, parameters: tuple[Any, Any], info: LayerInfo) -> Any:
-        raise InvalidInputError("sd3 keys depend on the image (the text stream attends it); they are computed per "
-                                "image by image_layer_keys")
+        raise InvalidInputError(f"{self.name} keys depend on the image (the text stream attends it); they are "
+                                "computed per image by image_layer_keys")
 
     def analysis_state(self, store: Any, layers: Sequence[LayerInfo], device: Any) -> TextStream:
         return TextStream(store.weights(), store.layout.layers, device=device)
@@ -227,7 +227,8 @@ class SD3Family(ModelFamily):
                          ) -> dict[str, Any]:
         import torch
 
-        last = max(block_index(l.name) for l in layers)
+        position = {l.name: k for k, l in enumerate(state.layers)}  # the text stream runs in stored block order
+        last = max(position[l.name] for l in layers)
         needed = state.layers[:last + 1]
         temb = torch.from_numpy(np.asarray(store.conditioning(image, branch, steps), dtype=np.float32))
         image_kv = {}
@@ -291,7 +292,8 @@ class TextStream:
 
     def keys(self, rows: Any, temb: Any, image_kv: Mapping[str, tuple[Any, Any]], *, until: int,
              hidden: list | None = None) -> dict[str, Any]:
-        """Unscaled keys ``(prompt, head, token, channel)`` per block up to block ``until``, for
+        """Unscaled keys ``(prompt, head, token, channel)`` per block up to the ``until``-th
+        stored block (its position in ``layers``, the block index for SD3's first N blocks), for
         rows ``(prompt, token, width)`` (each prompt its own stream) at one call with
         conditioning ``temb`` ``(width,)`` and that call's image keys/values per block
         ``(head, pixel, channel)``. ``hidden`` collects the stream entering each block."""
@@ -301,42 +303,57 @@ class TextStream:
         x = self.embed(rows)
         silu = F.silu(temb.float().to(self.device))
         out = {}
-        for info in self.layers[:until + 1]:
-            i = block_index(info.name)
-            p = f"transformer_blocks.{i}"
+        for position, info in enumerate(self.layers[:until + 1]):
             if hidden is not None:
                 hidden.append(x)
-            emb = self._linear(silu, f"{p}.norm1_context.linear")
-            pre_only = f"{p}.attn.to_add_out.weight" not in self.w
-            normed = F.layer_norm(x, (x.shape[-1],), eps=_EPS)
-            if pre_only:  # AdaLayerNormContinuous: (scale, shift)
-                scale, shift = emb.chunk(2, dim=-1)
-                n = normed * (1 + scale) + shift
-            else:  # AdaLayerNormZero
-                shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=-1)
-                n = normed * (1 + scale_msa) + shift_msa
-            k = self._rms(self._heads(self._linear(n, f"{p}.attn.add_k_proj"), info), f"{p}.attn.norm_added_k")
+            k, x = self.block_step(x, info, silu, image_kv, last=position == until)
             out[info.name] = k
-            if pre_only or i == until:
+            if x is None:  # the block updates no text stream after it (context_pre_only), or it is the last asked
                 break
-            q = self._rms(self._heads(self._linear(n, f"{p}.attn.add_q_proj"), info), f"{p}.attn.norm_added_q")
-            v = self._heads(self._linear(n, f"{p}.attn.add_v_proj"), info)
-            image_k, image_v = (t.to(self.device) for t in image_kv[info.name])
-            scale_qk = info.scale
-            # joint softmax over [image keys, own keys]: one-way, the image rows are not updated
-            s_img = torch.matmul(q, image_k.transpose(-1, -2)) * scale_qk  # (prompt, head, token, pixel)
-            s_own = torch.matmul(q, k.transpose(-1, -2)) * scale_qk  # (prompt, head, token, token)
-            top = torch.maximum(s_img.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
-            e_img, e_own = (s_img - top).exp(), (s_own - top).exp()
-            attn = (torch.matmul(e_img, image_v) + torch.matmul(e_own, v)) / (e_img.sum(-1, keepdim=True)
-                                                                              + e_own.sum(-1, keepdim=True))
-            attn = attn.transpose(-3, -2).reshape(*x.shape[:-1], -1)
-            x = x + gate_msa * self._linear(attn, f"{p}.attn.to_add_out")
-            n2 = F.layer_norm(x, (x.shape[-1],), eps=_EPS) * (1 + scale_mlp) + shift_mlp
-            ff = self._linear(F.gelu(self._linear(n2, f"{p}.ff_context.net.0.proj"), approximate="tanh"),
-                              f"{p}.ff_context.net.2")
-            x = x + gate_mlp * ff
         return out
+
+    def _attend(self, q: Any, k: Any, v: Any, image_k: Any, image_v: Any, scale_qk: float) -> Any:
+        """One-way joint attention of the text queries over ``[image keys, own keys]``; the
+        result ``(prompt, head, token, channel)`` (the image rows are not updated)."""
+        import torch
+
+        s_img = torch.matmul(q, image_k.transpose(-1, -2)) * scale_qk  # (prompt, head, token, pixel)
+        s_own = torch.matmul(q, k.transpose(-1, -2)) * scale_qk  # (prompt, head, token, token)
+        top = torch.maximum(s_img.amax(-1, keepdim=True), s_own.amax(-1, keepdim=True))
+        e_img, e_own = (s_img - top).exp(), (s_own - top).exp()
+        return (torch.matmul(e_img, image_v) + torch.matmul(e_own, v)) / (e_img.sum(-1, keepdim=True)
+                                                                          + e_own.sum(-1, keepdim=True))
+
+    def block_step(self, x: Any, info: LayerInfo, silu: Any, image_kv: Mapping[str, tuple[Any, Any]], *,
+                   last: bool) -> tuple[Any, Any]:
+        """One joint block for the text stream ``x``: its unscaled keys and the stream after the
+        block (``None`` when ``last`` or the block is ``context_pre_only``)."""
+        import torch.nn.functional as F
+
+        i = block_index(info.name)
+        p = f"transformer_blocks.{i}"
+        emb = self._linear(silu, f"{p}.norm1_context.linear")
+        pre_only = f"{p}.attn.to_add_out.weight" not in self.w
+        normed = F.layer_norm(x, (x.shape[-1],), eps=_EPS)
+        if pre_only:  # AdaLayerNormContinuous: (scale, shift)
+            scale, shift = emb.chunk(2, dim=-1)
+            n = normed * (1 + scale) + shift
+        else:  # AdaLayerNormZero
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=-1)
+            n = normed * (1 + scale_msa) + shift_msa
+        k = self._rms(self._heads(self._linear(n, f"{p}.attn.add_k_proj"), info), f"{p}.attn.norm_added_k")
+        if pre_only or last:
+            return k, None
+        q = self._rms(self._heads(self._linear(n, f"{p}.attn.add_q_proj"), info), f"{p}.attn.norm_added_q")
+        v = self._heads(self._linear(n, f"{p}.attn.add_v_proj"), info)
+        image_k, image_v = (t.to(self.device) for t in image_kv[info.name])
+        attn = self._attend(q, k, v, image_k, image_v, info.scale)
+        attn = attn.transpose(-3, -2).reshape(*x.shape[:-1], -1)
+        x = x + gate_msa * self._linear(attn, f"{p}.attn.to_add_out")
+        n2 = F.layer_norm(x, (x.shape[-1],), eps=_EPS) * (1 + scale_mlp) + shift_mlp
+        ff = self._linear(F.gelu(self._linear(n2, f"{p}.ff_context.net.0.proj"), approximate="tanh"),
+                          f"{p}.ff_context.net.2")
+        return k, x + gate_mlp * ff
 
 
 class _ContextTokens:

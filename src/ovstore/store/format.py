@@ -433,6 +433,10 @@ class StoreLayout:
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 diffs.append(f"{name}: store has {a}, this capture has {b}")
+        for key in ("max_sequence_length", "true_cfg_scale"):  # pipeline options every image of a store shares
+            a, b = self.extra.get(key), other.extra.get(key)
+            if a != b:
+                diffs.append(f"{key}: store has {a}, this capture has {b}")
         if [l.name for l in self.layers] != [l.name for l in other.layers]:
             diffs.append("layers: the selected cross-attention layers differ")
         elif self.layers != other.layers:
