@@ -174,13 +174,23 @@ class ModelFamily(ABC):
         device), built once per analysis."""
         return None
 
+    def image_key_inputs(self, state: Any, store: Any, image: int, branch: int, steps: Sequence[int],
+                         layers: Sequence[LayerInfo]) -> Any | None:
+        """What :meth:`image_layer_keys` reads of one image (e.g. its stored image keys, values
+        and conditioning), so that a caller evaluating many embeddings against the same image
+        (token optimization, every epoch) reads and decodes it once and passes it back as
+        ``inputs``; default ``None`` (nothing to cache)."""
+        return None
+
     def image_layer_keys(self, state: Any, store: Any, image: int, branch: int, steps: Sequence[int],
-                         layers: Sequence[LayerInfo], rows: torch.Tensor, groups: Sequence[tuple[int, int, int]]
-                         ) -> dict[str, torch.Tensor]:
+                         layers: Sequence[LayerInfo], rows: torch.Tensor, groups: Sequence[tuple[int, int, int]],
+                         inputs: Any | None = None) -> dict[str, torch.Tensor]:
         """Scaled keys ``(step, head, token, channel)`` per layer for encoded rows
         ``(token, width)`` of one image (``image_dependent_keys`` families). ``groups`` are
         ``(n_tokens, start, stop)`` slices of ``rows`` holding whole attributions of
-        ``n_tokens`` tokens each (an attribution's tokens attend each other)."""
+        ``n_tokens`` tokens each (an attribution's tokens attend each other); ``inputs``, if
+        given, is :meth:`image_key_inputs` of the same image. Differentiable in ``rows`` when
+        grad is enabled (token optimization learns rows through it)."""
         raise NotImplementedError(f"family {self.name} computes keys without the image")
 
     @abstractmethod
