@@ -24,7 +24,9 @@ queries), :meth:`conditioning_module` (a per-call conditioning vector), :meth:`s
 (text-side weights copied into the store once), ``capture_options`` (pipeline options such as
 ``max_sequence_length``) and, for analysis, ``image_dependent_keys`` with
 :meth:`analysis_state` / :meth:`image_layer_keys` (keys that depend on the image and call,
-because the attribution's text stream attends the stored image keys and values).
+because the attribution's text stream attends the stored image keys and values) and
+:meth:`image_key_inputs` (what those keys read of one image, read once where many embeddings
+meet the same image: token optimization differentiates through :meth:`image_layer_keys`).
 A family is registered by name (:mod:`ovstore.families`), by third parties
 through the ``ovstore.families`` entry-point group.
 """

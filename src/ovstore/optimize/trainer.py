@@ -2,7 +2,10 @@
 
 All classes of a run train together: their [SoT, class] rows are separate two-token
 attributions of one batched forward, so the stored queries are read once and every epoch
-is one pass over the cached (on-device) queries per layer, with no loop over steps.
+is one pass over the cached (on-device) queries per layer, with no loop over steps. On
+families whose keys depend on the image (MM-DiT) the rows are text-stream inputs and each
+image's keys are recomputed every epoch, differentiably, from what the family read of that
+image once (its stored image keys/values and conditioning).
 """
 
 from __future__ import annotations
