@@ -109,6 +109,20 @@ def test_the_analysis_map_is_the_optimised_map(trained, sd3_store):
     assert rows.grad is not None and torch.isfinite(rows.grad).all() and rows.grad.abs().sum() > 0
 
 
+def test_classes_trained_together_each_have_their_own_stream(sd3_store, encoder):
+    """Several classes in one run are separate two-row streams of one batch: each learns what
+    it learns alone (a stream that saw another class's rows would not)."""
+    store = open_store(sd3_store)
+    a = TokenTask("robot", (0,), (corner_mask(),))
+    b = TokenTask("cat", (1,), (~corner_mask(),))
+    config = OptimizeConfig(epochs=10)
+    joint = optimize_tokens(store, [a, b], config=config, text_encoder=encoder)
+    alone = [optimize_tokens(store, [t], config=config, text_encoder=encoder)[0] for t in (a, b)]
+    for j, s in zip(joint, alone):
+        torch.testing.assert_close(j.embedding, s.embedding, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(joint[0].embedding, joint[1].embedding)
+
+
 def test_token_file_round_trips_and_is_refused_elsewhere(trained, sd3_store, golden_store, tmp_path):
     token, _ = trained
     path = save_token(token, tmp_path / "robot.safetensors")
@@ -159,6 +173,10 @@ def test_cli_optimize_label_evaluate_and_png_on_sd3(sd3_store, tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "words-only")])
     assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*base, "--token", str(token_path), "--mode", "compete",
+                                 "--out", str(tmp_path / "compete")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "compete" / "SegmentationClass").glob("*.png"))) == 2
     config = json.loads((tmp_path / "with-token" / "ovstore-label.json").read_text())["config"]
     assert config["tokens"] == {"robot": str(token_path)}
     labels = sorted((tmp_path / "with-token" / "SegmentationClass").glob("*.png"))
