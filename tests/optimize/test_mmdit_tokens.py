@@ -123,6 +123,16 @@ def test_classes_trained_together_each_have_their_own_stream(sd3_store, encoder)
     assert not torch.allclose(joint[0].embedding, joint[1].embedding)
 
 
+def test_training_data_larger_than_memory_is_refused_before_reading(sd3_store, encoder, monkeypatch):
+    import ovstore.inputs
+
+    monkeypatch.setattr(ovstore.inputs, "available_memory", lambda: 10_000)
+    with pytest.raises(InvalidInputError, match=r"image keys and values of 1 training image.*--calls") as err:
+        optimize_tokens(sd3_store, [TokenTask("robot", (0,), (corner_mask(),))], config=OptimizeConfig(epochs=1),
+                        text_encoder=encoder)
+    assert "\n" not in str(err.value)
+
+
 def test_token_file_round_trips_and_is_refused_elsewhere(trained, sd3_store, golden_store, tmp_path):
     token, _ = trained
     path = save_token(token, tmp_path / "robot.safetensors")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..analyze import MapPlan, TextEncoder, TokenBuckets, load_text_encoder, word_in_context
 from ..devices import check_device
 from ..errors import InvalidInputError
+from ..inputs import check_memory
 from ..store import Store, open_store
 from .config import OptimizeConfig
 from .masks import load_mask
@@ -62,6 +63,13 @@ class _Forward:
         self.plan = plan
         self.images = list(images)
         self.size = size
+        if plan.keys_per_image:  # the image keys/values of every block and call are held too
+            layout = plan.store.layout
+            per_call = sum(l.query_bytes_per_call("float32") for l in plan.layers) + len(layout.layer_arrays) * sum(
+                l.query_bytes_per_call("float32") for l in layout.layers)
+            check_memory(len(self.images) * len(plan.steps) * per_call,
+                         f"the stored queries, image keys and values of {len(self.images)} training image(s) held "
+                         "for the optimization", "choose fewer stored calls (--calls) or fewer training images")
         self.queries = [plan.read(i) for i in self.images]  # laid out once, on the device
         self.key_inputs = [plan.key_inputs(i) for i in self.images] if plan.keys_per_image else None
 
