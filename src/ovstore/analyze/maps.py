@@ -113,10 +113,10 @@ class MapPlan:
         return 4 * (2 * keys + sums + in_flight + 2 * self.target[0] * self.target[1] + self.size[0] * self.size[1])
 
     def ordered_keys(self, embedding: torch.Tensor, buckets: TokenBuckets,
-                     image: int | None = None) -> dict[str, torch.Tensor]:
+                     image: int | None = None, inputs: Any | None = None) -> dict[str, torch.Tensor]:
         """:meth:`keys` of the tokens in engine order (``buckets.order``), as :meth:`image_maps` takes them.
         Families with image-dependent keys need ``image`` (their keys are per stored call:
-        ``(step, head, token, channel)``)."""
+        ``(step, head, token, channel)``) and take that image's :meth:`key_inputs` if given."""
         ordered = embedding[buckets.order.to(embedding.device)]
         if not self.family.image_dependent_keys:
             return self.keys(ordered)
@@ -124,8 +124,18 @@ class MapPlan:
             raise InvalidInputError(f"the {self.family.name} family's keys depend on the image; this analysis "
                                     "does not support it yet")
         self.keys(ordered[:0])  # the width check
+        extra = {} if inputs is None else {"inputs": inputs}
         return self.family.image_layer_keys(self.family_state, self.store, image, self.branch, self.steps,
-                                            self.layers, ordered.to(self.device), buckets.groups)
+                                            self.layers, ordered.to(self.device), buckets.groups, **extra)
+
+    def key_inputs(self, image: int) -> Any | None:
+        """What an image-dependent family reads of ``image`` to compute keys (its stored image
+        keys/values and conditioning), read once for :meth:`ordered_keys` to take many times
+        (token optimization); ``None`` for families whose keys do not depend on the image."""
+        if not self.family.image_dependent_keys:
+            return None
+        return self.family.image_key_inputs(self.family_state, self.store, image, self.branch, self.steps,
+                                            self.layers)
 
     @property
     def keys_per_image(self) -> bool:

@@ -24,7 +24,9 @@ queries), :meth:`conditioning_module` (a per-call conditioning vector), :meth:`s
 (text-side weights copied into the store once), ``capture_options`` (pipeline options such as
 ``max_sequence_length``) and, for analysis, ``image_dependent_keys`` with
 :meth:`analysis_state` / :meth:`image_layer_keys` (keys that depend on the image and call,
-because the attribution's text stream attends the stored image keys and values).
+because the attribution's text stream attends the stored image keys and values) and
+:meth:`image_key_inputs` (what those keys read of one image, read once where many embeddings
+meet the same image: token optimization differentiates through :meth:`image_layer_keys`).
 For FLUX also: :meth:`capture_hooks` (per-call state such as the rotary embedding),
 :meth:`default_layers` (opt-in layers), :meth:`stored_branches` / :meth:`call_order` (branches
 run as separate denoiser calls, true CFG), :meth:`denoiser_calls` / :meth:`call_timesteps`
@@ -219,13 +221,23 @@ class ModelFamily(ABC):
         device), built once per analysis."""
         return None
 
+    def image_key_inputs(self, state: Any, store: Any, image: int, branch: int, steps: Sequence[int],
+                         layers: Sequence[LayerInfo]) -> Any | None:
+        """What :meth:`image_layer_keys` reads of one image (e.g. its stored image keys, values
+        and conditioning), so that a caller evaluating many embeddings against the same image
+        (token optimization, every epoch) reads and decodes it once and passes it back as
+        ``inputs``; default ``None`` (nothing to cache)."""
+        return None
+
     def image_layer_keys(self, state: Any, store: Any, image: int, branch: int, steps: Sequence[int],
-                         layers: Sequence[LayerInfo], rows: torch.Tensor, groups: Sequence[tuple[int, int, int]]
-                         ) -> dict[str, torch.Tensor]:
+                         layers: Sequence[LayerInfo], rows: torch.Tensor, groups: Sequence[tuple[int, int, int]],
+                         inputs: Any | None = None) -> dict[str, torch.Tensor]:
         """Scaled keys ``(step, head, token, channel)`` per layer for encoded rows
         ``(token, width)`` of one image (``image_dependent_keys`` families). ``groups`` are
         ``(n_tokens, start, stop)`` slices of ``rows`` holding whole attributions of
-        ``n_tokens`` tokens each (an attribution's tokens attend each other)."""
+        ``n_tokens`` tokens each (an attribution's tokens attend each other); ``inputs``, if
+        given, is :meth:`image_key_inputs` of the same image. Differentiable in ``rows`` when
+        grad is enabled (token optimization learns rows through it)."""
         raise NotImplementedError(f"family {self.name} computes keys without the image")
 
     @abstractmethod

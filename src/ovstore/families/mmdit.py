@@ -222,9 +222,11 @@ class SD3Family(ModelFamily):
     def analysis_state(self, store: Any, layers: Sequence[LayerInfo], device: Any) -> TextStream:
         return TextStream(store.weights(), store.layout.layers, device=device)
 
-    def image_layer_keys(self, state: TextStream, store: Any, image: int, branch: int, steps: Sequence[int],
-                         layers: Sequence[LayerInfo], rows: Any, groups: Sequence[tuple[int, int, int]]
-                         ) -> dict[str, Any]:
+    def image_key_inputs(self, state: TextStream, store: Any, image: int, branch: int, steps: Sequence[int],
+                         layers: Sequence[LayerInfo]) -> tuple[Any, dict[str, tuple[Any, Any]]]:
+        """The image's conditioning ``(step, width)`` and, per block up to the last of
+        ``layers``, its stored image keys and values ``(step, head, pixel, channel)``, float32
+        on the state's device."""
         import torch
 
         position = {l.name: k for k, l in enumerate(state.layers)}  # the text stream runs in stored block order
@@ -236,7 +238,17 @@ class SD3Family(ModelFamily):
             k = store.layer_array(info.name, IMAGE_KEYS, image, branch=branch, steps=steps)
             v = store.layer_array(info.name, IMAGE_VALUES, image, branch=branch, steps=steps)
             image_kv[info.name] = tuple(torch.from_numpy(np.asarray(a, dtype=np.float32)).flatten(2, 3)
-                                        for a in (k, v))  # (step, head, pixel, channel)
+                                        .to(state.device) for a in (k, v))  # (step, head, pixel, channel)
+        return temb.to(state.device), image_kv
+
+    def image_layer_keys(self, state: TextStream, store: Any, image: int, branch: int, steps: Sequence[int],
+                         layers: Sequence[LayerInfo], rows: Any, groups: Sequence[tuple[int, int, int]],
+                         inputs: tuple[Any, dict[str, tuple[Any, Any]]] | None = None) -> dict[str, Any]:
+        import torch
+
+        last = max(block_index(l.name) for l in layers)
+        temb, image_kv = inputs if inputs is not None else self.image_key_inputs(state, store, image, branch,
+                                                                                 steps, layers)
         wanted = {l.name for l in layers}
         out = {name: torch.empty((len(steps), info.heads, rows.shape[0], info.head_dim), dtype=torch.float32,
                                  device=state.device) for name, info in ((l.name, l) for l in layers)}

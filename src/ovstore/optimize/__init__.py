@@ -1,7 +1,8 @@
 """Token optimization: learn a class embedding from annotated masks, entirely from a store.
 
 The learned [SoT, class] rows replace a word's text embedding in any later analysis
-(``ovstore maps --token FILE``); see :func:`optimize_tokens`.
+(``ovstore maps --token FILE``); on MM-DiT stores they are the input rows of the attribution's
+text stream. See :func:`optimize_tokens`.
 """
 
 from .config import DEFAULT_CONTEXT, RECIPES, OptimizeConfig

@@ -35,6 +35,8 @@ class TokenFile:
     hidden_size: int
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    #: the model family of the store it was learned on (``None``: not recorded, older files)
+    family: str | None = None
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -46,6 +48,7 @@ class TokenFile:
             "model_id": self.model_id,
             "text_encoder_fingerprint": self.text_encoder_fingerprint or "",
             "hidden_size": str(self.hidden_size),
+            "family": self.family or "",
             "hyperparameters": json.dumps(self.hyperparameters, sort_keys=True),
             "training": json.dumps(self.training, sort_keys=True),
         }
@@ -160,7 +163,7 @@ def load_token(path: str | Path) -> TokenFile:
     return TokenFile(
         name=name, embedding=embedding, init_word=init_word, model_id=model_id,
         text_encoder_fingerprint=meta.get("text_encoder_fingerprint") or None,
-        hidden_size=hidden, hyperparameters=hyperparameters, training=training,
+        hidden_size=hidden, hyperparameters=hyperparameters, training=training, family=meta.get("family") or None,
     )
 
 
@@ -184,6 +187,12 @@ def check_embedding(embedding: Any, hidden_size: int, where: object = "the token
 
 def _check_model(token: TokenFile, identity: ModelIdentity, path: str = "") -> None:
     where = f" {path}" if path else ""
+    if token.family and token.family != identity.family:  # its rows feed another kind of denoiser's text path
+        raise InvalidInputError(
+            f"token{where} ({token.name}) was learned for model {token.model_id!r} of family {token.family}; "
+            f"this store was captured with {identity.id!r} of family {identity.family}. "
+            "Optimize a token on a store of this model."
+        )
     if token.hidden_size != identity.text_encoder_hidden_size or (
         token.text_encoder_fingerprint and identity.text_encoder_fingerprint
         and token.text_encoder_fingerprint != identity.text_encoder_fingerprint

@@ -2,7 +2,10 @@
 
 All classes of a run train together: their [SoT, class] rows are separate two-token
 attributions of one batched forward, so the stored queries are read once and every epoch
-is one pass over the cached (on-device) queries per layer, with no loop over steps.
+is one pass over the cached (on-device) queries per layer, with no loop over steps. On
+families whose keys depend on the image (MM-DiT) the rows are text-stream inputs and each
+image's keys are recomputed every epoch, differentiably, from what the family read of that
+image once (its stored image keys/values and conditioning).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from ..analyze import MapPlan, TextEncoder, TokenBuckets, load_text_encoder, word_in_context
 from ..devices import check_device
 from ..errors import InvalidInputError
+from ..inputs import check_memory
 from ..store import Store, open_store
 from .config import OptimizeConfig
 from .masks import load_mask
@@ -48,21 +52,37 @@ def mask_iou(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) ->
 
 
 class _Forward:
-    """Cached queries of the training images and the forward pass to image-size maps."""
+    """Cached queries of the training images and the forward pass to image-size maps.
+
+    Families whose keys depend on the image (MM-DiT: the rows are the input of a text stream
+    that attends the stored image keys and values) get their keys per image, through the
+    same :meth:`MapPlan.ordered_keys` as the analysis, from what :meth:`MapPlan.key_inputs`
+    read once; so the map a learned token gives at analysis is the map optimised here."""
 
     def __init__(self, plan: MapPlan, images: Sequence[int], size: tuple[int, int]) -> None:
         self.plan = plan
         self.images = list(images)
         self.size = size
+        if plan.keys_per_image:  # the image keys/values of every block and call are held too
+            layout = plan.store.layout
+            per_call = sum(l.query_bytes_per_call("float32") for l in plan.layers) + len(layout.layer_arrays) * sum(
+                l.query_bytes_per_call("float32") for l in layout.layers)
+            check_memory(len(self.images) * len(plan.steps) * per_call,
+                         f"the stored queries, image keys and values of {len(self.images)} training image(s) held "
+                         "for the optimization", "choose fewer stored calls (--calls) or fewer training images")
         self.queries = [plan.read(i) for i in self.images]  # laid out once, on the device
+        self.key_inputs = [plan.key_inputs(i) for i in self.images] if plan.keys_per_image else None
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows``: (classes, 2, hidden) → maps (image, classes, 2, H, W)."""
         n_classes = rows.shape[0]
         buckets = TokenBuckets.from_offsets(list(range(0, 2 * n_classes + 1, 2)))
-        keys = self.plan.ordered_keys(rows.reshape(-1, rows.shape[-1]), buckets)
+        flat = rows.reshape(-1, rows.shape[-1])
+        keys = None if self.key_inputs is not None else self.plan.ordered_keys(flat, buckets)
         out = []
-        for queries in self.queries:
+        for k, queries in enumerate(self.queries):
+            if self.key_inputs is not None:
+                keys = self.plan.ordered_keys(flat, buckets, self.images[k], self.key_inputs[k])
             maps = self.plan.image_maps(queries, keys, buckets)  # (2C, h, w)
             maps = F.interpolate(maps[:, None], size=self.size, mode="bilinear", align_corners=False)[:, 0]
             out.append(maps.view(n_classes, 2, *self.size))
@@ -151,7 +171,7 @@ def optimize_tokens(
         tokens.append(TokenFile(
             name=task.label, embedding=best_rows[c].cpu(), init_word=task.init_word, model_id=identity.id,
             text_encoder_fingerprint=identity.text_encoder_fingerprint,
-            hidden_size=int(init.shape[-1]), hyperparameters=config.hyperparameters(),
+            hidden_size=int(init.shape[-1]), hyperparameters=config.hyperparameters(), family=identity.family,
             training={
                 "store": str(store.path), "images": [int(i) for i in task.images],
                 "best_loss": best_loss[c], "final_loss": last[c],
