@@ -246,7 +246,8 @@ class SD3Family(ModelFamily):
                          inputs: tuple[Any, dict[str, tuple[Any, Any]]] | None = None) -> dict[str, Any]:
         import torch
 
-        last = max(block_index(l.name) for l in layers)
+        position = {l.name: k for k, l in enumerate(state.layers)}  # the text stream runs in stored block order
+        last = max(position[l.name] for l in layers)
         temb, image_kv = inputs if inputs is not None else self.image_key_inputs(state, store, image, branch,
                                                                                  steps, layers)
         wanted = {l.name for l in layers}
