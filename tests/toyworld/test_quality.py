@@ -34,7 +34,7 @@ def class_norm_maps(store, images, config, text_encoder=None):
 DEFAULTS = Path(q.__file__).resolve().parents[1] / "data" / "toy-shapes" / "ovstore_defaults.json"
 CLASSES = ("circle", "square", "triangle")
 #: The reference protocol's threshold, chosen on the benchmark's calibration set.
-BARE_THRESHOLD = 0.45
+BARE_THRESHOLD = 0.08
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +51,12 @@ def test_prompt_words_find_their_own_objects(toy):
     store, images, truth = toy
     s = q.prompt_word_quality(store, images, truth)
     assert len(s.instances["map"]) >= 60 and s.rate("binding")[1] >= 20 and s.rate("inside")[1] >= 25
-    # benchmark: top-k 0.666 over 96 images, 0.664 .. 0.733 over its 4 test-sized subsets (this set: 0.62);
-    # flat 0.10, object oracle 0.53; binding 0.944 .. 1.000 (0.99 here); inside 0.938 .. 1.000 (1.00 here)
-    assert s.miou() >= 0.50, s.miou()
+    # benchmark: top-k 0.706 over 96 images, 0.699 .. 0.741 over its 4 test-sized subsets (this set: 0.645);
+    # flat 0.10, object oracle 0.54; binding 0.977 .. 1.000 (0.987 here); inside 0.972 .. 1.000 (1.00 here)
+    assert s.miou() >= 0.58, s.miou()
     assert s.miou() >= 5 * s.miou("flat") and s.miou() > s.miou("objects")
-    assert s.rate("binding")[0] >= 0.90  # flat and object oracle: 0.5
-    assert s.rate("inside")[0] >= 0.90  # flat: 0.5
+    assert s.rate("binding")[0] >= 0.95  # flat and object oracle: 0.5
+    assert s.rate("inside")[0] >= 0.95  # flat: 0.5
 
 
 def test_bare_attribution_reference_protocol(toy):
@@ -65,19 +65,19 @@ def test_bare_attribution_reference_protocol(toy):
     assert len(rows) >= 25
     iou = q.bare_iou(rows, BARE_THRESHOLD)
     base = q.bare_baselines(rows)
-    # benchmark, 1-3 objects: 0.278, subsets 0.213 .. 0.316 (this set: 0.25); flat 0.13, object oracle 0.61.
-    # Two-object images alone spread too widely at this size (0.153 .. 0.383) for a floor above the flat map.
-    assert iou >= 0.18, iou
-    assert iou >= 1.3 * base["flat"], (iou, base)
+    # benchmark, 1-3 objects: 0.470, subsets 0.452 .. 0.502 (this set: 0.489); flat 0.14, object oracle 0.60.
+    # Two-object images alone spread more at this size (0.421 .. 0.560).
+    assert iou >= 0.40, iou
+    assert iou >= 2.5 * base["flat"], (iou, base)
 
 
 def test_synonyms_and_hypernyms_not_in_the_prompt(toy):
     store, images, truth = toy
     s = q.open_vocabulary_quality(store, images, truth)["synonyms + hypernyms"]
     assert len(s.instances["map"]) >= 30
-    # benchmark: 0.383 (3.2x flat), subsets 0.377 .. 0.411 (this set: 0.36, 3.4x flat)
-    assert s.miou() >= 0.30, s.miou()
-    assert s.miou() >= 2.5 * s.miou("flat")
+    # benchmark: 0.591 (4.8x flat), subsets 0.564 .. 0.632 (this set: 0.594, 5.6x flat)
+    assert s.miou() >= 0.50, s.miou()
+    assert s.miou() >= 4 * s.miou("flat")
 
 
 def _label(store, images, truth, config, out: Path) -> float:
@@ -99,14 +99,14 @@ def test_label_with_the_models_defaults(toy, tmp_path):
     base = q.label_baselines(images, truth, config)
     package = LabelConfig(classes=CLASSES)
     package_miou = q.label_miou(class_norm_maps(store, images, package, None), images, truth, package)
-    # benchmark: 0.354 over 93 images, subsets 0.268 .. 0.427 (this set: 0.34); flat 0.185, object oracle 0.35;
-    # package defaults 0.229 (0.26 here)
-    assert miou >= 0.25, miou
-    assert miou > base["flat"] + 0.05, (miou, base)
-    assert miou > package_miou + 0.03, (miou, package_miou)
+    # benchmark: 0.520 over 93 images, subsets 0.493 .. 0.551 (this set: 0.551); flat 0.12, object oracle 0.14;
+    # package defaults 0.257 (0.268 here)
+    assert miou >= 0.45, miou
+    assert miou > base["flat"] + 0.25, (miou, base)
+    assert miou > package_miou + 0.15, (miou, package_miou)
 
 
-def test_tokens_learned_on_one_image_beat_the_words_on_held_out_images(toy):
+def test_tokens_learned_on_one_image_localise_on_held_out_images(toy):
     from ovstore.analyze import MapConfig, compute_maps
     from ovstore.optimize import OptimizeConfig, TokenTask, optimize_tokens, token_attribution
 
@@ -126,5 +126,7 @@ def test_tokens_learned_on_one_image_beat_the_words_on_held_out_images(toy):
             learned.add(token.name, maps.values[row, 1], truth[i].masks[token.name], truth[i].objects)
             plain.add(token.name, maps.values[row, word], truth[i].masks[token.name], truth[i].objects)
     assert len(learned.instances["map"]) >= 15
-    # benchmark (300 epochs): tokens 0.505 vs the word 0.367 on 121 held-out instances
-    assert learned.miou() > plain.miou() + 0.02, (learned.miou(), plain.miou())
+    # benchmark (300 epochs): tokens 0.509 vs the word 0.506 on 120 held-out instances (flat 0.109); here
+    # (100 epochs) 0.451 vs 0.466. On this model the word is as good as a token from one image: no floor above it
+    assert learned.miou() >= 3 * learned.miou("flat"), (learned.miou(), learned.miou("flat"))
+    assert learned.miou() >= plain.miou() - 0.05, (learned.miou(), plain.miou())
