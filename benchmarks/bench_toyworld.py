@@ -97,11 +97,10 @@ def checkpoint_table(paths: list[Path]) -> str:
 def class_norm_maps(store, images, config, text_encoder=None):
     """Normalised class maps ``(image, class, H, W)`` exactly as ``ovstore label`` makes them."""
     from ovstore.analyze import load_text_encoder
-    from ovstore.label.class_maps import class_attributions, class_maps
+    from ovstore.label.class_maps import label_class_maps
 
     text_encoder = text_encoder or load_text_encoder(store.layout.model)
-    return class_maps(store, list(images), class_attributions(store, config, text_encoder),
-                      size=(store.layout.height, store.layout.width), normalize=config.normalize)
+    return label_class_maps(store, list(images), config, text_encoder, size=(store.layout.height, store.layout.width))
 
 
 def main() -> None:
@@ -227,13 +226,26 @@ def main() -> None:
                                             threshold=t, prompt_classes_only=prompt_only, class_words=words,
                                             min_component=min_component)
                             results.append((q.label_miou(norm, cal_images, cal_truth, c), c))
+    # maps from each image's own prompt (template and mode do not apply; the prompt must name the class)
+    for normalize in ("minmax", "max"):
+        norm = class_norm_maps(cal, cal_images, LabelConfig(classes=CLASSES, maps_from="prompt", normalize=normalize,
+                                                              class_words=CLASS_WORDS), encoder)
+        for min_component in (0, 4):
+            for t in LABEL_GRID:
+                c = LabelConfig(classes=CLASSES, maps_from="prompt", normalize=normalize, threshold=t,
+                                prompt_classes_only=True, class_words=CLASS_WORDS, min_component=min_component)
+                results.append((q.label_miou(norm, cal_images, cal_truth, c), c))
     results.sort(key=lambda r: -r[0])
     print("best 8 on the calibration set (mIoU, background + 3 classes):\n")
-    print("| template | mode | normalize | threshold | prompt classes only | min component | calibration mIoU |")
-    print("|---|---|---|---:|---|---:|---:|")
-    for miou, c in results[:8]:
+    print("| maps from | template | mode | normalize | threshold | prompt classes only | min component | calibration mIoU |")
+    print("|---|---|---|---|---:|---|---:|---:|")
+    best_template = next(c for m, c in results if c.maps_from == "template")
+    shown = results[:8] + [r for r in results if r[1] is best_template and r not in results[:8]]
+    for miou, c in shown:
         only = ("yes, with class words" if c.class_words else "yes, names only") if c.prompt_classes_only else "no"
-        print(f"| `{c.prompt_template}` | {c.mode} | {c.normalize} | {c.threshold} | {only} | "
+        template = "-" if c.maps_from == "prompt" else f"`{c.prompt_template}`"
+        mode = "-" if c.maps_from == "prompt" else c.mode
+        print(f"| {c.maps_from} | {template} | {mode} | {c.normalize} | {c.threshold} | {only} | "
               f"{c.min_component} | {miou:.3f} |")
     chosen = results[0][1]
     best_without = next(c for m, c in results if not c.prompt_classes_only)
@@ -241,8 +253,10 @@ def main() -> None:
                 "label": {"prompt_template": chosen.prompt_template, "mode": chosen.mode,
                           "normalize": chosen.normalize, "threshold": chosen.threshold,
                           "prompt_classes_only": chosen.prompt_classes_only, "min_component": chosen.min_component}}
-    if chosen.prompt_classes_only and chosen.class_words:
+    if chosen.class_words:
         defaults["label"]["class_words"] = {c: list(w) for c, w in chosen.class_words.items()}
+    if chosen.maps_from != "template":
+        defaults["label"]["maps_from"] = chosen.maps_from
     # no "maps" display default: `maps --png` then draws every word of a sheet on one scale (shares
     # of attention), where a per-map normalisation would stretch weak words to full range
     print("\nchosen: " + json.dumps(defaults))
@@ -279,9 +293,13 @@ def main() -> None:
         f"{best_without.normalize}, {best_without.threshold}, min component {best_without.min_component})":
             best_without,
     }
+    if best_template is not chosen:
+        rows[f"calibration best with template maps (`{best_template.prompt_template}`, {best_template.mode}, "
+             f"{best_template.normalize}, {best_template.threshold}, prompt classes only "
+             f"{best_template.prompt_classes_only})"] = best_template
     if has_crf:
         rows["chosen settings + `--crf`"] = LabelConfig(classes=CLASSES, crf=True, **fields)
-    token_fields = {**fields, "mode": "separate"}
+    token_fields = {**fields, "mode": "separate", "maps_from": "template"}  # against the word as an attribution
     rows["tokens (1 annotated image per class), chosen settings, separate"] = LabelConfig(
         classes=CLASSES, tokens=token_files, **token_fields)
     # a token's maps are not a word's: its threshold chosen on the calibration set too (the

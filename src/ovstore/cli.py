@@ -509,6 +509,7 @@ def label(
     crf: Annotated[Optional[bool], typer.Option("--crf/--no-crf", help="DenseCRF refinement (pip install 'ovstore\\[crf]'); thresholds still decide what is labelled. Default: the model's, else off.", show_default=False)] = None,
     min_component: Annotated[Optional[int], typer.Option(help="Remove class regions smaller than this many pixels. Default: the model's, else 0.")] = None,
     prompt_classes_only: Annotated[Optional[bool], typer.Option("--prompt-classes-only/--all-classes", help="Only label classes named in each image's prompt, by name or by one of their --class-words (--all-classes: every class). Default: the model's, else all classes.", show_default=False)] = None,
+    maps_from: Annotated[Optional[str], typer.Option(help="Where class maps come from: template (each class's --prompt-template sentence or --token, the same for every image) or prompt (the class's words as they stand in each image's own generation prompt, in its softmax, as DiffuMask and Dataset Diffusion label; classes the prompt does not name stay empty). Default: the model's, else template.")] = None,
     class_words: Annotated[Optional[list[str]], typer.Option("--class-words", help="CLASS=WORD,WORD: other words that name a class in prompts, for --prompt-classes-only (repeatable), e.g. dog=puppy,hound. Default: the model's, else none.")] = None,
     no_model_defaults: Annotated[bool, typer.Option("--no-model-defaults", help="Ignore the model's defaults (its ovstore_defaults.json, recorded in the store at capture): options not given take ovstore's.")] = False,
     image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
@@ -536,7 +537,7 @@ def label(
                           class_thresholds=class_threshold, class_words=class_words, adaptive=adaptive, sweep=sweep,
                           defaults=defaults, prompt_template=prompt_template, mode=mode, normalize=normalize,
                           threshold=threshold, crf=crf, min_component=min_component,
-                          prompt_classes_only=prompt_classes_only)
+                          prompt_classes_only=prompt_classes_only, maps_from=maps_from)
     from_model = [k for k, v in config.sources.items() if v == "model"]
     if from_model:
         console.print(f"model defaults ({defaults.file}): "

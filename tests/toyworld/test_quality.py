@@ -24,11 +24,10 @@ from ovstore.toyworld import quality as q
 def class_norm_maps(store, images, config, text_encoder=None):
     """Normalised class maps ``(image, class, H, W)`` exactly as ``ovstore label`` makes them."""
     from ovstore.analyze import load_text_encoder
-    from ovstore.label.class_maps import class_attributions, class_maps
+    from ovstore.label.class_maps import label_class_maps
 
     text_encoder = text_encoder or load_text_encoder(store.layout.model)
-    return class_maps(store, list(images), class_attributions(store, config, text_encoder),
-                      size=(store.layout.height, store.layout.width), normalize=config.normalize)
+    return label_class_maps(store, list(images), config, text_encoder, size=(store.layout.height, store.layout.width))
 
 
 DEFAULTS = Path(q.__file__).resolve().parents[1] / "data" / "toy-shapes" / "ovstore_defaults.json"

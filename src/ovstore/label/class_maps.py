@@ -5,7 +5,7 @@ class (min-max, or max as in the reference protocol)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from ..store import Store
 from .config import LabelConfig
 from .refine import normalize_maps
 
-__all__ = ["ClassAttributions", "class_attributions", "class_maps"]
+__all__ = ["ClassAttributions", "class_attributions", "class_maps", "label_class_maps", "prompt_class_maps",
+           "prompt_word_columns"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,93 @@ def class_maps(store: Store, images: Sequence[int], attributions: ClassAttributi
                         device=device).values
     out = np.stack([maps[:, list(cols)].sum(axis=1) for cols in attributions.columns], axis=1)
     return normalize_maps(resize_maps(torch.from_numpy(out), size).numpy(), normalize)
+
+
+#: Token strings that are no word of a prompt (CLIP and T5 specials).
+_SPECIAL = {"<|startoftext|>", "<|endoftext|>", "</s>", "<pad>", "<unk>"}
+
+
+def _word_spans(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """The words of a tokenised prompt with their token columns: CLIP BPE ends a word with
+    ``</w>``, SentencePiece (T5) starts one with ``▁``."""
+    spans: list[tuple[str, list[int]]] = []
+    current, cols, open_word = "", [], False
+    for col, tok in enumerate(tokens):
+        if tok in _SPECIAL:
+            if open_word:
+                spans.append((current, cols))
+            current, cols, open_word = "", [], False
+            continue
+        if tok.startswith("\u2581") and open_word:
+            spans.append((current, cols))
+            current, cols = "", []
+        current += tok.replace("</w>", "").lstrip("\u2581")
+        cols.append(col)
+        open_word = True
+        if tok.endswith("</w>"):
+            spans.append((current, cols))
+            current, cols, open_word = "", [], False
+    if open_word:
+        spans.append((current, cols))
+    return [(w.lower(), c) for w, c in spans if w]
+
+
+def prompt_word_columns(tokens: Sequence[str], phrases: Sequence[str]) -> list[int]:
+    """Token columns of every occurrence of any of ``phrases`` (one or more words; the last may
+    take a plural ``s``/``es``) in a tokenised prompt."""
+    spans = _word_spans(tokens)
+    words = [w for w, _ in spans]
+    out: list[int] = []
+    for phrase in phrases:
+        parts = phrase.lower().split()
+        n = len(parts)
+        for start in range(len(words) - n + 1):
+            got = words[start:start + n]
+            if got[:-1] == parts[:-1] and got[-1] in (parts[-1], parts[-1] + "s", parts[-1] + "es"):
+                out += [c for _, cols in spans[start:start + n] for c in cols]
+    return sorted(set(out))
+
+
+def prompt_class_maps(store: Store, images: Sequence[int], config: LabelConfig, encoder: TextEncoder, *,
+                      size: tuple[int, int], device: str = "cpu", normalize: str = "minmax") -> np.ndarray:
+    """Class maps from each image's own generation prompt (``maps_from="prompt"``): a class the
+    prompt names, by its name or one of its class words, takes the map of those words' tokens
+    in the prompt, within the prompt's own softmax, the way DiffuMask and Dataset Diffusion
+    label with the generation's class tokens; a class it does not name gets an empty map.
+    Classes with a learned token use the token. ``(image, class, H, W)``, normalised."""
+    out = np.zeros((len(images), len(config.classes), *size), dtype=np.float32)
+    token_classes = [c for c in config.classes if c in config.tokens]
+    if token_classes:
+        sub = replace(config, classes=tuple(token_classes), mode="separate",
+                      tokens={c: config.tokens[c] for c in token_classes},
+                      class_words={c: w for c, w in config.class_words.items() if c in token_classes},
+                      class_thresholds={c: t for c, t in config.class_thresholds.items() if c in token_classes})
+        maps = class_maps(store, images, class_attributions(store, sub, encoder), size=size, device=device,
+                          normalize=normalize)
+        for k, name in enumerate(token_classes):
+            out[:, config.classes.index(name)] = maps[:, k]
+    by_prompt: dict[str, list[int]] = {}
+    for k, image in enumerate(images):
+        by_prompt.setdefault(store.record(image).prompt, []).append(k)
+    word_classes = [(c, name) for c, name in enumerate(config.classes) if name not in config.tokens]
+    for prompt, rows in by_prompt.items():
+        maps = compute_maps(store, [prompt], images=[images[k] for k in rows], config=MapConfig(), device=device)
+        tokens = [str(t) for t in maps["token_str"].values]
+        values = maps.values
+        for c, name in word_classes:
+            cols = prompt_word_columns(tokens, config.words_of(name))
+            if cols:
+                summed = torch.from_numpy(values[:, cols].sum(axis=1)[:, None])
+                out[rows, c] = normalize_maps(resize_maps(summed, size).numpy(), normalize)[:, 0]
+    return out
+
+
+def label_class_maps(store: Store, images: Sequence[int], config: LabelConfig, encoder: TextEncoder, *,
+                     size: tuple[int, int], device: str = "cpu") -> np.ndarray:
+    """The normalised class maps ``ovstore label`` thresholds: from the class attributions
+    (``maps_from="template"``) or from each image's prompt (``"prompt"``)."""
+    if config.maps_from == "prompt":
+        return prompt_class_maps(store, images, config, encoder, size=size, device=device,
+                                 normalize=config.normalize)
+    return class_maps(store, list(images), class_attributions(store, config, encoder), size=size, device=device,
+                      normalize=config.normalize)

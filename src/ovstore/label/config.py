@@ -14,11 +14,14 @@ import numpy as np
 from ..errors import InvalidInputError
 
 __all__ = [
-    "LabelConfig", "MODES", "NORMALIZATIONS", "DEFAULT_SWEEP", "OVSTORE_DEFAULTS", "MODEL_DEFAULT_SETTINGS",
+    "LabelConfig", "MAPS_FROM", "MODES", "NORMALIZATIONS", "DEFAULT_SWEEP", "OVSTORE_DEFAULTS", "MODEL_DEFAULT_SETTINGS",
     "SOURCES", "check_label_defaults", "label_config", "parse_class_thresholds", "parse_class_words", "parse_sweep",
 ]
 
 MODES = ("separate", "compete")
+#: Where a class map comes from: the class's attribution (template sentence or learned token),
+#: or the class's words in each image's own generation prompt.
+MAPS_FROM = ("template", "prompt")
 NORMALIZATIONS = ("minmax", "max")
 #: Default DiffuMask sweep (min-max normalised maps): 0.5, 0.55, ..., 0.95, chosen with the default
 #: threshold on a toy-world calibration set (lower sweeps pick lower thresholds and label more).
@@ -28,7 +31,7 @@ DEFAULT_SWEEP = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
 OVSTORE_DEFAULTS: dict[str, Any] = {
     "prompt_template": "a photograph of a {}", "mode": "separate", "normalize": "minmax", "threshold": 0.6,
     "adaptive": False, "sweep": DEFAULT_SWEEP, "crf": False, "min_component": 0, "prompt_classes_only": False,
-    "class_words": {},
+    "class_words": {}, "maps_from": "template",
 }
 #: The LabelConfig fields a model may give defaults for (``classes``, ``tokens`` and
 #: ``class_thresholds`` belong to one labelling, not to a model).
@@ -87,6 +90,12 @@ class LabelConfig:
         Connected class regions smaller than this many pixels become background.
     prompt_classes_only
         Only classes whose name appears in the image's generation prompt may be labelled.
+    maps_from
+        ``template`` (default): a class map is its attribution's (``prompt_template`` or learned
+        token), the same for every image; ``prompt``: the map of the class's words (its name or
+        class words) as they stand in each image's own generation prompt, in that prompt's
+        softmax (DiffuMask's and Dataset Diffusion's labels); a class the prompt does not name
+        gets an empty map, and ``mode`` does not apply (the prompt's softmax is the competition).
     class_words
         Other words that name a class in prompts (``{"person": ("man", "woman")}``): with
         ``prompt_classes_only`` a prompt naming any of them allows the class, so that a prompt
@@ -110,6 +119,7 @@ class LabelConfig:
     min_component: int | None = None
     prompt_classes_only: bool | None = None
     class_words: Mapping[str, Sequence[str]] | None = None
+    maps_from: str | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -150,6 +160,8 @@ class LabelConfig:
             raise InvalidInputError(f"--prompt-template {self.prompt_template!r} needs {{}} for the class word")
         if self.mode not in MODES:
             raise InvalidInputError(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.maps_from not in MAPS_FROM:
+            raise InvalidInputError(f"--maps-from {self.maps_from!r} is not one of {', '.join(MAPS_FROM)}")
         for name in list(self.tokens) + list(self.class_thresholds):
             if name not in classes:
                 raise InvalidInputError(f"{name!r} has a token or threshold but is not in --classes")
@@ -205,6 +217,7 @@ class LabelConfig:
             "crf": self.crf, "min_component": self.min_component,
             "prompt_classes_only": self.prompt_classes_only,
             "class_words": {c: list(w) for c, w in self.class_words.items()},
+            "maps_from": self.maps_from,
         }
 
 
@@ -346,8 +359,8 @@ def check_label_defaults(values: Mapping[str, Any], file: str) -> dict[str, Any]
         elif key == "min_component":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInputError(f"{where} is {shown}; write a whole number of pixels >= 0")
-        else:  # prompt_template, mode, normalize
-            choices = {"mode": MODES, "normalize": NORMALIZATIONS}.get(key)
+        else:  # prompt_template, mode, normalize, maps_from
+            choices = {"mode": MODES, "normalize": NORMALIZATIONS, "maps_from": MAPS_FROM}.get(key)
             if not isinstance(value, str):
                 raise InvalidInputError(f"{where} is {shown}, not a string; write e.g. "
                                         f"{json.dumps(choices[0] if choices else 'a {}')}")

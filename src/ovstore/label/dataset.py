@@ -101,7 +101,7 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
     and mark their records. Paths are absolute (workers may run in other folders).
     """
     from ..partial import find_damaged
-    from .class_maps import class_attributions, class_maps
+    from .class_maps import label_class_maps
 
     store = open_store(store_path)
     damaged = find_damaged(store, images) if skip_damaged else []
@@ -112,9 +112,8 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
     paths = _paths(out_dir)
     identity = json.dumps(store.layout.model.to_json(), sort_keys=True)
     encoder = _encoder(identity, model, device)
-    attributions = class_attributions(store, config, encoder)
     size = (store.layout.height, store.layout.width)
-    maps = class_maps(store, list(images), attributions, size=size, device=device, normalize=config.normalize)
+    maps = label_class_maps(store, list(images), config, encoder, size=size, device=device)
     maps_array = None
     if maps_path is not None:
         import zarr
