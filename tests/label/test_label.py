@@ -345,3 +345,47 @@ def test_class_maps_are_summed_before_resizing_without_changing_them(multi_store
         one, one_cols = word_in_context(encoder, word, config.prompt_template)
         assert cols == one_cols and att.tokens == one.tokens
         torch.testing.assert_close(att.embedding, one.embedding, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_word_columns_find_words_of_either_tokenizer():
+    from ovstore.label.class_maps import prompt_word_columns
+
+    clip = ["<|startoftext|>", "a</w>", "red</w>", "pyra", "mid</w>", "and</w>", "two</w>", "balls</w>",
+            "traffic</w>", "light</w>", "<|endoftext|>"]
+    assert prompt_word_columns(clip, ["pyramid"]) == [3, 4]
+    assert prompt_word_columns(clip, ["ball"]) == [7]  # plural
+    assert prompt_word_columns(clip, ["traffic light"]) == [8, 9]
+    assert prompt_word_columns(clip, ["light", "red"]) == [2, 9]
+    assert prompt_word_columns(clip, ["mid", "pyr"]) == []  # whole words only
+    t5 = ["\u2581a", "\u2581py", "ra", "mid", "\u2581ball", "</s>", "<pad>"]
+    assert prompt_word_columns(t5, ["pyramid"]) == [1, 2, 3] and prompt_word_columns(t5, ["ball"]) == [4]
+
+
+def test_maps_from_the_prompt_are_the_prompt_words_maps(multi_store, tmp_path):
+    """--maps-from prompt: a class named in an image's prompt takes that word's map in the prompt
+    (the prompt's own softmax, as `ovstore maps` computes it); other classes stay empty."""
+    from ovstore.analyze import MapConfig, compute_maps, load_text_encoder, resize_maps
+    from ovstore.label.class_maps import label_class_maps
+    from ovstore.label.refine import normalize_maps
+    from ovstore.store import open_store
+
+    store = open_store(multi_store)
+    config = LabelConfig(classes=("cat", "sofa", "car", "puppy"), maps_from="prompt", class_words={"puppy": ["dog"]},
+                         prompt_classes_only=True, threshold=0.5)
+    encoder = load_text_encoder(store.layout.model)
+    maps = label_class_maps(store, [0, 1, 2], config, encoder, size=(64, 64))
+    assert maps.shape == (3, 4, 64, 64)
+    own = compute_maps(store, ["a cat on a sofa"], images=[0], config=MapConfig())
+    tokens = [str(t) for t in own["token_str"].values]
+    for c, word in ((0, "cat</w>"), (1, "sofa</w>")):
+        expected = normalize_maps(resize_maps(torch.from_numpy(own.values[:, [tokens.index(word)]]), (64, 64)).numpy())
+        np.testing.assert_allclose(maps[0, c], expected[0, 0], atol=1e-6)
+    assert not maps[0, 2:].any() and not maps[1, [0, 1, 3]].any() and maps[1, 2].any()
+    assert maps[2, 3].any() and not maps[2, :3].any()  # "a dog in a park" names puppy by its class word
+    out = tmp_path / "prompt"
+    label_store(multi_store, out, config, scheduler="synchronous", model_defaults=False)
+    pngs, coco = _outputs(out)
+    assert set(np.unique(pngs["00001.png"])) <= {0, 3} and set(np.unique(pngs["00002.png"])) <= {0, 4}
+    assert coco["images"][0]["ovstore"]["settings"]["maps_from"] == {"value": "prompt", "source": "user"}
+    with pytest.raises(InvalidInputError, match="--maps-from 'caption' is not one of template, prompt"):
+        LabelConfig(classes=("cat",), maps_from="caption")

@@ -234,6 +234,7 @@ CASES = [
     ("unknown label --mode", ["label", "{store}", "--classes", "cat", "--mode", "joint", "--out", "{root}/lab"], "--mode 'joint' is not one of"),
     ("unknown label --normalize", ["label", "{store}", "--classes", "cat", "--normalize", "none", "--out", "{root}/lab"], "--normalize 'none' is not one of"),
     ("--class-threshold without a value", ["label", "{store}", "--classes", "cat", "--class-threshold", "cat", "--out", "{root}/lab"], "write CLASS=VALUE"),
+    ("--maps-from not a source", ["label", "{store}", "--classes", "cat", "--maps-from", "caption", "--out", "{root}/lab"], "--maps-from 'caption' is not one of template, prompt"),
     ("--class-words without words", ["label", "{store}", "--classes", "cat", "--class-words", "cat", "--out", "{root}/lab"], "write CLASS=WORD,WORD"),
     ("--class-words of a class not labelled", ["label", "{store}", "--classes", "cat", "--class-words", "dog=puppy", "--out", "{root}/lab"], "which is not in --classes"),
     ("--class-threshold of a class not labelled", ["label", "{store}", "--classes", "cat", "--class-threshold", "dog=0.5", "--out", "{root}/lab"], "is not in --classes"),
