@@ -529,3 +529,28 @@ def test_nonzero_text_ids_are_refused(flux_pipe, tmp_path):
             _capture((pipe, identity), tmp_path / "s.zarr", _case("flux-guidance"))
     finally:
         handle.remove()
+
+
+def test_token_optimization_on_flux_is_the_analysis_map(flux_stores):
+    """A token learned on a FLUX store: its T5 rows enter the text stream, which is recomputed
+    differentiably through the stored double blocks; the loss falls, the token beats its init
+    word on the annotated image, and compute_maps later gives the map that was optimised."""
+    from ovstore.analyze import MapConfig, MapPlan, compute_maps
+    from ovstore.optimize import OptimizeConfig, TokenTask, optimize_tokens, token_attribution
+    from ovstore.optimize.trainer import _Forward
+    from ovstore.store import open_store
+
+    store = open_store(flux_stores["flux-guidance"])
+    mask = np.zeros((64, 64), bool)
+    mask[:32, :32] = True
+    (token,) = optimize_tokens(store, [TokenTask("bicycle", (0,), (mask,))], config=OptimizeConfig(epochs=30))
+    assert token.family == "flux"
+    assert token.training["train_iou"] > token.training["plain_word_iou"], token.training
+    forward = _Forward(MapPlan(store, OptimizeConfig().maps), [0], (64, 64))
+    rows = token.embedding[None].clone().requires_grad_(True)
+    seen = forward(rows)
+    analysed = compute_maps(store, [token_attribution(token, store.layout.model)], images=[0],
+                            config=MapConfig(size=(64, 64))).values
+    np.testing.assert_allclose(seen[:, 0].detach().numpy(), analysed, rtol=1e-5, atol=1e-6)
+    seen[0, 0, 1][torch.from_numpy(mask)].sum().backward()
+    assert rows.grad is not None and torch.isfinite(rows.grad).all() and rows.grad.abs().sum() > 0
