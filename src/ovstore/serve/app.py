@@ -407,6 +407,7 @@ _LABEL = {"image": _int("image", 0), "classes": _text("classes", 1000), "tokens"
 ROUTES: dict[str, _Route] = {
     "/": _Route(_index, {}),
     "/index.html": _Route(_index, {}),
+    "/favicon.ico": _Route(lambda h, p, t: h._asset("favicon.svg"), {}),
     "/api/info": _Route(_info, {}),
     "/api/maps": _Route(_maps, {**_MAP, "page": _int("page", 0), "per_page": _int("per_page", 1, 96),
                                 "images": _image_list, "image": _int("image", 0)}),

@@ -5,6 +5,7 @@ as ``ovstore label`` makes them, and the CLI commands that reproduce a view."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import threading
 from collections import OrderedDict
@@ -299,24 +300,32 @@ class MapService:
             parts += ["--token", str(self.learned[learned].path)] if learned in self.learned else []
         else:
             parts += ["--attribution", str(text)]
-        parts += [a for i in images for a in ("--image", str(i))]
-        parts += ["--out", "maps.npy"] + (["--png", "overlays"] if png else [])
+        parts += self._image_options(images)
+        slug = "-".join(re.findall(r"[a-z0-9]+", (learned or str(text)).lower())[:6]) or "maps"
+        parts += ["--out", f"maps-{slug}.npy"] + (["--png", f"overlays-{slug}"] if png else [])
         if self.device != "cpu":
             parts += ["--device", self.device]
         return shlex.join(parts)
 
+    def _image_options(self, images: Sequence[int]) -> list[str]:
+        """``--image`` options choosing ``images`` (none when they are every complete image)."""
+        if sorted(images) == list(self.images):
+            return []
+        return [a for i in images for a in ("--image", str(i))]
+
     def label_command(self, config: Any, images: Sequence[int]) -> str:
         """The ``ovstore label`` command that labels these images with these settings (settings
         the user did not change are left to the model's defaults, as in the view)."""
-        parts = ["ovstore", "label", str(self.store.path), "--classes", ",".join(
-            c for c in config.classes if c not in config.tokens)] if any(
-            c not in config.tokens for c in config.classes) else ["ovstore", "label", str(self.store.path)]
+        parts = ["ovstore", "label", str(self.store.path)]
+        words = [c for c in config.classes if c not in config.tokens]
+        if words:  # the classes of learned tokens come from their --token files
+            parts += ["--classes", ",".join(words)]
         for name, path in config.tokens.items():
             parts += ["--token", str(path)]
         for option in ("prompt_template", "mode", "normalize", "threshold"):
             if config.sources.get(option) == "user":
                 parts += [f"--{option.replace('_', '-')}", str(getattr(config, option))]
-        parts += [a for i in images for a in ("--image", str(i))]
+        parts += self._image_options(images)
         parts += ["--out", "labels"]
         if self.device != "cpu":
             parts += ["--device", self.device]
