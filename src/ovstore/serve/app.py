@@ -132,6 +132,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (malformed request line, headers too long) as JSON too."""
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":  # else no status line is written
+            self.request_version = "HTTP/1.0"
+        self.close_connection = True
         try:
             self._send(code, json.dumps({"error": message or HTTPStatus(code).phrase}).encode(), "application/json")
         except OSError:
@@ -436,9 +439,11 @@ def make_app(store: str | Path | MapService, *, host: str = "127.0.0.1", port: i
 
 
 def serve(store: str | Path, *, host: str = "127.0.0.1", port: int = 8765, device: str = "cpu",
-          model: str | None = None, announce: Callable[[str], None] = print, **options: Any) -> None:
-    """``ovstore serve``: the viewer of ``store`` until interrupted (Ctrl-C). Prints the URL, and
-    a warning when ``host`` is not the loopback address: the viewer has no authentication."""
+          model: str | None = None, announce: Callable[[str], None] = print,
+          ready: Callable[[ViewerServer], None] | None = None, **options: Any) -> None:
+    """``ovstore serve``: the viewer of ``store`` until interrupted (Ctrl-C) or shut down. Prints the
+    URL, and a warning when ``host`` is not the loopback address: the viewer has no authentication.
+    ``ready`` is called with the server once it listens (``server.shutdown()`` stops it)."""
     from ..devices import check_device
 
     check_device(device)
@@ -448,6 +453,8 @@ def serve(store: str | Path, *, host: str = "127.0.0.1", port: int = 8765, devic
                  "images and prompts; the viewer has no authentication")
     announce(f"serving {server.service.store.path} ({len(server.service.images)} images) at {server.url} "
              "(Ctrl-C stops)")
+    if ready is not None:
+        ready(server)
     try:
         server.serve_forever(poll_interval=0.25)
     finally:
