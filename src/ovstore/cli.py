@@ -604,6 +604,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on (0: a free one).")] = 8765,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
+    cache_mb: Annotated[int, typer.Option(help="Memory for the prepared queries of recently shown images (MB; least recently used evicted).")] = 2048,
 ) -> None:
     """A local web viewer: type any words, see their maps over the stored images (read-only).
 
@@ -612,7 +613,9 @@ def serve(
     from .serve import serve as run_viewer
 
     _quiet_libraries()
-    run_viewer(store, host=host, port=port, device=device, model=model,
+    if cache_mb < 1:
+        raise InvalidInputError(f"--cache-mb {cache_mb}: give at least 1 (MB)")
+    run_viewer(store, host=host, port=port, device=device, model=model, cache_bytes=cache_mb * 2**20,
                announce=lambda m: console.print(m, highlight=False, markup=False))
 
 

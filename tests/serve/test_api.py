@@ -62,6 +62,14 @@ def test_maps_are_the_arrays_of_ovstore_maps(server, served_store):
     assert f"--attribution '{TEXT}'" in body["command"]
 
 
+def test_one_image_alone_has_the_maps_it_has_in_a_page(server, served_store):
+    from ovstore.analyze import compute_maps
+
+    status, body = get_json(server, f"/api/maps?text={quote(TEXT)}&image=1")  # not batched: the engine's own pass
+    expected = compute_maps(served_store, [TEXT], images=[1]).values
+    np.testing.assert_allclose(_maps_values(body), expected, rtol=1e-5, atol=1e-6 * float(expected.max()))
+
+
 def test_a_page_and_an_image_list_choose_the_images(server):
     status, body = get_json(server, f"/api/maps?text=cat&page=1&per_page=2")
     assert status == 200 and [im["image"] for im in body["images"]] == [2]

@@ -9,6 +9,7 @@ import re
 import shlex
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..analyze import Attribution, MapConfig, MapPlan, check_recorded_encoder, i
 from ..errors import InvalidInputError
 from ..pictures import FILLER_WORDS, SPECIAL_TOKENS
 from ..store import Store, analysis_defaults, open_store
-from .cache import QueryCache
+from .cache import PageBatches, QueryCache
 
 __all__ = ["LearnedToken", "MapResult", "MapService", "MAX_TEXT_CHARS", "find_learned_tokens", "token_kind"]
 
@@ -80,6 +81,12 @@ def find_learned_tokens(store: Store) -> list[LearnedToken]:
     return found
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 class _CachedPlan(MapPlan):
     """The analysis plan whose per-image reads come from the query cache."""
 
@@ -125,6 +132,15 @@ class MapService:
         self.plan = _CachedPlan(self.store, MapConfig(), device=device)
         self.cache = QueryCache(self.plan.read_store, max_images=cache_images, max_bytes=cache_bytes)
         self.plan.cache = self.cache
+        self.pages = PageBatches(self.cache)
+        #: a page is computed in one engine pass per layer when the plan's settings are the
+        #: defaults this batching reproduces (sums, no normalisation, keys shared by every image)
+        config = self.plan.config
+        self.batch_pages = (not self.plan.keys_per_image and config.normalize == "none"
+                            and (config.head_reduction, config.step_reduction, config.layer_reduction)
+                            == ("sum", "sum", "sum"))
+        self._pool = ThreadPoolExecutor(self.plan.workers, thread_name_prefix="ovstore-serve-layer",
+                                        initializer=_one_thread)
         self.encoder = load_text_encoder(self.store.layout.model, model=model, device=device)
         if model is None:
             check_recorded_encoder(self.encoder, self.store.layout.model, self.store.path)
@@ -207,9 +223,13 @@ class MapService:
         :func:`ovstore.analyze.compute_maps` with its default configuration."""
         images = self.check_images(images)
         att = self.attribution(text, learned)
-        out = np.empty((len(images), att.n_tokens, *self.plan.size), dtype=np.float32)
-        for block in iter_map_blocks(self.plan, images, [att], block_budget=self.plan.config.block_budget):
-            out[block.position, block.tokens] = block.maps.detach().cpu().numpy()
+        batched = self.pages.get(tuple(images)) if self.batch_pages and len(images) > 1 else None
+        if batched is not None:
+            out = self._page_maps(att, batched, len(images))
+        else:
+            out = np.empty((len(images), att.n_tokens, *self.plan.size), dtype=np.float32)
+            for block in iter_map_blocks(self.plan, images, [att], block_budget=self.plan.config.block_budget):
+                out[block.position, block.tokens] = block.maps.detach().cpu().numpy()
         ids = tuple(int(i) for i in att.token_ids) if att.token_ids is not None else \
             tuple([0] + [-1] * (att.n_tokens - 1))
         kinds, ended = [], False
@@ -220,6 +240,37 @@ class MapService:
         return MapResult(text=learned and f"{learned}*" or str(text), label=att.label, tokens=tuple(att.tokens),
                          token_ids=ids, kinds=tuple(kinds), images=tuple(images), maps=out, divisor=divisor,
                          share=share, learned=learned)
+
+    def _page_maps(self, att: Attribution, batched: dict[str, Any], n_images: int) -> np.ndarray:
+        """Maps ``(image, token, h, w)`` of one attribution over a batched page: per layer one
+        :func:`~ovstore.analyze.layer_token_maps` over every image's pixels, layers of one
+        resolution summed, each resolution upsampled once (as ``compute_maps`` combines them)."""
+        import torch
+
+        from ..analyze import TokenBuckets, layer_token_maps, resize_maps
+
+        plan = self.plan
+        buckets = TokenBuckets.from_offsets([0, att.n_tokens], att.row_keys)
+        keys = plan.keys(att.embedding.float())
+
+        def layer(info):
+            with torch.inference_mode():
+                maps = layer_token_maps(batched[info.name], keys[info.name], buckets,
+                                        activation=plan.config.activation, memory_budget=plan.memory_budget)
+                return info, maps.view(att.n_tokens, n_images, info.height, info.width)
+
+        costly_first = sorted(plan.layers, key=lambda l: -l.height * l.width * l.heads * (l.head_dim + 8))
+        by_size: dict[tuple[int, int], Any] = {}
+        for info, maps in self._pool.map(layer, costly_first):
+            size = (info.height, info.width)
+            by_size[size] = maps.clone() if size not in by_size else by_size[size].add_(maps)
+        total = None
+        with torch.inference_mode():
+            for maps in by_size.values():
+                maps = resize_maps(maps.transpose(0, 1), plan.target)
+                total = maps if total is None else total.add_(maps)
+            total = resize_maps(total, plan.size)
+        return np.ascontiguousarray(total.numpy(), dtype=np.float32)
 
     def _divisor(self, maps: np.ndarray) -> tuple[float, bool]:
         """The token-softmax constant (calls × heads summed over layers) every pixel's token sum equals."""
