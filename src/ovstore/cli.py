@@ -600,7 +600,7 @@ def demo(
 @app.command()
 def serve(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
-    host: Annotated[str, typer.Option(help="Address to listen on; anything but 127.0.0.1 is reachable by others (no authentication).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on; another than 127.0.0.1 may be reachable by others, and the viewer has no authentication (a warning is printed).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: a free one).")] = 8765,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
