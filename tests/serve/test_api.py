@@ -142,6 +142,7 @@ def test_label_matches_ovstore_label(server, served_store, tmp_path):
     ("/api/maps?page=0", 400, "missing parameter text"),
     ("/api/maps?text=" + "a" * 500, 400, "at most 400"),
     ("/api/maps?text=a%01b", 400, "control characters"),
+    ("/api/maps?text=" + "cat+" * 90, 400, "at most 77"),
     ("/api/maps?text=cat&image=7", 400, "not a complete image"),
     ("/api/maps?text=cat&image=x", 400, "not an integer"),
     ("/api/maps?text=cat&page=5", 400, "page(s)"),

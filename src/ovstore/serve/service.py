@@ -146,11 +146,12 @@ class MapService:
             check_recorded_encoder(self.encoder, self.store.layout.model, self.store.path)
         self._encode_lock = threading.Lock()
         self._attributions: OrderedDict[str, Attribution] = OrderedDict()
-        self._records = {i: self.store.record(i) for i in self.images}
-        self._rgb: dict[int, np.ndarray] = {}
+        records = self.store.records()  # read array by array: fast for large stores
+        self._records = {i: records[i] for i in self.images}
+        self._rgb: OrderedDict[int, np.ndarray] = OrderedDict()  # decoded images, the most recent 256
         self.learned = {t.name: t for t in find_learned_tokens(self.store)}
         self._label_maps: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._label_lock = threading.Lock()
+        self._label_lock = threading.Lock()  # the small LRUs: label maps, decoded images
 
     # ------------------------------------------------------------------ what is served
     def info(self) -> dict[str, Any]:
@@ -181,9 +182,17 @@ class MapService:
     def image_rgb(self, image: int) -> np.ndarray:
         """The stored image ``(H, W, 3)`` uint8 (decoded once)."""
         image = self.check_image(image)
-        if image not in self._rgb:
-            self._rgb[image] = np.asarray(self.store.image(image))[..., :3]
-        return self._rgb[image]
+        with self._label_lock:
+            rgb = self._rgb.get(image)
+            if rgb is not None:
+                self._rgb.move_to_end(image)
+                return rgb
+        rgb = np.asarray(self.store.image(image))[..., :3]
+        with self._label_lock:
+            self._rgb[image] = rgb
+            while len(self._rgb) > 256:
+                self._rgb.popitem(last=False)
+        return rgb
 
     def prompt(self, image: int) -> str:
         return self._records[self.check_image(image)].prompt
