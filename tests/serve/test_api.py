@@ -18,7 +18,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import get, get_json, tree
+from serve_helpers import get, get_json, server, served_store, store_before, tree  # noqa: F401 (fixtures)
 
 TEXT = "a cat and a sofa"
 
@@ -238,3 +238,30 @@ def test_the_store_is_never_written(server, served_store, store_before):
                    "/api/image.png?image=0"):
         assert get(server, target)[0] == 200
     assert tree(served_store) == store_before
+
+
+def test_damaged_stored_data_is_a_one_line_error_and_the_rest_is_served(served_store, tmp_path):
+    import shutil
+
+    from ovstore.serve import make_app
+    from ovstore.store import format as fmt
+    from ovstore.store import open_store
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(served_store, damaged)
+    layer = open_store(damaged).layers[1].name
+    shard = damaged / fmt.LAYERS_GROUP / layer / fmt.QUERIES / "c" / "1" / "0" / "0" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01  # image 1's queries of one layer
+    shard.write_bytes(bytes(data))
+    app = make_app(damaged, port=0)
+    threading.Thread(target=app.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        status, body = get_json(app, "/api/maps?text=cat&image=1")
+        assert status == 500 and "verify" in body["error"] and "\n" not in body["error"]
+        assert get_json(app, "/api/maps?text=cat&image=0")[0] == 200
+        assert get_json(app, "/api/maps?text=cat&images=0,1")[0] == 500
+        assert get_json(app, "/api/info")[0] == 200
+    finally:
+        app.shutdown()
+        app.server_close()

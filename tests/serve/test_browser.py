@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from serve_helpers import server, served_store, store_before  # noqa: F401 (fixtures)
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 

@@ -11,6 +11,7 @@ import torch
 
 from ovstore.errors import InvalidInputError
 from ovstore.serve import Busy, QueryCache, RequestGate, Superseded
+from serve_helpers import get, server, served_store, store_before  # noqa: F401 (fixtures)
 
 
 class _Prepared:
@@ -94,7 +95,6 @@ def test_gate_gives_up_after_its_wait():
 
 def test_serve_prints_the_url_and_warns_off_loopback(served_store):
     from ovstore.serve import serve
-    from serve_helpers import get
 
     lines, servers = [], []
     thread = threading.Thread(target=serve, args=(served_store,),
