@@ -82,6 +82,9 @@ def test_type_a_word_see_its_maps_click_a_token_change_the_threshold(browser, se
     assert browser.execute_script("return window.ovstore.views.A.token") == 2
     after = browser.execute_script("return Array.from(document.querySelector('canvas.map-A').shownValues)")
     assert before != after
+    # and large beside the first image
+    _wait(browser, lambda d: "token=2" in (d.find_element("id", "detail-map").get_attribute("src") or ""))
+    assert "image=0" in browser.find_element("id", "detail-map").get_attribute("src")
 
     # the label normalisation and a threshold: the mask is drawn
     Select(browser.find_element("id", "normalize")).select_by_value("minmax")

@@ -162,7 +162,11 @@ function renderTokens(name) {
     chip.textContent = t.text;
     chip.dataset.token = t.index;
     chip.dataset.view = name;
-    chip.addEventListener("click", () => { view.token = t.index; render(); if (state.detail !== null) openDetail(state.detail); });
+    chip.addEventListener("click", () => {  // its map on every tile, and large beside the image shown
+      view.token = t.index;
+      render();
+      if (name === "A") openDetail(state.detail !== null ? state.detail : pageImages()[0].image);
+    });
     box.append(chip);
   }
 }
