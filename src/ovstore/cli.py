@@ -602,6 +602,28 @@ def demo(
     run_demo(out, device=device, epochs=epochs, log=lambda m: console.print(m, highlight=False))
 
 
+@app.command()
+def serve(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on; another than 127.0.0.1 may be reachable by others, and the viewer has no authentication (a warning is printed).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one).")] = 8765,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
+    cache_mb: Annotated[int, typer.Option(help="Memory for the prepared queries of recently shown images (MB; least recently used evicted).")] = 2048,
+) -> None:
+    """A local web viewer: type any words, see their maps over the stored images (read-only).
+
+    Example: ovstore serve caps.zarr   (then open the printed URL)
+    """
+    from .serve import serve as run_viewer
+
+    _quiet_libraries()
+    if cache_mb < 1:
+        raise InvalidInputError(f"--cache-mb {cache_mb}: give at least 1 (MB)")
+    run_viewer(store, host=host, port=port, device=device, model=model, cache_bytes=cache_mb * 2**20,
+               announce=lambda m: console.print(m, highlight=False, markup=False))
+
+
 def _plain_switches(group) -> None:
     """Show switches (``--resume``, ``--help``...) without typer's ``<bool>`` type column, which
     reads as if they took a value (``--resume true``)."""

@@ -5,15 +5,17 @@ from .config import (
     MODEL_DEFAULT_SETTINGS, MODES, NORMALIZATIONS, OVSTORE_DEFAULTS, SOURCES, LabelConfig, check_label_defaults,
     label_config, parse_class_thresholds, parse_class_words, parse_sweep,
 )
+from .class_maps import ClassAttributions, class_attributions
 from .dataset import LabelResult, image_labels, label_partition, label_store
 from .evaluate import EvaluationReport, evaluate_dirs, evaluate_masks, evaluation_classes, write_report
-from .voc import read_labelmap
+from .voc import read_labelmap, voc_palette
 from .refine import (
     adaptive_threshold, classes_in_prompt, crf_unary, dense_crf, label_mask, normalize_maps, remove_small_components,
     require_crf,
 )
 
 __all__ = [
+    "ClassAttributions",
     "EvaluationReport",
     "LabelConfig",
     "LabelResult",
@@ -24,6 +26,7 @@ __all__ = [
     "SOURCES",
     "adaptive_threshold",
     "check_label_defaults",
+    "class_attributions",
     "classes_in_prompt",
     "crf_unary",
     "dense_crf",
@@ -42,5 +45,6 @@ __all__ = [
     "read_labelmap",
     "remove_small_components",
     "require_crf",
+    "voc_palette",
     "write_report",
 ]
