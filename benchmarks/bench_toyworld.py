@@ -255,8 +255,9 @@ def main() -> None:
                           "prompt_classes_only": chosen.prompt_classes_only, "min_component": chosen.min_component}}
     if chosen.class_words:
         defaults["label"]["class_words"] = {c: list(w) for c, w in chosen.class_words.items()}
-    if chosen.maps_from != "template":
+    if chosen.maps_from != "template":  # template and mode do not apply to maps from the prompt
         defaults["label"]["maps_from"] = chosen.maps_from
+        del defaults["label"]["prompt_template"], defaults["label"]["mode"]
     # no "maps" display default: `maps --png` then draws every word of a sheet on one scale (shares
     # of attention), where a per-map normalisation would stretch weak words to full range
     print("\nchosen: " + json.dumps(defaults))
