@@ -25,7 +25,8 @@ BRANCH_CHOICES = {"uncond": ("uncond",), "cond": ("cond",), "both": ("uncond", "
 #: is full; SDXL: 11 of its 70 layers, 20 % of the bytes). Sizes and measured map deviations
 #: are in BENCHMARKS.md. Explicit --layer/--resolution/--calls replace a preset's choice.
 #: MM-DiT families (SD3, FLUX) have their own: ``first-*`` keep the first fraction (numerator,
-#: denominator, rounded up) of the joint/double blocks. A block's text stream attends the image
+#: denominator, rounded up) of the recorded blocks in order (joint/double; with FLUX's
+#: --single-blocks, the double then the single blocks). A block's text stream attends the image
 #: keys and values of every block before it, so a preset can only drop the last blocks (a
 #: ConceptAttention-style "late blocks only" preset cannot be analysed without the early ones).
 #: Each family says which presets apply to it (``ModelFamily.presets``).
