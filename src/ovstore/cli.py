@@ -111,7 +111,7 @@ def capture(
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Keep layers whose module path matches this fnmatch pattern (repeatable), e.g. 'up_blocks.*'.")] = None,
     resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Keep layers of this resolution, e.g. 16 or 16x16 (repeatable).")] = None,
     calls: Annotated[Optional[str], typer.Option(help="UNet calls to store, e.g. '0:10,20,-1' (default: every call, or the store's).")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Storage preset: full (default), no-finest (drop the layers at the finest cross-attention grid), half-calls (every other UNet call), no-finest-half-calls, thin (first layer of each transformer stack: SDXL 11 of 70), thin-half-calls. Sizes in BENCHMARKS.md.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Storage preset: full (default), no-finest (drop the layers at the finest cross-attention grid), half-calls (every other UNet call), no-finest-half-calls, thin (first layer of each transformer stack: SDXL 11 of 70), thin-half-calls; SD3/FLUX: full, half-calls, first-two-thirds, first-half, first-half-half-calls (the first blocks). Sizes in BENCHMARKS.md.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per pipeline call. Images are bit-identical to a run with another batch size only up to float rounding (batch 1 for exact resumes).")] = 1,
     codec: Annotated[Optional[str], typer.Option(help="Query compression preset: blosc-zstd1-bitshuffle (default), blosc-zstd3-bitshuffle, blosc-zstd3-shuffle, zstd1, zstd3, none. All add a CRC32C checksum.")] = None,
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1...")] = "cpu",

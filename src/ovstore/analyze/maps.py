@@ -76,9 +76,16 @@ class MapPlan:
         #: CPU layers evaluated in parallel, one per torch thread of the caller (each worker's
         #: operations single-threaded: small operations scale far better this way)
         self.workers = max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
-        names = config.layers.select([(l.name, l.resolution) for l in store.layers])
+        try:
+            names = config.layers.select([(l.name, l.resolution) for l in store.layers])
+            self.steps = resolve_indices(config.steps, store.layout.n_steps, what="stored call")
+        except InvalidInputError as exc:
+            preset = store.layout.extra.get("preset", "full")
+            if preset == "full":
+                raise
+            raise InvalidInputError(f"{exc}; the store was captured with --preset {preset}, which does not store the others: "
+                                    "capture again with --preset full (or a preset that keeps them)") from None
         self.layers: list[LayerInfo] = [store.layout.layer(n) for n in names]
-        self.steps = resolve_indices(config.steps, store.layout.n_steps, what="stored call")
         self.branch = self._branch_index(config.branch)
         # as the reference: the largest resolution among the layers used (--size for another)
         largest = max(self.layers, key=lambda l: l.height * l.width)

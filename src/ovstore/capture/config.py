@@ -24,6 +24,12 @@ BRANCH_CHOICES = {"uncond": ("uncond",), "cond": ("cond",), "both": ("uncond", "
 #: of each transformer stack (the model family says which; SD 1.x has one per stack, so thin
 #: is full; SDXL: 11 of its 70 layers, 20 % of the bytes). Sizes and measured map deviations
 #: are in BENCHMARKS.md. Explicit --layer/--resolution/--calls replace a preset's choice.
+#: MM-DiT families (SD3, FLUX) have their own: ``first-*`` keep the first fraction (numerator,
+#: denominator, rounded up) of the recorded blocks in order (joint/double; with FLUX's
+#: --single-blocks, the double then the single blocks). A block's text stream attends the image
+#: keys and values of every block before it, so a preset can only drop the last blocks (a
+#: ConceptAttention-style "late blocks only" preset cannot be analysed without the early ones).
+#: Each family says which presets apply to it (``ModelFamily.presets``).
 PRESETS = {
     "full": {"skip_finest": False, "calls": None},
     "no-finest": {"skip_finest": True, "calls": None},
@@ -31,6 +37,9 @@ PRESETS = {
     "no-finest-half-calls": {"skip_finest": True, "calls": "::2"},
     "thin": {"skip_finest": False, "calls": None, "thin": True},
     "thin-half-calls": {"skip_finest": False, "calls": "::2", "thin": True},
+    "first-two-thirds": {"skip_finest": False, "calls": None, "first_blocks": (2, 3)},
+    "first-half": {"skip_finest": False, "calls": None, "first_blocks": (1, 2)},
+    "first-half-half-calls": {"skip_finest": False, "calls": "::2", "first_blocks": (1, 2)},
 }
 
 
@@ -61,7 +70,9 @@ class CaptureConfig:
         Storage preset (see :data:`PRESETS`): ``full`` (default), ``no-finest`` (without the
         layers at the finest cross-attention grid), ``half-calls`` (every other UNet call),
         ``no-finest-half-calls``, ``thin`` (the first layer of each transformer stack; for
-        SDXL's 10-deep stacks) or ``thin-half-calls``.
+        SDXL's 10-deep stacks) or ``thin-half-calls``; for SD3 and FLUX ``full``,
+        ``half-calls``, ``first-two-thirds``, ``first-half`` (the first blocks only) and
+        ``first-half-half-calls``.
     max_sequence_length
         T5 tokens of the prompt encoding (SD3, FLUX: the pipelines' ``max_sequence_length``);
         ``None``: the pipeline's default. Refused for families without a T5 encoder.
@@ -131,6 +142,14 @@ class CaptureConfig:
     def thin(self) -> bool:
         """Whether the preset keeps only the first layer of each transformer stack (unless layers are named)."""
         return bool(PRESETS[self.preset].get("thin")) and not (self.layers.patterns or self.layers.resolutions)
+
+    @property
+    def first_blocks(self) -> tuple[int, int] | None:
+        """The fraction ``(numerator, denominator)`` of the first blocks the preset keeps
+        (MM-DiT presets; ``None`` when it keeps every block or layers are named)."""
+        if self.layers.patterns or self.layers.resolutions:
+            return None
+        return PRESETS[self.preset].get("first_blocks")
 
     @property
     def call_spec(self) -> tuple[str, ...] | None:

@@ -57,7 +57,12 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
     native = family.native_size(pipe)
     height, width = config.height or native[0], config.width or native[1]
     lh, lw = family.latent_size(pipe, height, width)
+    family.check_preset(config.preset)
     found = family.default_layers(family.attention_layers(pipe, lh, lw), config)
+    if config.first_blocks:
+        # the first blocks only: later blocks' text streams need every block before them
+        numerator, denominator = config.first_blocks
+        found = found[:-(-len(found) * numerator // denominator)]
     if config.skip_finest:
         # the finest grid among the recorded layers (SD 1.x: the latent; SDXL: latent/2)
         finest = min(info.level for info, _ in found)

@@ -75,6 +75,9 @@ class ModelFamily(ABC):
     image_dependent_keys: bool = False
     #: per-layer arrays recorded besides the queries (``StoreLayout.layer_arrays``)
     layer_arrays: tuple[str, ...] = ()
+    #: storage presets (``ovstore.capture.PRESETS`` names) that mean something for this family;
+    #: others are refused (default: the UNet presets)
+    presets: tuple[str, ...] = ("full", "no-finest", "half-calls", "no-finest-half-calls", "thin", "thin-half-calls")
 
     # ------------------------------------------------------------------ capture
     @abstractmethod
@@ -111,6 +114,15 @@ class ModelFamily(ABC):
             raise InvalidInputError(f"--single-blocks applies to FLUX pipelines (their single-stream blocks); the "
                                     f"{self.name} family has none: drop it")
         return list(found)
+
+    def check_preset(self, preset: str) -> None:
+        """Refuse a storage preset that does not apply to this family (it would keep what it
+        does not say, e.g. ``no-finest`` on a transformer whose blocks share one grid)."""
+        if preset not in self.presets:
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError(f"--preset {preset} does not apply to the {self.name} family ({self.pipelines}); "
+                                    f"choose one of {', '.join(self.presets)}")
 
     def stack_leaders(self, layers: Sequence[LayerInfo]) -> list[str]:
         """Names of the layers the ``thin`` presets keep: the first of each stack of layers

@@ -90,8 +90,11 @@ class SD3Family(ModelFamily):
     capture_options = ("max_sequence_length",)
     image_dependent_keys = True
     layer_arrays = (IMAGE_KEYS, IMAGE_VALUES)
+    #: the first blocks and calls: a block's text stream needs every block before it (BENCHMARKS.md)
+    presets = ("full", "half-calls", "first-two-thirds", "first-half", "first-half-half-calls")
 
     # ------------------------------------------------------------------ capture
+
     def supports(self, pipe: Any) -> bool:
         transformer = getattr(pipe, "transformer", None)
         return transformer is not None and type(transformer).__name__ == "SD3Transformer2DModel" \
