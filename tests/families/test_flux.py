@@ -340,6 +340,7 @@ def test_open_vocabulary_maps_equal_module_loop_and_batching(flux_pipe, flux_sto
     np.testing.assert_allclose(mine, alone.values[0][alone.prompt_index.values == 0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the default suite's budget; run with -m slow
 def test_fused_qkv_stores_the_same(single_stores, tmp_path):
     """diffusers' fuse_qkv_projections: values come from to_qkv, the text-side weights from
     the split of to_added_qkv (single blocks: of to_qkv); the store equals the unfused one and

@@ -278,6 +278,7 @@ def test_write_errors_of_evaluate_and_images(written, monkeypatch, capsys, tmp_p
     assert digest(root) == before and leftovers(root) == []
 
 
+@pytest.mark.slow  # the default suite's budget; run with -m slow
 def test_file_too_large_for_real(written, tmp_path):
     """A real EFBIG: the file size limit of the process (RLIMIT_FSIZE) is below the maps' size."""
     import resource
@@ -547,6 +548,7 @@ def test_demo_finishes_an_interrupted_folder(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # the default suite's budget; run with -m slow
 def test_sigkilled_output_commands_rerun_identically(tmp_path):
     """scripts/fault_injection.py --outputs, one trial of `maps` (.zarr + --png); all four
     commands with more trials: the slow test below."""
