@@ -153,8 +153,10 @@ def capture(
     job.load()
     identity, layout = job.identity, job.layout
     console.print(
-        f"[bold]{escape(identity.id)}[/]: {len(layout.layers)} cross-attention layers, {layout.n_steps} of "
-        f"{layout.num_unet_calls} UNet calls, branches {','.join(layout.branches)}, {layout.query_dtype}; "
+        f"[bold]{escape(identity.id)}[/]: {len(layout.layers)} "
+        f"{'joint attention blocks' if layout.layer_arrays else 'cross-attention layers'}, {layout.n_steps} of "
+        f"{layout.num_unet_calls} {'transformer' if layout.layer_arrays else 'UNet'} calls, "
+        f"branches {','.join(layout.branches)}, {layout.query_dtype}; "
         f"about {_human(layout.query_bytes_per_image() + layout.context_bytes_per_image())} per image before "
         f"compression ({'queries, image keys/values and temb' if layout.layer_arrays else 'queries'} "
         f"{_human(layout.query_bytes_per_image())}, context "
