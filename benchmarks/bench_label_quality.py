@@ -151,7 +151,7 @@ def main() -> None:
 
     from ovstore.analyze.text import load_text_encoder
     from ovstore.label import LabelConfig, evaluate_dirs, evaluate_masks, label_store
-    from ovstore.label.voc import write_label_png, write_labelmap
+    from ovstore.label.voc import write_label_tree
     from ovstore.optimize import OptimizeConfig, TokenTask, optimize_tokens, save_token
     from ovstore.store import open_store
 
@@ -181,12 +181,7 @@ def main() -> None:
     optimize_s = time.perf_counter() - t0
     token_files = {t.name: save_token(t, work / f"{t.name}.safetensors") for t in tokens}
     held_out = [i for i in images if i not in train.values()]
-    gt = work / "gt"
-    shutil.rmtree(gt, ignore_errors=True)
-    (gt / "SegmentationClass").mkdir(parents=True)
-    write_labelmap(gt / "labelmap.txt", CLASSES)
-    for i in held_out:
-        write_label_png(gt / "SegmentationClass" / f"{i:05d}.png", labels[i])
+    gt = write_label_tree(work / "gt", CLASSES, {i: labels[i] for i in held_out})
     present = {c: sum(c in truth[i] for i in held_out) for c in CLASSES}
     area = {c: np.mean([truth[i][c].mean() for i in held_out if c in truth[i]]) for c in CLASSES}
     background = evaluate_masks([np.zeros_like(labels[i]) for i in held_out], [labels[i] for i in held_out], NAMES)

@@ -121,7 +121,7 @@ def main() -> None:
 
     from ovstore.analyze import MapConfig, compute_maps, load_text_encoder
     from ovstore.label import LabelConfig, evaluate_dirs, label_store
-    from ovstore.label.voc import write_label_png, write_labelmap
+    from ovstore.label.voc import write_label_tree
     from ovstore.optimize import OptimizeConfig, TokenTask, optimize_tokens, save_token, token_attribution
     from ovstore.toyworld import quality as q
 
@@ -269,12 +269,7 @@ def main() -> None:
     train = {c: next(i for i in ev_images if c in ev_truth[i].masks and ev_truth[i].masks[c].sum() >= 10)
              for c in CLASSES}
     held = [i for i in ev_images if i not in train.values()]
-    gt = work / "gt"
-    shutil.rmtree(gt, ignore_errors=True)
-    (gt / "SegmentationClass").mkdir(parents=True)
-    write_labelmap(gt / "labelmap.txt", CLASSES)
-    for i in held:
-        write_label_png(gt / "SegmentationClass" / f"{i:05d}.png", q.label_truth(ev_truth[i]))
+    gt = write_label_tree(work / "gt", CLASSES, {i: q.label_truth(ev_truth[i]) for i in held})
     t0 = time.perf_counter()
     tokens = optimize_tokens(ev, [TokenTask(c, (train[c],), (ev_truth[train[c]].masks[c],)) for c in CLASSES],
                              config=OptimizeConfig(epochs=args.epochs), text_encoder=encoder)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ovstore.label import LabelConfig, evaluate_dirs, label_store
-from ovstore.label.voc import write_label_png, write_labelmap
+from ovstore.label.voc import write_label_tree
 from ovstore.toyworld import quality as q
 
 
@@ -80,11 +80,7 @@ def test_synonyms_and_hypernyms_not_in_the_prompt(toy):
 
 
 def _label(store, images, truth, config, out: Path) -> float:
-    gt = out / "gt"
-    (gt / "SegmentationClass").mkdir(parents=True)
-    write_labelmap(gt / "labelmap.txt", CLASSES)
-    for i in images:
-        write_label_png(gt / "SegmentationClass" / f"{i:05d}.png", q.label_truth(truth[i]))
+    gt = write_label_tree(out / "gt", CLASSES, {i: q.label_truth(truth[i]) for i in images})
     label_store(store, out / "labels", config, images=images, scheduler="synchronous", partition_size=32)
     return evaluate_dirs(out / "labels", gt).miou
 

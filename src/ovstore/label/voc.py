@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..outputs import temporary_path
 
-__all__ = ["voc_palette", "write_labelmap", "write_label_png", "write_jpeg", "rle_annotations",
+__all__ = ["voc_palette", "write_labelmap", "write_label_png", "write_label_tree", "write_jpeg", "rle_annotations",
            "write_json_atomic", "write_text_atomic", "read_labelmap", "remove_partials"]
 
 
@@ -106,6 +106,21 @@ def write_label_png(path: Path, labels: np.ndarray) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_label_tree(root: Path, classes: Sequence[str], labels: Mapping[int, np.ndarray]) -> Path:
+    """A fresh ground-truth folder that ``evaluate_dirs`` reads: ``root/labelmap.txt`` and one
+    ``SegmentationClass/NNNNN.png`` per image of ``labels`` (image index -> class-index array);
+    whatever ``root`` held is removed first. Returns ``root``."""
+    import shutil
+
+    root = Path(root)
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "SegmentationClass").mkdir(parents=True)
+    write_labelmap(root / "labelmap.txt", classes)
+    for image, label in labels.items():
+        write_label_png(root / "SegmentationClass" / f"{image:05d}.png", label)
+    return root
 
 
 def write_jpeg(path: Path, rgb: np.ndarray) -> None:
