@@ -47,6 +47,18 @@ _CONTEXT_MODULES = ("norm1_context", "attn.add_q_proj", "attn.add_k_proj", "attn
                     "attn.norm_added_k", "attn.to_add_out", "norm2_context", "ff_context")
 
 
+def _check_qk_norms(attn: Any, name: str, parts: Sequence[str]) -> None:
+    """Refuse a block whose q/k norms are not the RMSNorm (eps ``_EPS``, with a weight) the
+    text stream recomputes."""
+    for part in parts:
+        module = getattr(attn, part, None)
+        eps = getattr(module, "eps", None)
+        if type(module).__name__ != "RMSNorm" or eps is None or abs(eps - _EPS) > 1e-12 \
+                or getattr(module, "weight", None) is None:
+            raise InvalidInputError(f"layer {name}: {part} is a {type(module).__name__} (eps {eps}); the flux "
+                                    f"family recomputes RMSNorm q/k norms with eps {_EPS} and a weight only")
+
+
 def double_blocks(transformer: Any, grid: tuple[int, int]) -> list[tuple[LayerInfo, Any]]:
     """Every double-stream block's attention of a ``FluxTransformer2DModel`` with its
     :class:`LayerInfo` (grid: the packed latent tokens).
@@ -60,13 +72,7 @@ def double_blocks(transformer: Any, grid: tuple[int, int]) -> list[tuple[LayerIn
     for i, block in enumerate(transformer.transformer_blocks):
         attn = block.attn
         name = f"transformer_blocks.{i}.attn"
-        for part in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-            module = getattr(attn, part, None)
-            eps = getattr(module, "eps", None)
-            if type(module).__name__ != "RMSNorm" or eps is None or abs(eps - _EPS) > 1e-12 \
-                    or getattr(module, "weight", None) is None:
-                raise InvalidInputError(f"layer {name}: {part} is a {type(module).__name__} (eps {eps}); the flux "
-                                        f"family recomputes RMSNorm q/k norms with eps {_EPS} and a weight only")
+        _check_qk_norms(attn, name, ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
         ff = getattr(block, "ff_context", None)
         if ff is None or getattr(ff.net[0], "approximate", None) != "tanh" \
                 or type(getattr(block, "norm1_context", None)).__name__ != "AdaLayerNormZero":
@@ -92,13 +98,7 @@ def single_blocks(transformer: Any, grid: tuple[int, int]) -> list[tuple[LayerIn
     for j, block in enumerate(transformer.single_transformer_blocks):
         attn = block.attn
         name = f"single_transformer_blocks.{j}.attn"
-        for part in ("norm_q", "norm_k"):
-            module = getattr(attn, part, None)
-            eps = getattr(module, "eps", None)
-            if type(module).__name__ != "RMSNorm" or eps is None or abs(eps - _EPS) > 1e-12 \
-                    or getattr(module, "weight", None) is None:
-                raise InvalidInputError(f"layer {name}: {part} is a {type(module).__name__} (eps {eps}); the flux "
-                                        f"family recomputes RMSNorm q/k norms with eps {_EPS} and a weight only")
+        _check_qk_norms(attn, name, ("norm_q", "norm_k"))
         if type(block.norm).__name__ != "AdaLayerNormZeroSingle" or getattr(block.act_mlp, "approximate", "") != "tanh":
             raise InvalidInputError(f"layer {name}: not a FLUX single-stream block (AdaLayerNormZeroSingle, tanh-GELU "
                                     "MLP)")
