@@ -418,11 +418,12 @@ def run_word_probe(
                     idx = [i for i, w in enumerate(words) if w in _COLORS][slot] + 1
                     texts[f"{k}{slot}"].append(" ".join(words[:idx] + [new] + words[idx + 1:]).replace(" , ", ", "))
         texts["thyp"] = ["a " + (_not_in(cap.replace(",", " , ").split(), HYPERNYMS) or "object") for cap in chunk]
-        extra = {name: encode(t)[1] for name, t in texts.items()}
+        encoded = {name: encode(t) for name, t in texts.items()}
+        extra = {name: embeds_of for name, (_, embeds_of) in encoded.items()}
         # the same attributions as ovstore's maps see them: softmax over their own tokens only
         keep = {}
         for name in ("bare", *(f"tsyn{slot}" for slot in range(_MAX_PHRASES))):
-            ids_u = encode(texts[name])[0]
+            ids_u = encoded[name][0]
             eot = (ids_u == tokenizer.eos_token_id).int().argmax(1)
             keep[name + "_u"] = torch.arange(ids_u.shape[1])[None] <= eot[:, None]
             extra[name + "_u"] = extra[name]
