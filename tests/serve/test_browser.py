@@ -139,3 +139,67 @@ def test_typing_past_a_request_drops_it(browser, server):
         "  window.ovstore.views.A.text = t; requestMaps('A'); }")
     _wait(browser, lambda d: (d.execute_script("return (window.ovstore.views.A.result || {}).text") == "a dog in a park"))
     assert browser.execute_script("return window.ovstore.views.A.seq") == 3
+
+
+def test_label_a_class_with_a_learned_token(browser, server, served_store, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.support.ui import Select
+
+    from ovstore.label import label_config, label_store
+    from ovstore.store import analysis_defaults, open_store
+
+    browser.get(server.url)
+    _wait(browser, lambda d: d.execute_script("return window.ovstore.info !== null"))
+    Select(browser.find_element("id", "learned")).select_by_value("blob")
+    _wait(browser, lambda d: d.execute_script("return (window.ovstore.views.A.result || {}).learned") == "blob")
+    browser.find_elements("css selector", "#grid .card")[1].click()
+    # showing the learned token, the label panel ticks it: the class "blob" is labelled with the token
+    assert browser.find_element("css selector", "#label-tokens input[value='blob']").is_selected()
+    _wait(browser, lambda d: "--token" in d.find_element("id", "label-command").text)
+    command = browser.find_element("id", "label-command").text
+    assert "blob.safetensors" in command and "--image 1" in command
+    _wait(browser, lambda d: d.execute_script(
+        "const i = document.getElementById('detail-label'); return i.complete && i.naturalWidth > 0"))
+    pixels = browser.execute_script("return window.ovstore.label.pixels")
+    assert browser.execute_script("return window.ovstore.label.classes") == ["blob"]
+    # the page's label is the one `ovstore label --token` makes
+    config = label_config(tokens=[served_store.parent / "tokens" / "blob.safetensors"],
+                          defaults=analysis_defaults(open_store(served_store)))
+    label_store(served_store, tmp_path / "labels", config, images=[1], scheduler="synchronous")
+    written = np.asarray(Image.open(tmp_path / "labels" / "SegmentationClass" / "00001.png"))
+    assert pixels == {"background": int((written == 0).sum()), "blob": int((written == 1).sum())}
+
+
+def test_download_the_view_as_png(browser, server):
+    import base64
+    import io
+
+    from PIL import Image
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(server.url)
+    _wait(browser, lambda d: d.execute_script("return window.ovstore.info !== null"))
+    browser.find_element("id", "text-a").send_keys("a cat", Keys.ENTER)
+    _wait(browser, lambda d: len(_map_canvases(d)) == 3)
+    # catch the download the button starts: its file name and the PNG bytes
+    browser.execute_script(
+        "window.downloaded = null;"
+        "HTMLAnchorElement.prototype.click = function () {"
+        "  const name = this.download;"
+        "  fetch(this.href).then(r => r.blob()).then(b => { const f = new FileReader();"
+        "    f.onload = () => { window.downloaded = { name, data: f.result }; }; f.readAsDataURL(b); }); };")
+    browser.find_element("id", "download").click()
+    _wait(browser, lambda d: d.execute_script("return window.downloaded !== null"))
+    got = browser.execute_script("return window.downloaded")
+    assert got["name"] == "ovstore-view.png"
+    assert got["data"].startswith("data:image/png;base64,")
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["data"].split(",", 1)[1]))).convert("RGB"))
+    # three cards in a row, each its photo and map tiles drawn (not a blank canvas)
+    tile = browser.execute_script("const c = document.querySelector('canvas.map-A'); return [c.width, c.height]")
+    assert picture.shape[1] >= 3 * tile[0]
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 50
+    # the first map tile is in the picture, upscaled without smoothing
+    shown = np.asarray(browser.execute_script(
+        "const c = document.querySelector('canvas.map-A');"
+        "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)")).reshape(tile[1], tile[0], 4)
+    assert any((picture[y:y + 1, :, :] == shown[0, 0, :3]).all(axis=-1).any() for y in range(picture.shape[0]))

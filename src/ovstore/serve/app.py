@@ -122,6 +122,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
     server: ViewerServer
     server_version = "ovstore-serve"
     sys_version = ""
+    # one request per connection: the connection bound then counts requests in flight, not
+    # idle keep-alive sockets a browser holds open (a loopback connect costs ~0.1 ms)
     protocol_version = "HTTP/1.0"
     timeout = 30  # a client that sends nothing for this long is disconnected
 

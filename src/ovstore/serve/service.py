@@ -318,7 +318,7 @@ class MapService:
             if name not in self.learned:
                 raise InvalidInputError(f"learned token {name!r} is not known (tokens: {', '.join(self.learned) or 'none'})")
             files.append(self.learned[name].path)
-        return label_config(classes=classes, tokens=files, defaults=analysis_defaults(self.store),
+        return label_config(classes=classes if classes.strip() else (), tokens=files, defaults=analysis_defaults(self.store),
                             normalize=normalize, threshold=threshold, mode=mode, prompt_template=prompt_template)
 
     def label(self, image: int, config: Any) -> tuple[np.ndarray, np.ndarray, list[float], list[bool]]:

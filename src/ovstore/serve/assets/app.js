@@ -277,17 +277,28 @@ function openDetail(image) {
   const token = view.result.tokens[view.token];
   $("detail-title").textContent = `"${token.text}" of "${view.result.text}" on image ${image}`;
   $("detail-map").src = `/api/map.png?${query(view, { image, token: view.token })}`;
-  if (!$("classes").value) {
+  if (view.result.learned) {  // a learned token shown: label its class with it
+    const box = document.querySelector(`#label-tokens input[value="${CSS.escape(view.result.learned)}"]`);
+    if (box) box.checked = true;
+  } else if (!$("classes").value) {
     const words = view.result.tokens.filter((t) => t.kind === "word").map((t) => t.text);
     $("classes").value = [...new Set(words)].join(",");
   }
   requestLabel();
 }
 
+// the learned tokens ticked in the label panel: each labels its class with the token, as
+// `ovstore label --token FILE` does
+function labelTokens() {
+  return [...document.querySelectorAll("#label-tokens input:checked")].map((c) => c.value);
+}
+
 async function requestLabel() {
-  if (state.detail === null || !$("classes").value.trim()) return;
+  const tokens = labelTokens();
+  if (state.detail === null || (!$("classes").value.trim() && !tokens.length)) return;
   const p = new URLSearchParams({ image: state.detail, classes: $("classes").value, view: `${TAB}-label`,
                                   seq: ++state.labelSeq });
+  if (tokens.length) p.set("tokens", tokens.join(","));
   if ($("normalize").value !== "none") p.set("normalize", $("normalize").value);
   if (state.thresholdTouched) p.set("threshold", $("threshold").value);
   const seq = p.get("seq");
@@ -368,6 +379,13 @@ async function start() {
     option.value = t.name;
     option.textContent = `${t.name}* (${t.file})`;
     $("learned").append(option);
+    const tick = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox"; box.value = t.name;
+    box.addEventListener("change", requestLabel);
+    tick.append(box, ` ${t.name}*`);
+    $("label-tokens").append(tick);
+    $("label-tokens").hidden = false;
   }
   bindPrompt("A", $("text-a"));
   bindPrompt("B", $("text-b"));
