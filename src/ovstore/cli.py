@@ -312,6 +312,9 @@ def maps(
     generation_context: Annotated[bool, typer.Option("--generation-context", help="Instead of attribution prompts: one map per token of the context the stored calls attended (the stored branch's prompt, or negative prompt for uncond, padded as the pipeline encoded it), softmax over all of them.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out/--png written by `ovstore maps`.")] = False,
     skip_damaged: Annotated[bool, typer.Option("--skip-damaged", help="Skip images whose stored data is damaged (listed, and recorded in a .zarr output's attrs).")] = False,
+    scheduler: Annotated[Optional[str], typer.Option(help="Run as a resumable job on Dask (FILE.zarr only): 'local' (a LocalCluster of --workers processes), a scheduler address tcp://HOST:8786 (its workers must see the store and --out's folder), or 'synchronous' (in this process). Images are split into partitions; a re-run of an interrupted job skips the finished ones and gives the same bytes.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes of --scheduler local (default: one per core).")] = None,
+    partition_size: Annotated[int, typer.Option(help="Images per Dask task with --scheduler.")] = 4,
 ) -> None:
     """Compute OVAM maps for attribution prompts over stored images (no diffusion re-run).
 
@@ -345,6 +348,10 @@ def maps(
         raise InvalidInputError(f"--out {out}: use a .npy (one prompt) or .zarr (any number) file name")
     if out.suffix == ".npy" and n_attributions > 1:
         raise InvalidInputError(f"--out {out} is .npy, which holds one attribution; use FILE.zarr for {n_attributions}")
+    if scheduler is not None and out.suffix != ".zarr":
+        raise InvalidInputError(f"--scheduler runs maps as a job that writes FILE.zarr; --out {out} is not .zarr")
+    if scheduler is None and workers is not None:
+        raise InvalidInputError("--workers sizes the local cluster of --scheduler local; add --scheduler local")
     from .analyze import overlay_dir
     from .outputs import open_output
 
@@ -395,8 +402,15 @@ def maps(
             if out.suffix == ".zarr":  # streamed to disk block by block: memory stays bounded
                 import xarray as xr
 
-                write_maps_zarr(s, attributions, out, **options, overwrite=overwrite, inputs=inputs,
-                                skipped_damaged=damaged)
+                if scheduler is not None:
+                    from .analyze import write_maps_job
+
+                    write_maps_job(s, attributions, out, **options, overwrite=overwrite, inputs=inputs,
+                                   skipped_damaged=damaged, scheduler=scheduler, workers=workers,
+                                   partition_size=partition_size)
+                else:
+                    write_maps_zarr(s, attributions, out, **options, overwrite=overwrite, inputs=inputs,
+                                    skipped_damaged=damaged)
                 result = xr.open_zarr(out, consolidated=False)["ovam_maps"]
             else:
                 result = compute_maps(s, attributions, **options)

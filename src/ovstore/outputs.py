@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from ._version import __version__
@@ -124,6 +125,22 @@ def write_marker(folder: Path, command: str, **extra: object) -> None:
     info = {"command": command, "ovstore_version": __version__,
             "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
     (folder / MARKER).write_text(json.dumps(info, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a hidden temporary renamed over it: readers see the
+    old file or the new one, never a part."""
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """:func:`write_text_atomic` of ``data`` as JSON (sorted keys)."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _visible(folder: Path) -> list[str]:
@@ -353,6 +370,11 @@ class Output:
     def check(self) -> None:
         """Refuse targets that must not be written (raises InvalidInputError)."""
         _check(self.path, self.command, self.kind, self.inputs, self.replace, self.option)
+
+    def publish_dir(self, folder: Path) -> None:
+        """Put the finished folder ``folder`` (beside the target) at the target, replacing
+        what is there, never leaving a mix; call while holding the target's lock."""
+        _replace_dir(folder, self.path)
 
     @contextlib.contextmanager
     def writing(self, *, kept: str | Callable[[], str] = "nothing was written there",

@@ -105,7 +105,7 @@ def closed_port() -> int:
 
 
 def test_unreachable_scheduler(multi_store, monkeypatch, capsys, tmp_path):
-    from ovstore.label import cluster
+    from ovstore import cluster
 
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 1.0)  # the default is 5 s
     address = f"tcp://127.0.0.1:{closed_port()}"

@@ -20,6 +20,7 @@ from .engine import (
     resize_maps,
 )
 from .export import overlay_dir, overlay_files, save_maps, write_context_maps_zarr, write_maps_zarr, write_overlays
+from .jobs import write_maps_job
 from .maps import MapPlan, compute_maps, iter_image_maps, iter_map_blocks, split_by_prompt
 from .text import (
     Attribution, TextEncoder, check_recorded_encoder, load_text_encoder, start_of_text_row, word_in_context,
@@ -58,6 +59,7 @@ __all__ = [
     "save_maps",
     "write_context_maps",
     "write_context_maps_zarr",
+    "write_maps_job",
     "write_maps_zarr",
     "write_overlays",
     "split_by_prompt",

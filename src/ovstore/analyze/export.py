@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
     from .maps import MapBlock
 
-__all__ = ["overlay_dir", "overlay_files", "save_maps", "write_context_maps_zarr", "write_maps_zarr", "write_overlays"]
+__all__ = ["maps_template", "overlay_dir", "overlay_files", "save_maps", "write_block_budget", "write_context_maps_zarr",
+           "write_maps_zarr", "write_overlays"]
 
 
 def save_maps(maps: xr.DataArray, out: str | Path, *, overwrite: bool = False,
@@ -94,30 +95,20 @@ def write_maps_zarr(
     up to ~2 MB of tokens. A background thread compresses and writes each block while the
     next is computed. ``skipped_damaged`` is recorded in the attrs (provenance).
     """
-    import dask.array as da
-    import xarray as xr
     import zarr
 
-    from .. import dims
-    from .maps import iter_map_blocks, map_attrs, map_coords, prepare_run
+    from .maps import iter_map_blocks, prepare_run
 
     store, images, atts, plan = prepare_run(store, attributions, images=images, config=config,
                                             text_encoder=text_encoder, model=model, device=device)
     target = open_output(out, "maps", kind="dir", inputs=[store.path, *inputs], overwrite=overwrite)
     total = sum(a.n_tokens for a in atts)
-    height, width = plan.size
-    token_chunk = int(min(total, max(1, 2**21 // (4 * height * width))))
-    template = xr.DataArray(
-        da.zeros((len(images), total, height, width), chunks=(1, token_chunk, height, width), dtype=np.float32),
-        dims=(dims.IMAGE, dims.TOKEN, dims.Y, dims.X), coords=map_coords(store, images, atts), name="ovam_maps",
-    ).to_dataset()
-    template.attrs = {**map_attrs(store, plan), "skipped_damaged_images": [int(i) for i in skipped_damaged],
-                      **zarr_marker("maps")}
+    template = maps_template(store, images, atts, plan, skipped_damaged)
     with target.writing(kept=f"nothing was written there (an earlier {target.path.name} is unchanged)",
                         marker=False) as tmp:
         template.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False)
         array = zarr.open_array(tmp / "ovam_maps", mode="r+")
-        budget = min(plan.config.block_budget, _WRITE_BLOCK_BUDGET)
+        budget = write_block_budget(plan)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovstore-write") as writer:
             pending: Future[None] | None = None
             for block in iter_map_blocks(plan, images, atts, block_budget=budget):
@@ -133,6 +124,35 @@ def write_maps_zarr(
 #: Blocks of at most this many bytes when streaming to Zarr, so that a block is compressed
 #: and written in a background thread while the next one is computed.
 _WRITE_BLOCK_BUDGET = 64 * 2**20
+
+
+def write_block_budget(plan) -> int:
+    """Bytes per block of maps written to Zarr (the same in-process and on Dask workers, so
+    both compute the same blocks)."""
+    return min(plan.config.block_budget, _WRITE_BLOCK_BUDGET)
+
+
+def maps_template(store: Store, images: Sequence[int], atts: Sequence[Attribution], plan,
+                  skipped_damaged: Sequence[int] = ()) -> xr.Dataset:
+    """The lazy (all-zero) dataset of maps over ``images`` × the tokens of ``atts``: its
+    coordinates, attributes and chunks (one image × up to ~2 MB of tokens), written with
+    ``to_zarr(compute=False)`` before the blocks."""
+    import dask.array as da
+    import xarray as xr
+
+    from .. import dims
+    from .maps import map_attrs, map_coords
+
+    total = sum(a.n_tokens for a in atts)
+    height, width = plan.size
+    token_chunk = int(min(total, max(1, 2**21 // (4 * height * width))))
+    template = xr.DataArray(
+        da.zeros((len(images), total, height, width), chunks=(1, token_chunk, height, width), dtype=np.float32),
+        dims=(dims.IMAGE, dims.TOKEN, dims.Y, dims.X), coords=map_coords(store, images, atts), name="ovam_maps",
+    ).to_dataset()
+    template.attrs = {**map_attrs(store, plan), "skipped_damaged_images": [int(i) for i in skipped_damaged],
+                      **zarr_marker("maps")}
+    return template
 
 
 def _write_block(array, block: MapBlock, data: np.ndarray, total: int,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -180,26 +179,6 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
         voc.write_json_atomic(path, settings)
 
 
-def _scheduler(scheduler: Any, workers: int | None) -> tuple[Any, Callable[[], None]]:
-    """A Dask client: an existing one, one connected to an address, or a LocalCluster."""
-    from distributed import Client, LocalCluster
-
-    if isinstance(scheduler, Client):
-        return scheduler, lambda: None
-    if isinstance(scheduler, str):
-        client = Client(scheduler)
-        return client, client.close
-    cluster = LocalCluster(n_workers=workers or max(1, (os.cpu_count() or 2)), threads_per_worker=1,
-                           processes=True, dashboard_address=None)
-    client = Client(cluster)
-
-    def close() -> None:
-        client.close()
-        cluster.close()
-
-    return client, close
-
-
 def label_store(
     store: Store | str | Path,
     out: str | Path,
@@ -268,8 +247,8 @@ def label_store(
     if config.crf:
         require_crf()  # before anything is written
     connected = None
-    if isinstance(scheduler, str) and scheduler != "synchronous":  # a mistyped or dead address: one line, now
-        from .cluster import connect_scheduler
+    if isinstance(scheduler, str) and scheduler not in ("synchronous", "local"):  # a mistyped or dead address: one line, now
+        from ..cluster import connect_scheduler
 
         scheduler = connected = connect_scheduler(scheduler)
     try:
@@ -361,7 +340,9 @@ def _label_locked(opened: Store, store_path: Path, out: Path, config: LabelConfi
         else:
             from distributed import as_completed
 
-            client, close = _scheduler(scheduler, workers)
+            from ..cluster import dask_client
+
+            client, close = dask_client(scheduler, workers)
             try:
                 futures = {client.submit(task, part, maps_only=maps_only, pure=False): maps_only
                            for part, maps_only in jobs}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..outputs import temporary_path
+from ..outputs import temporary_path, write_json_atomic, write_text_atomic
 
 __all__ = ["voc_palette", "write_labelmap", "write_label_png", "write_label_tree", "write_jpeg", "rle_annotations",
            "write_json_atomic", "write_text_atomic", "read_labelmap", "remove_partials"]
@@ -40,7 +39,7 @@ def write_labelmap(path: Path, classes: Sequence[str]) -> None:
     for k, name in enumerate(["background", *classes]):
         r, g, b = palette[3 * k:3 * k + 3]
         lines.append(f"{name}:{r},{g},{b}::")
-    _write_text_atomic(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def read_labelmap(path: Path) -> list[str]:
@@ -75,23 +74,6 @@ def remove_partials(folder: Path) -> list[Path]:
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
     return removed
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    _write_text_atomic(path, text)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def write_label_png(path: Path, labels: np.ndarray) -> None:
