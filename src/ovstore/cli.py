@@ -123,6 +123,9 @@ def capture(
     max_sequence_length: Annotated[Optional[int], typer.Option(help="SD3/FLUX: T5 tokens of the prompt encoding (the pipeline's max_sequence_length; default the pipeline's, or the store's).")] = None,
     true_cfg_scale: Annotated[Optional[float], typer.Option(help="FLUX: true classifier-free guidance scale; > 1 with --negative-prompt runs the prompt's and the negative prompt's calls (--branch chooses which are stored). --guidance is then FLUX's embedded guidance.")] = None,
     single_blocks: Annotated[bool, typer.Option("--single-blocks", help="FLUX: also record the single-stream blocks (off by default: they are stored whole, weights included; see docs/store-format.md).")] = False,
+    scheduler: Annotated[Optional[str], typer.Option(help="Fill the slots on Dask workers: 'local' (a LocalCluster of --workers CPU processes) or a scheduler address tcp://HOST:8786 whose workers see --out (one `dask worker ADDRESS --resources GPU=1` per GPU with --device cuda). The slots are reserved here first; a killed worker's slots are retried elsewhere.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes of --scheduler local (default: one per core).")] = None,
+    slots_per_task: Annotated[Optional[int], typer.Option(help="Slots per Dask task with --scheduler (default: twice --batch-size).")] = None,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
@@ -144,6 +147,15 @@ def capture(
         resolutions=resolution or (), calls=calls, preset=preset, batch_size=batch_size, codec=codec, device=device,
         torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker,
         max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks)
+    if scheduler is None and (workers is not None or slots_per_task is not None):
+        raise InvalidInputError("--workers and --slots-per-task belong to --scheduler; add --scheduler local "
+                                "(or a scheduler address)")
+    if scheduler is not None and (reserve_only or worker is not None):
+        raise InvalidInputError("--scheduler fills the slots itself; leave out --reserve-only and --worker")
+    if scheduler is not None and scheduler != "local":  # a mistyped address: one line, before the model loads
+        from .cluster import check_scheduler_address
+
+        check_scheduler_address(scheduler)
     if job.nothing_to_resume:  # before loading the model
         console.print(job.nothing_message(), highlight=False)
         return
@@ -166,7 +178,13 @@ def capture(
     n = job.total
     with _progress(n or 0, "capturing") as bar:
         task = bar.add_task("capture", total=n)
-        result = job.run(progress=lambda slot: bar.advance(task))
+        if scheduler is not None:
+            from .capture import capture_on_cluster
+
+            result = capture_on_cluster(job, scheduler=scheduler, workers=workers, slots_per_task=slots_per_task,
+                                        progress=lambda slot: bar.advance(task))
+        else:
+            result = job.run(progress=lambda slot: bar.advance(task))
     slots = list(result.images)
     shown = ", ".join(map(str, slots[:20])) + (f", ... ({len(slots)} in all)" if len(slots) > 20 else "")
     console.print(f"{job.action} images {shown} in {out}"

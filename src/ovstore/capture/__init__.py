@@ -17,6 +17,7 @@ Lower level, with a pipeline of your own::
     capture(pipe, identity, requests, "captures.zarr", config=CaptureConfig(num_inference_steps=30))
 """
 
+from .cluster import capture_on_cluster, fill_slots
 from .config import BRANCH_CHOICES, PRESETS, CaptureConfig, store_settings
 from .job import CaptureJob, parse_worker, prepare_capture, run_capture
 from .continuation import check_continuation, continued_config, recorded_model
@@ -38,6 +39,8 @@ __all__ = [
     "QueryRecorder",
     "build_requests",
     "capture",
+    "capture_on_cluster",
+    "fill_slots",
     "cross_attention_layers",
     "load_pipeline",
     "match_requests",

@@ -255,7 +255,7 @@ def capture(
 
 def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig | None = None,
            requests: Sequence[ImageRecord] | None = None, progress: Callable[[int], None] | None = None,
-           worker: tuple[int, int] | None = None) -> CaptureResult:
+           worker: tuple[int, int] | None = None, slots: Sequence[int] | None = None) -> CaptureResult:
     """Finish the incomplete images of a store from their recorded requests.
 
     Settings (size, layers, calls, branches, dtype, codec) come from the store and each image
@@ -267,8 +267,11 @@ def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig |
     store does not hold yet (the run died before reserving them, or before creating the
     store) are added. Without ``requests`` every incomplete slot is finished; with
     ``worker=(k, n)`` only slots with ``slot % n == k``, so ``n`` processes (one per GPU) can
-    finish one store together, writing disjoint slots.
+    finish one store together, writing disjoint slots; with ``slots`` only the incomplete ones
+    of those (how the tasks of :func:`~ovstore.capture.capture_on_cluster` share a store).
     """
+    if slots is not None and requests is not None:
+        raise InvalidInputError("slots finish recorded slots; give slots or requests, not both")
     if worker is not None and not (worker[1] >= 1 and 0 <= worker[0] < worker[1]):
         raise InvalidInputError(f"--worker {worker[0]}/{worker[1]}: write K/N with 0 <= K < N")
     if worker is not None and requests is not None:
@@ -285,7 +288,7 @@ def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig |
             raise InvalidInputError(f"store {out} does not exist; give a CaptureConfig to create it")
         return capture(pipe, identity, requests, out, config=config, progress=progress)
     store = open_store(out)
-    todo, new, done = match_requests(store, requests, worker=worker)
+    todo, new, done = match_requests(store, requests, worker=worker, slots=slots)
     records = store.records()
     if not todo and not new:
         return CaptureResult(store=out, images=(), layout=store.layout, already_complete=tuple(done))
@@ -310,16 +313,22 @@ def resume(pipe: Any, identity: Any, out: str | Path, *, config: CaptureConfig |
 
 
 def match_requests(store: Any, requests: Sequence[ImageRecord] | None, *,
-                   worker: tuple[int, int] | None = None) -> tuple[list[int], list[ImageRecord], list[int]]:
+                   worker: tuple[int, int] | None = None,
+                   slots: Sequence[int] | None = None) -> tuple[list[int], list[ImageRecord], list[int]]:
     """What :func:`resume` would do: ``(slots to generate, requests to add, slots already
     complete)``. Requests match recorded slots as a multiset (the same request twice needs
-    two slots); without requests every incomplete slot (of this worker) is to be generated."""
+    two slots); without requests every incomplete slot (of this worker, or among ``slots``)
+    is to be generated."""
     status = store.status()
     records = store.records()
     if requests is None:
-        todo = [i for i in range(len(records)) if status[i] != STATUS_COMPLETE
+        chosen = range(len(records)) if slots is None else sorted({int(i) for i in slots})
+        if slots is not None and any(not 0 <= i < len(records) for i in chosen):
+            raise InvalidInputError(f"slots {list(chosen)} are not all among the store's {len(records)} slots")
+        todo = [i for i in chosen if status[i] != STATUS_COMPLETE
                 and (worker is None or i % worker[1] == worker[0])]
-        return todo, [], []
+        done = [i for i in chosen if status[i] == STATUS_COMPLETE] if slots is not None else []
+        return todo, [], done
     complete_of: dict[ImageRecord, list[int]] = {}
     open_of: dict[ImageRecord, list[int]] = {}
     for i, r in enumerate(records):
