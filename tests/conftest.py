@@ -62,3 +62,23 @@ def multi_store(tmp_path_factory, tiny_pipe):
                                ("a dog in a park", None, 42)], seed=7, num_inference_steps=4)
     capture(pipe, identity, requests, out, config=CaptureConfig(num_inference_steps=4, batch_size=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """One LocalCluster of two worker processes for every test that runs on Dask (a cluster's
+    workers take seconds to start and import torch; they are started once)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def dask_client(dask_cluster):
+    """A client of :func:`dask_cluster`, with both workers up (a test may have killed one)."""
+    from distributed import Client
+
+    with Client(dask_cluster) as client:
+        client.wait_for_workers(2, timeout=120)
+        yield client

@@ -28,14 +28,10 @@ def reference(multi_store, tmp_path_factory) -> dict[str, bytes]:
     return tree_bytes(out)
 
 
-@pytest.fixture(scope="module")
-def client():
-    """A LocalCluster of two worker processes (what `--scheduler local --workers 2` starts)."""
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        yield client
+@pytest.fixture
+def client(dask_client):
+    """The session's LocalCluster of two worker processes (what `--scheduler local --workers 2` starts)."""
+    return dask_client
 
 
 def test_local_cluster_of_processes_writes_the_in_process_maps_byte_for_byte(multi_store, reference, tmp_path,

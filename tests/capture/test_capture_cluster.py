@@ -14,9 +14,7 @@ from conftest import TINY_SD15
 PROMPTS = ["a cat on a sofa", "a red car", "a dog in a park", "a blue bird", "a green apple"]
 
 
-def _cluster_capture(tmp_path, prompts, *, kill: bool) -> None:
-    from distributed import Client, LocalCluster
-
+def _cluster_capture(tmp_path, prompts, client, *, kill: bool) -> None:
     from ovstore.capture import capture_on_cluster, prepare_capture, run_capture
     from ovstore.store import open_store, verify_store
 
@@ -24,17 +22,14 @@ def _cluster_capture(tmp_path, prompts, *, kill: bool) -> None:
     run_capture(str(TINY_SD15), out=tmp_path / "single.zarr", **options)
     job = prepare_capture(str(TINY_SD15), out=tmp_path / "cluster.zarr", **options)
     seen: list[int] = []
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        pids = list(client.run(os.getpid).values())
+    pids = list(client.run(os.getpid).values())
 
-        def kill_a_worker_after_the_first_slot(slot: int) -> None:
-            if kill and not seen:  # the other worker is generating a slot now, or about to
-                os.kill(pids[1], signal.SIGKILL)
-            seen.append(slot)
+    def kill_a_worker_after_the_first_slot(slot: int) -> None:
+        if kill and not seen:  # the other worker is generating a slot now, or about to
+            os.kill(pids[1], signal.SIGKILL)
+        seen.append(slot)
 
-        result = capture_on_cluster(job, scheduler=client, slots_per_task=1,
-                                    progress=kill_a_worker_after_the_first_slot)
+    result = capture_on_cluster(job, scheduler=client, slots_per_task=1, progress=kill_a_worker_after_the_first_slot)
     assert sorted(seen) == list(range(len(prompts))) and result.images == tuple(range(len(prompts)))
     one, many = open_store(tmp_path / "single.zarr"), open_store(tmp_path / "cluster.zarr")
     assert many.n_images == len(prompts) and many.complete_images() == list(range(len(prompts)))
@@ -46,13 +41,13 @@ def _cluster_capture(tmp_path, prompts, *, kill: bool) -> None:
             np.testing.assert_array_equal(many.queries(layer.name, image), one.queries(layer.name, image))
 
 
-def test_a_local_cluster_of_two_workers_fills_every_slot_once_as_one_process_does(tmp_path):
-    _cluster_capture(tmp_path, PROMPTS[:3], kill=False)
+def test_a_local_cluster_of_two_workers_fills_every_slot_once_as_one_process_does(tmp_path, dask_client):
+    _cluster_capture(tmp_path, PROMPTS[:3], dask_client, kill=False)
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_capture_loses_nothing(tmp_path):
-    _cluster_capture(tmp_path, PROMPTS, kill=True)
+def test_a_worker_killed_mid_capture_loses_nothing(tmp_path, dask_client):
+    _cluster_capture(tmp_path, PROMPTS, dask_client, kill=True)
 
 
 def test_cli_capture_scheduler_options(tmp_path, monkeypatch, capsys):

@@ -171,12 +171,9 @@ def test_text_encoder_of_another_model_is_refused_before_writing(multi_store, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_distributed_cluster_address_equals_local_run(multi_store, tmp_path, labelled):
-    from distributed import LocalCluster
-
+def test_distributed_cluster_address_equals_local_run(multi_store, tmp_path, labelled, dask_client):
     out = tmp_path / "dask"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        result = label_store(multi_store, out, CONFIG, scheduler=cluster.scheduler_address, partition_size=1)
+    result = label_store(multi_store, out, CONFIG, scheduler=dask_client.scheduler.address, partition_size=1)
     assert result.labelled == (0, 1, 2)
     _assert_same_dataset(out, labelled[0])
 
