@@ -123,6 +123,12 @@ def capture(
     max_sequence_length: Annotated[Optional[int], typer.Option(help="SD3/FLUX: T5 tokens of the prompt encoding (the pipeline's max_sequence_length; default the pipeline's, or the store's).")] = None,
     true_cfg_scale: Annotated[Optional[float], typer.Option(help="FLUX: true classifier-free guidance scale; > 1 with --negative-prompt runs the prompt's and the negative prompt's calls (--branch chooses which are stored). --guidance is then FLUX's embedded guidance.")] = None,
     single_blocks: Annotated[bool, typer.Option("--single-blocks", help="FLUX: also record the single-stream blocks (off by default: they are stored whole, weights included; see docs/store-format.md).")] = False,
+    images_file: Annotated[Optional[Path], typer.Option(help="Real images instead of generations: JSONL, one {\"image\": \"path.png\", \"prompt\": \"caption\"} per line (optional negative_prompt, seed; paths relative to the file's folder). Needs --strength or --invert.")] = None,
+    strength: Annotated[Optional[float], typer.Option(help="Real images, img2img: noise each image to the timestep of strength S in (0, 1] and denoise the remaining int(steps*S) steps while capturing.")] = None,
+    invert: Annotated[bool, typer.Option("--invert", help="Real images: DDIM inversion of each image with its prompt, then capture while regenerating it with DDIM (guidance defaults to 1).")] = False,
+    inversion_guidance: Annotated[Optional[float], typer.Option(help="With --invert: guidance of the inversion pass (default 1: no classifier-free guidance).")] = None,
+    resize: Annotated[Optional[str], typer.Option(help="Real images: resize every image to WxH (multiples of 8) or to the pipeline's native size (native), bicubic.")] = None,
+    convert_rgb: Annotated[bool, typer.Option("--convert-rgb", help="Real images: convert grey, palette, CMYK and alpha images to RGB (alpha composited on white) instead of refusing them.")] = False,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
@@ -143,7 +149,9 @@ def capture(
         steps=steps, guidance=guidance, height=height, width=width, branch=branch, dtype=dtype, layers=layer or (),
         resolutions=resolution or (), calls=calls, preset=preset, batch_size=batch_size, codec=codec, device=device,
         torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker,
-        max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks)
+        max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks,
+        images_file=images_file, strength=strength, invert=invert, inversion_guidance=inversion_guidance,
+        resize=resize, convert_rgb=convert_rgb)
     if job.nothing_to_resume:  # before loading the model
         console.print(job.nothing_message(), highlight=False)
         return
