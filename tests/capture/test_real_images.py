@@ -333,3 +333,56 @@ def test_sdxl_real_images_through_the_family_seam(tmp_path):
         assert store.layout.num_unet_calls == calls and store.complete_images() == [0]
         assert store.layout.model.pipeline_class == "StableDiffusionXLPipeline" and verify_store(store).ok
         assert np.isfinite(store.reconstruction(0)[1])
+
+
+def test_merge_keeps_sources_and_reconstructions(strength_store, tmp_path):
+    from ovstore.store import merge_stores
+
+    merge_stores(tmp_path / "merged.zarr", [strength_store])
+    merged, source = open_store(tmp_path / "merged.zarr"), open_store(strength_store)
+    assert merged.is_real_images and merged.records() == source.records() and verify_store(merged).ok
+    for i in range(3):
+        np.testing.assert_array_equal(merged.image(i), source.image(i))
+        assert merged.reconstruction(i)[1] == source.reconstruction(i)[1]
+        np.testing.assert_array_equal(merged.reconstruction(i)[0], source.reconstruction(i)[0])
+
+
+def _faults():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fault_injection", Path(__file__).resolve().parents[2] / "scripts" / "fault_injection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("point,pattern,half", [
+    ("mid-shard of image 1's queries", r"/killed\.zarr/layers/up_blocks[^/]*/queries/c/1/", True),
+    ("image 1's reconstruction, before its marker", r"/killed\.zarr/reconstructions/c/1/", False),
+])
+def test_sigkill_then_resume_loses_nothing(point, pattern, half, scenes_dir, tmp_path):
+    """SIGKILL inside the writes of image 1; `ovstore capture --resume --out STORE` finishes it,
+    and every image equals an uninterrupted capture's."""
+    import os
+    import signal
+
+    faults = _faults()
+    folder, _ = scenes_dir
+    args = lambda out: ("capture", "--images-file", folder / "images.jsonl", "--strength", "0.5", "--steps",  # noqa
+                        "4", "--guidance", "5", "--out", out)
+    faults.run_cli(*args(tmp_path / "reference.zarr"))
+    status = faults.killed_run(lambda: faults.run_cli(*args(tmp_path / "killed.zarr")), pattern, 1, half)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, point
+    assert open_store(tmp_path / "killed.zarr").complete_images() == [0]
+    faults.run_cli("capture", "--resume", "--out", tmp_path / "killed.zarr")
+    killed, reference = open_store(tmp_path / "killed.zarr"), open_store(tmp_path / "reference.zarr")
+    assert killed.complete_images() == [0, 1, 2] and verify_store(killed).ok
+    assert killed.records() == reference.records()
+    for i in range(3):
+        np.testing.assert_array_equal(killed.reconstruction(i)[0], reference.reconstruction(i)[0])
+        np.testing.assert_array_equal(killed.timesteps(i), reference.timesteps(i))
+        for layer in killed.layout.layers:
+            np.testing.assert_array_equal(killed.queries(layer.name, i, branch=None),
+                                          reference.queries(layer.name, i, branch=None))

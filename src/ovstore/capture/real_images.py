@@ -296,6 +296,10 @@ def build_image_requests(lines: Sequence[ImageLine], method: RealImageMethod, *,
                                guidance=record.guidance, num_inference_steps=record.num_inference_steps,
                                source=source))
     if isinstance(resize, tuple):
+        if store_size is not None and (resize[1], resize[0]) != tuple(store_size):
+            raise InvalidInputError(f"--resize {resize[0]}x{resize[1]}: the store at --out holds {store_size[1]}x"
+                                    f"{store_size[0]}; pass --resize {store_size[1]}x{store_size[0]}, or capture "
+                                    "into a new --out")
         return ImageRequests(out, (resize[1], resize[0]))
     if resize == "native":
         return ImageRequests(out, store_size)
