@@ -227,9 +227,9 @@ def prepare_capture(
             raise InvalidInputError("--reserve-only and --worker are not supported for real-image stores; finish "
                                     "an interrupted run with --resume")
         if method is None:  # --resume --out STORE: the store's method
-            from ..store import format as fmt
+            from ..store import REAL_IMAGES
 
-            method = RealImageMethod.from_json(existing.layout.extra[fmt.REAL_IMAGES])
+            method = RealImageMethod.from_json(existing.layout.extra[REAL_IMAGES])
     elif existing is not None and images_file is not None:
         raise InvalidInputError(f"store {out} holds generations; capture real images into a new --out")
     if resume and existing is None and not specs and images_file is None:

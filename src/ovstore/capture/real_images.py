@@ -34,8 +34,7 @@ import numpy as np
 from ..errors import InvalidInputError, StoreFormatError
 from ..families import family_for_pipeline
 from ..inputs import check_float, check_seed, read_lines
-from ..store import ImageRecord, StoreLayout, StoreWriter, open_store
-from ..store import format as fmt
+from ..store import REAL_IMAGES, ImageRecord, StoreLayout, StoreWriter, open_store
 from .config import CaptureConfig, store_settings
 from .runner import (
     CaptureResult, _BackgroundWriter, _batches, _context_ids, _key_projections, _stored_weights, check_capture_memory,
@@ -368,7 +367,7 @@ def plan_real_capture(pipe: Any, identity: Any, config: CaptureConfig,
                                 f"whose sides are multiples of {factor}: pass --resize WxH or --resize native")
     scheduler = method.scheduler(pipe)
     extra = dict(layout.extra) | {"scheduler": type(scheduler).__name__, "scheduler_config": dict(scheduler.config),
-                                  fmt.REAL_IMAGES: method.to_json()}
+                                  REAL_IMAGES: method.to_json()}
     return dataclasses.replace(layout, extra=extra), layers
 
 
@@ -402,7 +401,7 @@ def resume_real_images(pipe: Any, identity: Any, out: str | Path, *, config: Cap
     store = open_store(out)
     if not store.is_real_images:
         raise InvalidInputError(f"store {out} holds generations; resume it without --images-file")
-    method = RealImageMethod.from_json(store.layout.extra[fmt.REAL_IMAGES])
+    method = RealImageMethod.from_json(store.layout.extra[REAL_IMAGES])
     todo, new, done = match_requests(store, requests)
     if not todo and not new:
         return CaptureResult(store=out, images=(), layout=store.layout, already_complete=tuple(done))
