@@ -264,6 +264,8 @@ BAD = [
     ("duplicate lines", [{"image": "ok.png", "prompt": "a"}, {"image": "./ok.png", "prompt": "a"}],
      ["--strength", "0.5"], "repeats line 1"),
     ("--strength without --images-file", None, ["--strength", "0.5", "--prompt", "a"], "add --images-file"),
+    ("--reserve-only with real images", [{"image": "ok.png", "prompt": "a"}], ["--strength", "0.5", "--reserve-only"],
+     "not supported"),
     ("--height with real images", [{"image": "ok.png", "prompt": "a"}], ["--strength", "0.5", "--height", "64"],
      "--resize"),
 ]
@@ -386,3 +388,12 @@ def test_sigkill_then_resume_loses_nothing(point, pattern, half, scenes_dir, tmp
         for layer in killed.layout.layers:
             np.testing.assert_array_equal(killed.queries(layer.name, i, branch=None),
                                           reference.queries(layer.name, i, branch=None))
+
+
+def test_families_without_real_image_support_refuse_them():
+    from ovstore.errors import InvalidInputError
+    from ovstore.families import get_family
+
+    for name in ("sd3", "flux"):
+        with pytest.raises(InvalidInputError, match="captures generations only"):
+            get_family(name).image_to_image(object())

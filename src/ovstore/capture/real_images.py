@@ -237,8 +237,8 @@ def _to_rgb(image: Any, convert: bool, where: str) -> Any:
     if image.mode == "RGB":
         return image
     if image.mode not in _CONVERTIBLE:
-        raise InvalidInputError(f"{where}: image is {image.mode} ({'16-bit' if 'I' in image.mode else 'float'}); "
-                                "save it as 8-bit RGB")
+        raise InvalidInputError(f"{where}: image is {image.mode} (more than 8 bits per channel); save it as 8-bit "
+                                "RGB")
     if not convert:
         raise InvalidInputError(
             f"{where}: image is {image.mode}, not RGB; convert it (e.g. PIL: Image.open(f).convert('RGB')) or pass "
