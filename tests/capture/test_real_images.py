@@ -22,9 +22,10 @@ from ovstore.capture.real_images import (  # noqa: E402
 from ovstore.store import open_store, verify_store  # noqa: E402
 from ovstore.toyworld.world import sample_rich_scenes  # noqa: E402
 
-#: Measured on the toy model (steps 10-20, 32x32 renders of world v2): img2img at strength 0.3
-#: 22.4-30.6 dB, inversion 23.6-32.1 dB, the VAE alone 24.8-33.5 dB; another scene's render
-#: scores 9-14 dB against a source. The floor leaves about 2 dB below the lowest measured.
+#: Measured on the toy model, 32x32 renders of world v2 (``sample_rich_scenes(3, 4)``, 20 steps):
+#: img2img at strength 0.3 22.4-30.6 dB, at 0.5 20.2-27.9 dB, inversion 23.6-32.1 dB, the VAE
+#: alone 24.8-33.5 dB. The floor is for these scenes: over the 36 scenes of
+#: benchmarks/bench_real_images.py the lowest are 18.7 dB (strength 0.5) and 17.7 dB (inversion).
 PSNR_FLOOR = 20.0
 
 
