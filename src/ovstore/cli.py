@@ -126,6 +126,12 @@ def capture(
     scheduler: Annotated[Optional[str], typer.Option(help="Fill the slots on Dask workers: 'local' (a LocalCluster of --workers CPU processes) or a scheduler address tcp://HOST:8786 whose workers see --out (one `dask worker ADDRESS --resources GPU=1` per GPU with --device cuda). The slots are reserved here first; a killed worker's slots are retried elsewhere.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes of --scheduler local (default: one per core).")] = None,
     slots_per_task: Annotated[Optional[int], typer.Option(help="Slots per Dask task with --scheduler (default: twice --batch-size).")] = None,
+    images_file: Annotated[Optional[Path], typer.Option(help="Real images instead of generations: JSONL, one {\"image\": \"path.png\", \"prompt\": \"caption\"} per line (optional negative_prompt, seed; paths relative to the file's folder). Needs --strength or --invert.")] = None,
+    strength: Annotated[Optional[float], typer.Option(help="Real images, img2img: noise each image to the timestep of strength S in (0, 1] and denoise the remaining int(steps*S) steps while capturing.")] = None,
+    invert: Annotated[bool, typer.Option("--invert", help="Real images: DDIM inversion of each image with its prompt, then capture while regenerating it with DDIM (guidance defaults to 1).")] = False,
+    inversion_guidance: Annotated[Optional[float], typer.Option(help="With --invert: guidance of the inversion pass (default 1: no classifier-free guidance).")] = None,
+    resize: Annotated[Optional[str], typer.Option(help="Real images: resize every image to WxH (multiples of 8) or to the pipeline's native size (native), bicubic.")] = None,
+    convert_rgb: Annotated[bool, typer.Option("--convert-rgb", help="Real images: convert grey, palette, CMYK and alpha images to RGB (alpha composited on white) instead of refusing them.")] = False,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
@@ -146,7 +152,9 @@ def capture(
         steps=steps, guidance=guidance, height=height, width=width, branch=branch, dtype=dtype, layers=layer or (),
         resolutions=resolution or (), calls=calls, preset=preset, batch_size=batch_size, codec=codec, device=device,
         torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker,
-        max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks)
+        max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks,
+        images_file=images_file, strength=strength, invert=invert, inversion_guidance=inversion_guidance,
+        resize=resize, convert_rgb=convert_rgb)
     if scheduler is None and (workers is not None or slots_per_task is not None):
         raise InvalidInputError("--workers and --slots-per-task belong to --scheduler; add --scheduler local "
                                 "(or a scheduler address)")

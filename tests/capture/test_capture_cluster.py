@@ -78,3 +78,18 @@ def test_a_local_cluster_is_not_offered_gpus(tmp_path):
     with pytest.raises(InvalidInputError, match="--scheduler local starts CPU workers"):
         capture_on_cluster(job, scheduler="local")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_real_image_captures_are_not_sent_to_a_cluster(tmp_path):
+    from PIL import Image
+
+    from ovstore.capture import capture_on_cluster, prepare_capture
+    from ovstore.errors import InvalidInputError
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "images.jsonl").write_text('{"image": "red.png", "prompt": "a red square"}\n')
+    job = prepare_capture(str(TINY_SD15), images_file=tmp_path / "images.jsonl", strength=0.5, steps=2,
+                          out=tmp_path / "s.zarr")
+    with pytest.raises(InvalidInputError, match="real-image captures .* run in one process"):
+        capture_on_cluster(job, scheduler="local")
+    assert not (tmp_path / "s.zarr").exists()

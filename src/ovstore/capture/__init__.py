@@ -15,6 +15,10 @@ Lower level, with a pipeline of your own::
     pipe, identity = load_pipeline("path/or/hub-id")
     requests = build_requests([("a cat on a sofa", None, None)], seed=0)
     capture(pipe, identity, requests, "captures.zarr", config=CaptureConfig(num_inference_steps=30))
+
+Real images (``ovstore capture --images-file F.jsonl --strength 0.5``): ``run_capture(images_file=...,
+strength=0.5)``, or :mod:`ovstore.capture.real_images` (``build_image_requests``,
+``capture_real_images``).
 """
 
 from .cluster import capture_on_cluster, fill_slots
@@ -23,6 +27,9 @@ from .job import CaptureJob, parse_worker, prepare_capture, run_capture
 from .continuation import check_continuation, continued_config, recorded_model
 from .layers import cross_attention_layers
 from .pipeline import load_pipeline, model_identity
+from .real_images import (
+    RealImageMethod, build_image_requests, capture_real_images, read_images_file, resume_real_images,
+)
 from .recorder import QueryRecorder
 from .requests import build_requests, read_prompts_file
 from .runner import CaptureResult, capture, check_requests, match_requests, plan_capture, resume
@@ -37,6 +44,11 @@ __all__ = [
     "prepare_capture",
     "run_capture",
     "QueryRecorder",
+    "RealImageMethod",
+    "build_image_requests",
+    "capture_real_images",
+    "read_images_file",
+    "resume_real_images",
     "build_requests",
     "capture",
     "capture_on_cluster",

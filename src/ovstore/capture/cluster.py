@@ -45,6 +45,9 @@ def capture_on_cluster(job: CaptureJob, *, scheduler: Any = "local", workers: in
 
     if job.reserve_only or job.worker is not None:
         raise InvalidInputError("--scheduler fills the slots itself; leave out --reserve-only and --worker")
+    if job.real_images is not None:
+        raise InvalidInputError("real-image captures (--images-file, or a real-image store) run in one process; "
+                                "leave out --scheduler")
     if isinstance(scheduler, str) and scheduler != "local":
         scheduler = check_scheduler_address(scheduler)
     cuda = job.device.startswith("cuda")

@@ -50,9 +50,12 @@ def _unet_calls(pipe: Any, steps: int) -> int:
     return len(scheduler.timesteps)
 
 
-def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[StoreLayout, list]:
+def plan_capture(pipe: Any, identity: Any, config: CaptureConfig, *,
+                 n_calls: int | None = None) -> tuple[StoreLayout, list]:
     """The store layout a capture with ``config`` produces, and the layers to hook (both as
-    the pipeline's model family describes them)."""
+    the pipeline's model family describes them). ``n_calls``: the denoiser calls per image
+    when they are not those of a generation with the config's steps (real images: img2img
+    runs only the steps after its strength's timestep)."""
     family = family_for_pipeline(pipe, getattr(identity, "id", ""))
     native = family.native_size(pipe)
     height, width = config.height or native[0], config.width or native[1]
@@ -74,7 +77,7 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
     layers = [(info, module) for info, module in found if info.name in chosen]
     family.check_layers([info for info, _ in found], [info for info, _ in layers])
     options = family_options(family, config)
-    n_calls = _unet_calls(pipe, config.num_inference_steps)
+    n_calls = _unet_calls(pipe, config.num_inference_steps) if n_calls is None else n_calls
     calls = resolve_indices(config.call_spec, n_calls, what="UNet call")
     layout = StoreLayout(
         model=identity, layers=tuple(info for info, _ in layers), height=height, width=width,
@@ -153,7 +156,7 @@ class _BackgroundWriter:
                 self.error = exc
 
     def _write(self, slots: list[int], images: np.ndarray, batch: BatchQueries, labels: tuple,
-               copied: Any = None) -> None:
+               copied: Any = None, extras: Sequence[dict[str, Any]] | None = None) -> None:
         if copied is not None:  # the asynchronous device-to-host copies of this batch are done
             copied.synchronize()
         stored_timesteps = [batch.timesteps[c] for c in self.writer.store.layout.calls]
@@ -166,7 +169,8 @@ class _BackgroundWriter:
             self.writer.write_image(slot, image=images[k], queries=queries,
                                     timesteps=stored_timesteps, branch_labels=labels, context=context,
                                     layer_arrays=arrays,
-                                    conditioning=None if conditioning is None else conditioning.numpy())
+                                    conditioning=None if conditioning is None else conditioning.numpy(),
+                                    **(extras[k] if extras else {}))
             self.writer.mark_complete(slot)
             if self.on_image is not None:
                 self.on_image(slot)
@@ -366,10 +370,7 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
 
     layout = writer.store.layout
     family = family_for_pipeline(pipe)
-    recorder = QueryRecorder(family.denoiser(pipe), layers, calls=layout.calls, branches=layout.branches,
-                             dtype=layout.query_dtype, family=family,
-                             context_dtype=layout.context.dtype if layout.context is not None else None,
-                             call_order=family.call_order(layout.extra))
+    recorder = make_recorder(pipe, layers, layout)
     options = family_options(family, config)
     background = _BackgroundWriter(writer, progress)
     try:
@@ -415,6 +416,16 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
         background.thread.join()
         raise
     background.close()
+
+
+def make_recorder(pipe: Any, layers: list, layout: StoreLayout) -> QueryRecorder:
+    """The recorder of everything ``layout`` keeps of each denoiser call (one for generations
+    and real images alike)."""
+    family = family_for_pipeline(pipe)
+    return QueryRecorder(family.denoiser(pipe), layers, calls=layout.calls, branches=layout.branches,
+                         dtype=layout.query_dtype, family=family,
+                         context_dtype=layout.context.dtype if layout.context is not None else None,
+                         call_order=family.call_order(layout.extra))
 
 
 def _context_ids(pipe: Any, family: ModelFamily, records: Sequence[ImageRecord],

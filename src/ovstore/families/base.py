@@ -89,6 +89,26 @@ class ModelFamily(ABC):
         components of an img2img pipeline); default ``pipe`` itself."""
         return pipe
 
+    def image_to_image(self, pipe: Any) -> Any:
+        """The img2img pipeline sharing ``pipe``'s components (real images, ``--strength``);
+        default: refused, the family captures generations only."""
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"the {self.name} family captures generations only; real images (--images-file) "
+                                "need a Stable Diffusion 1.x/2.x or SDXL pipeline")
+
+    def inversion_pipelines(self, pipe: Any) -> tuple[Any, Any]:
+        """``(inverting, regenerating)`` text-to-image pipelines sharing ``pipe``'s components,
+        with a DDIM inverse scheduler and a DDIM scheduler (real images, ``--invert``);
+        default: refused."""
+        return self.image_to_image(pipe), None
+
+    def encode_images(self, pipe: Any, pixels: np.ndarray) -> torch.Tensor:
+        """Latents of uint8 images ``(image, y, x, rgb)`` as the denoiser takes them (the
+        mean of the VAE's posterior, scaled); default: refused."""
+        self.image_to_image(pipe)
+        raise NotImplementedError  # pragma: no cover
+
     @abstractmethod
     def denoiser(self, pipe: Any) -> Any:
         """The module called once per denoising step and branch batch (UNet, transformer)."""

@@ -130,6 +130,51 @@ class UNetFamily(ModelFamily):
         converted.set_progress_bar_config(disable=True)
         return converted
 
+    def image_to_image(self, pipe: Any) -> Any:
+        from diffusers import AutoPipelineForImage2Image
+
+        # StableDiffusion(XL)Img2ImgPipeline on the same UNet, text encoders, VAE and scheduler
+        converted = AutoPipelineForImage2Image.from_pipe(pipe)
+        converted.set_progress_bar_config(disable=True)
+        return converted
+
+    def inversion_pipelines(self, pipe: Any) -> tuple[Any, Any]:
+        from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+        # the text-to-image pipeline itself, stepping backwards (DDIM inversion: latents given,
+        # init_noise_sigma 1) and forwards (DDIM, eta 0) with the model's scheduler settings
+        pipes = []
+        for scheduler in (DDIMInverseScheduler, DDIMScheduler):
+            p = type(pipe).from_pipe(pipe, scheduler=scheduler.from_config(pipe.scheduler.config))
+            p.set_progress_bar_config(disable=True)
+            pipes.append(p)
+        return pipes[0], pipes[1]
+
+    def encode_images(self, pipe: Any, pixels: np.ndarray) -> Any:
+        import torch
+
+        vae = pipe.vae
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).float().div(127.5).sub(1).permute(0, 3, 1, 2)
+        # SDXL's float16 VAE overflows when encoding: its pipelines upcast it (force_upcast)
+        dtype = torch.float32 if vae.dtype == torch.float16 and vae.config.get("force_upcast") else vae.dtype
+        original = vae.dtype
+        with torch.no_grad():
+            if dtype != original:
+                vae.to(dtype)
+            try:
+                latents = vae.encode(x.to(vae.device, dtype)).latent_dist.mean
+            finally:
+                if dtype != original:
+                    vae.to(original)
+            mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+            if mean is not None and std is not None:  # as the SDXL img2img pipeline
+                mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+                std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+                latents = (latents - mean) * vae.config.scaling_factor / std
+            else:
+                latents = latents * vae.config.scaling_factor
+        return latents.to(pipe.unet.dtype)
+
     def denoiser(self, pipe: Any) -> Any:
         return pipe.unet
 

@@ -129,7 +129,7 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
             voc.write_json_atomic(record_path, {**record, "maps": True})
             continue
         record = store.record(image)
-        rgb = store.image(image)
+        rgb = store.image(image)  # a real-image store's images are the sources, not the reconstructions
         labels, thresholds, allowed = image_labels(norm, rgb, record.prompt, config)
         voc.write_jpeg(paths["jpeg"] / f"{stem}.jpg", rgb)
         voc.write_label_png(paths["png"] / f"{stem}.png", labels)
@@ -151,6 +151,7 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
                     "settings": config.provenance(),
                     "model_defaults": _model_defaults_file(store, config),
                     "ovstore_version": __version__,
+                    **({"source": json.loads(record.source)} if record.source else {}),
                 },
             },
             "annotations": voc.rle_annotations(labels, image, n),

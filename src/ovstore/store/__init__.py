@@ -7,6 +7,7 @@ from .format import (
     IMAGE_KEYS, IMAGE_VALUES, CODEC_PRESETS, DEFAULT_CODEC, FORMAT_VERSION, STATUS_COMPLETE, AnalysisDefaults,
     ContextSpec, ImageRecord, LayerInfo, ModelIdentity, StoreLayout, TextRecipe, analysis_defaults,
 )
+from .format import REAL_IMAGES, is_real_image_layout
 from .integrity import Problem, VerifyReport, verify_store
 from .merge import MergeResult, merge_stores
 from .reader import Store, StoreSummary, open_store
@@ -17,6 +18,8 @@ __all__ = [
     "analysis_defaults",
     "IMAGE_KEYS",
     "IMAGE_VALUES",
+    "REAL_IMAGES",
+    "is_real_image_layout",
     "CODEC_PRESETS",
     "DEFAULT_CODEC",
     "FORMAT_VERSION",

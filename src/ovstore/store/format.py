@@ -85,6 +85,20 @@ CONDITIONING = "conditioning"
 WEIGHTS_GROUP = "weights"
 #: Extra per-layer arrays a layout may name (``StoreLayout.layer_arrays``), shaped as the queries.
 LAYER_ARRAYS = (IMAGE_KEYS, IMAGE_VALUES)
+#: Real-image stores (``layout.extra["real_images"]`` names the method): per image, the source
+#: file's record (JSON: path, SHA-256, method and parameters; written when the slot is reserved),
+#: the decoded reconstruction and its error against the source. ``images`` holds the source.
+REAL_IMAGES = "real_images"
+SOURCE = "source"
+RECONSTRUCTIONS = "reconstructions"
+RECONSTRUCTION_PSNR = "reconstruction_psnr"
+RECONSTRUCTION_MAE = "reconstruction_mae"
+REAL_IMAGE_ARRAYS = (SOURCE, RECONSTRUCTIONS, RECONSTRUCTION_PSNR, RECONSTRUCTION_MAE)
+
+
+def is_real_image_layout(layout: Any) -> bool:
+    """Whether a layout is of a real-image store (captured from source files, not prompts)."""
+    return bool(layout.extra.get(REAL_IMAGES))
 
 #: Arrays with one entry per image slot (besides the per-layer ``queries``).
 PER_IMAGE_ARRAYS = (STATUS, PROMPT, NEGATIVE_PROMPT, SEED, GUIDANCE, NUM_INFERENCE_STEPS,
@@ -433,7 +447,7 @@ class StoreLayout:
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 diffs.append(f"{name}: store has {a}, this capture has {b}")
-        for key in ("max_sequence_length", "true_cfg_scale"):  # pipeline options every image of a store shares
+        for key in ("max_sequence_length", "true_cfg_scale", REAL_IMAGES):  # options every image of a store shares
             a, b = self.extra.get(key), other.extra.get(key)
             if a != b:
                 diffs.append(f"{key}: store has {a}, this capture has {b}")
@@ -521,11 +535,14 @@ class ImageRecord:
     seed: int = 0
     guidance: float = 7.5
     num_inference_steps: int = 50
+    #: real-image stores: the source file's record as canonical JSON (path, SHA-256, method);
+    #: empty for generations
+    source: str = ""
 
     def __post_init__(self) -> None:
         from ..errors import InvalidInputError
 
-        for name in ("prompt", "negative_prompt"):
+        for name in ("prompt", "negative_prompt", "source"):
             if "\x00" in getattr(self, name):
                 raise InvalidInputError(f"the {name.replace('_', ' ')} {getattr(self, name)[:40]!r} contains a "
                                         "NUL character, which cannot be stored; remove it")

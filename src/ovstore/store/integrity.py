@@ -160,6 +160,10 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
                                                    layout.context.length)
     if layout.conditioning:
         expected[fmt.CONDITIONING] = (len(layout.branches), layout.n_steps, layout.conditioning)
+    real = fmt.is_real_image_layout(layout)
+    if real:
+        expected |= {fmt.SOURCE: (), fmt.RECONSTRUCTIONS: (layout.height, layout.width, 3),
+                     fmt.RECONSTRUCTION_PSNR: (), fmt.RECONSTRUCTION_MAE: ()}
     for info in layout.layers:
         for kind in (fmt.QUERIES, *layout.layer_arrays):
             expected[f"{fmt.LAYERS_GROUP}/{info.name}/{kind}"] = (
@@ -242,6 +246,10 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
                 check.read(fmt.CONTEXT_TOKENIZER_IDS, image, fmt.CONTEXT_TOKENIZER_IDS, must_exist=True)
         if layout.conditioning:
             check.read(fmt.CONDITIONING, image, fmt.CONDITIONING, must_exist=True, finite=True)
+        if real:
+            for name in (fmt.SOURCE, fmt.RECONSTRUCTIONS, fmt.RECONSTRUCTION_MAE):
+                check.read(name, image, name, must_exist=True, finite=name == fmt.RECONSTRUCTION_MAE)
+            check.read(fmt.RECONSTRUCTION_PSNR, image, fmt.RECONSTRUCTION_PSNR, must_exist=True)  # inf: exact
         for info in layout.layers:
             for kind in (fmt.QUERIES, *layout.layer_arrays):
                 what = info.name if kind == fmt.QUERIES else f"{info.name} {kind}"

@@ -93,7 +93,8 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
                             if layout.conditioning else None)
             writer.write_image(slot, image=store.image(image), queries=queries, timesteps=store.timesteps(image),
                                branch_labels=store.branch_labels(image), context=context, layer_arrays=arrays,
-                               conditioning=conditioning)
+                               conditioning=conditioning,
+                               reconstruction=store.reconstruction(image) if store.is_real_images else None)
             writer.mark_complete(slot)
             seen.add(record)
             added += 1

@@ -293,18 +293,36 @@ class Store:
             seed=int(get(fmt.SEED)),
             guidance=float(get(fmt.GUIDANCE)),
             num_inference_steps=int(get(fmt.NUM_INFERENCE_STEPS)),
+            source=str(get(fmt.SOURCE)) if self.is_real_images else "",
         )
 
     def records(self) -> list[ImageRecord]:
         """Every slot's generation request, read array by array (faster than :meth:`record`)."""
         n = self.n_images
-        columns = {name: self.read(name, what=f"record {name}")[:n] for name in fmt.RECORD_ARRAYS}
+        names = (*fmt.RECORD_ARRAYS, fmt.SOURCE) if self.is_real_images else fmt.RECORD_ARRAYS
+        columns = {name: self.read(name, what=f"record {name}")[:n] for name in names}
         return [
             ImageRecord(prompt=str(columns[fmt.PROMPT][i]), negative_prompt=str(columns[fmt.NEGATIVE_PROMPT][i]),
                         seed=int(columns[fmt.SEED][i]), guidance=float(columns[fmt.GUIDANCE][i]),
-                        num_inference_steps=int(columns[fmt.NUM_INFERENCE_STEPS][i]))
+                        num_inference_steps=int(columns[fmt.NUM_INFERENCE_STEPS][i]),
+                        source=str(columns[fmt.SOURCE][i]) if fmt.SOURCE in columns else "")
             for i in range(n)
         ]
+
+    @property
+    def is_real_images(self) -> bool:
+        """Whether the store was captured from real images (``images`` holds the sources)."""
+        return fmt.is_real_image_layout(self.layout)
+
+    def reconstruction(self, image: int) -> tuple[np.ndarray, float, float]:
+        """Real-image stores: the decoded reconstruction of a complete image (uint8 ``(H, W, 3)``),
+        its PSNR (dB) and mean absolute error (in [0, 1] RGB) against the source."""
+        if not self.is_real_images:
+            raise StoreFormatError(f"store {self.path} holds generations, not real images; it has no reconstructions")
+        (image,) = self.check_images([image])
+        return (self.read(fmt.RECONSTRUCTIONS, image, what="reconstruction", must_exist=True),
+                float(self.read(fmt.RECONSTRUCTION_PSNR, image, what="reconstruction PSNR", must_exist=True)[()]),
+                float(self.read(fmt.RECONSTRUCTION_MAE, image, what="reconstruction error", must_exist=True)[()]))
 
     def branch_labels(self, image: int) -> tuple[str, ...]:
         text = str(self.read(fmt.BRANCH_LABELS, int(image), what="branch labels")[()])
@@ -341,7 +359,7 @@ class Store:
         return ids if branch is None else ids[branch]
 
     def image(self, image: int) -> np.ndarray:
-        """The generated image as uint8 (height, width, 3).
+        """The generated image as uint8 (height, width, 3); in a real-image store the source.
 
         Raises
         ------

@@ -217,6 +217,11 @@ class StoreWriter:
         n = start + len(records)
         if not records:
             return []
+        real = fmt.is_real_image_layout(store.layout)
+        if any(bool(r.source) != real for r in records):
+            raise InvalidInputError(
+                "real images (with a source file) and generations (prompts only) cannot share a store; capture "
+                "them into separate --out stores")
         with zarr.config.set(_DENSE):
             # data arrays first, the status array last: the status length is the truth, so a
             # reserve killed half-way adds no slot (longer data arrays are cut back next time)
@@ -224,7 +229,8 @@ class StoreWriter:
                 for kind in (fmt.QUERIES, *store.layout.layer_arrays):
                     arr = store.array(f"{fmt.LAYERS_GROUP}/{info.name}/{kind}")
                     arr.resize((n, *arr.shape[1:]))
-            for name in (fmt.IMAGES, fmt.TIMESTEPS, *_PER_IMAGE_TEXT, *_PER_IMAGE_SCALARS, *_context_arrays(store)):
+            for name in (fmt.IMAGES, fmt.TIMESTEPS, *_PER_IMAGE_TEXT, *_PER_IMAGE_SCALARS, *_context_arrays(store),
+                         *(fmt.REAL_IMAGE_ARRAYS if real else ())):
                 arr = store.array(name)
                 arr.resize((n, *arr.shape[1:]))
             sl = slice(start, n)
@@ -234,6 +240,8 @@ class StoreWriter:
             store.array(fmt.GUIDANCE)[sl] = np.array([r.guidance for r in records], dtype=np.float64)
             store.array(fmt.NUM_INFERENCE_STEPS)[sl] = np.array([r.num_inference_steps for r in records],
                                                                 dtype=np.int32)
+            if fmt.is_real_image_layout(store.layout):
+                store.array(fmt.SOURCE)[sl] = np.array([r.source for r in records], dtype=object)
             status = store.array(fmt.STATUS)
             status.resize((n,))
         return list(range(start, n))
@@ -249,6 +257,7 @@ class StoreWriter:
         context: tuple[np.ndarray, np.ndarray] | None = None,
         layer_arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
         conditioning: np.ndarray | None = None,
+        reconstruction: tuple[np.ndarray, float, float] | None = None,
     ) -> None:
         """Write one image's data; it stays incomplete until :meth:`mark_complete`.
 
@@ -257,12 +266,26 @@ class StoreWriter:
         written when the store keeps contexts (format v2) and required then.
         ``layer_arrays[kind][name]`` (the layout's ``layer_arrays``, e.g. image keys) are shaped
         as the queries; ``conditioning`` is ``(branch, step, channel)`` when the layout has it.
+        Real-image stores (``image`` is then the source) need ``reconstruction``: the decoded
+        result (uint8, as ``image``), its PSNR and mean absolute error against the source.
         """
         if int(self.store.read(fmt.STATUS, slot)[()]) == fmt.STATUS_COMPLETE:
             raise StoreError(f"image {slot} is already complete; refusing to overwrite it")
+        real = fmt.is_real_image_layout(self.store.layout)
+        if real != (reconstruction is not None):
+            raise StoreError(f"image {slot}: " + ("a real-image store needs the reconstruction of each image" if real
+                                                  else "only real-image stores keep reconstructions"))
+        if real and np.shape(reconstruction[0]) != np.shape(image):
+            raise StoreError(f"image {slot}: the reconstruction has shape {np.shape(reconstruction[0])}, the image "
+                             f"{np.shape(image)}")
         with zarr.config.set(_DENSE), self._os_errors():
             self._write_image(slot, image, queries, timesteps, branch_labels, context, layer_arrays or {},
                               conditioning)
+            if real:
+                rgb, psnr, mae = reconstruction
+                self.store.array(fmt.RECONSTRUCTIONS)[slot] = np.asarray(rgb, dtype=np.uint8)
+                self.store.array(fmt.RECONSTRUCTION_PSNR)[slot] = float(psnr)
+                self.store.array(fmt.RECONSTRUCTION_MAE)[slot] = float(mae)
 
     def _write_image(self, slot: int, image: np.ndarray, queries: Mapping[str, np.ndarray],
                      timesteps: Sequence[float], branch_labels: Sequence[str],
@@ -465,6 +488,15 @@ def _build(path: Path, layout: StoreLayout, key_projections, weights=None) -> No
                           chunks=(1, nb, layout.n_steps, layout.conditioning), dtype=layout.query_dtype,
                           fill_value=0.0, dimension_names=(i, "branch", fmt.STEP_DIM, "conditioning_channel"),
                           compressors=checked())
+    if fmt.is_real_image_layout(layout):
+        root.create_array(fmt.SOURCE, shape=(0,), chunks=(1,), dtype=str, fill_value="",
+                          dimension_names=(i,), compressors=checked())
+        root.create_array(fmt.RECONSTRUCTIONS, shape=(0, layout.height, layout.width, 3),
+                          chunks=(1, layout.height, layout.width, 3), dtype="uint8", fill_value=0,
+                          dimension_names=(i, "image_y", "image_x", "rgb"), compressors=fmt.query_codecs("zstd3"))
+        for name in (fmt.RECONSTRUCTION_PSNR, fmt.RECONSTRUCTION_MAE):
+            root.create_array(name, shape=(0,), chunks=(1,), dtype="float64", fill_value=np.nan,
+                              dimension_names=(i,), compressors=checked())
     if weights:
         _write_weights(root.create_group(fmt.WEIGHTS_GROUP), weights)
     layers = root.create_group(fmt.LAYERS_GROUP)
