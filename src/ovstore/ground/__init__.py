@@ -3,7 +3,9 @@ offline): stored queries of chosen layers and calls + a class word's text rows â
 class words seen in training or not. See :func:`train_head`, :func:`ground_maps`, :func:`apply_head`.
 """
 
-from .apply import GroundResult, apply_head, ground_maps, ground_partition, head_selection
+from .apply import (
+    GroundResult, apply_head, ground_maps, ground_partition, head_maps_path, head_selection, write_head_maps,
+)
 from .data import (
     DEFAULT_CACHE_BYTES, DEFAULT_TEMPLATE, FeatureReader, LabelFolder, Selection, class_rows, read_label_folder,
     select_layers,
@@ -33,6 +35,7 @@ __all__ = [
     "class_rows",
     "ground_maps",
     "ground_partition",
+    "head_maps_path",
     "head_selection",
     "is_head_file",
     "load_head",
@@ -41,4 +44,5 @@ __all__ = [
     "save_head",
     "select_layers",
     "train_head",
+    "write_head_maps",
 ]

@@ -29,7 +29,8 @@ from ..store import Store, open_store
 from .data import FeatureReader, Selection, class_rows
 from .headfile import HeadFile, check_head_store, load_head
 
-__all__ = ["GroundResult", "apply_head", "ground_maps", "ground_partition", "head_selection"]
+__all__ = ["GroundResult", "apply_head", "ground_maps", "ground_partition", "head_maps_path", "head_selection",
+           "write_head_maps"]
 
 SETTINGS = "ovstore-ground.json"
 
@@ -304,3 +305,29 @@ def _assemble(out: Path, classes: Sequence[str]) -> Path:
     for name in ("default.txt", "train.txt"):
         write_text_atomic(paths["sets"] / name, listing)
     return path
+
+
+def head_maps_path(maps_out: str | Path) -> Path:
+    """Where ``ovstore maps --head`` writes the head's probability maps: beside ``--out``."""
+    maps_out = Path(maps_out)
+    return maps_out.with_name(f"{maps_out.stem}.head.npy")
+
+
+def write_head_maps(store: Store | str | Path, head: str | Path, phrases: Sequence[str], maps_out: str | Path, *,
+                    images: Sequence[int] | None = None, model: str | None = None, device: str = "cpu",
+                    overwrite: bool = False) -> tuple[Path, tuple[int, ...]]:
+    """The head's probability maps of each attribution text (taken as the class phrase in the
+    head's template), float32 ``(image, attribution, H, W)``, to :func:`head_maps_path`
+    (``ovstore maps --head``). Returns the path and the shape."""
+    from ..outputs import open_output
+
+    store = store if isinstance(store, Store) else open_store(store)
+    head_path = Path(head)
+    loaded = load_head(head_path)
+    path = head_maps_path(maps_out)
+    target = open_output(path, "maps", kind="file", inputs=[store.path, head_path], overwrite=overwrite)
+    probs = ground_maps(store, loaded, phrases, images=images, model=model, device=device)
+    with target.writing() as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, probs)
+    return target.path, tuple(probs.shape)
