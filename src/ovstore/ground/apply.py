@@ -203,6 +203,7 @@ def apply_head(
                 "threshold": float(threshold), "prompt_classes_only": bool(prompt_classes_only), "class_words": words,
                 "model": model}
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # the lock file lies beside out
         with held_lock(out, wait=None, what="labelling"):
             return _apply_locked(opened, out, settings, chosen, scheduler=scheduler, workers=workers,
                                  partition_size=partition_size, device=device, progress=progress)

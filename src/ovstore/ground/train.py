@@ -42,7 +42,8 @@ __all__ = ["TrainConfig", "TrainResult", "EpochReport", "train_head", "checkpoin
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings. ``negatives``: absent classes of an image as empty targets."""
+    """Training settings. ``negatives``: absent classes of an image as empty targets; ``flip``:
+    mirror half of the training examples left-right (features and masks alike)."""
 
     epochs: int = 30
     val_fraction: float = 0.2
@@ -54,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     template: str = DEFAULT_TEMPLATE
     negatives: bool = True
+    flip: bool = True
     cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
@@ -296,6 +298,12 @@ def train_head(
         for k in range(0, len(order), config.batch_size):
             part = [train_ex[i] for i in order[k:k + config.batch_size]]
             features, text, target, valid = batches(part)
+            if config.flip:  # drawn from (seed, epoch) too: a resumed run flips the same examples
+                mirror = torch.from_numpy(np.random.default_rng([config.seed, epoch, k]).random(len(part)) < 0.5)
+                mirror = mirror.to(dev)
+                features = [torch.where(mirror[:, None, None, None], f.flip(-1), f) for f in features]
+                target = torch.where(mirror[:, None, None], target.flip(-1), target)
+                valid = torch.where(mirror[:, None, None], valid.flip(-1), valid)
             loss = mask_loss(head(features, text), target, valid)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
