@@ -24,17 +24,21 @@ missing, and reused from ``--work``):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "src" / "ovstore" / "data" / "toy-shapes"
 CLASSES = ("circle", "square", "triangle")
 LABEL_GRID = (0.01, 0.02, 0.03, 0.04) + tuple(round(0.05 * k, 2) for k in range(1, 19))
 
@@ -67,7 +71,6 @@ def main() -> None:
     from ovstore.label import LabelConfig, evaluate_dirs, evaluate_masks, image_labels, label_store
     from ovstore.label.voc import write_label_tree
     from ovstore.optimize import OptimizeConfig, TokenTask, optimize_tokens, save_token
-    from ovstore.store import analysis_defaults
     from ovstore.toyworld import quality as q
 
     t_start = time.perf_counter()
@@ -91,7 +94,9 @@ def main() -> None:
     exact_more = write_label_tree(work / "train11-exact", CLASSES, {
         i: q.label_truth(q.image_truth(more, i)) for i in more.complete_images()})
     gt = write_label_tree(work / "eval-gt", CLASSES, {i: q.label_truth(ev_truth[i]) for i in ev_images})
-    defaults = LabelConfig(classes=CLASSES).with_model_defaults(analysis_defaults(ev))
+    # the embedded model's defaults as they are now (a store records those of its capture time)
+    fields = json.loads((MODEL_DIR / "ovstore_defaults.json").read_text())["label"]
+    defaults = LabelConfig(classes=CLASSES, **fields)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores (shared), 1 torch thread; model {ev.layout.model.id} "
           f"(text encoder {(ev.layout.model.text_encoder_fingerprint or '?')[:12]}); training {len(tr_images)} + "
           f"{len(more.complete_images())} images, "
@@ -127,13 +132,12 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     t0 = time.perf_counter()
-    ovam = label_row("OVAM maps (label, model defaults)", defaults, "maps from each prompt, threshold 0.05")
+    ovam = label_row("OVAM maps (label, model defaults)", defaults, "maps from each prompt, prompt classes only")
     t_label = time.perf_counter() - t0
     try:
         import pydensecrf  # noqa: F401
 
-        label_row("OVAM maps + --crf", LabelConfig(classes=CLASSES, crf=True).with_model_defaults(analysis_defaults(ev)),
-                  "best refinement")
+        label_row("OVAM maps + --crf", LabelConfig(classes=CLASSES, crf=True, **fields), "best refinement")
     except ImportError:
         print("DenseCRF not installed: no --crf row")
 
@@ -145,23 +149,24 @@ def main() -> None:
                              config=OptimizeConfig(epochs=args.token_epochs), text_encoder=encoder)
     t_tokens = time.perf_counter() - t0
     files = {t.name: save_token(t, work / f"{t.name}.safetensors", overwrite=True) for t in tokens}
-    fields = {"normalize": defaults.normalize, "prompt_classes_only": True, "class_words": defaults.class_words,
-              "mode": "separate", "maps_from": "template"}
+    token_fields = {**fields, "mode": "separate", "maps_from": "template"}  # against the word as an attribution
     from ovstore.label.class_maps import label_class_maps  # the maps label_store thresholds (benchmark only)
 
-    norm = label_class_maps(train, tr_images, LabelConfig(classes=CLASSES, tokens=files, **fields), encoder,
+    norm = label_class_maps(train, tr_images, LabelConfig(classes=CLASSES, tokens=files, **token_fields), encoder,
                             size=(train.layout.height, train.layout.width))
     tok_t = max(LABEL_GRID, key=lambda t: q.label_miou(norm, tr_images, tr_truth, LabelConfig(
-        classes=CLASSES, tokens=files, threshold=t, **fields)))
-    label_row("learned tokens (1 image per class)", LabelConfig(classes=CLASSES, tokens=files, threshold=tok_t, **fields),
+        classes=CLASSES, tokens=files, **{**token_fields, "threshold": t})))
+    label_row("learned tokens (1 image per class)",
+              LabelConfig(classes=CLASSES, tokens=files, **{**token_fields, "threshold": tok_t}),
               f"{args.token_epochs} epochs, {t_tokens:.0f} s; threshold {tok_t} chosen on the training set")
 
     # the head on exact masks of the seen classes
     config = TrainConfig(epochs=args.epochs, val_fraction=0.2, patience=8)
     rss0 = peak_mb()
     t0 = time.perf_counter()
-    exact_head = train_head([train, more], [exact, exact_more], work / "head-exact.safetensors", classes=seen, config=config,
-                            text_encoder=encoder, overwrite=True)
+    seen_words = {c: w for c, w in fields.get("class_words", {}).items() if c in seen}  # nothing of the unseen
+    exact_head = train_head([train, more], [exact, exact_more], work / "head-exact.safetensors", classes=seen,
+                            config=config, class_words=seen_words, text_encoder=encoder, overwrite=True)
     t_train = time.perf_counter() - t0
     h = exact_head.head.training
     print(f"head on exact masks: {h['parameters']} parameters, {h['epochs_run']} epochs (best {h['best_epoch']}), "
@@ -178,27 +183,32 @@ def main() -> None:
         print(rows[-1], flush=True)
         return iou
 
-    words = {c: list(w) for c, w in defaults.class_words.items()}
+    words = {c: list(w) for c, w in fields.get("class_words", {}).items()}
     head_iou = head_row("head, exact masks (seen only)", exact_head.path,
                         f"{h['epochs_run']} epochs, {t_train:.0f} s; prompt classes only",
                         prompt_classes_only=True, class_words=words)
-    head_row("head, exact masks, all classes", exact_head.path, "no prompt restriction")
+    head_row("head, exact masks, all classes", exact_head.path, "no prompt restriction", class_words=words)
+    template_head = train_head([train, more], [exact, exact_more], work / "head-template.safetensors", classes=seen,
+                               config=replace(config, text="template"), text_encoder=encoder, overwrite=True)
+    head_row("head, exact masks, template text", template_head.path,
+             f"class word in 'a photograph of a {{}}', not the prompt; {template_head.head.training['epochs_run']} "
+             "epochs; prompt classes only", prompt_classes_only=True, class_words=words)
 
     # self-training: ovstore's own labels of the training store, no exact mask
     t0 = time.perf_counter()
     own, own_more = work / "train-ovstore-label", work / "train11-ovstore-label"
     for store, folder in ((train, own), (more, own_more)):
         shutil.rmtree(folder, ignore_errors=True)
-        label_store(store, folder, LabelConfig(classes=CLASSES), scheduler="synchronous", partition_size=32)
-    self_head = train_head([train, more], [own, own_more], work / "head-self.safetensors", classes=seen, config=config,
-                           text_encoder=encoder, overwrite=True)
+        label_store(store, folder, defaults, scheduler="synchronous", partition_size=32, model_defaults=False)
+    self_head = train_head([train, more], [own, own_more], work / "head-self.safetensors", classes=seen,
+                           config=config, class_words=seen_words, text_encoder=encoder, overwrite=True)
     t_self = time.perf_counter() - t0
     s = self_head.head.training
     head_row("head, ovstore label output (seen only)", self_head.path,
              f"self-training, {s['epochs_run']} epochs, {t_self:.0f} s incl. labelling; prompt classes only",
              prompt_classes_only=True, class_words=words)
-    all_head = train_head([train, more], [own, own_more], work / "head-self-all.safetensors", config=config, text_encoder=encoder,
-                          overwrite=True)
+    all_head = train_head([train, more], [own, own_more], work / "head-self-all.safetensors", config=config,
+                          class_words=words, text_encoder=encoder, overwrite=True)
     head_row("head, ovstore label output (all 3 classes)", all_head.path,
              "self-training on every class (none unseen); prompt classes only", prompt_classes_only=True,
              class_words=words)
@@ -207,11 +217,11 @@ def main() -> None:
     t0 = time.perf_counter()
     short = TrainConfig(epochs=1, val_fraction=0.2, patience=6, cache_bytes=0)
     streamed = train_head([train], [exact], work / "head-streamed.safetensors", classes=seen, config=short,
-                          text_encoder=encoder, overwrite=True)
+                          class_words=seen_words, text_encoder=encoder, overwrite=True)
     t_streamed = time.perf_counter() - t0
     cached = train_head([train], [exact], work / "head-cached.safetensors", classes=seen,
-                        config=TrainConfig(epochs=1, val_fraction=0.2, patience=6), text_encoder=encoder,
-                        overwrite=True)
+                        config=TrainConfig(epochs=1, val_fraction=0.2, patience=6), class_words=seen_words,
+                        text_encoder=encoder, overwrite=True)
     same = all(torch.equal(streamed.head.state[k], v) for k, v in cached.head.state.items())
     per_image = sum(4 * l.channels * l.height * l.width for l in exact_head.head.spec.layers)
     print(f"\nstreamed from Zarr, no cache: 1 epoch {t_streamed:.0f} s vs cached {cached.seconds:.0f} s in epochs; "

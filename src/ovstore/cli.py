@@ -656,6 +656,8 @@ def ground_train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
     batch_size: Annotated[int, typer.Option(help="(image, class) examples per step.")] = 16,
     width: Annotated[int, typer.Option(help="Channels of the head's features.")] = 32,
+    text: Annotated[str, typer.Option(help="Class text: prompt (the class's words as they stand in each image's own prompt, else the template) or template.")] = "prompt",
+    class_words: Annotated[Optional[list[str]], typer.Option("--class-words", help="CLASS=WORD,WORD: other words naming a class in prompts (repeatable).")] = None,
     template: Annotated[str, typer.Option(help="Sentence the class word is encoded in; {} is the word.")] = "a photograph of a {}",
     seed: Annotated[int, typer.Option(help="Seed of the split, the shuffles and the initial weights.")] = 0,
     cache_mb: Annotated[int, typer.Option(help="Memory for the features read from the stores (MiB); the rest is read again each epoch.")] = 512,
@@ -671,10 +673,12 @@ def ground_train(
 
     from .ground import TrainConfig, train_head
     from .inputs import check_int
+    from .label import parse_class_words
 
     check_int(cache_mb, "--cache-mb", 0, 2**30)
     config = TrainConfig(epochs=epochs, val_fraction=val_fraction, patience=patience, lr=lr, batch_size=batch_size,
-                         width=width, seed=seed, template=template, cache_bytes=cache_mb * 2**20)
+                         width=width, seed=seed, template=template, text=text, cache_bytes=cache_mb * 2**20)
+    words = parse_class_words(class_words) if class_words else None
     _quiet_libraries()
     with tqdm(total=epochs, desc="training", unit="epoch", disable=not console.is_terminal) as bar:
         def progress(report) -> None:
@@ -683,7 +687,8 @@ def ground_train(
 
         result = train_head(stores, labels, out, classes=classes.split(",") if classes else None,
                             layers=_layer_selection(layer, resolution, include_mid=True), calls=calls, branch=branch,
-                            config=config, model=model, device=device, overwrite=overwrite, progress=progress)
+                            config=config, class_words=words, model=model, device=device, overwrite=overwrite,
+                            progress=progress)
     t = result.head.training
     resumed = f", resumed after epoch {result.resumed_from}" if result.resumed_from else ""
     console.print(f"wrote {result.path}: {t['parameters']} parameters, {t['epochs_run']} epochs (best {t['best_epoch']}"

@@ -92,6 +92,24 @@ def test_save_load_round_trip_gives_identical_outputs(overfit, toy, encoder):
         assert inside.mean() > 0.6 and outside.mean() < 0.1
 
 
+def test_class_text_from_the_prompt_or_the_template(overfit, encoder):
+    from ovstore.ground import ClassText
+
+    assert overfit[0].head.text == "prompt"  # the default, recorded in the head file
+    text = ClassText(encoder, ["circle", "triangle"], source="prompt", class_words={"circle": ["disc"]})
+    template = ClassText(encoder, ["circle", "triangle"], source="template")
+    prompt = "a red disc and a yellow disc"
+    # the class named in the prompt (by a class word) takes its rows there; the other its template rows
+    assert not torch.equal(text.rows(prompt, "circle"), template.rows(prompt, "circle"))
+    assert torch.equal(text.rows(prompt, "triangle"), template.rows(prompt, "triangle"))
+    (att,) = encoder.encode([prompt])
+    cols = [k for k, t in enumerate(att.tokens) if t == "disc</w>"]
+    assert len(cols) == 2
+    torch.testing.assert_close(text.rows(prompt, "circle")[1], att.embedding[cols].float().mean(0))
+    with pytest.raises(InvalidInputError, match="--text 'caption'"):
+        ClassText(encoder, ["circle"], source="caption")
+
+
 def test_bounded_feature_cache_reads_again_and_gives_the_same(overfit, toy, encoder):
     result, _ = overfit
     store = toy[0]

@@ -7,8 +7,8 @@ from .apply import (
     GroundResult, apply_head, ground_maps, ground_partition, head_maps_path, head_selection, write_head_maps,
 )
 from .data import (
-    DEFAULT_CACHE_BYTES, DEFAULT_TEMPLATE, FeatureReader, LabelFolder, Selection, class_rows, read_label_folder,
-    select_layers,
+    DEFAULT_CACHE_BYTES, DEFAULT_TEMPLATE, TEXT_SOURCES, ClassText, FeatureReader, LabelFolder, Selection, class_rows,
+    read_label_folder, select_layers,
 )
 from .headfile import HEAD_FORMAT, HeadFile, check_head_store, is_head_file, load_head, save_head
 from .model import GroundHead, HeadSpec, LayerSpec
@@ -32,6 +32,8 @@ __all__ = [
     "apply_head",
     "check_head_store",
     "checkpoint_path",
+    "ClassText",
+    "TEXT_SOURCES",
     "class_rows",
     "ground_maps",
     "ground_partition",

@@ -26,7 +26,7 @@ from ..errors import InvalidInputError
 from ..inputs import check_int
 from ..outputs import MARKER, held_lock, open_output, write_marker
 from ..store import Store, open_store
-from .data import FeatureReader, Selection, class_rows
+from .data import ClassText, FeatureReader, Selection
 from .headfile import HeadFile, check_head_store, load_head
 
 __all__ = ["GroundResult", "apply_head", "ground_maps", "ground_partition", "head_maps_path", "head_selection",
@@ -52,9 +52,12 @@ def _check_classes(classes: Sequence[str]) -> list[str]:
 
 
 def ground_maps(store: Store | str | Path, head: HeadFile | str | Path, classes: Sequence[str], *,
-                images: Sequence[int] | None = None, text_encoder: Any | None = None, model: str | None = None,
-                device: str = "cpu", cache_bytes: int = 0) -> np.ndarray:
-    """Probabilities ``(image, class, H, W)`` float32 in [0, 1]: the head's sigmoid per class word.
+                images: Sequence[int] | None = None, class_words: Mapping[str, Sequence[str]] | None = None,
+                text_encoder: Any | None = None, model: str | None = None, device: str = "cpu",
+                cache_bytes: int = 0) -> np.ndarray:
+    """Probabilities ``(image, class, H, W)`` float32 in [0, 1]: the head's sigmoid per class word
+    (heads trained with ``text="prompt"`` read each class's words in the image's own prompt; the
+    head's recorded class words, and ``class_words``, name classes there too).
 
     Refused on a store of another model, or one without the head's layers, calls or branch."""
     dev = check_device(device)
@@ -65,8 +68,10 @@ def ground_maps(store: Store | str | Path, head: HeadFile | str | Path, classes:
     chosen = store.check_images(images)
     if text_encoder is None:
         text_encoder = _encoder(json.dumps(store.layout.model.to_json(), sort_keys=True), model)
-    rows = class_rows(text_encoder, names, head.template)
-    text = torch.stack([rows[c] for c in names]).to(dev)
+    words = {c: list(w) for c, w in head.class_words.items()}
+    for c, extra in (class_words or {}).items():
+        words[c] = list(dict.fromkeys([*words.get(c, []), *extra]))
+    text = ClassText(text_encoder, names, head.template, head.text, words)
     reader = FeatureReader(store, selection, cache_bytes)
     module = head.build(str(dev))
     module.attach_keys(reader.projections())
@@ -74,7 +79,9 @@ def ground_maps(store: Store | str | Path, head: HeadFile | str | Path, classes:
     with torch.no_grad():
         for k, image in enumerate(chosen):
             feats = [torch.from_numpy(f)[None].expand(len(names), *f.shape).to(dev) for f in reader(image)]
-            out[k] = torch.sigmoid(module(feats, text)).cpu().numpy()
+            prompt = store.record(image).prompt if head.text == "prompt" else ""
+            rows = torch.stack([text.rows(prompt, c) for c in names]).to(dev)
+            out[k] = torch.sigmoid(module(feats, rows)).cpu().numpy()
     return out
 
 
@@ -133,7 +140,8 @@ def ground_partition(store_path: str, head_path: str, out: str, classes: Sequenc
     store = open_store(store_path)
     head = _head(head_path, os.path.getmtime(head_path))
     encoder = _encoder(json.dumps(store.layout.model.to_json(), sort_keys=True), model)
-    probs = ground_maps(store, head, classes, images=images, text_encoder=encoder, device=device)
+    probs = ground_maps(store, head, classes, images=images, class_words=class_words, text_encoder=encoder,
+                        device=device)
     paths = _paths(Path(out))
     h, w = head.spec.image_size
     for k, image in enumerate(images):

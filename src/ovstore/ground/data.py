@@ -21,8 +21,8 @@ from ..selection import LayerSelection, parse_index_spec, resolve_indices
 from ..store import Store
 from .model import LayerSpec
 
-__all__ = ["FeatureReader", "LabelFolder", "Selection", "class_rows", "read_label_folder", "select_layers",
-           "DEFAULT_TEMPLATE", "DEFAULT_CACHE_BYTES"]
+__all__ = ["ClassText", "FeatureReader", "LabelFolder", "Selection", "TEXT_SOURCES", "class_rows", "read_label_folder",
+           "select_layers", "DEFAULT_TEMPLATE", "DEFAULT_CACHE_BYTES"]
 
 #: The sentence a class word is encoded in (its rows are pooled).
 DEFAULT_TEMPLATE = "a photograph of a {}"
@@ -137,6 +137,47 @@ def class_rows(encoder: Any, classes: Sequence[str], template: str = DEFAULT_TEM
         rows = att.embedding.float().cpu()
         out[name] = torch.stack([rows[0], rows[positions].mean(dim=0)])
     return out
+
+
+#: Where a class word's text rows come from: its template sentence, or the image's own prompt.
+TEXT_SOURCES = ("template", "prompt")
+
+
+class ClassText:
+    """Text rows ``(2, hidden)`` per (image, class): with ``source="prompt"``, the start-of-text
+    row and the mean of the rows of the class's words (its name or one of ``class_words``) as
+    they stand in the image's own generation prompt, where the causal text encoder has bound
+    them to their colour and neighbours (as ``label --maps-from prompt`` reads them); a class
+    the prompt does not name, and every class with ``source="template"``, takes its template
+    rows (:func:`class_rows`)."""
+
+    def __init__(self, encoder: Any, classes: Sequence[str], template: str = DEFAULT_TEMPLATE,
+                 source: str = "template", class_words: dict[str, Sequence[str]] | None = None) -> None:
+        if source not in TEXT_SOURCES:
+            raise InvalidInputError(f"--text {source!r} is not one of {', '.join(TEXT_SOURCES)}")
+        self.encoder, self.source = encoder, source
+        self.classes = list(classes)
+        self.words = {c: (c, *(w for w in (class_words or {}).get(c, ()) if w != c)) for c in self.classes}
+        self.template_rows = class_rows(encoder, self.classes, template)
+        self._prompts: dict[str, dict[str, Any]] = {}
+
+    def rows(self, prompt: str, cls: str) -> Any:
+        if self.source == "template":
+            return self.template_rows[cls]
+        per_class = self._prompts.get(prompt)
+        if per_class is None:
+            import torch
+
+            from ..label import prompt_word_columns
+
+            (att,) = self.encoder.encode([prompt])
+            emb = att.embedding.float().cpu()
+            per_class = {}
+            for c in self.classes:
+                cols = prompt_word_columns([str(t) for t in att.tokens], self.words[c])
+                per_class[c] = torch.stack([emb[0], emb[cols].mean(dim=0)]) if cols else self.template_rows[c]
+            self._prompts[prompt] = per_class
+        return per_class[cls]
 
 
 @dataclass(frozen=True)

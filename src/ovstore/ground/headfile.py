@@ -33,6 +33,10 @@ class HeadFile:
     template: str
     classes_seen: tuple[str, ...]
     training: dict[str, Any] = field(default_factory=dict)
+    #: where class words' text rows come from: "template" or each image's "prompt"
+    text: str = "template"
+    #: other words naming a class in prompts, used in training (apply may add more)
+    class_words: dict[str, list[str]] = field(default_factory=dict)
 
     def build(self, device: str = "cpu") -> GroundHead:
         """The module with these weights (key projections still to attach)."""
@@ -46,7 +50,8 @@ class HeadFile:
                 "model": json.dumps(self.model, sort_keys=True), "calls": json.dumps(list(self.calls)),
                 "branch": self.branch, "template": self.template,
                 "classes_seen": json.dumps(list(self.classes_seen)),
-                "training": json.dumps(self.training, sort_keys=True)}
+                "training": json.dumps(self.training, sort_keys=True), "text": self.text,
+                "class_words": json.dumps(self.class_words, sort_keys=True)}
 
 
 def is_head_file(path: Path) -> bool:
@@ -121,7 +126,8 @@ def load_head(path: str | Path) -> HeadFile:
                         model=json.loads(meta["model"]), calls=tuple(json.loads(meta["calls"])),
                         branch=meta["branch"], template=meta["template"],
                         classes_seen=tuple(json.loads(meta["classes_seen"])),
-                        training=json.loads(meta.get("training", "{}")))
+                        training=json.loads(meta.get("training", "{}")), text=meta.get("text", "template"),
+                        class_words=json.loads(meta.get("class_words", "{}")))
         head.build()  # weights that fit the recorded architecture
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise InvalidInputError(f"{path}: the head's metadata or weights are damaged ({type(exc).__name__}); train "

@@ -32,8 +32,8 @@ from ..inputs import check_int
 from ..outputs import temporary_path
 from ..selection import LayerSelection
 from ..store import Store, open_store
-from .data import DEFAULT_CACHE_BYTES, DEFAULT_TEMPLATE, FeatureReader, LabelFolder, class_rows, read_label_folder, \
-    select_layers
+from .data import DEFAULT_CACHE_BYTES, DEFAULT_TEMPLATE, TEXT_SOURCES, ClassText, FeatureReader, LabelFolder, \
+    read_label_folder, select_layers
 from .headfile import HeadFile, check_head_output, check_head_store, save_head
 from .model import GroundHead, HeadSpec
 
@@ -43,7 +43,9 @@ __all__ = ["TrainConfig", "TrainResult", "EpochReport", "train_head", "checkpoin
 @dataclass(frozen=True)
 class TrainConfig:
     """Training settings. ``negatives``: absent classes of an image as empty targets; ``flip``:
-    mirror half of the training examples left-right (features and masks alike)."""
+    mirror half of the training examples left-right (features and masks alike); ``text``: a class
+    word's rows from its ``template`` sentence, or from each image's own ``prompt``
+    (:class:`~ovstore.ground.data.ClassText`)."""
 
     epochs: int = 30
     val_fraction: float = 0.2
@@ -56,6 +58,7 @@ class TrainConfig:
     template: str = DEFAULT_TEMPLATE
     negatives: bool = True
     flip: bool = True
+    text: str = "prompt"
     cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
@@ -65,6 +68,8 @@ class TrainConfig:
         check_int(self.width, "--width", 4, 4096)
         if not 0.0 <= float(self.val_fraction) < 1.0:
             raise InvalidInputError(f"--val-fraction {self.val_fraction}: give a fraction in [0, 1), e.g. 0.2")
+        if self.text not in TEXT_SOURCES:
+            raise InvalidInputError(f"--text {self.text!r} is not one of {', '.join(TEXT_SOURCES)}")
         if not (float(self.lr) > 0 and np.isfinite(self.lr)):
             raise InvalidInputError(f"--lr {self.lr}: give a positive learning rate, e.g. 0.003")
 
@@ -115,9 +120,16 @@ class _Example:
 class _Batches:
     """Features, text rows and targets of examples, read through each store's feature reader."""
 
-    def __init__(self, readers: Sequence[FeatureReader], folders: Sequence[LabelFolder], rows: dict[str, torch.Tensor],
+    def __init__(self, readers: Sequence[FeatureReader], folders: Sequence[LabelFolder], text: ClassText,
                  size: tuple[int, int], device: torch.device) -> None:
-        self.readers, self.folders, self.rows, self.size, self.device = readers, folders, rows, size, device
+        self.readers, self.folders, self.text, self.size, self.device = readers, folders, text, size, device
+        self._prompts: dict[tuple[int, int], str] = {}
+
+    def prompt(self, store: int, image: int) -> str:
+        key = (store, image)
+        if key not in self._prompts:
+            self._prompts[key] = self.readers[store].store.record(image).prompt
+        return self._prompts[key]
 
     def __call__(self, examples: Sequence[_Example]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor,
                                                              torch.Tensor]:
@@ -133,7 +145,7 @@ class _Batches:
             targets.append(labels == ex.index)
             valid.append(labels != 255)
         features = [torch.from_numpy(np.stack(f)).to(self.device) for f in per_layer]
-        text = torch.stack([self.rows[ex.cls] for ex in examples]).to(self.device)
+        text = torch.stack([self.text.rows(self.prompt(ex.store, ex.image), ex.cls) for ex in examples]).to(self.device)
         return (features, text, torch.from_numpy(np.stack(targets)).float().to(self.device),
                 torch.from_numpy(np.stack(valid)).to(self.device))
 
@@ -180,6 +192,7 @@ def train_head(
     calls: str | Sequence[int] | None = None,
     branch: str | None = None,
     config: TrainConfig | None = None,
+    class_words: dict[str, Sequence[str]] | None = None,
     text_encoder: Any | None = None,
     model: str | None = None,
     device: str = "cpu",
@@ -188,7 +201,8 @@ def train_head(
 ) -> TrainResult:
     """Train a grounding head on ``stores[k]``'s images labelled by ``labels[k]`` and write it to ``out``.
 
-    ``classes`` are the seen classes (default: every class the label folders name). Re-running
+    ``classes`` are the seen classes (default: every class the label folders name);
+    ``class_words`` other words naming them in prompts (``config.text == "prompt"``). Re-running
     the same call after an interruption continues from ``out``'s checkpoint.
     """
     dev = check_device(device)
@@ -240,9 +254,10 @@ def train_head(
         text_encoder = load_text_encoder(identity, model=model, device="cpu")
         if model is None:
             check_recorded_encoder(text_encoder, identity, first.path)
-    rows = class_rows(text_encoder, chosen, config.template)
-    spec = HeadSpec(selection.layers, int(next(iter(rows.values())).shape[-1]), size, config.width)
-    batches = _Batches(readers, folders, rows, size, dev)
+    words = {c: list(w) for c, w in (class_words or {}).items()}
+    text = ClassText(text_encoder, chosen, config.template, config.text, words)
+    spec = HeadSpec(selection.layers, int(text.template_rows[chosen[0]].shape[-1]), size, config.width)
+    batches = _Batches(readers, folders, text, size, dev)
     # empty targets: kept as negatives, or dropped
     train_ex = [e for e in examples if (e.store, e.image) in train_keys]
     val_ex = [e for e in examples if (e.store, e.image) in val_keys]
@@ -262,7 +277,7 @@ def train_head(
     }
     signature = hashlib.sha256(json.dumps({
         "provenance": provenance, "classes": chosen, "layers": [l.name for l in selection.layers],
-        "calls": list(selection.calls), "branch": selection.branch_name,
+        "calls": list(selection.calls), "branch": selection.branch_name, "class_words": words,
         "config": {k: v for k, v in asdict(config).items() if k not in ("epochs", "patience", "cache_bytes")},
     }, sort_keys=True).encode()).hexdigest()
 
@@ -333,7 +348,7 @@ def train_head(
     train_eval = _evaluate(head, batches, train_ex, config.batch_size)
     result = HeadFile(
         spec=spec, state=best_state, model=identity.to_json(), calls=selection.calls, branch=selection.branch_name,
-        template=config.template, classes_seen=tuple(chosen),
+        template=config.template, classes_seen=tuple(chosen), text=config.text, class_words=words,
         training={**provenance, "hyperparameters": {k: v for k, v in asdict(config).items() if k != "cache_bytes"},
                   "parameters": head.parameter_count(), "epochs_run": int(state["epoch"]),
                   "best_epoch": int(state["best_epoch"]), "best_validation_loss": float(state["best_loss"]),

@@ -5,7 +5,7 @@ from .config import (
     MODEL_DEFAULT_SETTINGS, MODES, NORMALIZATIONS, OVSTORE_DEFAULTS, SOURCES, LabelConfig, check_label_defaults,
     label_config, parse_class_thresholds, parse_class_words, parse_sweep,
 )
-from .class_maps import ClassAttributions, class_attributions
+from .class_maps import ClassAttributions, class_attributions, prompt_word_columns
 from .dataset import LabelResult, image_labels, label_partition, label_store
 from .evaluate import EvaluationReport, evaluate_dirs, evaluate_masks, evaluation_classes, write_report
 from .voc import (
@@ -47,6 +47,7 @@ __all__ = [
     "parse_class_thresholds",
     "parse_class_words",
     "parse_sweep",
+    "prompt_word_columns",
     "read_labelmap",
     "remove_partials",
     "remove_small_components",
