@@ -369,6 +369,12 @@ def maps(
     check_device(device)  # before the scan for damaged images and the text encoder
     _quiet_libraries()
     s = open_store(store)
+    if head is not None:  # no attribution text, a bad head file or another model's store: refused before any work
+        from .ground import check_head_store, load_head
+
+        if not prompts:
+            raise InvalidInputError("--head maps attribution texts as class phrases; give --attribution TEXT")
+        check_head_store(load_head(head), s)
     chosen = s.check_images(image)
     damaged: list[int] = []
     if skip_damaged:
@@ -418,8 +424,6 @@ def maps(
             raise OutputError(f"the maps in {out} are complete, but {exc}") from None
         console.print(f"wrote {len(files)} PNG pictures to {png}")
     if head is not None:  # the head's probabilities beside the attention maps (ovstore.ground)
-        if not prompts:
-            raise InvalidInputError("--head maps attribution texts as class phrases; give --attribution TEXT")
         from .ground import write_head_maps
 
         path, shape = write_head_maps(s, head, [getattr(p, "text", p) for p in prompts], out, images=chosen, model=model,
@@ -744,6 +748,9 @@ def _plain_switches(group) -> None:
         return option
 
     for cmd in [group, *getattr(group, "commands", {}).values()]:
+        if cmd is not group and getattr(cmd, "commands", None):  # a sub-app (`ovstore ground`)
+            _plain_switches(cmd)
+            continue
         for param in cmd.params:
             if getattr(param, "is_flag", False):  # --crf/--no-crf too
                 param.metavar = ""

@@ -271,6 +271,9 @@ def test_cli_train_apply_and_maps_head(toy, tmp_path, capsys, monkeypatch):
     assert code == 0, err
     maps = np.load(tmp_path / "m.head.npy")
     assert maps.shape == (6, 2, 32, 32) and maps.dtype == np.float32
+    # a bad head file is refused before any map is computed or written
+    code, _, err = run("maps", store.path, "-a", "circle", "--out", tmp_path / "m2.npy", "--head", gt / "labelmap.txt")
+    assert code == 2 and "not a readable safetensors head file" in err and not (tmp_path / "m2.npy").exists()
     code, _, err = run("ground", "train", store.path, "--labels", gt, "--out", head)
     assert code == 2 and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
 
