@@ -341,6 +341,7 @@ def maps(
     scheduler: Annotated[Optional[str], typer.Option(help="Run as a resumable job on Dask (FILE.zarr only): 'local' (a LocalCluster of --workers processes), a scheduler address tcp://HOST:8786 (its workers must see the store and --out's folder), or 'synchronous' (in this process). Images are split into partitions; a re-run of an interrupted job skips the finished ones and gives the same bytes.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes of --scheduler local (default: one per core).")] = None,
     partition_size: Annotated[int, typer.Option(help="Images per Dask task with --scheduler.")] = 4,
+    head: Annotated[Optional[Path], typer.Option("--head", help="Grounding head file (`ovstore ground train`): also write its probability maps of each attribution text, as a class phrase, to OUT_STEM.head.npy (image, attribution, H, W).")] = None,
 ) -> None:
     """Compute OVAM maps for attribution prompts over stored images (no diffusion re-run).
 
@@ -401,6 +402,12 @@ def maps(
     check_device(device)  # before the scan for damaged images and the text encoder
     _quiet_libraries()
     s = open_store(store)
+    if head is not None:  # no attribution text, a bad head file or another model's store: refused before any work
+        from .ground import check_head_store, load_head
+
+        if not prompts:
+            raise InvalidInputError("--head maps attribution texts as class phrases; give --attribution TEXT")
+        check_head_store(load_head(head), s)
     chosen = s.check_images(image)
     damaged: list[int] = []
     if skip_damaged:
@@ -456,6 +463,12 @@ def maps(
         except OutputError as exc:
             raise OutputError(f"the maps in {out} are complete, but {exc}") from None
         console.print(f"wrote {len(files)} PNG pictures to {png}")
+    if head is not None:  # the head's probabilities beside the attention maps (ovstore.ground)
+        from .ground import write_head_maps
+
+        path, shape = write_head_maps(s, head, [getattr(p, "text", p) for p in prompts], out, images=chosen, model=model,
+                                      device=device, overwrite=overwrite)
+        console.print(f"wrote grounding-head maps {shape} (image, attribution, y, x) to {path}")
 
 
 def _context_maps(store: Path, *, out: Path, image, png, png_all_tokens: bool, overwrite: bool, device: str,
@@ -666,6 +679,106 @@ def serve(
                announce=lambda m: console.print(m, highlight=False, markup=False))
 
 
+ground_app = typer.Typer(help="Grounding heads trained from stores (after Grounded Diffusion): masks for any class word.",
+                         no_args_is_help=True)
+app.add_typer(ground_app, name="ground")
+
+
+@ground_app.command("train")
+def ground_train(
+    stores: Annotated[list[Path], typer.Argument(help="Stores holding the training images.")],
+    labels: Annotated[list[Path], typer.Option("--labels", help="Label folder of each store, in order: `ovstore label` output, or exact masks in the same VOC layout (labelmap.txt + SegmentationClass/NNNNN.png by image index).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Head file to write (.safetensors).")],
+    classes: Annotated[Optional[str], typer.Option(help="Comma-separated seen classes to train on (default: every class the label folders name).")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="Read layers matching this pattern (repeatable); default: every stored layer.")] = None,
+    resolution: Annotated[Optional[list[str]], typer.Option("--resolution", help="Read layers of this resolution (repeatable).")] = None,
+    calls: Annotated[Optional[str], typer.Option("--calls", help="Stored UNet calls to average, by position among the stored ones, e.g. '0:5,-1' (default: all).")] = None,
+    branch: Annotated[Optional[str], typer.Option(help="Stored half to read: uncond or cond (default: the first stored).")] = None,
+    epochs: Annotated[int, typer.Option(help="Most epochs.")] = 30,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of the images held out for validation (early stopping).")] = 0.2,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a lower validation loss.")] = 6,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
+    batch_size: Annotated[int, typer.Option(help="(image, class) examples per step.")] = 16,
+    width: Annotated[int, typer.Option(help="Channels of the head's features.")] = 32,
+    text: Annotated[str, typer.Option(help="Class text: prompt (the class's words as they stand in each image's own prompt, else the template) or template.")] = "prompt",
+    class_words: Annotated[Optional[list[str]], typer.Option("--class-words", help="CLASS=WORD,WORD: other words naming a class in prompts (repeatable).")] = None,
+    template: Annotated[str, typer.Option(help="Sentence the class word is encoded in; {} is the word.")] = "a photograph of a {}",
+    seed: Annotated[int, typer.Option(help="Seed of the split, the shuffles and the initial weights.")] = 0,
+    cache_mb: Annotated[int, typer.Option(help="Memory for the features read from the stores (MiB); the rest is read again each epoch.")] = 512,
+    model: Annotated[Optional[str], typer.Option(help="Text encoder to use instead of the recorded one.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head file --out.")] = False,
+) -> None:
+    """Train a grounding head on stored queries and label folders; re-running resumes from its checkpoint.
+
+    Example: ovstore ground train caps.zarr --labels dataset/ --classes circle,square --out head.safetensors
+    """
+    from tqdm import tqdm
+
+    from .ground import TrainConfig, train_head
+    from .inputs import check_int
+    from .label import parse_class_words
+
+    check_int(cache_mb, "--cache-mb", 0, 2**30)
+    config = TrainConfig(epochs=epochs, val_fraction=val_fraction, patience=patience, lr=lr, batch_size=batch_size,
+                         width=width, seed=seed, template=template, text=text, cache_bytes=cache_mb * 2**20)
+    words = parse_class_words(class_words) if class_words else None
+    _quiet_libraries()
+    with tqdm(total=epochs, desc="training", unit="epoch", disable=not console.is_terminal) as bar:
+        def progress(report) -> None:
+            bar.n = report.epoch + 1
+            bar.set_postfix(train=f"{report.train_loss:.3f}", val=f"{report.val_loss:.3f}", iou=f"{report.val_iou:.3f}")
+
+        result = train_head(stores, labels, out, classes=classes.split(",") if classes else None,
+                            layers=_layer_selection(layer, resolution, include_mid=True), calls=calls, branch=branch,
+                            config=config, class_words=words, model=model, device=device, overwrite=overwrite,
+                            progress=progress)
+    t = result.head.training
+    resumed = f", resumed after epoch {result.resumed_from}" if result.resumed_from else ""
+    console.print(f"wrote {result.path}: {t['parameters']} parameters, {t['epochs_run']} epochs (best {t['best_epoch']}"
+                  f"{resumed}), validation loss {t['best_validation_loss']:.4f}, IoU {t['best_validation_iou']:.3f}, "
+                  f"training IoU {t['train_iou']:.3f}; classes seen: {', '.join(result.head.classes_seen)}",
+                  highlight=False)
+
+
+@ground_app.command("apply")
+def ground_apply(
+    store: Annotated[Path, typer.Argument(help="Store directory.")],
+    head: Annotated[Path, typer.Option("--head", help="Head file from `ovstore ground train`.")],
+    classes: Annotated[str, typer.Option(help="Comma-separated class words, seen in training or not, numbered from 1 in this order.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset folder (VOC tree + COCO JSON, as `ovstore label`).")],
+    threshold: Annotated[float, typer.Option(help="Probability a pixel's most probable class must pass.")] = 0.5,
+    prompt_classes_only: Annotated[bool, typer.Option("--prompt-classes-only/--all-classes", help="Only label classes named in each image's prompt, by name or --class-words.")] = False,
+    class_words: Annotated[Optional[list[str]], typer.Option("--class-words", help="CLASS=WORD,WORD: other words naming a class in prompts (repeatable).")] = None,
+    image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="'synchronous' (in-process), or a dask.distributed scheduler address; default: a LocalCluster.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="LocalCluster worker processes (default: one per core).")] = None,
+    partition_size: Annotated[int, typer.Option(help="Images per task (bounds memory per worker).")] = 8,
+    model: Annotated[Optional[str], typer.Option(help="Text encoder to use instead of the recorded one.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Label every complete image with a grounding head's masks (VOC PNGs + COCO RLE JSON, scored by
+    `ovstore evaluate`). Re-running the same command resumes.
+
+    Example: ovstore ground apply caps.zarr --head head.safetensors --classes circle,square,triangle --out ground/
+    """
+    from .ground import apply_head
+    from .label import parse_class_words
+    from .store import open_store
+
+    words = parse_class_words(class_words) if class_words else None
+    _quiet_libraries()
+    total = len(open_store(store).check_images(image))
+    with _progress(total, "grounding") as bar:
+        task = bar.add_task("ground", total=total)
+        result = apply_head(store, head, classes.split(","), out, threshold=threshold,
+                            prompt_classes_only=prompt_classes_only, class_words=words, images=image,
+                            scheduler=scheduler, workers=workers, partition_size=partition_size, model=model,
+                            device=device, progress=lambda _: bar.advance(task))
+    console.print(f"labelled {len(result.labelled)} images ({len(result.skipped)} already done) into {out}; "
+                  f"COCO: {result.coco}")
+
+
 def _plain_switches(group) -> None:
     """Show switches (``--resume``, ``--help``...) without typer's ``<bool>`` type column, which
     reads as if they took a value (``--resume true``)."""
@@ -675,6 +788,9 @@ def _plain_switches(group) -> None:
         return option
 
     for cmd in [group, *getattr(group, "commands", {}).values()]:
+        if cmd is not group and getattr(cmd, "commands", None):  # a sub-app (`ovstore ground`)
+            _plain_switches(cmd)
+            continue
         for param in cmd.params:
             if getattr(param, "is_flag", False):  # --crf/--no-crf too
                 param.metavar = ""

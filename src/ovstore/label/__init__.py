@@ -5,10 +5,14 @@ from .config import (
     MODEL_DEFAULT_SETTINGS, MODES, NORMALIZATIONS, OVSTORE_DEFAULTS, SOURCES, LabelConfig, check_label_defaults,
     label_config, parse_class_thresholds, parse_class_words, parse_sweep,
 )
-from .class_maps import ClassAttributions, class_attributions
+from .class_maps import ClassAttributions, class_attributions, prompt_word_columns
 from .dataset import LabelResult, image_labels, label_partition, label_store
 from .evaluate import EvaluationReport, evaluate_dirs, evaluate_masks, evaluation_classes, write_report
-from .voc import read_labelmap, voc_palette
+from .voc import (
+    read_labelmap, remove_partials, rle_annotations, voc_palette, write_jpeg, write_json_atomic, write_label_png,
+    write_labelmap, write_text_atomic,
+)
+from .cluster import connect_scheduler
 from .refine import (
     adaptive_threshold, classes_in_prompt, crf_unary, dense_crf, label_mask, normalize_maps, remove_small_components,
     require_crf,
@@ -28,6 +32,7 @@ __all__ = [
     "check_label_defaults",
     "class_attributions",
     "classes_in_prompt",
+    "connect_scheduler",
     "crf_unary",
     "dense_crf",
     "evaluate_dirs",
@@ -42,9 +47,17 @@ __all__ = [
     "parse_class_thresholds",
     "parse_class_words",
     "parse_sweep",
+    "prompt_word_columns",
     "read_labelmap",
+    "remove_partials",
     "remove_small_components",
+    "rle_annotations",
     "require_crf",
     "voc_palette",
+    "write_jpeg",
+    "write_json_atomic",
+    "write_label_png",
+    "write_labelmap",
+    "write_text_atomic",
     "write_report",
 ]
