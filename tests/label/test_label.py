@@ -386,3 +386,9 @@ def test_maps_from_the_prompt_are_the_prompt_words_maps(multi_store, tmp_path):
     assert coco["images"][0]["ovstore"]["settings"]["maps_from"] == {"value": "prompt", "source": "user"}
     with pytest.raises(InvalidInputError, match="--maps-from 'caption' is not one of template, prompt"):
         LabelConfig(classes=("cat",), maps_from="caption")
+
+
+def test_out_in_a_folder_that_does_not_exist_yet(multi_store, tmp_path):
+    out = tmp_path / "new" / "deeper" / "labels"
+    result = label_store(multi_store, out, CONFIG, images=[0], scheduler="synchronous")
+    assert result.labelled == (0,) and (out / "annotations.json").exists()

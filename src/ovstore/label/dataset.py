@@ -278,6 +278,8 @@ def _label_checked(opened: Store, out: Path, config: LabelConfig, chosen: list[i
         return progress_note("labelled", done, [i for i in chosen if i not in done], str(out))
 
     then = "re-run the same command to resume"
+    with os_errors(out, kept="nothing was written there", then="run the same command again"):
+        out.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives beside out
     with held_lock(out, wait=None, what="labelling"), os_errors(out, kept=kept, then=then):
         try:
             return _label_locked(opened, store_path, out, config, chosen, finished, damaged, todo,
