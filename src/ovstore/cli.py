@@ -123,6 +123,7 @@ def capture(
     max_sequence_length: Annotated[Optional[int], typer.Option(help="SD3/FLUX: T5 tokens of the prompt encoding (the pipeline's max_sequence_length; default the pipeline's, or the store's).")] = None,
     true_cfg_scale: Annotated[Optional[float], typer.Option(help="FLUX: true classifier-free guidance scale; > 1 with --negative-prompt runs the prompt's and the negative prompt's calls (--branch chooses which are stored). --guidance is then FLUX's embedded guidance.")] = None,
     single_blocks: Annotated[bool, typer.Option("--single-blocks", help="FLUX: also record the single-stream blocks (off by default: they are stored whole, weights included; see docs/store-format.md).")] = False,
+    self_attention: Annotated[Optional[str], typer.Option("--self-attention", metavar="RES[,RES]", help="Also store each image's self-attention (attn1) matrix at these latent grids, averaged over heads, stored calls and layers (float16, (RES*RES)^2 values per branch: SD 1.5 32 -> 2 MB, 64 -> 32 MB), for `maps`/`label --refine self-attention`. UNet families only; off by default, or the store's.")] = None,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
@@ -143,7 +144,8 @@ def capture(
         steps=steps, guidance=guidance, height=height, width=width, branch=branch, dtype=dtype, layers=layer or (),
         resolutions=resolution or (), calls=calls, preset=preset, batch_size=batch_size, codec=codec, device=device,
         torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker,
-        max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks)
+        max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks,
+        self_attention=self_attention)
     if job.nothing_to_resume:  # before loading the model
         console.print(job.nothing_message(), highlight=False)
         return

@@ -160,6 +160,8 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
                                                    layout.context.length)
     if layout.conditioning:
         expected[fmt.CONDITIONING] = (len(layout.branches), layout.n_steps, layout.conditioning)
+    for h, w in layout.self_attention:
+        expected[fmt.self_attention_name((h, w))] = (len(layout.branches), h * w, h * w)
     for info in layout.layers:
         for kind in (fmt.QUERIES, *layout.layer_arrays):
             expected[f"{fmt.LAYERS_GROUP}/{info.name}/{kind}"] = (
@@ -242,6 +244,9 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
                 check.read(fmt.CONTEXT_TOKENIZER_IDS, image, fmt.CONTEXT_TOKENIZER_IDS, must_exist=True)
         if layout.conditioning:
             check.read(fmt.CONDITIONING, image, fmt.CONDITIONING, must_exist=True, finite=True)
+        for grid in layout.self_attention:
+            name = fmt.self_attention_name(grid)
+            check.read(name, image, name, must_exist=True, finite=True)
         for info in layout.layers:
             for kind in (fmt.QUERIES, *layout.layer_arrays):
                 what = info.name if kind == fmt.QUERIES else f"{info.name} {kind}"

@@ -93,7 +93,9 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
                             if layout.conditioning else None)
             writer.write_image(slot, image=store.image(image), queries=queries, timesteps=store.timesteps(image),
                                branch_labels=store.branch_labels(image), context=context, layer_arrays=arrays,
-                               conditioning=conditioning)
+                               conditioning=conditioning,
+                               self_attention={g: store.self_attention(image, g, branch=None)
+                                               for g in layout.self_attention})
             writer.mark_complete(slot)
             seen.add(record)
             added += 1

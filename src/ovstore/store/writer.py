@@ -224,7 +224,8 @@ class StoreWriter:
                 for kind in (fmt.QUERIES, *store.layout.layer_arrays):
                     arr = store.array(f"{fmt.LAYERS_GROUP}/{info.name}/{kind}")
                     arr.resize((n, *arr.shape[1:]))
-            for name in (fmt.IMAGES, fmt.TIMESTEPS, *_PER_IMAGE_TEXT, *_PER_IMAGE_SCALARS, *_context_arrays(store)):
+            for name in (fmt.IMAGES, fmt.TIMESTEPS, *_PER_IMAGE_TEXT, *_PER_IMAGE_SCALARS, *_context_arrays(store),
+                         *_self_attention_arrays(store.layout)):
                 arr = store.array(name)
                 arr.resize((n, *arr.shape[1:]))
             sl = slice(start, n)
@@ -249,6 +250,7 @@ class StoreWriter:
         context: tuple[np.ndarray, np.ndarray] | None = None,
         layer_arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
         conditioning: np.ndarray | None = None,
+        self_attention: Mapping[tuple[int, int], np.ndarray] | None = None,
     ) -> None:
         """Write one image's data; it stays incomplete until :meth:`mark_complete`.
 
@@ -256,13 +258,34 @@ class StoreWriter:
         attended context ``(branch, token, feature)`` and its token ids ``(branch, token)``,
         written when the store keeps contexts (format v2) and required then.
         ``layer_arrays[kind][name]`` (the layout's ``layer_arrays``, e.g. image keys) are shaped
-        as the queries; ``conditioning`` is ``(branch, step, channel)`` when the layout has it.
+        as the queries; ``conditioning`` is ``(branch, step, channel)`` when the layout has it;
+        ``self_attention[(H, W)]`` is ``(branch, H*W, H*W)`` for every grid of
+        ``layout.self_attention`` (required then).
         """
         if int(self.store.read(fmt.STATUS, slot)[()]) == fmt.STATUS_COMPLETE:
             raise StoreError(f"image {slot} is already complete; refusing to overwrite it")
         with zarr.config.set(_DENSE), self._os_errors():
+            matrices = self._check_self_attention(slot, self_attention or {})  # before the first write
             self._write_image(slot, image, queries, timesteps, branch_labels, context, layer_arrays or {},
                               conditioning)
+            for name, data in matrices.items():
+                self.store.array(name)[slot] = data
+
+    def _check_self_attention(self, slot: int, given: Mapping[tuple[int, int], np.ndarray]) -> dict[str, np.ndarray]:
+        """The self-attention matrices to write, by array path, each checked against the layout."""
+        out = {}
+        nb = len(self.store.layout.branches)
+        for h, w in self.store.layout.self_attention:
+            data = given.get((h, w))
+            expected = (nb, h * w, h * w)
+            if data is None or tuple(data.shape) != expected:
+                raise StoreError(f"image {slot}: the {h}x{w} self-attention matrix has shape "
+                                 f"{None if data is None else tuple(data.shape)}, the store expects {expected}")
+            if not np.isfinite(data).all():
+                raise InvalidInputError(f"the {h}x{w} self-attention of image {slot} contains NaN or Inf; the "
+                                        "generation diverged (try float32 weights or another seed); nothing written")
+            out[fmt.self_attention_name((h, w))] = np.asarray(data, dtype=np.float16)
+        return out
 
     def _write_image(self, slot: int, image: np.ndarray, queries: Mapping[str, np.ndarray],
                      timesteps: Sequence[float], branch_labels: Sequence[str],
@@ -341,6 +364,11 @@ def _context_arrays(store: Store) -> tuple[str, ...]:
     names = () if spec is None else (
         fmt.CONTEXT, fmt.CONTEXT_TOKEN_IDS, *((fmt.CONTEXT_TOKENIZER_IDS,) if spec.per_tokenizer else ()))
     return names + ((fmt.CONDITIONING,) if store.layout.conditioning else ())
+
+
+def _self_attention_arrays(layout: StoreLayout) -> tuple[str, ...]:
+    """The per-image self-attention arrays of a layout (format 2.1), by path."""
+    return tuple(fmt.self_attention_name(g) for g in layout.self_attention)
 
 
 # ---------------------------------------------------------------------- creation helpers
@@ -423,6 +451,8 @@ def _build(path: Path, layout: StoreLayout, key_projections, weights=None) -> No
         "integrity": fmt.INTEGRITY,
         "layout": layout.to_json(),
     }
+    if layout.self_attention:  # stores without the 2.1 additions stay minor 0 (no key), as before
+        meta["format_minor_version"] = fmt.FORMAT_MINOR_VERSION
     meta[fmt.LAYOUT_CHECKSUM] = fmt.layout_checksum(meta["layout"])
     root = zarr.open_group(path, mode="w", zarr_format=3, attributes={"ovstore": meta})
     i = fmt.IMAGE_DIM
@@ -465,6 +495,12 @@ def _build(path: Path, layout: StoreLayout, key_projections, weights=None) -> No
                           chunks=(1, nb, layout.n_steps, layout.conditioning), dtype=layout.query_dtype,
                           fill_value=0.0, dimension_names=(i, "branch", fmt.STEP_DIM, "conditioning_channel"),
                           compressors=checked())
+    if layout.self_attention:
+        group = root.create_group(fmt.SELF_ATTENTION_GROUP)
+        for h, w in layout.self_attention:  # one chunk per image: an image's matrix is read whole
+            group.create_array(f"{h}x{w}", shape=(0, nb, h * w, h * w), chunks=(1, nb, h * w, h * w),
+                               dtype="float16", fill_value=0.0, compressors=fmt.query_codecs(layout.codec),
+                               dimension_names=(i, "branch", "query_pixel", "key_pixel"))
     if weights:
         _write_weights(root.create_group(fmt.WEIGHTS_GROUP), weights)
     layers = root.create_group(fmt.LAYERS_GROUP)
