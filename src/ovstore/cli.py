@@ -289,6 +289,14 @@ def images(
                          f"`ovstore verify {store}` for details")
 
 
+_REFINE_HELP = ("Refine the maps with each image's stored self-attention (capture with --self-attention RES): "
+                "self-attention (= :propagate,k=1, SA^k·map as DiffSegmenter/Dataset Diffusion), "
+                "self-attention:propagate,k=2, self-attention:ovam,min_sa=0.85 (OVAM's weighting: map/max times the "
+                "rescaled attention each pixel receives), self-attention:iseg,iterations=3,step=0 (iSeg's "
+                "entropy-reduced iteration); res=R picks a stored grid (default the finest). Maps are resampled to the "
+                "self-attention grid and back.")
+
+
 @app.command()
 def maps(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
@@ -314,6 +322,7 @@ def maps(
     generation_context: Annotated[bool, typer.Option("--generation-context", help="Instead of attribution prompts: one map per token of the context the stored calls attended (the stored branch's prompt, or negative prompt for uncond, padded as the pipeline encoded it), softmax over all of them.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out/--png written by `ovstore maps`.")] = False,
     skip_damaged: Annotated[bool, typer.Option("--skip-damaged", help="Skip images whose stored data is damaged (listed, and recorded in a .zarr output's attrs).")] = False,
+    refine: Annotated[Optional[str], typer.Option("--refine", metavar="SPEC", help=_REFINE_HELP)] = None,
 ) -> None:
     """Compute OVAM maps for attribution prompts over stored images (no diffusion re-run).
 
@@ -331,7 +340,7 @@ def maps(
                       config_options=dict(layers=_layer_selection(layer, resolution, include_mid=False),
                                           steps=_calls_option(calls, steps, "maps"), branch=branch,
                                           activation=activation, aggregation=aggregation, normalize=normalize,
-                                          size=size))
+                                          size=size, refine=refine))
         return
     prompts = list(attribution or [])
     if attributions_file is not None:  # blank lines skipped, the others' line numbers kept (prompt_line)
@@ -363,7 +372,7 @@ def maps(
         layers=_layer_selection(layer, resolution, include_mid=False),
         steps=_calls_option(calls, steps, "maps"), branch=branch, activation=activation, head_reduction=aggregation,
         step_reduction=aggregation, layer_reduction=aggregation, normalize=normalize,
-        size=tuple(size) if size else None,
+        size=tuple(size) if size else None, refine=refine,
     )
     from .devices import check_device
 
@@ -524,6 +533,7 @@ def label(
     model: Annotated[Optional[str], typer.Option(help="Text encoder to use instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     skip_damaged: Annotated[bool, typer.Option("--skip-damaged", help="Skip images whose stored data is damaged (listed, and recorded in annotations.json info); a later run tries them again.")] = False,
+    refine: Annotated[Optional[str], typer.Option("--refine", metavar="SPEC", help=_REFINE_HELP + " Applied to the class maps before thresholds, --adaptive and --crf; recorded in the provenance.")] = None,
 ) -> None:
     """Label every complete image into a segmentation dataset (VOC PNGs + COCO RLE JSON).
 
@@ -541,7 +551,7 @@ def label(
                           class_thresholds=class_threshold, class_words=class_words, adaptive=adaptive, sweep=sweep,
                           defaults=defaults, prompt_template=prompt_template, mode=mode, normalize=normalize,
                           threshold=threshold, crf=crf, min_component=min_component,
-                          prompt_classes_only=prompt_classes_only, maps_from=maps_from)
+                          prompt_classes_only=prompt_classes_only, maps_from=maps_from, refine=refine)
     from_model = [k for k, v in config.sources.items() if v == "model"]
     if from_model:
         console.print(f"model defaults ({defaults.file}): "

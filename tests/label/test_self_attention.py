@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -121,3 +122,144 @@ def test_bad_refine_options_are_one_line_errors(text, message):
 def test_a_matrix_of_another_grid_is_refused():
     with pytest.raises(InvalidInputError, match="resample the maps"):
         propagate(np.ones((3, 3)), np.eye(4))
+
+
+# ---------------------------------------------------------------------- maps and label, on a tiny store
+from typer.testing import CliRunner  # noqa: E402
+
+from ovstore.cli import app  # noqa: E402
+
+runner = CliRunner()
+PROMPTS = ["a red circle on a blue square", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def sa_store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sa") / "sa.zarr"
+    result = runner.invoke(app, ["capture", *sum((["--prompt", p] for p in PROMPTS), []), "--steps", "3",
+                                 "--self-attention", "8,16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "plain.zarr"
+    assert runner.invoke(app, ["capture", "--prompt", PROMPTS[0], "--steps", "2", "--out", str(out)]).exit_code == 0
+    return out
+
+
+def test_compute_maps_refined_equals_refining_the_plain_maps(sa_store):
+    from ovstore.analyze import MapConfig, compute_maps
+    from ovstore.store import open_store
+
+    store = open_store(sa_store)
+    plain = compute_maps(store, ["circle"], config=MapConfig())
+    for spec in ("self-attention:propagate,k=2", "self-attention:ovam", "self-attention:iseg,res=8"):
+        refined = compute_maps(store, ["circle"], config=MapConfig(refine=spec))
+        r = parse_refinement(spec)
+        assert refined.attrs["refine"] == r.spec
+        for k, image in enumerate(plain["image"].values):
+            sa = store.self_attention(int(image), r.resolution)
+            expected = r.apply(torch.from_numpy(plain.values[k]), sa).numpy()
+            np.testing.assert_allclose(refined.values[k], expected, rtol=1e-4, atol=1e-6)
+        assert not np.allclose(refined.values, plain.values)
+
+
+def test_cli_maps_with_refine_writes_refined_maps_and_records_it(sa_store, tmp_path):
+    out = tmp_path / "m.zarr"
+    result = runner.invoke(app, ["maps", str(sa_store), "-a", "circle", "-a", "square", "--out", str(out),
+                                 "--refine", "self-attention:propagate,k=2", "--normalize", "max"])
+    assert result.exit_code == 0, result.output
+    import xarray as xr
+
+    ds = xr.open_zarr(out, consolidated=False)
+    maps = ds["ovam_maps"]
+    assert ds.attrs["refine"] == "self-attention:propagate,k=2"
+    assert float(maps.max()) == pytest.approx(1.0, abs=1e-3)
+    help_text = runner.invoke(app, ["maps", "--help"], env={"COLUMNS": "200"}).output
+    assert "--refine" in help_text and "propagate" in help_text and "iseg" in help_text
+
+
+def test_cli_label_with_refine_adaptive_and_crf_records_the_refinement(sa_store, tmp_path):
+    pytest.importorskip("pydensecrf.densecrf")
+    out = tmp_path / "ds"
+    result = runner.invoke(app, ["label", str(sa_store), "--classes", "circle,square,triangle", "--out", str(out),
+                                 "--refine", "self-attention:iseg,iterations=2", "--adaptive", "--crf",
+                                 "--scheduler", "synchronous"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "records" / "00000.json").read_text())["image"]["ovstore"]
+    assert record["refinements"]["self_attention"] == {"method": "iseg", "iterations": 2, "step": 0.0,
+                                                       "resolution": None}
+    assert record["refinements"]["crf"] and record["refinements"]["adaptive"]
+    settings = json.loads((out / "ovstore-label.json").read_text())
+    assert settings["config"]["refine"]["method"] == "iseg"
+
+
+def test_label_maps_refined_equal_refining_the_class_maps(sa_store):
+    from ovstore.analyze import load_text_encoder, resize_maps
+    from ovstore.label import LabelConfig
+    from ovstore.label.class_maps import label_class_maps
+    from ovstore.label.refine import normalize_maps
+    from ovstore.store import open_store
+
+    store = open_store(sa_store)
+    encoder = load_text_encoder(store.layout.model)
+    size = (store.layout.height, store.layout.width)
+    config = LabelConfig(classes=("circle", "triangle"))
+    spec = "self-attention:propagate,k=3"
+    refined = label_class_maps(store, [0, 1], replace_refine(config, spec), encoder, size=size)
+    # the same class maps without refinement, left un-normalised at the latent grid
+    from ovstore.label.class_maps import class_attributions
+    from ovstore.analyze import MapConfig, compute_maps
+
+    atts = class_attributions(store, config, encoder)
+    raw = compute_maps(store, list(atts.attributions), images=[0, 1], config=MapConfig()).values
+    summed = np.stack([raw[:, list(c)].sum(axis=1) for c in atts.columns], axis=1)
+    r = parse_refinement(spec)
+    by_hand = torch.stack([r.apply(torch.from_numpy(summed[k]), store.self_attention(k)) for k in range(2)])
+    expected = normalize_maps(resize_maps(by_hand, size).numpy(), "minmax")
+    np.testing.assert_allclose(refined, expected, atol=1e-5)
+
+
+def replace_refine(config, spec):
+    from dataclasses import replace
+
+    return replace(config, refine=spec)
+
+
+def _main(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """``ovstore ARGS`` through the console entry point: exit status and what it printed."""
+    import sys
+
+    from ovstore.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ovstore", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "400")  # one-line errors stay on one line
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, (captured.out + captured.err).strip()
+
+
+def test_refining_a_store_without_self_attention_names_the_capture_option(plain_store, tmp_path, monkeypatch,
+                                                                         capsys):
+    for args in (["maps", plain_store, "-a", "circle", "--out", tmp_path / "m.npy"],
+                 ["label", plain_store, "--classes", "circle", "--out", tmp_path / "ds", "--scheduler",
+                  "synchronous"]):
+        code, output = _main(monkeypatch, capsys, *args, "--refine", "self-attention")
+        line = output.splitlines()[-1]  # label first says which model defaults it takes
+        assert code == 2 and line.startswith("error:") and "--self-attention RES" in line
+    assert not (tmp_path / "m.npy").exists() and not (tmp_path / "ds").exists()
+
+
+def test_cli_bad_refine_is_one_line(sa_store, tmp_path, monkeypatch, capsys):
+    for spec, message in (("self-attention:blur", "unknown method 'blur'"),
+                          ("self-attention:propagate,res=32", "not 32x32")):
+        code, line = _main(monkeypatch, capsys, "maps", sa_store, "-a", "circle", "--out", tmp_path / "m.npy",
+                           "--refine", spec)
+        assert code == 2 and line.startswith("error:") and message in line and "\n" not in line
+    assert not (tmp_path / "m.npy").exists()
