@@ -5,8 +5,8 @@ image and latent grid: ``softmax(Q·Kᵀ·scale)`` of every ``attn1`` layer at t
 over heads, over the stored denoiser calls and over the layers. Forward hooks on each layer's
 ``to_q`` and ``to_k`` (which a self-attention layer applies to the same hidden states, ``to_q``
 first) see ``Q`` and ``K`` under any attention processor without changing the computation; the
-matrix is accumulated in float32 on the device, head by head (an SD 1.5 64x64 layer would need
-8 x 4096² floats at once), and only the average of a batch is copied to the host. Storing the
+matrix is accumulated in float32 on the device, heads in groups of bounded size (an SD 1.5
+64x64 layer would need 8 x 4096² floats at once), and only the average of a batch is copied to the host. Storing the
 matrix rather than the ``attn1`` queries and keys is a measured choice (docs/store-format.md).
 """
 
@@ -20,6 +20,10 @@ import torch
 from ..errors import InvalidInputError
 
 __all__ = ["SelfAttentionRecorder", "check_self_attention_grids", "parse_self_attention"]
+
+#: Scores of several heads are computed at once up to this many bytes (an SD 1.5 64x64 head of
+#: one image is 64 MiB: one head at a time there; the toy model's 16x16 heads all at once).
+_CHUNK_BYTES = 256 * 2**20
 
 
 def parse_self_attention(spec: str | Sequence[str | int | tuple[int, int]] | None) -> tuple[tuple[int, int], ...]:
@@ -126,9 +130,12 @@ class SelfAttentionRecorder:
             total = self._sums.get(grid)
             if total is None:
                 total = self._sums[grid] = torch.zeros((n, nb, pixels, pixels), dtype=torch.float32, device=q.device)
-            for head in range(heads):  # one head at a time bounds memory at one matrix per image
-                scores = torch.einsum("ibpc,ibqc->ibpq", q[..., head, :], k[..., head, :]) * float(attention.scale)
-                total += torch.softmax(scores, dim=-1) / heads
+            # heads in groups whose scores fit _CHUNK_BYTES (at least one: one matrix per image at a time)
+            group = max(1, min(heads, _CHUNK_BYTES // max(4 * n * nb * pixels * pixels, 1)))
+            for start in range(0, heads, group):
+                part = slice(start, min(start + group, heads))
+                scores = torch.einsum("ibphc,ibqhc->ibhpq", q[..., part, :], k[..., part, :]) * float(attention.scale)
+                total += torch.softmax(scores, dim=-1).sum(dim=2) / heads
             self._counts[grid] = self._counts.get(grid, 0) + 1
         return hook
 
