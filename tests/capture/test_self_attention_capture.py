@@ -132,3 +132,39 @@ def test_mmdit_families_refuse_self_attention():
 def test_parse_self_attention():
     assert parse_self_attention("32, 16x16,32") == ((16, 16), (32, 32))
     assert parse_self_attention(None) == () and parse_self_attention("") == ()
+
+
+def test_kill_while_writing_a_matrix_then_resume_loses_nothing(tmp_path):
+    """SIGKILL in the middle of writing image 1's self-attention chunk (half a temporary file
+    written), with the fault-injection helpers of tests/reliability/test_kill_points.py: image 0
+    stays complete and equal to an uninterrupted run, and `--resume` finishes image 1 exactly."""
+    import importlib.util
+    import os
+    import signal
+    from pathlib import Path
+
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("fault_injection", root / "scripts" / "fault_injection.py")
+    faults = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(faults)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    args = ["capture", "--prompts-file", prompts, "--steps", "2", "--self-attention", "8,16"]
+    faults.run_cli(*args, "--out", tmp_path / "reference.zarr")
+    out = tmp_path / "killed.zarr"
+    status = faults.killed_run(lambda: faults.run_cli(*args, "--out", out), r"/killed\.zarr/self_attention/16x16/c/1/",
+                               1, True)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "the kill point was not reached"
+    assert list(out.rglob("*.partial"))  # a real half-written chunk
+    reference, killed = open_store(tmp_path / "reference.zarr"), open_store(out)
+    assert killed.complete_images() == [0] and verify_store(killed).ok
+    faults.run_cli("capture", "--resume", "--out", out)
+    finished = open_store(out)
+    assert finished.complete_images() == [0, 1] and verify_store(finished).ok
+    for image in range(2):
+        for grid in (8, 16):
+            np.testing.assert_array_equal(finished.self_attention(image, grid, branch=None),
+                                          reference.self_attention(image, grid, branch=None))
+        np.testing.assert_array_equal(finished.image(image), reference.image(image))
