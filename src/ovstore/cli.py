@@ -162,7 +162,9 @@ def capture(
         f"about {_human(layout.query_bytes_per_image() + layout.context_bytes_per_image())} per image before "
         f"compression ({'queries, image keys/values and temb' if layout.layer_arrays else 'queries'} "
         f"{_human(layout.query_bytes_per_image())}, context "
-        f"{_human(layout.context_bytes_per_image())})",
+        f"{_human(layout.context_bytes_per_image())}"
+        + (f", self-attention {_human(layout.self_attention_bytes_per_image())}" if layout.self_attention else "")
+        + ")",
         highlight=False,
     )
     n = job.total
@@ -208,6 +210,9 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> Non
     stdout.print(f"image size {layout.height}x{layout.width}, latent {layout.latent_height}x{layout.latent_width}; "
                  f"stored calls: {layout.n_steps} of {layout.num_unet_calls} UNet calls; branches: "
                  f"{','.join(layout.branches)}; queries {layout.query_dtype}, codec {layout.codec}")
+    if layout.self_attention:
+        stdout.print(f"self-attention matrices: {', '.join(f'{h}x{w}' for h, w in layout.self_attention)} "
+                     f"({_human(layout.self_attention_bytes_per_image())} per image before compression)")
     table = Table("block", "h x w", "heads", "head_dim", "scale", "MB/image")
     table.add_column("layer", overflow="fold")  # full module paths, wrapped rather than cut
     for l in layout.layers:

@@ -149,6 +149,11 @@ def plain_store(tmp_path_factory):
     return out
 
 
+def test_info_names_the_stored_self_attention(sa_store):
+    result = runner.invoke(app, ["info", str(sa_store)])
+    assert result.exit_code == 0 and "self-attention matrices: 8x8, 16x16" in result.output
+
+
 def test_compute_maps_refined_equals_refining_the_plain_maps(sa_store):
     from ovstore.analyze import MapConfig, compute_maps
     from ovstore.store import open_store
