@@ -155,7 +155,8 @@ def prompt_class_maps(store: Store, images: Sequence[int], config: LabelConfig, 
         by_prompt.setdefault(store.record(image).prompt, []).append(k)
     word_classes = [(c, name) for c, name in enumerate(config.classes) if name not in config.tokens]
     for prompt, rows in by_prompt.items():
-        maps = compute_maps(store, [prompt], images=[images[k] for k in rows], config=MapConfig(), device=device)
+        maps = compute_maps(store, [prompt], images=[images[k] for k in rows], config=MapConfig(), device=device,
+                            text_encoder=encoder)  # the labelling's encoder, loaded once
         tokens = [str(t) for t in maps["token_str"].values]
         values = maps.values
         for c, name in word_classes:
