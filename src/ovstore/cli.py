@@ -132,6 +132,7 @@ def capture(
     inversion_guidance: Annotated[Optional[float], typer.Option(help="With --invert: guidance of the inversion pass (default 1: no classifier-free guidance).")] = None,
     resize: Annotated[Optional[str], typer.Option(help="Real images: resize every image to WxH (multiples of 8) or to the pipeline's native size (native), bicubic.")] = None,
     convert_rgb: Annotated[bool, typer.Option("--convert-rgb", help="Real images: convert grey, palette, CMYK and alpha images to RGB (alpha composited on white) instead of refusing them.")] = False,
+    self_attention: Annotated[Optional[str], typer.Option("--self-attention", metavar="RES[,RES]", help="Also store each image's self-attention (attn1) matrix at these latent grids, averaged over heads, stored calls and layers (float16, (RES*RES)^2 values per branch: SD 1.5 32 -> 2 MB, 64 -> 32 MB), for `maps`/`label --refine self-attention`. UNet families only; off by default, or the store's.")] = None,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
@@ -154,7 +155,7 @@ def capture(
         torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker,
         max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks,
         images_file=images_file, strength=strength, invert=invert, inversion_guidance=inversion_guidance,
-        resize=resize, convert_rgb=convert_rgb)
+        resize=resize, convert_rgb=convert_rgb, self_attention=self_attention)
     if scheduler is None and (workers is not None or slots_per_task is not None):
         raise InvalidInputError("--workers and --slots-per-task belong to --scheduler; add --scheduler local "
                                 "(or a scheduler address)")
@@ -180,7 +181,9 @@ def capture(
         f"about {_human(layout.query_bytes_per_image() + layout.context_bytes_per_image())} per image before "
         f"compression ({'queries, image keys/values and temb' if layout.layer_arrays else 'queries'} "
         f"{_human(layout.query_bytes_per_image())}, context "
-        f"{_human(layout.context_bytes_per_image())})",
+        f"{_human(layout.context_bytes_per_image())}"
+        + (f", self-attention {_human(layout.self_attention_bytes_per_image())}" if layout.self_attention else "")
+        + ")",
         highlight=False,
     )
     n = job.total
@@ -232,6 +235,9 @@ def info(store: Annotated[Path, typer.Argument(help="Store directory.")]) -> Non
     stdout.print(f"image size {layout.height}x{layout.width}, latent {layout.latent_height}x{layout.latent_width}; "
                  f"stored calls: {layout.n_steps} of {layout.num_unet_calls} UNet calls; branches: "
                  f"{','.join(layout.branches)}; queries {layout.query_dtype}, codec {layout.codec}")
+    if layout.self_attention:
+        stdout.print(f"self-attention matrices: {', '.join(f'{h}x{w}' for h, w in layout.self_attention)} "
+                     f"({_human(layout.self_attention_bytes_per_image())} per image before compression)")
     table = Table("block", "h x w", "heads", "head_dim", "scale", "MB/image")
     table.add_column("layer", overflow="fold")  # full module paths, wrapped rather than cut
     for l in layout.layers:
@@ -313,6 +319,14 @@ def images(
                          f"`ovstore verify {store}` for details")
 
 
+_REFINE_HELP = ("Refine the maps with each image's stored self-attention (capture with --self-attention RES): "
+                "self-attention (= :propagate,k=1, SA^k·map as DiffSegmenter/Dataset Diffusion), "
+                "self-attention:propagate,k=2, self-attention:ovam,min_sa=0.85 (OVAM's weighting: map/max times the "
+                "rescaled attention each pixel receives), self-attention:iseg,iterations=3,step=0 (iSeg's "
+                "entropy-reduced iteration); res=R picks a stored grid (default the finest). Maps are resampled to the "
+                "self-attention grid and back.")
+
+
 @app.command()
 def maps(
     store: Annotated[Path, typer.Argument(help="Store directory.")],
@@ -342,6 +356,7 @@ def maps(
     workers: Annotated[Optional[int], typer.Option(help="Worker processes of --scheduler local (default: one per core).")] = None,
     partition_size: Annotated[int, typer.Option(help="Images per Dask task with --scheduler.")] = 4,
     head: Annotated[Optional[Path], typer.Option("--head", help="Grounding head file (`ovstore ground train`): also write its probability maps of each attribution text, as a class phrase, to OUT_STEM.head.npy (image, attribution, H, W).")] = None,
+    refine: Annotated[Optional[str], typer.Option("--refine", metavar="SPEC", help=_REFINE_HELP)] = None,
 ) -> None:
     """Compute OVAM maps for attribution prompts over stored images (no diffusion re-run).
 
@@ -359,7 +374,7 @@ def maps(
                       config_options=dict(layers=_layer_selection(layer, resolution, include_mid=False),
                                           steps=_calls_option(calls, steps, "maps"), branch=branch,
                                           activation=activation, aggregation=aggregation, normalize=normalize,
-                                          size=size))
+                                          size=size, refine=refine))
         return
     prompts = list(attribution or [])
     if attributions_file is not None:  # blank lines skipped, the others' line numbers kept (prompt_line)
@@ -395,7 +410,7 @@ def maps(
         layers=_layer_selection(layer, resolution, include_mid=False),
         steps=_calls_option(calls, steps, "maps"), branch=branch, activation=activation, head_reduction=aggregation,
         step_reduction=aggregation, layer_reduction=aggregation, normalize=normalize,
-        size=tuple(size) if size else None,
+        size=tuple(size) if size else None, refine=refine,
     )
     from .devices import check_device
 
@@ -575,6 +590,7 @@ def label(
     model: Annotated[Optional[str], typer.Option(help="Text encoder to use instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     skip_damaged: Annotated[bool, typer.Option("--skip-damaged", help="Skip images whose stored data is damaged (listed, and recorded in annotations.json info); a later run tries them again.")] = False,
+    refine: Annotated[Optional[str], typer.Option("--refine", metavar="SPEC", help=_REFINE_HELP + " Applied to the class maps before thresholds, --adaptive and --crf; recorded in the provenance.")] = None,
 ) -> None:
     """Label every complete image into a segmentation dataset (VOC PNGs + COCO RLE JSON).
 
@@ -592,7 +608,7 @@ def label(
                           class_thresholds=class_threshold, class_words=class_words, adaptive=adaptive, sweep=sweep,
                           defaults=defaults, prompt_template=prompt_template, mode=mode, normalize=normalize,
                           threshold=threshold, crf=crf, min_component=min_component,
-                          prompt_classes_only=prompt_classes_only, maps_from=maps_from)
+                          prompt_classes_only=prompt_classes_only, maps_from=maps_from, refine=refine)
     from_model = [k for k, v in config.sources.items() if v == "model"]
     if from_model:
         console.print(f"model defaults ({defaults.file}): "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import InvalidInputError
 from ..inputs import check_int
@@ -48,6 +49,11 @@ class MapConfig:
     block_budget
         Bytes of keys and maps held for one block of prompts on one image: many prompts are
         evaluated in blocks of this size, so memory stays bounded whatever their number.
+    refine
+        ``None``, or a self-attention refinement (``"self-attention:propagate,k=2"`` or an
+        ``ovstore.label.self_attention.Refinement``) applied to each image's maps with its stored
+        self-attention matrix, after the layer sum and before resizing and normalising; the
+        store must be captured with ``--self-attention``.
     """
 
     layers: LayerSelection = field(default_factory=lambda: LayerSelection(include_mid=False))
@@ -61,8 +67,13 @@ class MapConfig:
     size: tuple[int, int] | None = None
     memory_budget: int | None = None
     block_budget: int = 512 * 2**20
+    refine: Any = None
 
     def __post_init__(self) -> None:
+        if self.refine is not None:
+            from ..label.self_attention import parse_refinement
+
+            object.__setattr__(self, "refine", parse_refinement(self.refine))
         if self.activation not in ACTIVATIONS:
             raise InvalidInputError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         for name in ("head_reduction", "step_reduction", "layer_reduction"):

@@ -136,7 +136,7 @@ def _iter_context_maps(run: _ContextRun) -> Iterator[ContextImage]:
         block = _block([att], 0)
         with torch.inference_mode():
             keys = plan.ordered_keys(block.embedding, block.buckets, image)
-            maps = plan.image_maps(queries, keys, block.buckets).detach().cpu().numpy()
+            maps = plan.image_maps(queries, keys, block.buckets, image).detach().cpu().numpy()
         ids = (store.context_tokenizer_ids(image, plan.branch) if len(run.tokenizer_names) > 1
                else np.asarray([att.token_ids]))
         strings = [list(att.tokens)] + [_strings(ids[k], run.tokenizers[k]) for k in range(1, len(ids))]
@@ -242,7 +242,7 @@ def per_image(maps: xr.DataArray, position: int) -> xr.DataArray:
 # ---------------------------------------------------------------------- the command
 def context_map_config(*, layers: LayerSelection | None = None, steps: str | Sequence[str] | None = None,
                        branch: str | None = None, activation: str = "token_softmax", aggregation: str = "sum",
-                       normalize: str = "none", size: Sequence[int] | None = None) -> MapConfig:
+                       normalize: str = "none", size: Sequence[int] | None = None, refine: Any = None) -> MapConfig:
     """The :class:`MapConfig` of ``maps --generation-context`` options, with one-line errors
     naming the options (aggregation applies to heads, calls and layers alike)."""
     if activation != "token_softmax":
@@ -252,7 +252,7 @@ def context_map_config(*, layers: LayerSelection | None = None, steps: str | Seq
         raise InvalidInputError(f"--aggregation {aggregation!r} is not one of sum, mean")
     return MapConfig(layers=layers or LayerSelection(include_mid=False), steps=steps, branch=branch,
                      head_reduction=aggregation, step_reduction=aggregation, layer_reduction=aggregation,
-                     normalize=normalize, size=tuple(size) if size else None)
+                     normalize=normalize, size=tuple(size) if size else None, refine=refine)
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,17 @@ class MapPlan:
         #: what they need for every image here (their stored weights on the device)
         self.family_state = (self.family.analysis_state(store, self.layers, self.device)
                              if self.family.image_dependent_keys else None)
+        #: the stored self-attention grid a refinement uses (a store without any: one line, now)
+        self.refine_grid = store._self_attention_grid(config.refine.resolution) if config.refine else None
+        self._self_attention: tuple[int, torch.Tensor] | None = None
+
+    def self_attention(self, image: int) -> torch.Tensor:
+        """The image's stored self-attention matrix for the refinement, on the device (the
+        last image's is kept: every prompt block of an image meets the same one)."""
+        if self._self_attention is None or self._self_attention[0] != image:
+            sa = self.store.self_attention(image, self.refine_grid, branch=self.branch)
+            self._self_attention = (image, torch.from_numpy(sa.astype(np.float32)).to(self.device))
+        return self._self_attention[1]
 
     def bytes_per_token(self) -> int:
         """Memory one attribution token takes while one image is evaluated: its keys (twice:
@@ -201,9 +212,10 @@ class MapPlan:
         return {info.name: p for info, p in zip(self.layers, prepared)}
 
     def image_maps(self, queries: dict[str, PreparedQueries], keys: dict[str, torch.Tensor],
-                   buckets: TokenBuckets) -> torch.Tensor:
+                   buckets: TokenBuckets, image: int | None = None) -> torch.Tensor:
         """Maps of every token for one image: ``(token, height, width)`` float32, in token
-        order; ``keys`` from :meth:`ordered_keys`."""
+        order; ``keys`` from :meth:`ordered_keys`. With a ``config.refine``, ``image`` (its store
+        index) gives the self-attention matrix the maps are refined with."""
         cfg = self.config
 
         def layer_maps(info: LayerInfo) -> tuple[LayerInfo, torch.Tensor]:
@@ -240,6 +252,10 @@ class MapPlan:
             per_layer = (layer_maps(info) for info in self.layers)
         maps = upsample_sum(per_layer, self.target, reduction=cfg.layer_reduction)
         maps = maps[buckets.inverse.to(maps.device)]
+        if cfg.refine is not None:
+            if image is None:
+                raise InvalidInputError("a self-attention refinement needs the image's index (image_maps(..., image=))")
+            maps = cfg.refine.apply(maps, self.self_attention(image))
         return normalize_maps(resize_maps(maps, self.size), cfg.normalize)
 
 
@@ -343,7 +359,7 @@ def iter_map_blocks(plan: MapPlan, images: Sequence[int], attributions: Sequence
         with torch.inference_mode():
             for block in blocks:
                 keys = cached if cached is not None else plan.ordered_keys(block.embedding, block.buckets, image)
-                yield MapBlock(position, image, block.tokens, plan.image_maps(queries, keys, block.buckets))
+                yield MapBlock(position, image, block.tokens, plan.image_maps(queries, keys, block.buckets, image))
 
 
 def iter_image_maps(plan: MapPlan, images: Sequence[int], keys: dict[str, torch.Tensor],
@@ -352,7 +368,7 @@ def iter_image_maps(plan: MapPlan, images: Sequence[int], keys: dict[str, torch.
     the next image's queries in a thread."""
     for _, image, queries in _prefetched(plan, images):
         with torch.inference_mode():
-            maps = plan.image_maps(queries, keys, buckets)
+            maps = plan.image_maps(queries, keys, buckets, image)
         yield image, maps
 
 
@@ -489,6 +505,7 @@ def map_attrs(store: Store, plan: MapPlan) -> dict[str, Any]:
         "step_reduction": cfg.step_reduction,
         "layer_reduction": cfg.layer_reduction,
         "normalize": cfg.normalize,
+        "refine": cfg.refine.spec if cfg.refine is not None else "none",
     }
 
 

@@ -83,6 +83,10 @@ class CaptureConfig:
         guidance. Refused for other families.
     single_blocks
         FLUX: also record the single-stream blocks (off by default; see docs/store-format.md).
+    self_attention
+        Latent grids (e.g. ``((32, 32),)``, or ``"16,32"``) at which each image's self-attention
+        (``attn1``) matrix, averaged over heads, stored calls and layers, is stored for the
+        self-attention refinements of maps and labels; default none. UNet families only.
     """
 
     num_inference_steps: int = 50
@@ -99,8 +103,12 @@ class CaptureConfig:
     max_sequence_length: int | None = None
     true_cfg_scale: float | None = None
     single_blocks: bool = False
+    self_attention: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
+        from .self_attention import parse_self_attention
+
+        object.__setattr__(self, "self_attention", parse_self_attention(self.self_attention))
         if self.max_sequence_length is not None:
             check_int(self.max_sequence_length, "--max-sequence-length", 1, 4096)
         if self.true_cfg_scale is not None:
@@ -189,6 +197,8 @@ def store_settings(layout: StoreLayout, records: list[ImageRecord] | None = None
     steps, guidance = layout.extra.get("num_inference_steps"), layout.extra.get("guidance")
     if records:
         steps, guidance = records[0].num_inference_steps, records[0].guidance
+    if layout.self_attention:
+        settings["self_attention"] = tuple(layout.self_attention)
     if layout.extra.get("max_sequence_length") is not None:
         settings["max_sequence_length"] = int(layout.extra["max_sequence_length"])
     if layout.extra.get("true_cfg_scale") is not None:

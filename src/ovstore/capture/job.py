@@ -165,6 +165,7 @@ def prepare_capture(
     inversion_guidance: float | None = None,
     resize: str | None = None,
     convert_rgb: bool = False,
+    self_attention: str | None = None,
 ) -> CaptureJob:
     """Check the options of ``ovstore capture`` (same names, same defaults) against each other
     and against the store at ``out``, without loading a model.
@@ -238,7 +239,7 @@ def prepare_capture(
 
     given = dict(num_inference_steps=steps, guidance=guidance, height=height, width=width, branch=branch,
                  dtype=dtype, codec=codec, calls=calls, max_sequence_length=max_sequence_length,
-                 true_cfg_scale=true_cfg_scale)
+                 true_cfg_scale=true_cfg_scale, self_attention=self_attention or None)
     selection = LayerSelection(patterns=tuple(layers), include_mid=True,
                                resolutions=tuple(parse_resolution(r) for r in resolutions))
     if single_blocks:

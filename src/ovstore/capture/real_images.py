@@ -20,6 +20,7 @@ the source (resized as asked), so maps, labels and their VOC/COCO output show th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -36,6 +37,7 @@ from ..families import family_for_pipeline
 from ..inputs import check_float, check_seed, read_lines
 from ..store import REAL_IMAGES, ImageRecord, StoreLayout, StoreWriter, open_store
 from .config import CaptureConfig, store_settings
+from .self_attention import SelfAttentionRecorder
 from .runner import (
     CaptureResult, _BackgroundWriter, _batches, _context_ids, _key_projections, _stored_weights, check_capture_memory,
     check_requests, family_options, make_recorder, match_requests, plan_capture,
@@ -438,6 +440,9 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
     family = family_for_pipeline(pipe)
     recorder = make_recorder(pipe, layers, layout)
     options = family_options(family, config)
+    attn1 = (SelfAttentionRecorder(recorder, family.self_attention_layers(pipe, layout.latent_height,
+                                                                         layout.latent_width), layout.self_attention)
+             if layout.self_attention else contextlib.nullcontext())
     if method.method == "strength":
         img2img, (inverse, regenerate) = family.image_to_image(pipe), (None, None)
     else:
@@ -463,11 +468,15 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
                 run = lambda: img2img(**prompts, **options, image=[Image.fromarray(s) for s in sources],  # noqa: E731
                                       strength=method.strength, num_inference_steps=steps, guidance_scale=guidance,
                                       generator=generators, output_type="np")
-            with recorder:
+            with recorder, attn1:
                 recorder.start_batch(len(chunk), context_ids=_context_ids(pipe, family, records, recorder.branches,
                                                                           options))
+                if layout.self_attention:
+                    attn1.start_batch()
                 output = run()
             batch = recorder.result
+            if layout.self_attention:
+                batch.self_attention = attn1.result()
             batch.timesteps = family.call_timesteps(pipe, batch.timesteps)
             if batch.n_calls != layout.num_unet_calls:
                 raise StoreError(f"the pipeline made {batch.n_calls} denoiser calls, {layout.num_unet_calls} were "

@@ -39,6 +39,8 @@ class BatchQueries:
     arrays: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
     #: per stored call, the conditioning vector ``(image, branch, width)``
     conditioning: list[torch.Tensor] = field(default_factory=list)
+    #: averaged self-attention matrices by latent grid ``(image, branch, H*W, H*W)`` (``--self-attention``)
+    self_attention: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def image_arrays(self, index: int) -> dict[str, dict[str, torch.Tensor]]:
         """The other per-layer arrays of one image, each ``(branch, step, head, y, x, channel)``."""

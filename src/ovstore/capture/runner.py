@@ -7,6 +7,7 @@ number of images.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import queue
 import threading
@@ -24,6 +25,7 @@ from ..store import STATUS_COMPLETE, ContextSpec, ImageRecord, StoreLayout, Stor
 from ..families import ModelFamily, family_for_pipeline
 from .config import CaptureConfig, store_settings
 from .recorder import BatchQueries, QueryRecorder
+from .self_attention import SelfAttentionRecorder, check_self_attention_grids
 
 __all__ = ["capture", "plan_capture", "resume", "CaptureResult", "check_requests", "match_requests"]
 
@@ -77,6 +79,8 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig, *,
     layers = [(info, module) for info, module in found if info.name in chosen]
     family.check_layers([info for info, _ in found], [info for info, _ in layers])
     options = family_options(family, config)
+    if config.self_attention:  # refused here for families without it, before any store exists
+        check_self_attention_grids(config.self_attention, family.self_attention_layers(pipe, lh, lw))
     n_calls = _unet_calls(pipe, config.num_inference_steps) if n_calls is None else n_calls
     calls = resolve_indices(config.call_spec, n_calls, what="UNet call")
     layout = StoreLayout(
@@ -88,6 +92,7 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig, *,
                "num_inference_steps": config.num_inference_steps, "guidance": config.guidance} | options,
         context=_context_spec(pipe, family, config.dtype, options),
         layer_arrays=tuple(family.layer_arrays), conditioning=family.conditioning_width(pipe),
+        self_attention=tuple(config.self_attention),
     )
     return layout, layers
 
@@ -170,6 +175,7 @@ class _BackgroundWriter:
                                     timesteps=stored_timesteps, branch_labels=labels, context=context,
                                     layer_arrays=arrays,
                                     conditioning=None if conditioning is None else conditioning.numpy(),
+                                    self_attention={g: m[k].numpy() for g, m in batch.self_attention.items()},
                                     **(extras[k] if extras else {}))
             self.writer.mark_complete(slot)
             if self.on_image is not None:
@@ -372,13 +378,18 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
     family = family_for_pipeline(pipe)
     recorder = make_recorder(pipe, layers, layout)
     options = family_options(family, config)
+    attn1 = (SelfAttentionRecorder(recorder, family.self_attention_layers(pipe, layout.latent_height,
+                                                                         layout.latent_width), layout.self_attention)
+             if layout.self_attention else contextlib.nullcontext())
     background = _BackgroundWriter(writer, progress)
     try:
-        with recorder:
+        with recorder, attn1:
             for chunk in _batches(work, config.batch_size):
                 records = [r for _, r in chunk]
                 recorder.start_batch(len(chunk), context_ids=_context_ids(pipe, family, records, recorder.branches,
                                                                           options))
+                if layout.self_attention:
+                    attn1.start_batch()
                 steps, guidance = records[0].num_inference_steps, records[0].guidance
                 if _unet_calls(pipe, steps) != layout.num_unet_calls:
                     raise StoreError(
@@ -396,6 +407,8 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
                     output_type="np",
                 )
                 batch = recorder.result
+                if layout.self_attention:
+                    batch.self_attention = attn1.result()
                 batch.timesteps = family.call_timesteps(pipe, batch.timesteps)
                 if batch.n_calls != layout.num_unet_calls:
                     raise StoreError(

@@ -125,6 +125,16 @@ class ModelFamily(ABC):
     def attention_layers(self, pipe: Any, latent_height: int, latent_width: int) -> list[tuple[LayerInfo, Any]]:
         """Every text-attending layer to record, with its :class:`LayerInfo`, in module order."""
 
+    def self_attention_layers(self, pipe: Any, latent_height: int, latent_width: int) -> list[tuple[str, int, int, Any]]:
+        """Every image self-attention module as ``(name, height, width, module)`` (its query
+        grid), for ``--self-attention``: the module's ``to_q`` and ``to_k`` outputs give the
+        matrix ``softmax(Q·Kᵀ·scale)`` per head. Default: the family offers none (one line)."""
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"--self-attention records UNet self-attention (attn1) matrices; the {self.name} family "
+            f"({self.pipelines}) has none of its own (its image rows attend text and image jointly): drop it")
+
     def default_layers(self, found: Sequence[tuple[LayerInfo, Any]], config: Any) -> list[tuple[LayerInfo, Any]]:
         """The layers a capture with ``config`` chooses from (before presets and ``--layer``):
         default every one; ``--single-blocks`` (FLUX only) is refused."""

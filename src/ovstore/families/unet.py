@@ -192,6 +192,22 @@ class UNetFamily(ModelFamily):
     def attention_layers(self, pipe: Any, latent_height: int, latent_width: int) -> list[tuple[LayerInfo, Any]]:
         return cross_attention_layers(pipe.unet, latent_height, latent_width)
 
+    def self_attention_layers(self, pipe: Any, latent_height: int, latent_width: int) -> list[tuple[str, int, int, Any]]:
+        from diffusers.models.attention_processor import Attention
+
+        unet = pipe.unet
+        n_levels = len(unet.config.block_out_channels)
+        found = []
+        for name, module in unet.named_modules():
+            if not (name.endswith("attn1") and isinstance(module, Attention)) or module.is_cross_attention:
+                continue
+            if getattr(module, "norm_q", None) is not None or getattr(module, "norm_k", None) is not None:
+                raise InvalidInputError(f"layer {name} normalises its queries and keys (qk_norm); --self-attention "
+                                        "reads to_q and to_k outputs and cannot reproduce its attention")
+            _, level = layer_level(name, n_levels)
+            found.append((name, _size_at_level(latent_height, level), _size_at_level(latent_width, level), module))
+        return found
+
     def stack_leaders(self, layers: Sequence[LayerInfo]) -> list[str]:
         # a Transformer2DModel stacks transformer_layers_per_block BasicTransformerBlocks
         return [info.name for info in layers if ".transformer_blocks.0." in info.name or

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from .config import LabelConfig
 from .refine import normalize_maps
 
 __all__ = ["ClassAttributions", "class_attributions", "class_maps", "label_class_maps", "prompt_class_maps",
-           "prompt_word_columns"]
+           "prompt_word_columns", "refine_class_maps"]
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,19 @@ def class_attributions(store: Store, config: LabelConfig, encoder: TextEncoder) 
     return ClassAttributions((joint,), tuple(columns))
 
 
+def refine_class_maps(store: Store, images: Sequence[int], maps: torch.Tensor, refine: Any) -> torch.Tensor:
+    """``(image, class, h, w)`` maps refined with each image's stored self-attention (the first
+    stored branch, the one the maps come from); ``refine`` ``None``: unchanged."""
+    if refine is None:
+        return maps
+    grid = store._self_attention_grid(refine.resolution)
+    sa = [torch.from_numpy(store.self_attention(i, grid, branch=0).astype(np.float32)) for i in images]
+    return torch.stack([refine.apply(maps[k], sa[k]) for k in range(len(images))])
+
+
 def class_maps(store: Store, images: Sequence[int], attributions: ClassAttributions, *,
-               size: tuple[int, int], device: str = "cpu", normalize: str = "minmax") -> np.ndarray:
+               size: tuple[int, int], device: str = "cpu", normalize: str = "minmax",
+               refine: Any = None) -> np.ndarray:
     """Normalised class maps ``(image, class, H, W)`` float32 at ``size`` (see ``normalize_maps``).
 
     Token maps stay at the latent resolution until each class's columns are summed: resizing
@@ -71,7 +83,8 @@ def class_maps(store: Store, images: Sequence[int], attributions: ClassAttributi
     maps = compute_maps(store, list(attributions.attributions), images=images, config=MapConfig(),
                         device=device).values
     out = np.stack([maps[:, list(cols)].sum(axis=1) for cols in attributions.columns], axis=1)
-    return normalize_maps(resize_maps(torch.from_numpy(out), size).numpy(), normalize)
+    out = refine_class_maps(store, images, torch.from_numpy(out), refine)
+    return normalize_maps(resize_maps(out, size).numpy(), normalize)
 
 
 #: Token strings that are no word of a prompt (CLIP and T5 specials).
@@ -134,7 +147,7 @@ def prompt_class_maps(store: Store, images: Sequence[int], config: LabelConfig, 
                       class_words={c: w for c, w in config.class_words.items() if c in token_classes},
                       class_thresholds={c: t for c, t in config.class_thresholds.items() if c in token_classes})
         maps = class_maps(store, images, class_attributions(store, sub, encoder), size=size, device=device,
-                          normalize=normalize)
+                          normalize=normalize, refine=config.refine)
         for k, name in enumerate(token_classes):
             out[:, config.classes.index(name)] = maps[:, k]
     by_prompt: dict[str, list[int]] = {}
@@ -142,13 +155,15 @@ def prompt_class_maps(store: Store, images: Sequence[int], config: LabelConfig, 
         by_prompt.setdefault(store.record(image).prompt, []).append(k)
     word_classes = [(c, name) for c, name in enumerate(config.classes) if name not in config.tokens]
     for prompt, rows in by_prompt.items():
-        maps = compute_maps(store, [prompt], images=[images[k] for k in rows], config=MapConfig(), device=device)
+        maps = compute_maps(store, [prompt], images=[images[k] for k in rows], config=MapConfig(), device=device,
+                            text_encoder=encoder)  # the labelling's encoder, loaded once
         tokens = [str(t) for t in maps["token_str"].values]
         values = maps.values
         for c, name in word_classes:
             cols = prompt_word_columns(tokens, config.words_of(name))
             if cols:
-                summed = torch.from_numpy(values[:, cols].sum(axis=1)[:, None])
+                summed = refine_class_maps(store, [images[k] for k in rows],
+                                           torch.from_numpy(values[:, cols].sum(axis=1)[:, None]), config.refine)
                 out[rows, c] = normalize_maps(resize_maps(summed, size).numpy(), normalize)[:, 0]
     return out
 
@@ -161,4 +176,4 @@ def label_class_maps(store: Store, images: Sequence[int], config: LabelConfig, e
         return prompt_class_maps(store, images, config, encoder, size=size, device=device,
                                  normalize=config.normalize)
     return class_maps(store, list(images), class_attributions(store, config, encoder), size=size, device=device,
-                      normalize=config.normalize)
+                      normalize=config.normalize, refine=config.refine)

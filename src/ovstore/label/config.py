@@ -101,6 +101,12 @@ class LabelConfig:
         ``prompt_classes_only`` a prompt naming any of them allows the class, so that a prompt
         saying "puppy" still lets "dog" be labelled. A model's defaults may give the words of
         its vocabulary; those of classes not labelled are dropped.
+    refine
+        A self-attention refinement of the class maps (``"self-attention:propagate,k=2"``, see
+        :mod:`ovstore.label.self_attention`), applied to each class map at the self-attention
+        grid before it is resized and normalised, so thresholds, adaptive thresholds and DenseCRF
+        all see the refined maps; ``None``: none. The store must hold self-attention
+        (``ovstore capture --self-attention``).
     sources
         Where each setting of :data:`MODEL_DEFAULT_SETTINGS` came from: ``user``, ``model``
         or ``ovstore`` (filled in here; recorded in the label provenance).
@@ -120,9 +126,13 @@ class LabelConfig:
     prompt_classes_only: bool | None = None
     class_words: Mapping[str, Sequence[str]] | None = None
     maps_from: str | None = None
+    refine: Any = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        from .self_attention import parse_refinement
+
+        object.__setattr__(self, "refine", parse_refinement(self.refine))
         sources = dict(self.sources)
         for name, default in OVSTORE_DEFAULTS.items():  # not given: ovstore's value, until a model's applies
             if getattr(self, name) is None:
@@ -218,7 +228,7 @@ class LabelConfig:
             "prompt_classes_only": self.prompt_classes_only,
             "class_words": {c: list(w) for c, w in self.class_words.items()},
             "maps_from": self.maps_from,
-        }
+        } | ({"refine": self.refine.describe()} if self.refine is not None else {})  # absent: as before
 
 
 def parse_sweep(text: str) -> tuple[float, ...]:

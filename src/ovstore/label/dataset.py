@@ -146,7 +146,8 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
                     "normalize": config.normalize, "mode": config.mode,
                     "refinements": {"adaptive": config.adaptive, "crf": config.crf,
                                     "min_component": config.min_component,
-                                    "prompt_classes_only": config.prompt_classes_only},
+                                    "prompt_classes_only": config.prompt_classes_only}
+                    | ({"self_attention": config.refine.describe()} if config.refine is not None else {}),
                     "token_files": {c: str(p) for c, p in config.tokens.items()},
                     "settings": config.provenance(),
                     "model_defaults": _model_defaults_file(store, config),
@@ -239,6 +240,8 @@ def label_store(
     if workers is not None:
         check_int(workers, "--workers", 1, 4096)
     opened = store if isinstance(store, Store) else open_store(store)
+    if config.refine is not None:  # a store without self-attention: one line naming the capture option, now
+        opened._self_attention_grid(config.refine.resolution)
     if model_defaults:
         config = config.with_model_defaults(analysis_defaults(opened))
     config = replace(config, tokens={k: Path(v).resolve() for k, v in config.tokens.items()})

@@ -19,7 +19,10 @@ from ..errors import StoreFormatError
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "FORMAT_MINOR_VERSION",
     "SUPPORTED_VERSIONS",
+    "SELF_ATTENTION_GROUP",
+    "self_attention_name",
     "STATUS_RESERVED",
     "STATUS_COMPLETE",
     "LayerInfo",
@@ -46,6 +49,11 @@ FORMAT_NAME = "ovstore"
 #: last hidden state, which is what version 1 wrote.
 FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
+#: Minor version (root key ``format_minor_version``, absent: 0): additions older readers of the
+#: same major version may ignore. 1 adds the optional ``self_attention/<H>x<W>`` arrays
+#: (``layout.self_attention``) and the real-image arrays (``layout.extra["real_images"]``); a
+#: store without either is written as minor 0, as before.
+FORMAT_MINOR_VERSION = 1
 
 #: ``status`` values of an image slot. Anything but COMPLETE is incomplete.
 STATUS_RESERVED = 0
@@ -83,6 +91,9 @@ IMAGE_KEYS = "image_keys"
 IMAGE_VALUES = "image_values"
 CONDITIONING = "conditioning"
 WEIGHTS_GROUP = "weights"
+#: Per image, stored branch and chosen latent grid ``H``x``W``: the head-, call- and
+#: layer-averaged self-attention (``attn1``) matrix ``(H*W, H*W)`` (format 2.1; rows sum to 1).
+SELF_ATTENTION_GROUP = "self_attention"
 #: Extra per-layer arrays a layout may name (``StoreLayout.layer_arrays``), shaped as the queries.
 LAYER_ARRAYS = (IMAGE_KEYS, IMAGE_VALUES)
 #: Real-image stores (``layout.extra["real_images"]`` names the method): per image, the source
@@ -366,6 +377,8 @@ class StoreLayout:
     layer_arrays: tuple[str, ...] = ()
     #: width of the per-call conditioning vector stored in ``conditioning`` (0: none)
     conditioning: int = 0
+    #: latent grids ``(H, W)`` whose averaged self-attention matrix is stored per image (format 2.1)
+    self_attention: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.query_dtype not in ("float16", "float32", "bfloat16"):
@@ -395,6 +408,10 @@ class StoreLayout:
         per_call += self.conditioning * (4 if self.query_dtype == "float32" else 2)
         return per_call * self.n_steps * len(self.branches)
 
+    def self_attention_bytes_per_image(self) -> int:
+        """Bytes of the stored self-attention matrices per image (float16, every grid and branch)."""
+        return sum(2 * (h * w) ** 2 for h, w in self.self_attention) * len(self.branches)
+
     def context_bytes_per_image(self) -> int:
         """Bytes of the stored generation context per image (embeddings and token ids)."""
         if self.context is None:
@@ -412,7 +429,8 @@ class StoreLayout:
             del data["context"]
         # absent unless used: layouts of other families keep the JSON (and checksum) they had
         data["layer_arrays"] = list(self.layer_arrays)
-        for name, empty in (("layer_arrays", []), ("conditioning", 0)):
+        data["self_attention"] = [list(g) for g in self.self_attention]
+        for name, empty in (("layer_arrays", []), ("conditioning", 0), ("self_attention", [])):
             if data[name] == empty:
                 del data[name]
         return data
@@ -435,6 +453,7 @@ class StoreLayout:
             context=ContextSpec.from_json(data["context"]) if data.get("context") else None,
             layer_arrays=tuple(data.get("layer_arrays", ())),
             conditioning=int(data.get("conditioning", 0)),
+            self_attention=tuple((int(h), int(w)) for h, w in data.get("self_attention", ())),
         )
 
     def differences(self, other: StoreLayout) -> list[str]:
@@ -443,7 +462,7 @@ class StoreLayout:
         if self.model.family != other.model.family:
             diffs.append(f"family: store has {self.model.family}, this capture has {other.model.family}")
         for name in ("height", "width", "branches", "num_unet_calls", "calls", "query_dtype", "layer_arrays",
-                     "conditioning"):
+                     "conditioning", "self_attention"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 diffs.append(f"{name}: store has {a}, this capture has {b}")
@@ -461,6 +480,11 @@ class StoreLayout:
                 f"{other.model.id!r} (text-encoder weights differ)"
             )
         return diffs
+
+
+def self_attention_name(grid: tuple[int, int]) -> str:
+    """Path of the self-attention array of latent grid ``(H, W)``: ``self_attention/HxW``."""
+    return f"{SELF_ATTENTION_GROUP}/{int(grid[0])}x{int(grid[1])}"
 
 
 def _blosc(shuffle: str, level: int) -> Any:

@@ -164,6 +164,8 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
     if real:
         expected |= {fmt.SOURCE: (), fmt.RECONSTRUCTIONS: (layout.height, layout.width, 3),
                      fmt.RECONSTRUCTION_PSNR: (), fmt.RECONSTRUCTION_MAE: ()}
+    for h, w in layout.self_attention:
+        expected[fmt.self_attention_name((h, w))] = (len(layout.branches), h * w, h * w)
     for info in layout.layers:
         for kind in (fmt.QUERIES, *layout.layer_arrays):
             expected[f"{fmt.LAYERS_GROUP}/{info.name}/{kind}"] = (
@@ -250,6 +252,9 @@ def verify_store(store: Store, *, progress: Callable[[int], None] | None = None)
             for name in (fmt.SOURCE, fmt.RECONSTRUCTIONS, fmt.RECONSTRUCTION_MAE):
                 check.read(name, image, name, must_exist=True, finite=name == fmt.RECONSTRUCTION_MAE)
             check.read(fmt.RECONSTRUCTION_PSNR, image, fmt.RECONSTRUCTION_PSNR, must_exist=True)  # inf: exact
+        for grid in layout.self_attention:
+            name = fmt.self_attention_name(grid)
+            check.read(name, image, name, must_exist=True, finite=True)
         for info in layout.layers:
             for kind in (fmt.QUERIES, *layout.layer_arrays):
                 what = info.name if kind == fmt.QUERIES else f"{info.name} {kind}"

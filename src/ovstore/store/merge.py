@@ -94,7 +94,9 @@ def merge_stores(out: str | Path, sources: Sequence[str | Path], *,
             writer.write_image(slot, image=store.image(image), queries=queries, timesteps=store.timesteps(image),
                                branch_labels=store.branch_labels(image), context=context, layer_arrays=arrays,
                                conditioning=conditioning,
-                               reconstruction=store.reconstruction(image) if store.is_real_images else None)
+                               reconstruction=store.reconstruction(image) if store.is_real_images else None,
+                               self_attention={g: store.self_attention(image, g, branch=None)
+                                               for g in layout.self_attention})
             writer.mark_complete(slot)
             seen.add(record)
             added += 1

@@ -456,6 +456,47 @@ class Store:
         data = self.read(fmt.CONDITIONING, int(image), what="conditioning vectors", must_exist=True)[branch]
         return data if steps is None else data[list(steps)]
 
+    def _self_attention_grid(self, resolution: int | tuple[int, int] | None) -> tuple[int, int]:
+        """The stored self-attention grid ``resolution`` names (``16`` or ``(16, 16)``; ``None``:
+        the finest stored one), or a one-line error naming the capture option."""
+        grids = self.layout.self_attention
+        if not grids:
+            raise InvalidInputError(
+                f"store {self.path} holds no self-attention; capture with --self-attention RES (e.g. "
+                "--self-attention 32 for SD 1.5, 16 for the toy-world model) to refine with it")
+        if resolution is None:
+            return max(grids, key=lambda g: g[0] * g[1])
+        grid = (resolution, resolution) if isinstance(resolution, int) else tuple(int(v) for v in resolution)
+        if grid not in grids:
+            raise InvalidInputError(f"store {self.path} holds self-attention at "
+                                    f"{', '.join(f'{h}x{w}' for h, w in grids)}, not {grid[0]}x{grid[1]}; "
+                                    "choose one of those")
+        return grid  # type: ignore[return-value]
+
+    def self_attention(self, image: int, resolution: int | tuple[int, int] | None = None, *,
+                       branch: int | None = 0) -> np.ndarray:
+        """The averaged self-attention matrix of one image ``(H*W, H*W)`` float16 (row: query
+        pixel, column: key pixel, row-major; rows sum to 1), at the stored grid ``resolution``
+        (default: the finest stored); ``branch=None``: every stored half ``(branch, H*W, H*W)``."""
+        grid = self._self_attention_grid(resolution)
+        self.check_images([image])
+        data = self.read(fmt.self_attention_name(grid), int(image), what=f"{grid[0]}x{grid[1]} self-attention",
+                         must_exist=True)
+        return data if branch is None else data[branch]
+
+    def self_attention_view(self, resolution: int | tuple[int, int] | None = None) -> xr.DataArray:
+        """Lazy (dask) view of the stored self-attention matrices of one grid, dims ``(image,
+        branch, query_pixel, key_pixel)``; ``complete`` marks the images whose data is there."""
+        import dask.array as da
+        import xarray as xr
+
+        grid = self._self_attention_grid(resolution)
+        n = self.n_images
+        arr = self.array(fmt.self_attention_name(grid))
+        return xr.DataArray(da.from_zarr(arr)[:n], dims=(dims.IMAGE, dims.BRANCH, "query_pixel", "key_pixel"),
+                            coords=self._image_coords() | {dims.BRANCH: list(self.layout.branches)},
+                            name=f"self_attention:{grid[0]}x{grid[1]}", attrs={"grid": list(grid)})
+
     def weight_digests(self) -> dict[str, str]:
         """SHA-256 of each stored text-stream weight (``weights/``), by name."""
         try:

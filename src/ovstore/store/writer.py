@@ -230,7 +230,7 @@ class StoreWriter:
                     arr = store.array(f"{fmt.LAYERS_GROUP}/{info.name}/{kind}")
                     arr.resize((n, *arr.shape[1:]))
             for name in (fmt.IMAGES, fmt.TIMESTEPS, *_PER_IMAGE_TEXT, *_PER_IMAGE_SCALARS, *_context_arrays(store),
-                         *(fmt.REAL_IMAGE_ARRAYS if real else ())):
+                         *(fmt.REAL_IMAGE_ARRAYS if real else ()), *_self_attention_arrays(store.layout)):
                 arr = store.array(name)
                 arr.resize((n, *arr.shape[1:]))
             sl = slice(start, n)
@@ -258,6 +258,7 @@ class StoreWriter:
         layer_arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
         conditioning: np.ndarray | None = None,
         reconstruction: tuple[np.ndarray, float, float] | None = None,
+        self_attention: Mapping[tuple[int, int], np.ndarray] | None = None,
     ) -> None:
         """Write one image's data; it stays incomplete until :meth:`mark_complete`.
 
@@ -265,7 +266,9 @@ class StoreWriter:
         attended context ``(branch, token, feature)`` and its token ids ``(branch, token)``,
         written when the store keeps contexts (format v2) and required then.
         ``layer_arrays[kind][name]`` (the layout's ``layer_arrays``, e.g. image keys) are shaped
-        as the queries; ``conditioning`` is ``(branch, step, channel)`` when the layout has it.
+        as the queries; ``conditioning`` is ``(branch, step, channel)`` when the layout has it;
+        ``self_attention[(H, W)]`` is ``(branch, H*W, H*W)`` for every grid of
+        ``layout.self_attention`` (required then).
         Real-image stores (``image`` is then the source) need ``reconstruction``: the decoded
         result (uint8, as ``image``), its PSNR and mean absolute error against the source.
         """
@@ -279,6 +282,7 @@ class StoreWriter:
             raise StoreError(f"image {slot}: the reconstruction has shape {np.shape(reconstruction[0])}, the image "
                              f"{np.shape(image)}")
         with zarr.config.set(_DENSE), self._os_errors():
+            matrices = self._check_self_attention(slot, self_attention or {})  # before the first write
             self._write_image(slot, image, queries, timesteps, branch_labels, context, layer_arrays or {},
                               conditioning)
             if real:
@@ -286,6 +290,24 @@ class StoreWriter:
                 self.store.array(fmt.RECONSTRUCTIONS)[slot] = np.asarray(rgb, dtype=np.uint8)
                 self.store.array(fmt.RECONSTRUCTION_PSNR)[slot] = float(psnr)
                 self.store.array(fmt.RECONSTRUCTION_MAE)[slot] = float(mae)
+            for name, data in matrices.items():
+                self.store.array(name)[slot] = data
+
+    def _check_self_attention(self, slot: int, given: Mapping[tuple[int, int], np.ndarray]) -> dict[str, np.ndarray]:
+        """The self-attention matrices to write, by array path, each checked against the layout."""
+        out = {}
+        nb = len(self.store.layout.branches)
+        for h, w in self.store.layout.self_attention:
+            data = given.get((h, w))
+            expected = (nb, h * w, h * w)
+            if data is None or tuple(data.shape) != expected:
+                raise StoreError(f"image {slot}: the {h}x{w} self-attention matrix has shape "
+                                 f"{None if data is None else tuple(data.shape)}, the store expects {expected}")
+            if not np.isfinite(data).all():
+                raise InvalidInputError(f"the {h}x{w} self-attention of image {slot} contains NaN or Inf; the "
+                                        "generation diverged (try float32 weights or another seed); nothing written")
+            out[fmt.self_attention_name((h, w))] = np.asarray(data, dtype=np.float16)
+        return out
 
     def _write_image(self, slot: int, image: np.ndarray, queries: Mapping[str, np.ndarray],
                      timesteps: Sequence[float], branch_labels: Sequence[str],
@@ -364,6 +386,11 @@ def _context_arrays(store: Store) -> tuple[str, ...]:
     names = () if spec is None else (
         fmt.CONTEXT, fmt.CONTEXT_TOKEN_IDS, *((fmt.CONTEXT_TOKENIZER_IDS,) if spec.per_tokenizer else ()))
     return names + ((fmt.CONDITIONING,) if store.layout.conditioning else ())
+
+
+def _self_attention_arrays(layout: StoreLayout) -> tuple[str, ...]:
+    """The per-image self-attention arrays of a layout (format 2.1), by path."""
+    return tuple(fmt.self_attention_name(g) for g in layout.self_attention)
 
 
 # ---------------------------------------------------------------------- creation helpers
@@ -446,6 +473,8 @@ def _build(path: Path, layout: StoreLayout, key_projections, weights=None) -> No
         "integrity": fmt.INTEGRITY,
         "layout": layout.to_json(),
     }
+    if layout.self_attention or fmt.is_real_image_layout(layout):  # stores without the 2.1 additions stay minor 0 (no key)
+        meta["format_minor_version"] = fmt.FORMAT_MINOR_VERSION
     meta[fmt.LAYOUT_CHECKSUM] = fmt.layout_checksum(meta["layout"])
     root = zarr.open_group(path, mode="w", zarr_format=3, attributes={"ovstore": meta})
     i = fmt.IMAGE_DIM
@@ -497,6 +526,12 @@ def _build(path: Path, layout: StoreLayout, key_projections, weights=None) -> No
         for name in (fmt.RECONSTRUCTION_PSNR, fmt.RECONSTRUCTION_MAE):
             root.create_array(name, shape=(0,), chunks=(1,), dtype="float64", fill_value=np.nan,
                               dimension_names=(i,), compressors=checked())
+    if layout.self_attention:
+        group = root.create_group(fmt.SELF_ATTENTION_GROUP)
+        for h, w in layout.self_attention:  # one chunk per image: an image's matrix is read whole
+            group.create_array(f"{h}x{w}", shape=(0, nb, h * w, h * w), chunks=(1, nb, h * w, h * w),
+                               dtype="float16", fill_value=0.0, compressors=fmt.query_codecs(layout.codec),
+                               dimension_names=(i, "branch", "query_pixel", "key_pixel"))
     if weights:
         _write_weights(root.create_group(fmt.WEIGHTS_GROUP), weights)
     layers = root.create_group(fmt.LAYERS_GROUP)
