@@ -398,3 +398,16 @@ def test_families_without_real_image_support_refuse_them():
     for name in ("sd3", "flux"):
         with pytest.raises(InvalidInputError, match="captures generations only"):
             get_family(name).image_to_image(object())
+
+
+def test_real_image_captures_keep_self_attention_too(scenes_dir, tmp_path):
+    from ovstore.capture import run_capture
+
+    folder, _ = scenes_dir
+    run_capture(images_file=folder / "images.jsonl", strength=0.3, steps=4, out=tmp_path / "sa.zarr",
+                self_attention="16")
+    store = open_store(tmp_path / "sa.zarr")
+    assert store.is_real_images and store.layout.self_attention == ((16, 16),)
+    for image in store.complete_images():
+        matrix = store.self_attention(image).astype(np.float32)
+        np.testing.assert_allclose(matrix.sum(axis=-1), 1.0, atol=0.05)
