@@ -26,7 +26,7 @@ from ..devices import check_device
 from ..errors import InvalidInputError, StoreError
 from ..inputs import Line, check_memory
 from ..selection import resolve_indices
-from ..store import LayerInfo, Store, open_store
+from ..store import IMAGE_OUTPUTS, LayerInfo, Store, open_store
 from .config import MapConfig
 from .engine import (
     PreparedQueries,
@@ -107,6 +107,9 @@ class MapPlan:
         #: what they need for every image here (their stored weights on the device)
         self.family_state = (self.family.analysis_state(store, self.layers, self.device)
                              if self.family.image_dependent_keys else None)
+        self.output_space = config.space == "output"
+        if self.output_space:
+            _check_output_space(store, self.family)
 
     def bytes_per_token(self) -> int:
         """Memory one attribution token takes while one image is evaluated: its keys (twice:
@@ -132,6 +135,8 @@ class MapPlan:
                                     "does not support it yet")
         self.keys(ordered[:0])  # the width check
         extra = {} if inputs is None else {"inputs": inputs}
+        if self.output_space:
+            extra["space"] = "output"
         return self.family.image_layer_keys(self.family_state, self.store, image, self.branch, self.steps,
                                             self.layers, ordered.to(self.device), buckets.groups, **extra)
 
@@ -182,8 +187,12 @@ class MapPlan:
         (decompression and the layout copy release the GIL)."""
 
         def read_layer(info: LayerInfo) -> PreparedQueries:
-            q = self.store.queries(info.name, image, branch=self.branch, steps=self.steps)
-            q = torch.from_numpy(q).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
+            if self.output_space:  # the image attention outputs, as one head of the block's width
+                q = self.store.layer_array(info.name, IMAGE_OUTPUTS, image, branch=self.branch, steps=self.steps)
+                q = torch.from_numpy(q).permute(0, 2, 3, 1, 4).reshape(q.shape[0], 1, -1, q.shape[1] * q.shape[-1])
+            else:
+                q = self.store.queries(info.name, image, branch=self.branch, steps=self.steps)
+                q = torch.from_numpy(q).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
             prepared = prepare_queries(q, self.device)
             if not math.isfinite(prepared.max_norm):  # the bound the softmax needs anyway: no extra pass
                 raise StoreError(
@@ -215,7 +224,7 @@ class MapPlan:
                                               memory_budget=self.memory_budget) for s in range(q.steps))
             else:
                 maps = ordered_token_maps(q, k, buckets, activation=cfg.activation, memory_budget=self.memory_budget)
-            if cfg.head_reduction == "mean":
+            if cfg.head_reduction == "mean" and not self.output_space:  # output space: one dot over all heads
                 maps = maps / info.heads
             if cfg.step_reduction == "mean":
                 maps = maps / len(self.steps)
@@ -241,6 +250,16 @@ class MapPlan:
         maps = upsample_sum(per_layer, self.target, reduction=cfg.layer_reduction)
         maps = maps[buckets.inverse.to(maps.device)]
         return normalize_maps(resize_maps(maps, self.size), cfg.normalize)
+
+
+def _check_output_space(store: Store, family: Any) -> None:
+    """Refuse output-space maps where the store cannot give them (one line naming the fix)."""
+    if not family.image_dependent_keys:
+        raise InvalidInputError(f"--space output (ConceptAttention's output-space maps) applies to MM-DiT stores "
+                                f"(SD3, FLUX); {store.path} is a {family.name} store: use --space attention")
+    if IMAGE_OUTPUTS not in store.layout.layer_arrays:
+        raise InvalidInputError(f"store {store.path} holds no image attention outputs, which --space output needs: "
+                                "capture it again with --image-outputs, or use --space attention")
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -489,6 +508,7 @@ def map_attrs(store: Store, plan: MapPlan) -> dict[str, Any]:
         "step_reduction": cfg.step_reduction,
         "layer_reduction": cfg.layer_reduction,
         "normalize": cfg.normalize,
+        "space": cfg.space,
     }
 
 

@@ -83,6 +83,10 @@ class CaptureConfig:
         guidance. Refused for other families.
     single_blocks
         FLUX: also record the single-stream blocks (off by default; see docs/store-format.md).
+    image_outputs
+        SD3/FLUX: also record each block's image attention outputs (before ``to_out``), which
+        output-space maps (``MapConfig(space="output")``, ConceptAttention's) need; one more
+        array the size of the image keys. Refused for other families.
     """
 
     num_inference_steps: int = 50
@@ -99,6 +103,7 @@ class CaptureConfig:
     max_sequence_length: int | None = None
     true_cfg_scale: float | None = None
     single_blocks: bool = False
+    image_outputs: bool = False
 
     def __post_init__(self) -> None:
         if self.max_sequence_length is not None:
@@ -191,6 +196,8 @@ def store_settings(layout: StoreLayout, records: list[ImageRecord] | None = None
         steps, guidance = records[0].num_inference_steps, records[0].guidance
     if layout.extra.get("max_sequence_length") is not None:
         settings["max_sequence_length"] = int(layout.extra["max_sequence_length"])
+    if "image_outputs" in layout.layer_arrays:
+        settings["image_outputs"] = True
     if layout.extra.get("true_cfg_scale") is not None:
         settings["true_cfg_scale"] = float(layout.extra["true_cfg_scale"])
     if steps is not None:

@@ -142,6 +142,7 @@ def prepare_capture(
     max_sequence_length: int | None = None,
     true_cfg_scale: float | None = None,
     single_blocks: bool = False,
+    image_outputs: bool = False,
 ) -> CaptureJob:
     """Check the options of ``ovstore capture`` (same names, same defaults) against each other
     and against the store at ``out``, without loading a model.
@@ -182,6 +183,8 @@ def prepare_capture(
                                resolutions=tuple(parse_resolution(r) for r in resolutions))
     if single_blocks:
         given["single_blocks"] = True
+    if image_outputs:
+        given["image_outputs"] = True
     config = continued_config(existing, given, layers=selection,
                               layers_given=bool(layers or resolutions or single_blocks), preset=preset,
                               batch_size=batch_size)

@@ -84,7 +84,7 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig) -> tuple[Store
                "scheduler_config": dict(pipe.scheduler.config),
                "num_inference_steps": config.num_inference_steps, "guidance": config.guidance} | options,
         context=_context_spec(pipe, family, config.dtype, options),
-        layer_arrays=tuple(family.layer_arrays), conditioning=family.conditioning_width(pipe),
+        layer_arrays=family.recorded_arrays(config), conditioning=family.conditioning_width(pipe),
     )
     return layout, layers
 
@@ -360,7 +360,7 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
     recorder = QueryRecorder(family.denoiser(pipe), layers, calls=layout.calls, branches=layout.branches,
                              dtype=layout.query_dtype, family=family,
                              context_dtype=layout.context.dtype if layout.context is not None else None,
-                             call_order=family.call_order(layout.extra))
+                             call_order=family.call_order(layout.extra), arrays=layout.layer_arrays)
     options = family_options(family, config)
     background = _BackgroundWriter(writer, progress)
     try:

@@ -139,6 +139,22 @@ class ModelFamily(ABC):
         the submodule whose forward output it is (passed through :meth:`output_rows`)."""
         return {"queries": self.query_module(layer)}
 
+    def recorded_arrays(self, config: Any) -> tuple[str, ...]:
+        """The per-layer arrays a capture with ``config`` records besides the queries (the
+        layout's ``layer_arrays``); default the family's ``layer_arrays``, and
+        ``--image-outputs`` (MM-DiT output-space maps) is refused."""
+        if getattr(config, "image_outputs", False):
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError(f"--image-outputs applies to MM-DiT pipelines (SD3, FLUX: output-space maps); "
+                                    f"the {self.name} family has no image attention outputs to record: drop it")
+        return tuple(self.layer_arrays)
+
+    def hooked_value(self, kind: str, point: Any, inputs: tuple, output: Any) -> Any:
+        """What a forward hook on the record point of ``kind`` records: default its output
+        (a family may record a module's input, e.g. what enters an output projection)."""
+        return output
+
     def output_rows(self, kind: str, output: Any, point: Any = None) -> torch.Tensor:
         """A recorded module output as ``(batch, pixels, heads * head_dim)`` (default: as is);
         ``point`` is the submodule that produced it (from :meth:`record_points`)."""

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..store import IMAGE_KEYS, IMAGE_VALUES, LayerInfo, ModelIdentity, TextRecipe
+from ..store import IMAGE_KEYS, IMAGE_OUTPUTS, IMAGE_VALUES, LayerInfo, ModelIdentity, TextRecipe
 from .mmdit import _EPS, SD3Family, TextStream, block_index
 
 __all__ = ["FluxFamily", "FluxTextEncoder", "FluxTextStream", "double_blocks", "single_blocks"]
@@ -219,8 +219,16 @@ class FluxFamily(SD3Family):
 
     def record_points(self, layer: Any) -> dict[str, Any]:
         fused = bool(getattr(layer, "fused_projections", False)) and getattr(layer, "to_qkv", None) is not None
+        # the image attention output: what enters a double block's to_out; a single block has
+        # none (its attention's output, [text, image] rows, joins the MLP before proj_out)
         return {"queries": layer.norm_q, IMAGE_KEYS: layer.norm_k,
-                IMAGE_VALUES: layer.to_qkv if fused else layer.to_v}
+                IMAGE_VALUES: layer.to_qkv if fused else layer.to_v,
+                IMAGE_OUTPUTS: layer.to_out[0] if getattr(layer, "to_out", None) is not None else layer}
+
+    def hooked_value(self, kind: str, point: Any, inputs: tuple, output: Any) -> Any:
+        if kind == IMAGE_OUTPUTS and not hasattr(point, "heads"):  # a double block's to_out: its input
+            return inputs[0]
+        return output
 
     def output_rows(self, kind: str, output: Any, point: Any = None) -> Any:
         if self._rotary is not None and output.shape[1] == self._rotary[0].shape[0]:
@@ -347,22 +355,26 @@ class FluxTextStream(TextStream):
         super().__init__(weights, sorted(layers, key=lambda l: _stream_position(l.name)), device=device)
 
     def block_step(self, x: Any, info: LayerInfo, silu: Any, image_kv: Mapping[str, tuple[Any, Any]], *,
-                   last: bool) -> tuple[Any, Any]:
+                   last: bool, outputs: dict | None = None) -> tuple[Any, Any]:
         import torch
         import torch.nn.functional as F
 
         if info.block != "single":
-            return super().block_step(x, info, silu, image_kv, last=last)
+            return super().block_step(x, info, silu, image_kv, last=last, outputs=outputs)
         p = info.name[:-len(".attn")]
         shift, scale, gate = self._linear(silu, f"{p}.norm.linear").chunk(3, dim=-1)  # AdaLayerNormZeroSingle
         n = F.layer_norm(x, (x.shape[-1],), eps=_EPS) * (1 + scale) + shift
         k = self._rms(self._heads(self._linear(n, f"{p}.attn.to_k"), info), f"{p}.attn.norm_k")
-        if last:
+        if last and outputs is None:
             return k, None
         q = self._rms(self._heads(self._linear(n, f"{p}.attn.to_q"), info), f"{p}.attn.norm_q")
         v = self._heads(self._linear(n, f"{p}.attn.to_v"), info)
         image_k, image_v = (t.to(self.device) for t in image_kv[info.name])
         attn = self._attend(q, k, v, image_k, image_v, info.scale).transpose(-3, -2).reshape(*x.shape[:-1], -1)
+        if outputs is not None:
+            outputs[info.name] = attn
+        if last:
+            return k, None
         mlp = F.gelu(self._linear(n, f"{p}.proj_mlp"), approximate="tanh")
         return k, x + gate * self._linear(torch.cat([attn, mlp], dim=-1), f"{p}.proj_out")
 

@@ -4,7 +4,7 @@ Open one with :func:`open_store`; see ``docs/store-format.md`` for the format.
 """
 
 from .format import (
-    IMAGE_KEYS, IMAGE_VALUES, CODEC_PRESETS, DEFAULT_CODEC, FORMAT_VERSION, STATUS_COMPLETE, AnalysisDefaults,
+    IMAGE_KEYS, IMAGE_OUTPUTS, IMAGE_VALUES, CODEC_PRESETS, DEFAULT_CODEC, FORMAT_VERSION, STATUS_COMPLETE, AnalysisDefaults,
     ContextSpec, ImageRecord, LayerInfo, ModelIdentity, StoreLayout, TextRecipe, analysis_defaults,
 )
 from .integrity import Problem, VerifyReport, verify_store
@@ -17,6 +17,7 @@ __all__ = [
     "analysis_defaults",
     "IMAGE_KEYS",
     "IMAGE_VALUES",
+    "IMAGE_OUTPUTS",
     "CODEC_PRESETS",
     "DEFAULT_CODEC",
     "FORMAT_VERSION",

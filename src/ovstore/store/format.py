@@ -81,10 +81,13 @@ CONTEXT_TOKENIZER_IDS = "context_tokenizer_ids"
 #: and, once per store, the text-side weights that recompute the text stream.
 IMAGE_KEYS = "image_keys"
 IMAGE_VALUES = "image_values"
+#: MM-DiT, with ``capture --image-outputs``: per layer, the image rows' attention outputs of each
+#: stored call (before ``to_out``), what ConceptAttention's output-space maps multiply
+IMAGE_OUTPUTS = "image_outputs"
 CONDITIONING = "conditioning"
 WEIGHTS_GROUP = "weights"
 #: Extra per-layer arrays a layout may name (``StoreLayout.layer_arrays``), shaped as the queries.
-LAYER_ARRAYS = (IMAGE_KEYS, IMAGE_VALUES)
+LAYER_ARRAYS = (IMAGE_KEYS, IMAGE_VALUES, IMAGE_OUTPUTS)
 
 #: Arrays with one entry per image slot (besides the per-layer ``queries``).
 PER_IMAGE_ARRAYS = (STATUS, PROMPT, NEGATIVE_PROMPT, SEED, GUIDANCE, NUM_INFERENCE_STEPS,
