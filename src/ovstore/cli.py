@@ -90,6 +90,13 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _recorded_arrays(layout: Any) -> str:
+    """What a capture records per layer and call, in words (the bytes line before capture)."""
+    if not layout.layer_arrays:
+        return "queries"
+    return "queries, image keys/values" + (", outputs" if "image_outputs" in layout.layer_arrays else "") + " and temb"
+
+
 #: Words that are switch values in other tools, never the name of a pipeline here.
 _SWITCH_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
@@ -123,6 +130,7 @@ def capture(
     max_sequence_length: Annotated[Optional[int], typer.Option(help="SD3/FLUX: T5 tokens of the prompt encoding (the pipeline's max_sequence_length; default the pipeline's, or the store's).")] = None,
     true_cfg_scale: Annotated[Optional[float], typer.Option(help="FLUX: true classifier-free guidance scale; > 1 with --negative-prompt runs the prompt's and the negative prompt's calls (--branch chooses which are stored). --guidance is then FLUX's embedded guidance.")] = None,
     single_blocks: Annotated[bool, typer.Option("--single-blocks", help="FLUX: also record the single-stream blocks (off by default: they are stored whole, weights included; see docs/store-format.md).")] = False,
+    image_outputs: Annotated[bool, typer.Option("--image-outputs", help="SD3/FLUX: also record each block's image attention outputs, which `maps --space output` (ConceptAttention's output-space maps) needs; one more array as large as the image keys.")] = False,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
@@ -143,7 +151,8 @@ def capture(
         steps=steps, guidance=guidance, height=height, width=width, branch=branch, dtype=dtype, layers=layer or (),
         resolutions=resolution or (), calls=calls, preset=preset, batch_size=batch_size, codec=codec, device=device,
         torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker,
-        max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks)
+        max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks,
+        image_outputs=image_outputs)
     if job.nothing_to_resume:  # before loading the model
         console.print(job.nothing_message(), highlight=False)
         return
@@ -158,7 +167,7 @@ def capture(
         f"{layout.num_unet_calls} {'transformer' if layout.layer_arrays else 'UNet'} calls, "
         f"branches {','.join(layout.branches)}, {layout.query_dtype}; "
         f"about {_human(layout.query_bytes_per_image() + layout.context_bytes_per_image())} per image before "
-        f"compression ({'queries, image keys/values and temb' if layout.layer_arrays else 'queries'} "
+        f"compression ({_recorded_arrays(layout)} "
         f"{_human(layout.query_bytes_per_image())}, context "
         f"{_human(layout.context_bytes_per_image())})",
         highlight=False,
@@ -310,6 +319,7 @@ def maps(
     model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     generation_context: Annotated[bool, typer.Option("--generation-context", help="Instead of attribution prompts: one map per token of the context the stored calls attended (the stored branch's prompt, or negative prompt for uncond, padded as the pipeline encoded it), softmax over all of them.")] = False,
+    space: Annotated[str, typer.Option(help="SD3/FLUX: attention (default: image queries against the attribution's keys, the model's own attention) or output (ConceptAttention's output-space maps; the store needs capture --image-outputs).")] = "attention",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out/--png written by `ovstore maps`.")] = False,
     skip_damaged: Annotated[bool, typer.Option("--skip-damaged", help="Skip images whose stored data is damaged (listed, and recorded in a .zarr output's attrs).")] = False,
 ) -> None:
@@ -329,7 +339,7 @@ def maps(
                       config_options=dict(layers=_layer_selection(layer, resolution, include_mid=False),
                                           steps=_calls_option(calls, steps, "maps"), branch=branch,
                                           activation=activation, aggregation=aggregation, normalize=normalize,
-                                          size=size))
+                                          size=size, space=space))
         return
     prompts = list(attribution or [])
     if attributions_file is not None:  # blank lines skipped, the others' line numbers kept (prompt_line)
@@ -361,7 +371,7 @@ def maps(
         layers=_layer_selection(layer, resolution, include_mid=False),
         steps=_calls_option(calls, steps, "maps"), branch=branch, activation=activation, head_reduction=aggregation,
         step_reduction=aggregation, layer_reduction=aggregation, normalize=normalize,
-        size=tuple(size) if size else None,
+        size=tuple(size) if size else None, space=space,
     )
     from .devices import check_device
 

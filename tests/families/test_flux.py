@@ -555,3 +555,114 @@ def test_token_optimization_on_flux_is_the_analysis_map(flux_stores):
     np.testing.assert_allclose(seen[:, 0].detach().numpy(), analysed, rtol=1e-5, atol=1e-6)
     seen[0, 0, 1][torch.from_numpy(mask)].sum().backward()
     assert rows.grad is not None and torch.isfinite(rows.grad).all() and rows.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- output-space maps (ConceptAttention)
+
+
+def _hooked_outputs(pipe, case):
+    """Per used call, each block's attention outputs before the output projections: the image
+    rows and the text rows, double blocks (what enters ``to_out[0]`` and ``to_add_out``) then
+    single blocks (their attention's joint output, text rows first)."""
+    transformer = pipe.transformer
+    calls: list[dict] = []
+    handles = [transformer.register_forward_pre_hook(lambda m, a, kw: calls.append({"image": [], "text": []}),
+                                                     with_kwargs=True)]
+    for block in transformer.transformer_blocks:
+        handles.append(block.attn.to_out[0].register_forward_pre_hook(
+            lambda m, i: calls[-1]["image"].append(i[0][0].detach().clone())))
+        handles.append(block.attn.to_add_out.register_forward_pre_hook(
+            lambda m, i: calls[-1]["text"].append(i[0][0].detach().clone())))
+    text_len = case["max_sequence_length"]
+
+    def on_single(module, inputs, out):
+        calls[-1]["image"].append(out[0, text_len:].detach().clone())
+        calls[-1]["text"].append(out[0, :text_len].detach().clone())
+
+    for block in transformer.single_transformer_blocks:
+        handles.append(block.attn.register_forward_hook(on_single))
+    try:
+        pipe(case["prompt"], negative_prompt=case.get("negative_prompt"), num_inference_steps=case["steps"],
+             guidance_scale=case["guidance_scale"], true_cfg_scale=case.get("true_cfg_scale", 1.0),
+             height=case["height"], width=case["width"], max_sequence_length=case["max_sequence_length"],
+             generator=torch.Generator("cpu").manual_seed(case["seed"]), output_type="np")
+    finally:
+        for h in handles:
+            h.remove()
+    return calls[::2] if case.get("true_cfg_scale", 1.0) > 1 else calls
+
+
+def _output_space_reference(calls, blocks):
+    """Per call and block: image attention outputs · text attention outputs, softmax over the
+    text tokens, summed over calls and blocks."""
+    total = 0
+    for call in calls:
+        for i in blocks:
+            total = total + (call["image"][i] @ call["text"][i].T).softmax(-1)
+    return total.T.reshape(-1, 16, 16).numpy()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_output_space_maps_equal_hooked_outputs(flux_pipe, tmp_path, name):
+    from ovstore.analyze import MapConfig
+    from ovstore.analyze.context import compute_context_maps
+    from ovstore.store import format as fmt
+    from ovstore.store import open_store
+
+    pipe, _ = flux_pipe
+    case = _case(name)
+    single = name == "flux-guidance"  # the single-stream blocks' outputs too, on one case
+    path = _capture(flux_pipe, tmp_path / "out.zarr", case, image_outputs=True, single_blocks=single)
+    store = open_store(path)
+    calls = _hooked_outputs(pipe, case)
+    n_blocks = len(store.layout.layers)
+    assert n_blocks == (2 + len(pipe.transformer.single_transformer_blocks) if single else 2)
+    assert fmt.IMAGE_OUTPUTS in store.layout.layer_arrays and len(calls) == store.layout.n_steps == 4
+    for s, call in enumerate(calls):
+        for i, info in enumerate(store.layout.layers):
+            stored = torch.from_numpy(store.layer_array(info.name, fmt.IMAGE_OUTPUTS, 0, steps=[s])[0])
+            torch.testing.assert_close(stored.permute(1, 2, 0, 3).reshape(256, -1), call["image"][i], rtol=0,
+                                       atol=1e-6)
+    got = compute_context_maps(store, config=MapConfig(branch="cond", space="output")).values[0]
+    expected = _output_space_reference(calls, range(n_blocks))
+    assert got.shape == expected.shape == (32, 16, 16)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    np.testing.assert_allclose(got.sum(0), 4 * n_blocks, rtol=1e-5)
+    # the attention-space maps of the same store are still the golden ones
+    if not single:
+        attention = compute_context_maps(store, config=MapConfig(branch="cond")).values[0]
+        golden = np.load(FLUX / "cases" / name / "maps.npy")
+        assert np.abs(attention - golden).max() <= 1e-4 * np.abs(golden).max()
+
+
+def test_output_space_open_vocabulary_batching_and_cli(flux_pipe, flux_stores, tmp_path, monkeypatch, capsys):
+    from typer.testing import CliRunner
+
+    from ovstore.analyze import MapConfig, compute_maps
+    from ovstore.cli import app
+
+    path = _capture(flux_pipe, tmp_path / "out.zarr", _case("flux-guidance"), image_outputs=True)
+    config = MapConfig(branch="cond", space="output")
+    alone = compute_maps(path, ["bicycle", "an old bicycle"], config=config)
+    np.testing.assert_allclose(alone.values[0].sum(0), 2 * 4 * 2, rtol=1e-5)
+    others = ["brick", "an old wall", "sky", "a red house by the sea", "water", "a cat"] * 20
+    many = compute_maps(path, others[:60] + ["an old bicycle"] + others[60:], config=config)
+    mine = many.values[0][many.prompt_index.values == 60]
+    np.testing.assert_allclose(mine, alone.values[0][alone.prompt_index.values == 1], rtol=1e-5, atol=1e-6)
+    runner = CliRunner()
+    result = runner.invoke(app, ["maps", str(path), "--attribution", "bicycle", "--space", "output",
+                                 "--out", str(tmp_path / "m.npy")])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(np.load(tmp_path / "m.npy")[0], alone.values[0][alone.prompt_index.values == 0],
+                               rtol=1e-5, atol=1e-6)
+    # a store captured without the image outputs: one line naming the capture option
+    from ovstore.cli import main
+
+    monkeypatch.setattr("sys.argv", ["ovstore", "maps", str(flux_stores["flux-guidance"]), "--attribution", "bicycle",
+                                     "--space", "output", "--out", str(tmp_path / "n.npy")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "capture it again with --image-outputs" in err[0], err
+    assert not (tmp_path / "n.npy").exists()

@@ -435,3 +435,33 @@ def test_output_space_bad_inputs(sd3_pipe, sd3_store, sd3_output_store):
     small, large = open_store(sd3_store).layout, open_store(sd3_output_store).layout
     one_array = sum(l.query_bytes_per_call("float32") for l in small.layers) * small.n_steps * len(small.branches)
     assert large.query_bytes_per_image() - small.query_bytes_per_image() == one_array  # as big as the image keys
+
+
+def test_cli_image_outputs_and_space_output(tmp_path):
+    """capture --image-outputs prints the extra array in its bytes line and is kept when the
+    store is appended to without it; maps --space output reads it."""
+    from typer.testing import CliRunner
+
+    from ovstore.cli import app
+    from ovstore.store import format as fmt
+    from ovstore.store import open_store
+
+    runner = CliRunner()
+    out = tmp_path / "cli.zarr"
+    common = ["--steps", "2", "--guidance", "4", "--height", "64", "--width", "64", "--branch", "cond",
+              "--max-sequence-length", "8", "--out", str(out)]
+    result = runner.invoke(app, ["capture", str(PIPELINE), "--prompt", "a robot", "--image-outputs", *common])
+    assert result.exit_code == 0, result.output
+    assert "image keys/values, outputs and temb" in " ".join(result.output.split())
+    result = runner.invoke(app, ["capture", "--prompt", "a cat", "--out", str(out)])  # appended: the store's settings
+    assert result.exit_code == 0, result.output
+    store = open_store(out)
+    assert fmt.IMAGE_OUTPUTS in store.layout.layer_arrays and store.complete_images() == [0, 1]
+    result = runner.invoke(app, ["maps", str(out), "--attribution", "a cat", "--space", "output",
+                                 "--out", str(tmp_path / "m.zarr")])
+    assert result.exit_code == 0, result.output
+    import xarray as xr
+
+    ds = xr.open_zarr(tmp_path / "m.zarr")
+    assert ds.attrs["space"] == "output"
+    np.testing.assert_allclose(ds["ovam_maps"].values.sum(1), 2 * 3, rtol=1e-5)  # calls x blocks, softmax over the tokens
