@@ -522,6 +522,7 @@ def label(
     min_component: Annotated[Optional[int], typer.Option(help="Remove class regions smaller than this many pixels. Default: the model's, else 0.")] = None,
     prompt_classes_only: Annotated[Optional[bool], typer.Option("--prompt-classes-only/--all-classes", help="Only label classes named in each image's prompt, by name or by one of their --class-words (--all-classes: every class). Default: the model's, else all classes.", show_default=False)] = None,
     maps_from: Annotated[Optional[str], typer.Option(help="Where class maps come from: template (each class's --prompt-template sentence or --token, the same for every image) or prompt (the class's words as they stand in each image's own generation prompt, in its softmax, as DiffuMask and Dataset Diffusion label; classes the prompt does not name stay empty). Default: the model's, else template.")] = None,
+    space: Annotated[Optional[str], typer.Option(help="SD3/FLUX: the class maps' space, attention (default) or output (ConceptAttention's output-space maps; the store needs capture --image-outputs).")] = None,
     class_words: Annotated[Optional[list[str]], typer.Option("--class-words", help="CLASS=WORD,WORD: other words that name a class in prompts, for --prompt-classes-only (repeatable), e.g. dog=puppy,hound. Default: the model's, else none.")] = None,
     no_model_defaults: Annotated[bool, typer.Option("--no-model-defaults", help="Ignore the model's defaults (its ovstore_defaults.json, recorded in the store at capture): options not given take ovstore's.")] = False,
     image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
@@ -549,7 +550,7 @@ def label(
                           class_thresholds=class_threshold, class_words=class_words, adaptive=adaptive, sweep=sweep,
                           defaults=defaults, prompt_template=prompt_template, mode=mode, normalize=normalize,
                           threshold=threshold, crf=crf, min_component=min_component,
-                          prompt_classes_only=prompt_classes_only, maps_from=maps_from)
+                          prompt_classes_only=prompt_classes_only, maps_from=maps_from, space=space)
     from_model = [k for k, v in config.sources.items() if v == "model"]
     if from_model:
         console.print(f"model defaults ({defaults.file}): "
@@ -622,6 +623,7 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
     cache_mb: Annotated[int, typer.Option(help="Memory for the prepared queries of recently shown images (MB; least recently used evicted).")] = 2048,
+    space: Annotated[str, typer.Option(help="SD3/FLUX: attention (default) or output (ConceptAttention's output-space maps; the store needs capture --image-outputs).")] = "attention",
 ) -> None:
     """A local web viewer: type any words, see their maps over the stored images (read-only).
 
@@ -632,7 +634,7 @@ def serve(
     _quiet_libraries()
     if cache_mb < 1:
         raise InvalidInputError(f"--cache-mb {cache_mb}: give at least 1 (MB)")
-    run_viewer(store, host=host, port=port, device=device, model=model, cache_bytes=cache_mb * 2**20,
+    run_viewer(store, host=host, port=port, device=device, model=model, cache_bytes=cache_mb * 2**20, space=space,
                announce=lambda m: console.print(m, highlight=False, markup=False))
 
 

@@ -666,3 +666,47 @@ def test_output_space_open_vocabulary_batching_and_cli(flux_pipe, flux_stores, t
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "capture it again with --image-outputs" in err[0], err
     assert not (tmp_path / "n.npy").exists()
+
+
+def test_cli_label_and_evaluate_on_flux(flux_pipe, flux_stores, tmp_path):
+    """``ovstore label`` and ``evaluate`` on FLUX stores (as on SD3, tests/optimize/test_mmdit_tokens.py),
+    in both map spaces: the extra image-outputs array leaves attention-space labels bit for bit
+    the same, ``--space output`` is recorded in the labelling's settings, and the viewer's
+    service serves the same output-space maps and commands."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from ovstore.analyze import MapConfig, compute_maps
+    from ovstore.cli import app
+    from ovstore.serve.service import MapService
+
+    runner = CliRunner()
+    plain = flux_stores["flux-guidance"]
+    with_outputs = _capture(flux_pipe, tmp_path / "out.zarr", _case("flux-guidance"), image_outputs=True)
+    classes = ["--classes", "bicycle,wall", "--scheduler", "synchronous"]
+    runs = {"plain": [str(plain)], "outputs": [str(with_outputs)], "space": [str(with_outputs), "--space", "output"]}
+    for name, args in runs.items():
+        result = runner.invoke(app, ["label", args[0], *classes, *args[1:], "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    labels = {name: [np.asarray(Image.open(p)) for p in sorted((tmp_path / name / "SegmentationClass").glob("*.png"))]
+              for name in runs}
+    assert len(labels["plain"]) == 1 and labels["plain"][0].shape == (64, 64)
+    assert all(np.array_equal(a, b) for a, b in zip(labels["plain"], labels["outputs"]))
+    settings = {name: json.loads((tmp_path / name / "ovstore-label.json").read_text())["config"] for name in runs}
+    assert settings["space"]["space"] == "output" and "space" not in settings["plain"]
+    for name in ("plain", "space"):
+        result = runner.invoke(app, ["evaluate", str(tmp_path / name), str(tmp_path / "outputs"),
+                                     "--out", str(tmp_path / f"report-{name}")])
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / f"report-{name}" / "report.json").read_text())
+        assert report["classes"] == ["background", "bicycle", "wall"] and 0 <= report["miou"] <= 1
+        if name == "plain":  # the same labels: every class present is matched exactly
+            assert report["miou"] == pytest.approx(1.0)
+    service = MapService(with_outputs, space="output")
+    served = service.maps("bicycle", [0])
+    expected = compute_maps(with_outputs, ["bicycle"], config=MapConfig(space="output")).values
+    np.testing.assert_allclose(served.maps, expected, rtol=1e-5, atol=1e-6)
+    assert "--space output" in service.maps_command("bicycle", [0])
+    assert "--space output" in service.label_command(service.label_config("bicycle,wall"), [0])
