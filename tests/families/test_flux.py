@@ -710,3 +710,56 @@ def test_cli_label_and_evaluate_on_flux(flux_pipe, flux_stores, tmp_path):
     np.testing.assert_allclose(served.maps, expected, rtol=1e-5, atol=1e-6)
     assert "--space output" in service.maps_command("bicycle", [0])
     assert "--space output" in service.label_command(service.label_config("bicycle,wall"), [0])
+
+
+def test_two_interleaved_captures_keep_their_own_rotary_state(flux_pipe, tmp_path):
+    """Two captures in one process, of two pipelines at two sizes (rotary embeddings of 16x16
+    and 8x8 image rows): the first is paused inside its first transformer call, after its
+    rotary embedding was computed, while the second runs whole; both stores equal the same
+    captures run one after the other (the rotary state belongs to each capture, not to the
+    shared family object)."""
+    import threading
+
+    from ovstore.capture import load_pipeline
+    from ovstore.families import get_family
+    from ovstore.store import format as fmt
+    from ovstore.store import open_store
+
+    case = _case("flux-guidance")
+    small = dict(case, height=32, width=32, steps=2)
+    other = load_pipeline(str(PIPELINE))
+    alone = {"a": _capture(flux_pipe, tmp_path / "a.zarr", case), "b": _capture(other, tmp_path / "b.zarr", small)}
+    paused, resume, errors = threading.Event(), threading.Event(), []
+    block = flux_pipe[0].transformer.transformer_blocks[0]
+
+    def pause_once(module, args, kwargs):
+        if not paused.is_set():
+            paused.set()
+            assert resume.wait(timeout=300)
+
+    handle = block.register_forward_pre_hook(pause_once, with_kwargs=True)
+
+    def first():
+        try:
+            _capture(flux_pipe, tmp_path / "a2.zarr", case)
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=first)
+    try:
+        thread.start()
+        assert paused.wait(timeout=300)
+        _capture(other, tmp_path / "b2.zarr", small)  # while the first is inside a transformer call
+    finally:
+        resume.set()
+        thread.join(timeout=300)
+        handle.remove()
+    assert not errors, errors
+    for name, again in (("a", tmp_path / "a2.zarr"), ("b", tmp_path / "b2.zarr")):
+        x, y = open_store(alone[name]), open_store(again)
+        assert x.layout.n_steps == y.layout.n_steps and x.layout.layers[0].height == (16 if name == "a" else 8)
+        for info in x.layout.layers:
+            for kind in ("queries", fmt.IMAGE_KEYS, fmt.IMAGE_VALUES):
+                np.testing.assert_array_equal(x.layer_array(info.name, kind, 0), y.layer_array(info.name, kind, 0))
+        np.testing.assert_array_equal(x.image(0), y.image(0))
+    assert get_family("flux")._call is None  # the registered family holds no capture's state

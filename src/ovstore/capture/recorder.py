@@ -102,7 +102,7 @@ class QueryRecorder:
             from ..families import get_family
 
             family = get_family("unet")
-        self.family = family
+        self.family = family.for_capture()  # this capture's own per-call state (FLUX: the rotary embedding)
         self.context_dtype = _DTYPES[context_dtype] if context_dtype else None
         self.arrays = tuple(arrays) if arrays is not None else tuple(getattr(family, "layer_arrays", ()))
         self.unet = unet

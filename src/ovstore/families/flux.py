@@ -25,6 +25,7 @@ see docs/store-format.md (FLUX) for why and what they would need.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -127,10 +128,13 @@ class FluxFamily(SD3Family):
     layer_arrays = (IMAGE_KEYS, IMAGE_VALUES)
 
     def __init__(self) -> None:
-        #: (cos, sin) of the current transformer call's rotary embedding and its text rows, set
-        #: by capture hooks
-        self._rotary: tuple[Any, Any] | None = None
-        self._text_len = 0
+        #: the per-call state of one capture (:meth:`for_capture`); the registered family has none
+        self._call: _CallState | None = None
+
+    def for_capture(self) -> FluxFamily:
+        session = copy.copy(self)
+        session._call = _CallState()
+        return session
 
     # ------------------------------------------------------------------ capture
     def supports(self, pipe: Any) -> bool:
@@ -203,17 +207,22 @@ class FluxFamily(SD3Family):
                     "classifier-free guidance: add --true-cfg-scale S (> 1) or drop the negative prompt")
 
     def capture_hooks(self, denoiser: Any) -> list[Any]:
+        state = self._call
+        if state is None:
+            raise InvalidInputError("the flux family's capture hooks keep per-call state: call them on the family of "
+                                    "one capture, family.for_capture() (QueryRecorder does)")
+
         def on_call(module: Any, args: tuple, kwargs: dict) -> None:
             txt_ids = kwargs.get("txt_ids")
-            self._text_len = int(txt_ids.shape[-2]) if txt_ids is not None else 0
+            state.text_len = int(txt_ids.shape[-2]) if txt_ids is not None else 0
             if txt_ids is not None and bool((txt_ids != 0).any()):
                 raise InvalidInputError("the transformer was called with non-zero text position ids; the flux family "
                                         "assumes FluxPipeline's text ids 0 (no rotation of the text rows)")
 
         def on_rotary(module: Any, inputs: tuple, out: Any) -> None:
-            self._rotary = out
+            state.rotary = out
 
-        self._rotary = None
+        state.rotary = None
         return [denoiser.register_forward_pre_hook(on_call, with_kwargs=True),
                 denoiser.pos_embed.register_forward_hook(on_rotary)]
 
@@ -231,16 +240,17 @@ class FluxFamily(SD3Family):
         return output
 
     def output_rows(self, kind: str, output: Any, point: Any = None) -> Any:
-        if self._rotary is not None and output.shape[1] == self._rotary[0].shape[0]:
-            output = output[:, self._text_len:]  # a single block's joint [text, image] sequence: the image rows
+        rotary = self._call.rotary if self._call is not None else None
+        if rotary is not None and output.shape[1] == rotary[0].shape[0]:
+            output = output[:, self._call.text_len:]  # a single block's joint [text, image] sequence: the image rows
         if output.dim() == 4:  # (batch, pixel, head, channel) after norm_q / norm_k: rotate the image rows
             from diffusers.models.embeddings import apply_rotary_emb
 
-            if self._rotary is None:
+            if rotary is None:
                 raise InvalidInputError("no rotary embedding was seen for this transformer call; is the transformer a "
                                         "FluxTransformer2DModel?")
             n = output.shape[1]
-            cos, sin = (t[-n:] for t in self._rotary)  # the image rows follow the text rows
+            cos, sin = (t[-n:] for t in rotary)  # the image rows follow the text rows
             output = apply_rotary_emb(output, (cos, sin), sequence_dim=1)
             b, n, h, d = output.shape
             return output.reshape(b, n, h * d)
@@ -317,6 +327,17 @@ class FluxFamily(SD3Family):
     def load_text_encoder(self, identity: ModelIdentity, target: str, *, device: str = "cpu") -> Any:
         components = self.load_text_components(identity, target, hint="pass the FLUX pipeline directory as --model")
         return FluxTextEncoder(components, device=device, name=str(target))
+
+
+class _CallState:
+    """What one capture's hooks know of the transformer call in progress: its rotary embedding
+    ``(cos, sin)`` over ``[text, image]`` rows and the number of text rows."""
+
+    __slots__ = ("rotary", "text_len")
+
+    def __init__(self) -> None:
+        self.rotary: tuple[Any, Any] | None = None
+        self.text_len = 0
 
 
 def _is_fused_qkv(point: Any) -> bool:
