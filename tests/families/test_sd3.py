@@ -415,9 +415,9 @@ def test_output_space_open_vocabulary_is_batching_invariant(sd3_output_store):
     np.testing.assert_allclose(mine, alone.values[0][alone.prompt_index.values == 1], rtol=1e-5, atol=1e-6)
 
 
-def test_output_space_bad_inputs(sd3_pipe, sd3_store, sd3_output_store):
+def test_output_space_bad_inputs(sd3_pipe, sd3_store, sd3_output_store, tmp_path):
     from ovstore.analyze import MapConfig, compute_maps
-    from ovstore.capture import CaptureConfig, plan_capture, load_pipeline
+    from ovstore.capture import CaptureConfig, build_requests, capture, plan_capture, load_pipeline
     from ovstore.errors import InvalidInputError
 
     from conftest import TINY_SD15
@@ -429,6 +429,11 @@ def test_output_space_bad_inputs(sd3_pipe, sd3_store, sd3_output_store):
     pipe, identity = load_pipeline(str(TINY_SD15))
     with pytest.raises(InvalidInputError, match="--image-outputs applies to MM-DiT"):
         plan_capture(pipe, identity, CaptureConfig(num_inference_steps=2, image_outputs=True))
+    unet_store = tmp_path / "unet.zarr"
+    capture(pipe, identity, build_requests([("a cat", None, 0)], guidance=1.0, num_inference_steps=1), unet_store,
+            config=CaptureConfig(num_inference_steps=1, guidance=1.0))
+    with pytest.raises(InvalidInputError, match="applies to MM-DiT stores .* is a unet store: use --space attention"):
+        compute_maps(unet_store, ["cat"], config=MapConfig(space="output"))
     from ovstore.store import open_store
 
     # the extra array is in the bytes the capture prints
