@@ -111,19 +111,25 @@ def _config(family: str, args: argparse.Namespace, **extra):
 
 
 def capture_overhead(family: str, pipe, identity, args: argparse.Namespace, root: Path) -> tuple[dict, Path]:
-    """Median seconds of the plain generation and of capturing the same image into an existing
-    store, alternately; the store's creation (layout, the text-side weights) is timed apart: it
-    happens once per store, not per image."""
+    """Median seconds, alternately, of the plain generation of one image and of two capture
+    calls into the same existing store, of one image and of three: their difference over two is
+    the capture's cost per image (a call's fixed checks, e.g. the appended store's text-side
+    weights compared by SHA-256, cancel out). The store's creation (layout, weights written) is
+    timed apart: it happens once per store."""
     from ovstore.capture import build_requests, capture
 
-    requests = build_requests([(PROMPT, None, 0)], guidance=GUIDANCE[family], num_inference_steps=args.steps)
     store = root / f"{family}.zarr"
     config = _config(family, args, image_outputs=args.image_outputs)
+
+    def requests(n: int):
+        return build_requests([(PROMPT, None, k) for k in range(n)], guidance=GUIDANCE[family],
+                              num_inference_steps=args.steps)
+
     start = time.perf_counter()
-    capture(pipe, identity, requests, store, config=config)  # creates the store: weights, first image
+    capture(pipe, identity, requests(1), store, config=config)  # creates the store: weights, first image
     _sync(args.device)
     first = time.perf_counter() - start
-    plain, captured = [], []
+    plain, one, three = [], [], []
     for _ in range(args.repeats):
         _sync(args.device)
         start = time.perf_counter()
@@ -133,12 +139,14 @@ def capture_overhead(family: str, pipe, identity, args: argparse.Namespace, root
                  generator=torch.Generator("cpu").manual_seed(0), output_type="np")
         _sync(args.device)
         plain.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        capture(pipe, identity, requests, store, config=config)  # appended: one more image
-        _sync(args.device)
-        captured.append(time.perf_counter() - start)
-    return {"plain": statistics.median(plain), "capture": statistics.median(captured), "first": first,
-            "plain_all": plain, "capture_all": captured}, store
+        for n, into in ((1, one), (3, three)):
+            start = time.perf_counter()
+            capture(pipe, identity, requests(n), store, config=config)  # appended
+            _sync(args.device)
+            into.append(time.perf_counter() - start)
+    t1, t3 = statistics.median(one), statistics.median(three)
+    return {"plain": statistics.median(plain), "call1": t1, "call3": t3, "per_image": (t3 - t1) / 2,
+            "first": first, "runs": list(zip(plain, one, three))}, store
 
 
 def preset_bytes(family: str, pipe, identity, args: argparse.Namespace) -> list[tuple[str, int, int, int, int]]:
@@ -185,10 +193,13 @@ def matmul_throughput(device: str, dtype: torch.dtype, width: int) -> float:
 
 
 def stream_flops(tokens: int, blocks: int, calls: int, width: int, pixels: int) -> float:
-    """Matrix-multiply FLOPs of the attribution streams and their maps: per token, block and
-    call the context-side q/k/v/out projections (4 W²) and feed-forward (8 W²), the attention
-    over the image keys and values (2 P W), the map's scores (P W); x2 for multiply-add."""
-    return 2.0 * tokens * blocks * calls * (12 * width * width + 3 * pixels * width)
+    """Matrix-multiply FLOPs of the attribution streams and their maps: per token and call,
+    every recorded block but the last runs the context-side q/k/v/out projections (4 W²), the
+    feed-forward (8 W²) and the attention over the image keys and values (2 P W); the last needs
+    its keys only (W²); every block's map scores the image queries against the keys (P W); x2 for
+    multiply-add."""
+    return 2.0 * tokens * calls * ((blocks - 1) * (12 * width * width + 2 * pixels * width)
+                                   + width * width + blocks * pixels * width)
 
 
 def forward_flops(blocks: int, width: int, pixels: int, text: int, calls: int) -> float:
@@ -314,10 +325,11 @@ def main() -> None:
               f"{t.config.attention_head_dim}")
         with tempfile.TemporaryDirectory() as tmp:
             times, store = capture_overhead(family, pipe, identity, args, Path(tmp))
-            print(f"capture overhead: generation {times['plain']:.2f} s, capture into the store {times['capture']:.2f} s, "
-                  f"ratio {times['capture'] / times['plain']:.3f} (runs: "
-                  + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(times["plain_all"], times["capture_all"]))
-                  + f"); creating the store with its first image {times['first']:.2f} s")
+            print(f"capture overhead: generation {times['plain']:.2f} s per image; capture {times['per_image']:.2f} s per "
+                  f"image (calls of 1 and 3 images into the store: {times['call1']:.2f} s, {times['call3']:.2f} s), "
+                  f"ratio {times['per_image'] / times['plain']:.3f}; one capture call of one image "
+                  f"{times['call1'] / times['plain']:.3f}; creating the store with its first image {times['first']:.2f} s "
+                  "(runs plain/1/3: " + ", ".join(f"{a:.1f}/{b:.1f}/{c:.1f}" for a, b, c in times["runs"]) + ")")
             print("\n| preset | blocks | calls | bytes/image | with --image-outputs |\n|---|---|---|---|---|")
             for preset, blocks, calls, plain, outputs in preset_bytes(family, pipe, identity, args):
                 print(f"| {preset} | {blocks} | {calls} | {_human(plain)} | {_human(outputs)} |")
@@ -330,7 +342,7 @@ def main() -> None:
             gen_flops = forward_flops(n_blocks, width, pixels, layout.context.length, args.steps)
             print(f"\nmatmul throughput {flops_per_s / 1e9:.1f} GFLOP/s; transformer forward passes "
                   f"{gen_flops / 1e9:.1f} GFLOP ({gen_flops / flops_per_s:.2f} s at that rate)")
-            print("\n| prompts | tokens | ovstore compute_maps s | of which store reads s | baseline: re-run s "
+            print("\n| prompts | tokens | ovstore compute_maps s | of which plan and store reads s | baseline: re-run s "
                   "(generation + concept streams) | baseline / ovstore | bound: ovstore s | bound: baseline / "
                   "ovstore |\n|---|---|---|---|---|---|---|---|")
             for row in analysis(family, store, args):
