@@ -103,13 +103,13 @@ class MapPlan:
                                  f"would be NaN; `ovstore verify {store.path}` reports it; restore the store "
                                  "from a copy, or capture it again (not one image: --skip-damaged cannot help)")
             self.projections[info.name] = (torch.from_numpy(w).to(device), torch.from_numpy(b).to(device))
+        self.output_space = config.space == "output"
+        if self.output_space:  # before the stored weights are read
+            _check_output_space(store, self.family)
         #: families whose keys depend on the image (MM-DiT: the text stream attends it) keep
         #: what they need for every image here (their stored weights on the device)
         self.family_state = (self.family.analysis_state(store, self.layers, self.device)
                              if self.family.image_dependent_keys else None)
-        self.output_space = config.space == "output"
-        if self.output_space:
-            _check_output_space(store, self.family)
 
     def bytes_per_token(self) -> int:
         """Memory one attribution token takes while one image is evaluated: its keys (twice:
