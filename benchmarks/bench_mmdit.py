@@ -32,7 +32,10 @@ side by side in one run:
     PYTHONPATH=src nice -n 10 python benchmarks/bench_mmdit.py                 # CPU, a few blocks
     PYTHONPATH=src nice -n 10 python benchmarks/bench_mmdit.py --compare-spaces
     PYTHONPATH=src python benchmarks/bench_mmdit.py --device cuda --torch-dtype bfloat16 \\
-        --sd3-blocks 24 --flux-double 19 --flux-single 38 --size 1024 --steps 28 --repeats 3
+        --sd3-blocks 24 --flux-double 19 --flux-single 38 --size 256 --steps 28 --repeats 3
+
+The tiny pipelines' VAE downsamples 2x (not 8x), so ``--size 256`` gives the 64x64 = 4096 image
+tokens of a real 1024² image.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ def build(family: str, args: argparse.Namespace):
             sample_size=tiny.sample_size, patch_size=2, in_channels=tiny.in_channels, out_channels=tiny.out_channels,
             num_layers=args.sd3_blocks, attention_head_dim=64, num_attention_heads=24,
             joint_attention_dim=tiny.joint_attention_dim, caption_projection_dim=1536,
-            pooled_projection_dim=tiny.pooled_projection_dim, pos_embed_max_size=max(32, args.size // 16),
+            pooled_projection_dim=tiny.pooled_projection_dim,
+            pos_embed_max_size=max(32, -(-args.size // (pipe.vae_scale_factor * 2))),  # patches per side
             qk_norm="rms_norm")
     else:  # FLUX.1's block shapes
         model = FluxTransformer2DModel(
@@ -299,7 +303,8 @@ def main() -> None:
     parser.add_argument("--sd3-blocks", type=int, default=2, help="joint blocks (SD3-medium: 24)")
     parser.add_argument("--flux-double", type=int, default=1, help="double-stream blocks (FLUX.1: 19)")
     parser.add_argument("--flux-single", type=int, default=2, help="single-stream blocks (FLUX.1: 38)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (64: 16x16 image tokens)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (the tiny VAE downsamples 2x: "
+                        "64 gives 16x16 image tokens, 256 the 64x64 of a real 1024² image)")
     parser.add_argument("--steps", type=int, default=2, help="denoising steps = stored calls")
     parser.add_argument("--max-sequence-length", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
