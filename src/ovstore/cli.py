@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -90,6 +90,13 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _recorded_arrays(layout: Any) -> str:
+    """What a capture records per layer and call, in words (the bytes line before capture)."""
+    if not layout.layer_arrays:
+        return "queries"
+    return "queries, image keys/values" + (", outputs" if "image_outputs" in layout.layer_arrays else "") + " and temb"
+
+
 #: Words that are switch values in other tools, never the name of a pipeline here.
 _SWITCH_VALUES = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
@@ -133,6 +140,7 @@ def capture(
     resize: Annotated[Optional[str], typer.Option(help="Real images: resize every image to WxH (multiples of 8) or to the pipeline's native size (native), bicubic.")] = None,
     convert_rgb: Annotated[bool, typer.Option("--convert-rgb", help="Real images: convert grey, palette, CMYK and alpha images to RGB (alpha composited on white) instead of refusing them.")] = False,
     self_attention: Annotated[Optional[str], typer.Option("--self-attention", metavar="RES[,RES]", help="Also store each image's self-attention (attn1) matrix at these latent grids, averaged over heads, stored calls and layers (float16, (RES*RES)^2 values per branch: SD 1.5 32 -> 2 MB, 64 -> 32 MB), for `maps`/`label --refine self-attention`. UNet families only; off by default, or the store's.")] = None,
+    image_outputs: Annotated[bool, typer.Option("--image-outputs", help="SD3/FLUX: also record each block's image attention outputs, which `maps --space output` (ConceptAttention's output-space maps) needs; one more array as large as the image keys.")] = False,
 ) -> None:
     """Generate images and store their cross-attention queries for later analysis.
 
@@ -155,7 +163,7 @@ def capture(
         torch_dtype=torch_dtype, revision=revision, resume=resume, reserve_only=reserve_only, worker=worker,
         max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, single_blocks=single_blocks,
         images_file=images_file, strength=strength, invert=invert, inversion_guidance=inversion_guidance,
-        resize=resize, convert_rgb=convert_rgb, self_attention=self_attention)
+        resize=resize, convert_rgb=convert_rgb, self_attention=self_attention, image_outputs=image_outputs)
     if scheduler is None and (workers is not None or slots_per_task is not None):
         raise InvalidInputError("--workers and --slots-per-task belong to --scheduler; add --scheduler local "
                                 "(or a scheduler address)")
@@ -179,7 +187,7 @@ def capture(
         f"{layout.num_unet_calls} {'transformer' if layout.layer_arrays else 'UNet'} calls, "
         f"branches {','.join(layout.branches)}, {layout.query_dtype}; "
         f"about {_human(layout.query_bytes_per_image() + layout.context_bytes_per_image())} per image before "
-        f"compression ({'queries, image keys/values and temb' if layout.layer_arrays else 'queries'} "
+        f"compression ({_recorded_arrays(layout)} "
         f"{_human(layout.query_bytes_per_image())}, context "
         f"{_human(layout.context_bytes_per_image())}"
         + (f", self-attention {_human(layout.self_attention_bytes_per_image())}" if layout.self_attention else "")
@@ -350,6 +358,7 @@ def maps(
     model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     generation_context: Annotated[bool, typer.Option("--generation-context", help="Instead of attribution prompts: one map per token of the context the stored calls attended (the stored branch's prompt, or negative prompt for uncond, padded as the pipeline encoded it), softmax over all of them.")] = False,
+    space: Annotated[str, typer.Option(help="SD3/FLUX: attention (default: image queries against the attribution's keys, the model's own attention) or output (ConceptAttention's output-space maps; the store needs capture --image-outputs).")] = "attention",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out/--png written by `ovstore maps`.")] = False,
     skip_damaged: Annotated[bool, typer.Option("--skip-damaged", help="Skip images whose stored data is damaged (listed, and recorded in a .zarr output's attrs).")] = False,
     scheduler: Annotated[Optional[str], typer.Option(help="Run as a resumable job on Dask (FILE.zarr only): 'local' (a LocalCluster of --workers processes), a scheduler address tcp://HOST:8786 (its workers must see the store and --out's folder), or 'synchronous' (in this process). Images are split into partitions; a re-run of an interrupted job skips the finished ones and gives the same bytes.")] = None,
@@ -374,7 +383,7 @@ def maps(
                       config_options=dict(layers=_layer_selection(layer, resolution, include_mid=False),
                                           steps=_calls_option(calls, steps, "maps"), branch=branch,
                                           activation=activation, aggregation=aggregation, normalize=normalize,
-                                          size=size, refine=refine))
+                                          size=size, refine=refine, space=space))
         return
     prompts = list(attribution or [])
     if attributions_file is not None:  # blank lines skipped, the others' line numbers kept (prompt_line)
@@ -410,7 +419,7 @@ def maps(
         layers=_layer_selection(layer, resolution, include_mid=False),
         steps=_calls_option(calls, steps, "maps"), branch=branch, activation=activation, head_reduction=aggregation,
         step_reduction=aggregation, layer_reduction=aggregation, normalize=normalize,
-        size=tuple(size) if size else None, refine=refine,
+        size=tuple(size) if size else None, refine=refine, space=space,
     )
     from .devices import check_device
 
@@ -580,6 +589,7 @@ def label(
     min_component: Annotated[Optional[int], typer.Option(help="Remove class regions smaller than this many pixels. Default: the model's, else 0.")] = None,
     prompt_classes_only: Annotated[Optional[bool], typer.Option("--prompt-classes-only/--all-classes", help="Only label classes named in each image's prompt, by name or by one of their --class-words (--all-classes: every class). Default: the model's, else all classes.", show_default=False)] = None,
     maps_from: Annotated[Optional[str], typer.Option(help="Where class maps come from: template (each class's --prompt-template sentence or --token, the same for every image) or prompt (the class's words as they stand in each image's own generation prompt, in its softmax, as DiffuMask and Dataset Diffusion label; classes the prompt does not name stay empty). Default: the model's, else template.")] = None,
+    space: Annotated[Optional[str], typer.Option(help="SD3/FLUX: the class maps' space, attention (default) or output (ConceptAttention's output-space maps; the store needs capture --image-outputs).")] = None,
     class_words: Annotated[Optional[list[str]], typer.Option("--class-words", help="CLASS=WORD,WORD: other words that name a class in prompts, for --prompt-classes-only (repeatable), e.g. dog=puppy,hound. Default: the model's, else none.")] = None,
     no_model_defaults: Annotated[bool, typer.Option("--no-model-defaults", help="Ignore the model's defaults (its ovstore_defaults.json, recorded in the store at capture): options not given take ovstore's.")] = False,
     image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,
@@ -608,7 +618,7 @@ def label(
                           class_thresholds=class_threshold, class_words=class_words, adaptive=adaptive, sweep=sweep,
                           defaults=defaults, prompt_template=prompt_template, mode=mode, normalize=normalize,
                           threshold=threshold, crf=crf, min_component=min_component,
-                          prompt_classes_only=prompt_classes_only, maps_from=maps_from, refine=refine)
+                          prompt_classes_only=prompt_classes_only, maps_from=maps_from, refine=refine, space=space)
     from_model = [k for k, v in config.sources.items() if v == "model"]
     if from_model:
         console.print(f"model defaults ({defaults.file}): "
@@ -681,6 +691,7 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     model: Annotated[Optional[str], typer.Option(help="Load the text encoder from this pipeline instead of the recorded one.")] = None,
     cache_mb: Annotated[int, typer.Option(help="Memory for the prepared queries of recently shown images (MB; least recently used evicted).")] = 2048,
+    space: Annotated[str, typer.Option(help="SD3/FLUX: attention (default) or output (ConceptAttention's output-space maps; the store needs capture --image-outputs).")] = "attention",
 ) -> None:
     """A local web viewer: type any words, see their maps over the stored images (read-only).
 
@@ -691,7 +702,7 @@ def serve(
     _quiet_libraries()
     if cache_mb < 1:
         raise InvalidInputError(f"--cache-mb {cache_mb}: give at least 1 (MB)")
-    run_viewer(store, host=host, port=port, device=device, model=model, cache_bytes=cache_mb * 2**20,
+    run_viewer(store, host=host, port=port, device=device, model=model, cache_bytes=cache_mb * 2**20, space=space,
                announce=lambda m: console.print(m, highlight=False, markup=False))
 
 

@@ -555,3 +555,211 @@ def test_token_optimization_on_flux_is_the_analysis_map(flux_stores):
     np.testing.assert_allclose(seen[:, 0].detach().numpy(), analysed, rtol=1e-5, atol=1e-6)
     seen[0, 0, 1][torch.from_numpy(mask)].sum().backward()
     assert rows.grad is not None and torch.isfinite(rows.grad).all() and rows.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- output-space maps (ConceptAttention)
+
+
+def _hooked_outputs(pipe, case):
+    """Per used call, each block's attention outputs before the output projections: the image
+    rows and the text rows, double blocks (what enters ``to_out[0]`` and ``to_add_out``) then
+    single blocks (their attention's joint output, text rows first)."""
+    transformer = pipe.transformer
+    calls: list[dict] = []
+    handles = [transformer.register_forward_pre_hook(lambda m, a, kw: calls.append({"image": [], "text": []}),
+                                                     with_kwargs=True)]
+    for block in transformer.transformer_blocks:
+        handles.append(block.attn.to_out[0].register_forward_pre_hook(
+            lambda m, i: calls[-1]["image"].append(i[0][0].detach().clone())))
+        handles.append(block.attn.to_add_out.register_forward_pre_hook(
+            lambda m, i: calls[-1]["text"].append(i[0][0].detach().clone())))
+    text_len = case["max_sequence_length"]
+
+    def on_single(module, inputs, out):
+        calls[-1]["image"].append(out[0, text_len:].detach().clone())
+        calls[-1]["text"].append(out[0, :text_len].detach().clone())
+
+    for block in transformer.single_transformer_blocks:
+        handles.append(block.attn.register_forward_hook(on_single))
+    try:
+        pipe(case["prompt"], negative_prompt=case.get("negative_prompt"), num_inference_steps=case["steps"],
+             guidance_scale=case["guidance_scale"], true_cfg_scale=case.get("true_cfg_scale", 1.0),
+             height=case["height"], width=case["width"], max_sequence_length=case["max_sequence_length"],
+             generator=torch.Generator("cpu").manual_seed(case["seed"]), output_type="np")
+    finally:
+        for h in handles:
+            h.remove()
+    return calls[::2] if case.get("true_cfg_scale", 1.0) > 1 else calls
+
+
+def _output_space_reference(calls, blocks):
+    """Per call and block: image attention outputs · text attention outputs, softmax over the
+    text tokens, summed over calls and blocks."""
+    total = 0
+    for call in calls:
+        for i in blocks:
+            total = total + (call["image"][i] @ call["text"][i].T).softmax(-1)
+    return total.T.reshape(-1, 16, 16).numpy()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_output_space_maps_equal_hooked_outputs(flux_pipe, tmp_path, name):
+    from ovstore.analyze import MapConfig
+    from ovstore.analyze.context import compute_context_maps
+    from ovstore.store import format as fmt
+    from ovstore.store import open_store
+
+    pipe, _ = flux_pipe
+    case = _case(name)
+    single = name == "flux-guidance"  # the single-stream blocks' outputs too, on one case
+    path = _capture(flux_pipe, tmp_path / "out.zarr", case, image_outputs=True, single_blocks=single)
+    store = open_store(path)
+    calls = _hooked_outputs(pipe, case)
+    n_blocks = len(store.layout.layers)
+    assert n_blocks == (2 + len(pipe.transformer.single_transformer_blocks) if single else 2)
+    assert fmt.IMAGE_OUTPUTS in store.layout.layer_arrays and len(calls) == store.layout.n_steps == 4
+    for s, call in enumerate(calls):
+        for i, info in enumerate(store.layout.layers):
+            stored = torch.from_numpy(store.layer_array(info.name, fmt.IMAGE_OUTPUTS, 0, steps=[s])[0])
+            torch.testing.assert_close(stored.permute(1, 2, 0, 3).reshape(256, -1), call["image"][i], rtol=0,
+                                       atol=1e-6)
+    got = compute_context_maps(store, config=MapConfig(branch="cond", space="output")).values[0]
+    expected = _output_space_reference(calls, range(n_blocks))
+    assert got.shape == expected.shape == (32, 16, 16)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    np.testing.assert_allclose(got.sum(0), 4 * n_blocks, rtol=1e-5)
+    # the attention-space maps of the same store are still the golden ones
+    if not single:
+        attention = compute_context_maps(store, config=MapConfig(branch="cond")).values[0]
+        golden = np.load(FLUX / "cases" / name / "maps.npy")
+        assert np.abs(attention - golden).max() <= 1e-4 * np.abs(golden).max()
+
+
+def test_output_space_open_vocabulary_batching_and_cli(flux_pipe, flux_stores, tmp_path, monkeypatch, capsys):
+    from typer.testing import CliRunner
+
+    from ovstore.analyze import MapConfig, compute_maps
+    from ovstore.cli import app
+
+    path = _capture(flux_pipe, tmp_path / "out.zarr", _case("flux-guidance"), image_outputs=True)
+    config = MapConfig(branch="cond", space="output")
+    alone = compute_maps(path, ["bicycle", "an old bicycle"], config=config)
+    np.testing.assert_allclose(alone.values[0].sum(0), 2 * 4 * 2, rtol=1e-5)
+    others = ["brick", "an old wall", "sky", "a red house by the sea", "water", "a cat"] * 20
+    many = compute_maps(path, others[:60] + ["an old bicycle"] + others[60:], config=config)
+    mine = many.values[0][many.prompt_index.values == 60]
+    np.testing.assert_allclose(mine, alone.values[0][alone.prompt_index.values == 1], rtol=1e-5, atol=1e-6)
+    runner = CliRunner()
+    result = runner.invoke(app, ["maps", str(path), "--attribution", "bicycle", "--space", "output",
+                                 "--out", str(tmp_path / "m.npy")])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(np.load(tmp_path / "m.npy")[0], alone.values[0][alone.prompt_index.values == 0],
+                               rtol=1e-5, atol=1e-6)
+    # a store captured without the image outputs: one line naming the capture option
+    from ovstore.cli import main
+
+    monkeypatch.setattr("sys.argv", ["ovstore", "maps", str(flux_stores["flux-guidance"]), "--attribution", "bicycle",
+                                     "--space", "output", "--out", str(tmp_path / "n.npy")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "capture it again with --image-outputs" in err[0], err
+    assert not (tmp_path / "n.npy").exists()
+
+
+def test_cli_label_and_evaluate_on_flux(flux_pipe, flux_stores, tmp_path):
+    """``ovstore label`` and ``evaluate`` on FLUX stores (as on SD3, tests/optimize/test_mmdit_tokens.py),
+    in both map spaces: the extra image-outputs array leaves attention-space labels bit for bit
+    the same, ``--space output`` is recorded in the labelling's settings, and the viewer's
+    service serves the same output-space maps and commands."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from ovstore.analyze import MapConfig, compute_maps
+    from ovstore.cli import app
+    from ovstore.serve.service import MapService
+
+    runner = CliRunner()
+    plain = flux_stores["flux-guidance"]
+    with_outputs = _capture(flux_pipe, tmp_path / "out.zarr", _case("flux-guidance"), image_outputs=True)
+    classes = ["--classes", "bicycle,wall", "--scheduler", "synchronous"]
+    runs = {"plain": [str(plain)], "outputs": [str(with_outputs)], "space": [str(with_outputs), "--space", "output"]}
+    for name, args in runs.items():
+        result = runner.invoke(app, ["label", args[0], *classes, *args[1:], "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    labels = {name: [np.asarray(Image.open(p)) for p in sorted((tmp_path / name / "SegmentationClass").glob("*.png"))]
+              for name in runs}
+    assert len(labels["plain"]) == 1 and labels["plain"][0].shape == (64, 64)
+    assert all(np.array_equal(a, b) for a, b in zip(labels["plain"], labels["outputs"]))
+    settings = {name: json.loads((tmp_path / name / "ovstore-label.json").read_text())["config"] for name in runs}
+    assert settings["space"]["space"] == "output" and "space" not in settings["plain"]
+    for name in ("plain", "space"):
+        result = runner.invoke(app, ["evaluate", str(tmp_path / name), str(tmp_path / "outputs"),
+                                     "--out", str(tmp_path / f"report-{name}")])
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / f"report-{name}" / "report.json").read_text())
+        assert report["classes"] == ["background", "bicycle", "wall"] and 0 <= report["miou"] <= 1
+        if name == "plain":  # the same labels: every class present is matched exactly
+            assert report["miou"] == pytest.approx(1.0)
+    service = MapService(with_outputs, space="output")
+    served = service.maps("bicycle", [0])
+    expected = compute_maps(with_outputs, ["bicycle"], config=MapConfig(space="output")).values
+    np.testing.assert_allclose(served.maps, expected, rtol=1e-5, atol=1e-6)
+    assert "--space output" in service.maps_command("bicycle", [0])
+    assert "--space output" in service.label_command(service.label_config("bicycle,wall"), [0])
+
+
+def test_two_interleaved_captures_keep_their_own_rotary_state(flux_pipe, tmp_path):
+    """Two captures in one process, of two pipelines at two sizes (rotary embeddings of 16x16
+    and 8x8 image rows): the first is paused inside its first transformer call, after its
+    rotary embedding was computed, while the second runs whole; both stores equal the same
+    captures run one after the other (the rotary state belongs to each capture, not to the
+    shared family object)."""
+    import threading
+
+    from ovstore.capture import load_pipeline
+    from ovstore.families import get_family
+    from ovstore.store import format as fmt
+    from ovstore.store import open_store
+
+    case = _case("flux-guidance")
+    small = dict(case, height=32, width=32, steps=2)
+    other = load_pipeline(str(PIPELINE))
+    alone = {"a": _capture(flux_pipe, tmp_path / "a.zarr", case), "b": _capture(other, tmp_path / "b.zarr", small)}
+    paused, resume, errors = threading.Event(), threading.Event(), []
+    block = flux_pipe[0].transformer.transformer_blocks[0]
+
+    def pause_once(module, args, kwargs):
+        if not paused.is_set():
+            paused.set()
+            assert resume.wait(timeout=300)
+
+    handle = block.register_forward_pre_hook(pause_once, with_kwargs=True)
+
+    def first():
+        try:
+            _capture(flux_pipe, tmp_path / "a2.zarr", case)
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=first)
+    try:
+        thread.start()
+        assert paused.wait(timeout=300)
+        _capture(other, tmp_path / "b2.zarr", small)  # while the first is inside a transformer call
+    finally:
+        resume.set()
+        thread.join(timeout=300)
+        handle.remove()
+    assert not errors, errors
+    for name, again in (("a", tmp_path / "a2.zarr"), ("b", tmp_path / "b2.zarr")):
+        x, y = open_store(alone[name]), open_store(again)
+        assert x.layout.n_steps == y.layout.n_steps and x.layout.layers[0].height == (16 if name == "a" else 8)
+        for info in x.layout.layers:
+            for kind in ("queries", fmt.IMAGE_KEYS, fmt.IMAGE_VALUES):
+                np.testing.assert_array_equal(x.layer_array(info.name, kind, 0), y.layer_array(info.name, kind, 0))
+        np.testing.assert_array_equal(x.image(0), y.image(0))
+    assert get_family("flux")._call is None  # the registered family holds no capture's state

@@ -311,3 +311,162 @@ def test_verify_and_merge_know_the_mmdit_arrays(sd3_store, tmp_path):
     assert any("ff_context.net.2.weight" in a and k == "checksum mismatch" for _, a, k in found)
     with pytest.raises(Exception, match="image values is missing"):
         open_store(damaged).layer_array("transformer_blocks.1.attn", "image_values", 0)
+
+
+# ---------------------------------------------------------------- output-space maps (ConceptAttention)
+
+
+@pytest.fixture(scope="module")
+def sd3_output_store(tmp_path_factory, sd3_pipe, case):
+    return _capture(sd3_pipe, tmp_path_factory.mktemp("sd3out") / "sd3.zarr", case, image_outputs=True)
+
+
+def _hooked_outputs(pipe, case):
+    """Per call and joint block, the cond half of the processor's attention outputs before the
+    output projections: the image rows (what enters ``to_out[0]``) and the text rows (what
+    enters ``to_add_out``; the last block, ``context_pre_only``, has none, so its text output is
+    the processor's attention of its hooked text queries over its hooked keys and values)."""
+    transformer = pipe.transformer
+    calls: list[dict] = []
+    handles = [transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append({"image": [], "text": [], "q": [], "k": [], "tk": [], "v": [], "tv": []}),
+        with_kwargs=True)]
+    for block in transformer.transformer_blocks:
+        attn = block.attn
+        grab = lambda key: (lambda m, i, o: calls[-1][key].append(o[-1].detach().clone()))
+        handles.append(attn.to_out[0].register_forward_pre_hook(
+            lambda m, i: calls[-1]["image"].append(i[0][-1].detach().clone())))
+        if attn.to_add_out is not None:
+            handles.append(attn.to_add_out.register_forward_pre_hook(
+                lambda m, i: calls[-1]["text"].append(i[0][-1].detach().clone())))
+        handles += [attn.norm_added_q.register_forward_hook(grab("q")), attn.norm_k.register_forward_hook(grab("k")),
+                    attn.norm_added_k.register_forward_hook(grab("tk")), attn.to_v.register_forward_hook(grab("v")),
+                    attn.add_v_proj.register_forward_hook(grab("tv"))]
+    try:
+        pipe(case["prompt"], negative_prompt=None, num_inference_steps=case["steps"],
+             guidance_scale=case["guidance_scale"], height=case["height"], width=case["width"],
+             max_sequence_length=case["max_sequence_length"],
+             generator=torch.Generator("cpu").manual_seed(case["seed"]), output_type="np")
+    finally:
+        for h in handles:
+            h.remove()
+    heads = transformer.transformer_blocks[0].attn.heads
+    split = lambda t: t.view(t.shape[0], heads, -1).transpose(0, 1)  # (token, width) -> (head, token, ch)
+    for call in calls:
+        for i in range(len(call["text"]), len(transformer.transformer_blocks)):  # context_pre_only blocks
+            o = F.scaled_dot_product_attention(call["q"][i], torch.cat([call["k"][i], call["tk"][i]], 1),
+                                               torch.cat([split(call["v"][i]), split(call["tv"][i])], 1))
+            call["text"].append(o.transpose(0, 1).reshape(o.shape[1], -1))
+    return calls
+
+
+def _output_space_reference(calls, blocks):
+    """ConceptAttention's output-space map of the text stream: per call and block, image
+    attention outputs · text attention outputs, softmax over the text tokens, summed."""
+    total = 0
+    for call in calls:
+        for i in blocks:
+            total = total + (call["image"][i] @ call["text"][i].T).softmax(-1)
+    return total.T.reshape(-1, 16, 16).numpy()
+
+
+def test_output_space_maps_equal_hooked_outputs(sd3_pipe, sd3_output_store, case):
+    from ovstore.analyze import MapConfig
+    from ovstore.analyze.context import compute_context_maps
+    from ovstore.selection import LayerSelection
+    from ovstore.store import format as fmt
+    from ovstore.store import open_store
+
+    pipe, _ = sd3_pipe
+    calls = _hooked_outputs(pipe, case)
+    store = open_store(sd3_output_store)
+    assert fmt.IMAGE_OUTPUTS in store.layout.layer_arrays
+    for s, call in enumerate(calls):  # the stored image outputs are the processor's
+        for i, info in enumerate(store.layout.layers):
+            stored = torch.from_numpy(store.layer_array(info.name, fmt.IMAGE_OUTPUTS, 0, steps=[s])[0])
+            torch.testing.assert_close(stored.permute(1, 2, 0, 3).reshape(256, -1), call["image"][i], rtol=0,
+                                       atol=1e-6)
+    result = compute_context_maps(store, config=MapConfig(branch="cond", space="output"))
+    assert result.attrs["space"] == "output"
+    expected = _output_space_reference(calls, range(3))
+    got = result.values[0]
+    assert got.shape == expected.shape == (109, 16, 16)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    np.testing.assert_allclose(got.sum(0), 5 * 3, rtol=1e-5)  # one softmax per call and block, no heads
+    one = compute_context_maps(store, config=MapConfig(branch="cond", space="output",
+                                                       layers=LayerSelection(patterns=("transformer_blocks.1.attn",))))
+    ref = _output_space_reference(calls, [1])
+    assert np.abs(one.values[0] - ref).max() <= 1e-4 * np.abs(ref).max()
+    # attention space is unchanged by the extra array, and the two spaces differ
+    attention = compute_context_maps(store, config=MapConfig(branch="cond")).values[0]
+    assert np.abs(attention - np.load(CASE / "maps.npy")).max() <= 1e-4 * np.abs(attention).max()
+    assert not np.allclose(attention / (5 * 4 * 3), got / (5 * 3), atol=1e-3)
+
+
+def test_output_space_open_vocabulary_is_batching_invariant(sd3_output_store):
+    from ovstore.analyze import MapConfig, compute_maps
+
+    config = MapConfig(branch="cond", space="output")
+    alone = compute_maps(sd3_output_store, ["umbrella", "a blue umbrella"], config=config)
+    np.testing.assert_allclose(alone.values[0].sum(0), 2 * 5 * 3, rtol=1e-5)  # each prompt: its own softmax
+    others = ["rain", "a small robot", "sky", "a red house by the sea", "water", "a cat"] * 20
+    many = compute_maps(sd3_output_store, others[:60] + ["a blue umbrella"] + others[60:], config=config)
+    mine = many.values[0][many.prompt_index.values == 60]
+    np.testing.assert_allclose(mine, alone.values[0][alone.prompt_index.values == 1], rtol=1e-5, atol=1e-6)
+
+
+def test_output_space_bad_inputs(sd3_pipe, sd3_store, sd3_output_store, tmp_path):
+    from ovstore.analyze import MapConfig, compute_maps
+    from ovstore.capture import CaptureConfig, build_requests, capture, plan_capture, load_pipeline
+    from ovstore.errors import InvalidInputError
+
+    from conftest import TINY_SD15
+
+    with pytest.raises(InvalidInputError, match="capture it again with --image-outputs"):
+        compute_maps(sd3_store, ["umbrella"], config=MapConfig(branch="cond", space="output"))
+    with pytest.raises(InvalidInputError, match="--space 'outputs' is not one of attention, output"):
+        MapConfig(space="outputs")
+    pipe, identity = load_pipeline(str(TINY_SD15))
+    with pytest.raises(InvalidInputError, match="--image-outputs applies to MM-DiT"):
+        plan_capture(pipe, identity, CaptureConfig(num_inference_steps=2, image_outputs=True))
+    unet_store = tmp_path / "unet.zarr"
+    capture(pipe, identity, build_requests([("a cat", None, 0)], guidance=1.0, num_inference_steps=1), unet_store,
+            config=CaptureConfig(num_inference_steps=1, guidance=1.0))
+    with pytest.raises(InvalidInputError, match="applies to MM-DiT stores .* is a unet store: use --space attention"):
+        compute_maps(unet_store, ["cat"], config=MapConfig(space="output"))
+    from ovstore.store import open_store
+
+    # the extra array is in the bytes the capture prints
+    small, large = open_store(sd3_store).layout, open_store(sd3_output_store).layout
+    one_array = sum(l.query_bytes_per_call("float32") for l in small.layers) * small.n_steps * len(small.branches)
+    assert large.query_bytes_per_image() - small.query_bytes_per_image() == one_array  # as big as the image keys
+
+
+def test_cli_image_outputs_and_space_output(tmp_path):
+    """capture --image-outputs prints the extra array in its bytes line and is kept when the
+    store is appended to without it; maps --space output reads it."""
+    from typer.testing import CliRunner
+
+    from ovstore.cli import app
+    from ovstore.store import format as fmt
+    from ovstore.store import open_store
+
+    runner = CliRunner()
+    out = tmp_path / "cli.zarr"
+    common = ["--steps", "2", "--guidance", "4", "--height", "64", "--width", "64", "--branch", "cond",
+              "--max-sequence-length", "8", "--out", str(out)]
+    result = runner.invoke(app, ["capture", str(PIPELINE), "--prompt", "a robot", "--image-outputs", *common])
+    assert result.exit_code == 0, result.output
+    assert "image keys/values, outputs and temb" in " ".join(result.output.split())
+    result = runner.invoke(app, ["capture", "--prompt", "a cat", "--out", str(out)])  # appended: the store's settings
+    assert result.exit_code == 0, result.output
+    store = open_store(out)
+    assert fmt.IMAGE_OUTPUTS in store.layout.layer_arrays and store.complete_images() == [0, 1]
+    result = runner.invoke(app, ["maps", str(out), "--attribution", "a cat", "--space", "output",
+                                 "--out", str(tmp_path / "m.zarr")])
+    assert result.exit_code == 0, result.output
+    import xarray as xr
+
+    ds = xr.open_zarr(tmp_path / "m.zarr")
+    assert ds.attrs["space"] == "output"
+    np.testing.assert_allclose(ds["ovam_maps"].values.sum(1), 2 * 3, rtol=1e-5)  # calls x blocks, softmax over the tokens

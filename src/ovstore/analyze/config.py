@@ -9,11 +9,15 @@ from ..errors import InvalidInputError
 from ..inputs import check_int
 from ..selection import LayerSelection, parse_index_spec
 
-__all__ = ["MapConfig", "ACTIVATIONS", "REDUCTIONS", "NORMALIZATIONS"]
+__all__ = ["MapConfig", "ACTIVATIONS", "REDUCTIONS", "NORMALIZATIONS", "SPACES"]
 
 ACTIVATIONS = ("token_softmax", "sigmoid", "linear")
 REDUCTIONS = ("sum", "mean")
 NORMALIZATIONS = ("none", "max", "minmax")
+#: What a map's scores compare (MM-DiT stores): the image queries with the attribution's keys
+#: (``attention``, OVAM's and the model's own attention), or ConceptAttention's output space:
+#: the image attention outputs with the attribution's (``output``; capture --image-outputs)
+SPACES = ("attention", "output")
 #: Largest side of an upsampled map (--size): 16384 px, 1 GB per float32 map.
 MAX_MAP_SIDE = 16384
 
@@ -54,6 +58,12 @@ class MapConfig:
         ``ovstore.label.self_attention.Refinement``) applied to each image's maps with its stored
         self-attention matrix, after the layer sum and before resizing and normalising; the
         store must be captured with ``--self-attention``.
+    space
+        ``attention`` (default): image queries against the attribution's keys, per head;
+        ``output`` (SD3/FLUX stores captured with ``--image-outputs``): ConceptAttention's
+        output-space maps, the image attention outputs against the attribution's attention
+        outputs (before the output projections), one dot product over the block's width, softmax
+        over the attribution's tokens; aggregated over calls and blocks the same way.
     """
 
     layers: LayerSelection = field(default_factory=lambda: LayerSelection(include_mid=False))
@@ -68,8 +78,11 @@ class MapConfig:
     memory_budget: int | None = None
     block_budget: int = 512 * 2**20
     refine: Any = None
+    space: str = "attention"
 
     def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise InvalidInputError(f"--space {self.space!r} is not one of {', '.join(SPACES)}")
         if self.refine is not None:
             from ..label.self_attention import parse_refinement
 

@@ -242,7 +242,8 @@ def per_image(maps: xr.DataArray, position: int) -> xr.DataArray:
 # ---------------------------------------------------------------------- the command
 def context_map_config(*, layers: LayerSelection | None = None, steps: str | Sequence[str] | None = None,
                        branch: str | None = None, activation: str = "token_softmax", aggregation: str = "sum",
-                       normalize: str = "none", size: Sequence[int] | None = None, refine: Any = None) -> MapConfig:
+                       normalize: str = "none", size: Sequence[int] | None = None, refine: Any = None,
+                       space: str = "attention") -> MapConfig:
     """The :class:`MapConfig` of ``maps --generation-context`` options, with one-line errors
     naming the options (aggregation applies to heads, calls and layers alike)."""
     if activation != "token_softmax":
@@ -252,7 +253,7 @@ def context_map_config(*, layers: LayerSelection | None = None, steps: str | Seq
         raise InvalidInputError(f"--aggregation {aggregation!r} is not one of sum, mean")
     return MapConfig(layers=layers or LayerSelection(include_mid=False), steps=steps, branch=branch,
                      head_reduction=aggregation, step_reduction=aggregation, layer_reduction=aggregation,
-                     normalize=normalize, size=tuple(size) if size else None, refine=refine)
+                     normalize=normalize, size=tuple(size) if size else None, refine=refine, space=space)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from ..devices import check_device
 from ..errors import InvalidInputError, StoreError
 from ..inputs import Line, check_memory
 from ..selection import resolve_indices
-from ..store import LayerInfo, Store, open_store
+from ..store import IMAGE_OUTPUTS, LayerInfo, Store, open_store
 from .config import MapConfig
 from .engine import (
     PreparedQueries,
@@ -103,6 +103,9 @@ class MapPlan:
                                  f"would be NaN; `ovstore verify {store.path}` reports it; restore the store "
                                  "from a copy, or capture it again (not one image: --skip-damaged cannot help)")
             self.projections[info.name] = (torch.from_numpy(w).to(device), torch.from_numpy(b).to(device))
+        self.output_space = config.space == "output"
+        if self.output_space:  # before the stored weights are read
+            _check_output_space(store, self.family)
         #: families whose keys depend on the image (MM-DiT: the text stream attends it) keep
         #: what they need for every image here (their stored weights on the device)
         self.family_state = (self.family.analysis_state(store, self.layers, self.device)
@@ -143,6 +146,8 @@ class MapPlan:
                                     "does not support it yet")
         self.keys(ordered[:0])  # the width check
         extra = {} if inputs is None else {"inputs": inputs}
+        if self.output_space:
+            extra["space"] = "output"
         return self.family.image_layer_keys(self.family_state, self.store, image, self.branch, self.steps,
                                             self.layers, ordered.to(self.device), buckets.groups, **extra)
 
@@ -193,8 +198,12 @@ class MapPlan:
         (decompression and the layout copy release the GIL)."""
 
         def read_layer(info: LayerInfo) -> PreparedQueries:
-            q = self.store.queries(info.name, image, branch=self.branch, steps=self.steps)
-            q = torch.from_numpy(q).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
+            if self.output_space:  # the image attention outputs, as one head of the block's width
+                q = self.store.layer_array(info.name, IMAGE_OUTPUTS, image, branch=self.branch, steps=self.steps)
+                q = torch.from_numpy(q).permute(0, 2, 3, 1, 4).reshape(q.shape[0], 1, -1, q.shape[1] * q.shape[-1])
+            else:
+                q = self.store.queries(info.name, image, branch=self.branch, steps=self.steps)
+                q = torch.from_numpy(q).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
             prepared = prepare_queries(q, self.device)
             if not math.isfinite(prepared.max_norm):  # the bound the softmax needs anyway: no extra pass
                 raise StoreError(
@@ -227,7 +236,7 @@ class MapPlan:
                                               memory_budget=self.memory_budget) for s in range(q.steps))
             else:
                 maps = ordered_token_maps(q, k, buckets, activation=cfg.activation, memory_budget=self.memory_budget)
-            if cfg.head_reduction == "mean":
+            if cfg.head_reduction == "mean" and not self.output_space:  # output space: one dot over all heads
                 maps = maps / info.heads
             if cfg.step_reduction == "mean":
                 maps = maps / len(self.steps)
@@ -257,6 +266,16 @@ class MapPlan:
                 raise InvalidInputError("a self-attention refinement needs the image's index (image_maps(..., image=))")
             maps = cfg.refine.apply(maps, self.self_attention(image))
         return normalize_maps(resize_maps(maps, self.size), cfg.normalize)
+
+
+def _check_output_space(store: Store, family: Any) -> None:
+    """Refuse output-space maps where the store cannot give them (one line naming the fix)."""
+    if not family.image_dependent_keys:
+        raise InvalidInputError(f"--space output (ConceptAttention's output-space maps) applies to MM-DiT stores "
+                                f"(SD3, FLUX); {store.path} is a {family.name} store: use --space attention")
+    if IMAGE_OUTPUTS not in store.layout.layer_arrays:
+        raise InvalidInputError(f"store {store.path} holds no image attention outputs, which --space output needs: "
+                                "capture it again with --image-outputs, or use --space attention")
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -506,6 +525,7 @@ def map_attrs(store: Store, plan: MapPlan) -> dict[str, Any]:
         "layer_reduction": cfg.layer_reduction,
         "normalize": cfg.normalize,
         "refine": cfg.refine.spec if cfg.refine is not None else "none",
+        "space": cfg.space,
     }
 
 

@@ -87,6 +87,10 @@ class CaptureConfig:
         Latent grids (e.g. ``((32, 32),)``, or ``"16,32"``) at which each image's self-attention
         (``attn1``) matrix, averaged over heads, stored calls and layers, is stored for the
         self-attention refinements of maps and labels; default none. UNet families only.
+    image_outputs
+        SD3/FLUX: also record each block's image attention outputs (before ``to_out``), which
+        output-space maps (``MapConfig(space="output")``, ConceptAttention's) need; one more
+        array the size of the image keys. Refused for other families.
     """
 
     num_inference_steps: int = 50
@@ -104,6 +108,7 @@ class CaptureConfig:
     true_cfg_scale: float | None = None
     single_blocks: bool = False
     self_attention: tuple[tuple[int, int], ...] = ()
+    image_outputs: bool = False
 
     def __post_init__(self) -> None:
         from .self_attention import parse_self_attention
@@ -201,6 +206,8 @@ def store_settings(layout: StoreLayout, records: list[ImageRecord] | None = None
         settings["self_attention"] = tuple(layout.self_attention)
     if layout.extra.get("max_sequence_length") is not None:
         settings["max_sequence_length"] = int(layout.extra["max_sequence_length"])
+    if "image_outputs" in layout.layer_arrays:
+        settings["image_outputs"] = True
     if layout.extra.get("true_cfg_scale") is not None:
         settings["true_cfg_scale"] = float(layout.extra["true_cfg_scale"])
     if steps is not None:

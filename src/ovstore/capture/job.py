@@ -166,6 +166,7 @@ def prepare_capture(
     resize: str | None = None,
     convert_rgb: bool = False,
     self_attention: str | None = None,
+    image_outputs: bool = False,
 ) -> CaptureJob:
     """Check the options of ``ovstore capture`` (same names, same defaults) against each other
     and against the store at ``out``, without loading a model.
@@ -246,6 +247,8 @@ def prepare_capture(
         given["single_blocks"] = True
     if method is not None and method.method == "invert" and existing is None and guidance is None:
         given["guidance"] = 1.0  # regenerating with guidance leaves the inverted trajectory (docs)
+    if image_outputs:
+        given["image_outputs"] = True
     config = continued_config(existing, given, layers=selection,
                               layers_given=bool(layers or resolutions or single_blocks), preset=preset,
                               batch_size=batch_size)

@@ -91,17 +91,22 @@ class QueryRecorder:
         Branches the pipeline runs as separate denoiser calls, in call order within a step
         (FLUX's true CFG: ``("cond", "uncond")``); ``None``: one call per step whose batch holds
         the branches (``[uncond..., cond...]`` under classifier-free guidance).
+    arrays
+        The per-layer arrays to record besides the queries (the layout's ``layer_arrays``);
+        ``None``: the family's ``layer_arrays``.
     """
 
     def __init__(self, unet: Any, layers: Sequence[tuple[LayerInfo, Any]], *, calls: Sequence[int],
                  branches: Sequence[str], dtype: str = "float16", family: Any = None,
-                 context_dtype: str | None = None, call_order: Sequence[str] | None = None) -> None:
+                 context_dtype: str | None = None, call_order: Sequence[str] | None = None,
+                 arrays: Sequence[str] | None = None) -> None:
         if family is None:
             from ..families import get_family
 
             family = get_family("unet")
-        self.family = family
+        self.family = family.for_capture()  # this capture's own per-call state (FLUX: the rotary embedding)
         self.context_dtype = _DTYPES[context_dtype] if context_dtype else None
+        self.arrays = tuple(arrays) if arrays is not None else tuple(getattr(family, "layer_arrays", ()))
         self.unet = unet
         self.layers = list(layers)
         self.calls = set(int(c) for c in calls)
@@ -127,7 +132,7 @@ class QueryRecorder:
         self.batch_size = batch_size
         self.result = BatchQueries(queries={info.name: [] for info, _ in self.layers}, context_ids=context_ids,
                                    arrays={kind: {info.name: [] for info, _ in self.layers}
-                                           for kind in getattr(self.family, "layer_arrays", ())})
+                                           for kind in self.arrays})
         self.branch_labels: tuple[str, ...] = self.branches
         self._call = -1
         self._raw_call = -1
@@ -140,6 +145,8 @@ class QueryRecorder:
                 raise InvalidInputError(f"layer {info.name} is registered twice")
             names.add(info.name)
             for kind, point in self.family.record_points(module).items():
+                if kind != "queries" and kind not in self.arrays:
+                    continue
                 self._handles.append(point.register_forward_hook(self._make_hook(info, kind)))
         conditioning = self.family.conditioning_module(self.unet)
         if conditioning is not None:
@@ -235,7 +242,8 @@ class QueryRecorder:
         def hook(module: Any, inputs: tuple, out: torch.Tensor) -> None:
             if self._call not in self.calls or not self._keeps_branch():
                 return
-            q, labels = self._select(self.family.output_rows(kind, out.detach(), module))
+            value = self.family.hooked_value(kind, module, inputs, out)  # MM-DiT attention outputs: to_out's input
+            q, labels = self._select(self.family.output_rows(kind, value.detach(), module))
             q = self._joined((kind, info.name), q)
             if q is None:  # the step's other stored branch comes with a later call
                 return

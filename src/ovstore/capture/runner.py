@@ -91,7 +91,7 @@ def plan_capture(pipe: Any, identity: Any, config: CaptureConfig, *,
                "scheduler_config": dict(pipe.scheduler.config),
                "num_inference_steps": config.num_inference_steps, "guidance": config.guidance} | options,
         context=_context_spec(pipe, family, config.dtype, options),
-        layer_arrays=tuple(family.layer_arrays), conditioning=family.conditioning_width(pipe),
+        layer_arrays=family.recorded_arrays(config), conditioning=family.conditioning_width(pipe),
         self_attention=tuple(config.self_attention),
     )
     return layout, layers
@@ -438,7 +438,7 @@ def make_recorder(pipe: Any, layers: list, layout: StoreLayout) -> QueryRecorder
     return QueryRecorder(family.denoiser(pipe), layers, calls=layout.calls, branches=layout.branches,
                          dtype=layout.query_dtype, family=family,
                          context_dtype=layout.context.dtype if layout.context is not None else None,
-                         call_order=family.call_order(layout.extra))
+                         call_order=family.call_order(layout.extra), arrays=layout.layer_arrays)
 
 
 def _context_ids(pipe: Any, family: ModelFamily, records: Sequence[ImageRecord],

@@ -27,7 +27,8 @@ queries), :meth:`conditioning_module` (a per-call conditioning vector), :meth:`s
 because the attribution's text stream attends the stored image keys and values) and
 :meth:`image_key_inputs` (what those keys read of one image, read once where many embeddings
 meet the same image: token optimization differentiates through :meth:`image_layer_keys`).
-For FLUX also: :meth:`capture_hooks` (per-call state such as the rotary embedding),
+For FLUX also: :meth:`capture_hooks` (per-call state such as the rotary embedding, held by
+the copy :meth:`for_capture` makes for each capture),
 :meth:`default_layers` (opt-in layers), :meth:`stored_branches` / :meth:`call_order` (branches
 run as separate denoiser calls, true CFG), :meth:`denoiser_calls` / :meth:`call_timesteps`
 (schedules a copy of the scheduler cannot tell) and :meth:`check_requests` (options the
@@ -169,10 +170,32 @@ class ModelFamily(ABC):
         the submodule whose forward output it is (passed through :meth:`output_rows`)."""
         return {"queries": self.query_module(layer)}
 
+    def recorded_arrays(self, config: Any) -> tuple[str, ...]:
+        """The per-layer arrays a capture with ``config`` records besides the queries (the
+        layout's ``layer_arrays``); default the family's ``layer_arrays``, and
+        ``--image-outputs`` (MM-DiT output-space maps) is refused."""
+        if getattr(config, "image_outputs", False):
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError(f"--image-outputs applies to MM-DiT pipelines (SD3, FLUX: output-space maps); "
+                                    f"the {self.name} family has no image attention outputs to record: drop it")
+        return tuple(self.layer_arrays)
+
+    def hooked_value(self, kind: str, point: Any, inputs: tuple, output: Any) -> Any:
+        """What a forward hook on the record point of ``kind`` records: default its output
+        (a family may record a module's input, e.g. what enters an output projection)."""
+        return output
+
     def output_rows(self, kind: str, output: Any, point: Any = None) -> torch.Tensor:
         """A recorded module output as ``(batch, pixels, heads * head_dim)`` (default: as is);
         ``point`` is the submodule that produced it (from :meth:`record_points`)."""
         return output
+
+    def for_capture(self) -> ModelFamily:
+        """The family as one capture uses it (its recorder asks once): a copy that holds the
+        capture's own per-call state (FLUX: the current call's rotary embedding), so captures
+        in one process never share it; default the family itself (it keeps no state)."""
+        return self
 
     def capture_hooks(self, denoiser: Any) -> list[Any]:
         """Extra hooks on the denoiser for the duration of a capture (handles with

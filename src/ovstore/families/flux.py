@@ -25,6 +25,7 @@ see docs/store-format.md (FLUX) for why and what they would need.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..store import IMAGE_KEYS, IMAGE_VALUES, LayerInfo, ModelIdentity, TextRecipe
+from ..store import IMAGE_KEYS, IMAGE_OUTPUTS, IMAGE_VALUES, LayerInfo, ModelIdentity, TextRecipe
 from .mmdit import _EPS, SD3Family, TextStream, block_index
 
 __all__ = ["FluxFamily", "FluxTextEncoder", "FluxTextStream", "double_blocks", "single_blocks"]
@@ -127,10 +128,13 @@ class FluxFamily(SD3Family):
     layer_arrays = (IMAGE_KEYS, IMAGE_VALUES)
 
     def __init__(self) -> None:
-        #: (cos, sin) of the current transformer call's rotary embedding and its text rows, set
-        #: by capture hooks
-        self._rotary: tuple[Any, Any] | None = None
-        self._text_len = 0
+        #: the per-call state of one capture (:meth:`for_capture`); the registered family has none
+        self._call: _CallState | None = None
+
+    def for_capture(self) -> FluxFamily:
+        session = copy.copy(self)
+        session._call = _CallState()
+        return session
 
     # ------------------------------------------------------------------ capture
     def supports(self, pipe: Any) -> bool:
@@ -203,36 +207,50 @@ class FluxFamily(SD3Family):
                     "classifier-free guidance: add --true-cfg-scale S (> 1) or drop the negative prompt")
 
     def capture_hooks(self, denoiser: Any) -> list[Any]:
+        state = self._call
+        if state is None:
+            raise InvalidInputError("the flux family's capture hooks keep per-call state: call them on the family of "
+                                    "one capture, family.for_capture() (QueryRecorder does)")
+
         def on_call(module: Any, args: tuple, kwargs: dict) -> None:
             txt_ids = kwargs.get("txt_ids")
-            self._text_len = int(txt_ids.shape[-2]) if txt_ids is not None else 0
+            state.text_len = int(txt_ids.shape[-2]) if txt_ids is not None else 0
             if txt_ids is not None and bool((txt_ids != 0).any()):
                 raise InvalidInputError("the transformer was called with non-zero text position ids; the flux family "
                                         "assumes FluxPipeline's text ids 0 (no rotation of the text rows)")
 
         def on_rotary(module: Any, inputs: tuple, out: Any) -> None:
-            self._rotary = out
+            state.rotary = out
 
-        self._rotary = None
+        state.rotary = None
         return [denoiser.register_forward_pre_hook(on_call, with_kwargs=True),
                 denoiser.pos_embed.register_forward_hook(on_rotary)]
 
     def record_points(self, layer: Any) -> dict[str, Any]:
         fused = bool(getattr(layer, "fused_projections", False)) and getattr(layer, "to_qkv", None) is not None
+        # the image attention output: what enters a double block's to_out; a single block has
+        # none (its attention's output, [text, image] rows, joins the MLP before proj_out)
         return {"queries": layer.norm_q, IMAGE_KEYS: layer.norm_k,
-                IMAGE_VALUES: layer.to_qkv if fused else layer.to_v}
+                IMAGE_VALUES: layer.to_qkv if fused else layer.to_v,
+                IMAGE_OUTPUTS: layer.to_out[0] if getattr(layer, "to_out", None) is not None else layer}
+
+    def hooked_value(self, kind: str, point: Any, inputs: tuple, output: Any) -> Any:
+        if kind == IMAGE_OUTPUTS and not hasattr(point, "heads"):  # a double block's to_out: its input
+            return inputs[0]
+        return output
 
     def output_rows(self, kind: str, output: Any, point: Any = None) -> Any:
-        if self._rotary is not None and output.shape[1] == self._rotary[0].shape[0]:
-            output = output[:, self._text_len:]  # a single block's joint [text, image] sequence: the image rows
+        rotary = self._call.rotary if self._call is not None else None
+        if rotary is not None and output.shape[1] == rotary[0].shape[0]:
+            output = output[:, self._call.text_len:]  # a single block's joint [text, image] sequence: the image rows
         if output.dim() == 4:  # (batch, pixel, head, channel) after norm_q / norm_k: rotate the image rows
             from diffusers.models.embeddings import apply_rotary_emb
 
-            if self._rotary is None:
+            if rotary is None:
                 raise InvalidInputError("no rotary embedding was seen for this transformer call; is the transformer a "
                                         "FluxTransformer2DModel?")
             n = output.shape[1]
-            cos, sin = (t[-n:] for t in self._rotary)  # the image rows follow the text rows
+            cos, sin = (t[-n:] for t in rotary)  # the image rows follow the text rows
             output = apply_rotary_emb(output, (cos, sin), sequence_dim=1)
             b, n, h, d = output.shape
             return output.reshape(b, n, h * d)
@@ -311,6 +329,17 @@ class FluxFamily(SD3Family):
         return FluxTextEncoder(components, device=device, name=str(target))
 
 
+class _CallState:
+    """What one capture's hooks know of the transformer call in progress: its rotary embedding
+    ``(cos, sin)`` over ``[text, image]`` rows and the number of text rows."""
+
+    __slots__ = ("rotary", "text_len")
+
+    def __init__(self) -> None:
+        self.rotary: tuple[Any, Any] | None = None
+        self.text_len = 0
+
+
 def _is_fused_qkv(point: Any) -> bool:
     """Whether a recorded linear is a fused ``to_qkv`` (FLUX's attention width is the block
     width, so ``to_v`` maps width -> width and ``to_qkv`` width -> 3 x width)."""
@@ -347,22 +376,26 @@ class FluxTextStream(TextStream):
         super().__init__(weights, sorted(layers, key=lambda l: _stream_position(l.name)), device=device)
 
     def block_step(self, x: Any, info: LayerInfo, silu: Any, image_kv: Mapping[str, tuple[Any, Any]], *,
-                   last: bool) -> tuple[Any, Any]:
+                   last: bool, outputs: dict | None = None) -> tuple[Any, Any]:
         import torch
         import torch.nn.functional as F
 
         if info.block != "single":
-            return super().block_step(x, info, silu, image_kv, last=last)
+            return super().block_step(x, info, silu, image_kv, last=last, outputs=outputs)
         p = info.name[:-len(".attn")]
         shift, scale, gate = self._linear(silu, f"{p}.norm.linear").chunk(3, dim=-1)  # AdaLayerNormZeroSingle
         n = F.layer_norm(x, (x.shape[-1],), eps=_EPS) * (1 + scale) + shift
         k = self._rms(self._heads(self._linear(n, f"{p}.attn.to_k"), info), f"{p}.attn.norm_k")
-        if last:
+        if last and outputs is None:
             return k, None
         q = self._rms(self._heads(self._linear(n, f"{p}.attn.to_q"), info), f"{p}.attn.norm_q")
         v = self._heads(self._linear(n, f"{p}.attn.to_v"), info)
         image_k, image_v = (t.to(self.device) for t in image_kv[info.name])
         attn = self._attend(q, k, v, image_k, image_v, info.scale).transpose(-3, -2).reshape(*x.shape[:-1], -1)
+        if outputs is not None:
+            outputs[info.name] = attn
+        if last:
+            return k, None
         mlp = F.gelu(self._linear(n, f"{p}.proj_mlp"), approximate="tanh")
         return k, x + gate * self._linear(torch.cat([attn, mlp], dim=-1), f"{p}.proj_out")
 

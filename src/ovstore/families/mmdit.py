@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError, StoreError
-from ..store import IMAGE_KEYS, IMAGE_VALUES, LayerInfo, ModelIdentity, TextRecipe
+from ..store import IMAGE_KEYS, IMAGE_OUTPUTS, IMAGE_VALUES, LayerInfo, ModelIdentity, TextRecipe
 from .base import ModelFamily
 
 __all__ = ["SD3Family", "TextStream", "joint_blocks"]
@@ -143,10 +143,18 @@ class SD3Family(ModelFamily):
     def query_module(self, layer: Any) -> Any:
         return layer.norm_q if layer.norm_q is not None else layer.to_q
 
+    def recorded_arrays(self, config: Any) -> tuple[str, ...]:
+        # the image attention outputs only on request: one more array the size of the keys
+        return tuple(self.layer_arrays) + ((IMAGE_OUTPUTS,) if getattr(config, "image_outputs", False) else ())
+
     def record_points(self, layer: Any) -> dict[str, Any]:
         return {"queries": self.query_module(layer),
                 IMAGE_KEYS: layer.norm_k if layer.norm_k is not None else layer.to_k,
-                IMAGE_VALUES: layer.to_v}
+                IMAGE_VALUES: layer.to_v,
+                IMAGE_OUTPUTS: layer.to_out[0]}  # its input: the image rows' attention output
+
+    def hooked_value(self, kind: str, point: Any, inputs: tuple, output: Any) -> Any:
+        return inputs[0] if kind == IMAGE_OUTPUTS else output
 
     def output_rows(self, kind: str, output: Any, point: Any = None) -> Any:
         if output.dim() == 4:  # (batch, head, pixel, channel) after norm_q / norm_k
@@ -246,7 +254,12 @@ class SD3Family(ModelFamily):
 
     def image_layer_keys(self, state: TextStream, store: Any, image: int, branch: int, steps: Sequence[int],
                          layers: Sequence[LayerInfo], rows: Any, groups: Sequence[tuple[int, int, int]],
-                         inputs: tuple[Any, dict[str, tuple[Any, Any]]] | None = None) -> dict[str, Any]:
+                         inputs: tuple[Any, dict[str, tuple[Any, Any]]] | None = None,
+                         space: str = "attention") -> dict[str, Any]:
+        """Scaled keys per block (``space="attention"``), or, for ConceptAttention's
+        output-space maps (``space="output"``), the attribution's attention outputs (before
+        ``to_add_out``) as one head of the block's full width ``(step, 1, token, width)``,
+        unscaled: they meet the stored image attention outputs in one dot product."""
         import torch
 
         position = {l.name: k for k, l in enumerate(state.layers)}  # the text stream runs in stored block order
@@ -254,17 +267,23 @@ class SD3Family(ModelFamily):
         temb, image_kv = inputs if inputs is not None else self.image_key_inputs(state, store, image, branch,
                                                                                  steps, layers)
         wanted = {l.name for l in layers}
-        out = {name: torch.empty((len(steps), info.heads, rows.shape[0], info.head_dim), dtype=torch.float32,
+        output_space = space == "output"
+        out = {name: torch.empty((len(steps), 1, rows.shape[0], info.heads * info.head_dim) if output_space
+                                 else (len(steps), info.heads, rows.shape[0], info.head_dim), dtype=torch.float32,
                                  device=state.device) for name, info in ((l.name, l) for l in layers)}
         for s in range(len(steps)):
             kv = {name: (k[s], v[s]) for name, (k, v) in image_kv.items()}
             for n_tokens, start, stop in groups:
                 x = rows[start:stop].view(-1, n_tokens, rows.shape[-1])
-                for name, keys in state.keys(x, temb[s], kv, until=last).items():
-                    if name in wanted:  # (prompt, head, token, channel) -> (head, prompt*token, channel)
-                        info = state.info[name]
-                        out[name][s, :, start:stop] = keys.transpose(0, 1).reshape(info.heads, -1, info.head_dim) \
-                            * info.scale
+                outputs: dict[str, Any] | None = {} if output_space else None
+                keys_per_block = state.keys(x, temb[s], kv, until=last, outputs=outputs)
+                for name in wanted:
+                    info = state.info[name]
+                    if outputs is not None:  # (prompt, token, width) -> (1, prompt*token, width)
+                        out[name][s, 0, start:stop] = outputs[name].reshape(-1, info.heads * info.head_dim)
+                    else:  # (prompt, head, token, channel) -> (head, prompt*token, channel)
+                        out[name][s, :, start:stop] = keys_per_block[name].transpose(0, 1) \
+                            .reshape(info.heads, -1, info.head_dim) * info.scale
         return out
 
 
@@ -307,12 +326,14 @@ class TextStream:
         return self._linear(rows.float().to(self.device), "context_embedder")
 
     def keys(self, rows: Any, temb: Any, image_kv: Mapping[str, tuple[Any, Any]], *, until: int,
-             hidden: list | None = None) -> dict[str, Any]:
+             hidden: list | None = None, outputs: dict | None = None) -> dict[str, Any]:
         """Unscaled keys ``(prompt, head, token, channel)`` per block up to the ``until``-th
         stored block (its position in ``layers``, the block index for SD3's first N blocks), for
         rows ``(prompt, token, width)`` (each prompt its own stream) at one call with
         conditioning ``temb`` ``(width,)`` and that call's image keys/values per block
-        ``(head, pixel, channel)``. ``hidden`` collects the stream entering each block."""
+        ``(head, pixel, channel)``. ``hidden`` collects the stream entering each block;
+        ``outputs`` (a dict) the stream's attention output at each block ``(prompt, token,
+        width)``, before ``to_add_out`` (output-space maps)."""
         import torch
         import torch.nn.functional as F
 
@@ -322,7 +343,7 @@ class TextStream:
         for position, info in enumerate(self.layers[:until + 1]):
             if hidden is not None:
                 hidden.append(x)
-            k, x = self.block_step(x, info, silu, image_kv, last=position == until)
+            k, x = self.block_step(x, info, silu, image_kv, last=position == until, outputs=outputs)
             out[info.name] = k
             if x is None:  # the block updates no text stream after it (context_pre_only), or it is the last asked
                 break
@@ -341,9 +362,11 @@ class TextStream:
                                                                           + e_own.sum(-1, keepdim=True))
 
     def block_step(self, x: Any, info: LayerInfo, silu: Any, image_kv: Mapping[str, tuple[Any, Any]], *,
-                   last: bool) -> tuple[Any, Any]:
+                   last: bool, outputs: dict | None = None) -> tuple[Any, Any]:
         """One joint block for the text stream ``x``: its unscaled keys and the stream after the
-        block (``None`` when ``last`` or the block is ``context_pre_only``)."""
+        block (``None`` when ``last`` or the block is ``context_pre_only``); ``outputs``, if
+        given, receives the stream's attention output ``(prompt, token, width)`` under the
+        block's name (computed at the last block too)."""
         import torch.nn.functional as F
 
         i = block_index(info.name)
@@ -358,13 +381,17 @@ class TextStream:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=-1)
             n = normed * (1 + scale_msa) + shift_msa
         k = self._rms(self._heads(self._linear(n, f"{p}.attn.add_k_proj"), info), f"{p}.attn.norm_added_k")
-        if pre_only or last:
+        if (pre_only or last) and outputs is None:
             return k, None
         q = self._rms(self._heads(self._linear(n, f"{p}.attn.add_q_proj"), info), f"{p}.attn.norm_added_q")
         v = self._heads(self._linear(n, f"{p}.attn.add_v_proj"), info)
         image_k, image_v = (t.to(self.device) for t in image_kv[info.name])
         attn = self._attend(q, k, v, image_k, image_v, info.scale)
         attn = attn.transpose(-3, -2).reshape(*x.shape[:-1], -1)
+        if outputs is not None:
+            outputs[info.name] = attn
+        if pre_only or last:
+            return k, None
         x = x + gate_msa * self._linear(attn, f"{p}.attn.to_add_out")
         n2 = F.layer_norm(x, (x.shape[-1],), eps=_EPS) * (1 + scale_mlp) + shift_mlp
         ff = self._linear(F.gelu(self._linear(n2, f"{p}.ff_context.net.0.proj"), approximate="tanh"),

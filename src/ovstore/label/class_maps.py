@@ -74,13 +74,14 @@ def refine_class_maps(store: Store, images: Sequence[int], maps: torch.Tensor, r
 
 def class_maps(store: Store, images: Sequence[int], attributions: ClassAttributions, *,
                size: tuple[int, int], device: str = "cpu", normalize: str = "minmax",
-               refine: Any = None) -> np.ndarray:
-    """Normalised class maps ``(image, class, H, W)`` float32 at ``size`` (see ``normalize_maps``).
+               refine: Any = None, space: str = "attention") -> np.ndarray:
+    """Normalised class maps ``(image, class, H, W)`` float32 at ``size`` (see ``normalize_maps``);
+    ``space``: ``MapConfig.space``.
 
     Token maps stay at the latent resolution until each class's columns are summed: resizing
     is linear, so only the class maps are brought to the image size (not every token of every
     template sentence)."""
-    maps = compute_maps(store, list(attributions.attributions), images=images, config=MapConfig(),
+    maps = compute_maps(store, list(attributions.attributions), images=images, config=MapConfig(space=space),
                         device=device).values
     out = np.stack([maps[:, list(cols)].sum(axis=1) for cols in attributions.columns], axis=1)
     out = refine_class_maps(store, images, torch.from_numpy(out), refine)
@@ -147,7 +148,7 @@ def prompt_class_maps(store: Store, images: Sequence[int], config: LabelConfig, 
                       class_words={c: w for c, w in config.class_words.items() if c in token_classes},
                       class_thresholds={c: t for c, t in config.class_thresholds.items() if c in token_classes})
         maps = class_maps(store, images, class_attributions(store, sub, encoder), size=size, device=device,
-                          normalize=normalize, refine=config.refine)
+                          normalize=normalize, refine=config.refine, space=config.space)
         for k, name in enumerate(token_classes):
             out[:, config.classes.index(name)] = maps[:, k]
     by_prompt: dict[str, list[int]] = {}
@@ -155,8 +156,8 @@ def prompt_class_maps(store: Store, images: Sequence[int], config: LabelConfig, 
         by_prompt.setdefault(store.record(image).prompt, []).append(k)
     word_classes = [(c, name) for c, name in enumerate(config.classes) if name not in config.tokens]
     for prompt, rows in by_prompt.items():
-        maps = compute_maps(store, [prompt], images=[images[k] for k in rows], config=MapConfig(), device=device,
-                            text_encoder=encoder)  # the labelling's encoder, loaded once
+        maps = compute_maps(store, [prompt], images=[images[k] for k in rows], config=MapConfig(space=config.space),
+                            device=device, text_encoder=encoder)  # the labelling's encoder, loaded once
         tokens = [str(t) for t in maps["token_str"].values]
         values = maps.values
         for c, name in word_classes:
@@ -176,4 +177,4 @@ def label_class_maps(store: Store, images: Sequence[int], config: LabelConfig, e
         return prompt_class_maps(store, images, config, encoder, size=size, device=device,
                                  normalize=config.normalize)
     return class_maps(store, list(images), class_attributions(store, config, encoder), size=size, device=device,
-                      normalize=config.normalize, refine=config.refine)
+                      normalize=config.normalize, refine=config.refine, space=config.space)

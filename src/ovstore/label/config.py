@@ -110,6 +110,9 @@ class LabelConfig:
     sources
         Where each setting of :data:`MODEL_DEFAULT_SETTINGS` came from: ``user``, ``model``
         or ``ovstore`` (filled in here; recorded in the label provenance).
+    space
+        The class maps' space on SD3/FLUX stores (``MapConfig.space``): ``attention``
+        (default) or ``output`` (ConceptAttention's; the store needs ``capture --image-outputs``).
     """
 
     classes: tuple[str, ...]
@@ -128,6 +131,7 @@ class LabelConfig:
     maps_from: str | None = None
     refine: Any = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    space: str = "attention"
 
     def __post_init__(self) -> None:
         from .self_attention import parse_refinement
@@ -177,6 +181,10 @@ class LabelConfig:
                 raise InvalidInputError(f"{name!r} has a token or threshold but is not in --classes")
         if self.normalize not in NORMALIZATIONS:
             raise InvalidInputError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+        from ..analyze.config import SPACES
+
+        if self.space not in SPACES:
+            raise InvalidInputError(f"--space {self.space!r} is not one of {', '.join(SPACES)}")
         sweep = tuple(sorted(float(t) for t in self.sweep))
         if len(set(sweep)) < 2:
             raise InvalidInputError(f"--sweep needs at least two different thresholds, got {list(self.sweep)}")
@@ -228,7 +236,8 @@ class LabelConfig:
             "prompt_classes_only": self.prompt_classes_only,
             "class_words": {c: list(w) for c, w in self.class_words.items()},
             "maps_from": self.maps_from,
-        } | ({"refine": self.refine.describe()} if self.refine is not None else {})  # absent: as before
+        } | ({"refine": self.refine.describe()} if self.refine is not None else {}) \
+          | ({"space": self.space} if self.space != "attention" else {})  # absent: as before (labellings resume)
 
 
 def parse_sweep(text: str) -> tuple[float, ...]:

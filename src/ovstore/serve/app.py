@@ -428,11 +428,11 @@ ROUTES: dict[str, _Route] = {
 def make_app(store: str | Path | MapService, *, host: str = "127.0.0.1", port: int = 8765, device: str = "cpu",
              model: str | None = None, cache_images: int = 96, cache_bytes: int = 2 * 2**30,
              max_connections: int = 64, gate: RequestGate | None = None,
-             log: Callable[[str], None] | None = None) -> ViewerServer:
+             log: Callable[[str], None] | None = None, space: str = "attention") -> ViewerServer:
     """The viewer's server bound to ``host:port`` (port 0: a free one), not yet serving: call
     ``serve_forever()`` (or :func:`serve`). Loads the store's text encoder and key projections once."""
     service = store if isinstance(store, MapService) else MapService(
-        store, device=device, model=model, cache_images=cache_images, cache_bytes=cache_bytes)
+        store, device=device, model=model, cache_images=cache_images, cache_bytes=cache_bytes, space=space)
     try:
         return ViewerServer((host, int(port)), service, max_connections=max_connections, gate=gate, log=log)
     except OSError as exc:

@@ -122,14 +122,14 @@ class MapService:
     query cache is shared, the engine's layer pool does the rest."""
 
     def __init__(self, store: str | Path | Store, *, device: str = "cpu", model: str | None = None,
-                 cache_images: int = 96, cache_bytes: int = 2 * 2**30) -> None:
+                 cache_images: int = 96, cache_bytes: int = 2 * 2**30, space: str = "attention") -> None:
         self.store = store if isinstance(store, Store) else open_store(store, mode="r")
         self.device = device
         self.model = model
         self.images = tuple(self.store.complete_images())
         if not self.images:
             raise InvalidInputError(f"store {self.store.path} has no complete image to show; capture some first")
-        self.plan = _CachedPlan(self.store, MapConfig(), device=device)
+        self.plan = _CachedPlan(self.store, MapConfig(space=space), device=device)  # space: SD3/FLUX maps
         self.cache = QueryCache(self.plan.read_store, max_images=cache_images, max_bytes=cache_bytes)
         self.plan.cache = self.cache
         self.pages = PageBatches(self.cache)
@@ -319,7 +319,8 @@ class MapService:
                 raise InvalidInputError(f"learned token {name!r} is not known (tokens: {', '.join(self.learned) or 'none'})")
             files.append(self.learned[name].path)
         return label_config(classes=classes if classes.strip() else (), tokens=files, defaults=analysis_defaults(self.store),
-                            normalize=normalize, threshold=threshold, mode=mode, prompt_template=prompt_template)
+                            normalize=normalize, threshold=threshold, mode=mode, prompt_template=prompt_template,
+                            space=self.plan.config.space)
 
     def label(self, image: int, config: Any) -> tuple[np.ndarray, np.ndarray, list[float], list[bool]]:
         """One image's label mask ``(H, W)`` uint8 as ``ovstore label`` makes it, its normalised
@@ -365,6 +366,8 @@ class MapService:
         parts += ["--out", f"maps-{slug}.npy"] + (["--png", f"overlays-{slug}"] if png else [])
         if self.device != "cpu":
             parts += ["--device", self.device]
+        if self.plan.config.space != "attention":
+            parts += ["--space", self.plan.config.space]
         return shlex.join(parts)
 
     def _image_options(self, images: Sequence[int]) -> list[str]:
@@ -389,6 +392,8 @@ class MapService:
         parts += ["--out", "labels"]
         if self.device != "cpu":
             parts += ["--device", self.device]
+        if self.plan.config.space != "attention":
+            parts += ["--space", self.plan.config.space]
         return shlex.join(parts)
 
 

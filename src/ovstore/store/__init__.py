@@ -4,7 +4,7 @@ Open one with :func:`open_store`; see ``docs/store-format.md`` for the format.
 """
 
 from .format import (
-    IMAGE_KEYS, IMAGE_VALUES, CODEC_PRESETS, DEFAULT_CODEC, FORMAT_VERSION, STATUS_COMPLETE, AnalysisDefaults,
+    IMAGE_KEYS, IMAGE_OUTPUTS, IMAGE_VALUES, CODEC_PRESETS, DEFAULT_CODEC, FORMAT_VERSION, STATUS_COMPLETE, AnalysisDefaults,
     ContextSpec, ImageRecord, LayerInfo, ModelIdentity, StoreLayout, TextRecipe, analysis_defaults,
 )
 from .format import REAL_IMAGES, is_real_image_layout
@@ -20,6 +20,7 @@ __all__ = [
     "IMAGE_VALUES",
     "REAL_IMAGES",
     "is_real_image_layout",
+    "IMAGE_OUTPUTS",
     "CODEC_PRESETS",
     "DEFAULT_CODEC",
     "FORMAT_VERSION",

@@ -89,13 +89,16 @@ CONTEXT_TOKENIZER_IDS = "context_tokenizer_ids"
 #: and, once per store, the text-side weights that recompute the text stream.
 IMAGE_KEYS = "image_keys"
 IMAGE_VALUES = "image_values"
+#: MM-DiT, with ``capture --image-outputs``: per layer, the image rows' attention outputs of each
+#: stored call (before ``to_out``), what ConceptAttention's output-space maps multiply
+IMAGE_OUTPUTS = "image_outputs"
 CONDITIONING = "conditioning"
 WEIGHTS_GROUP = "weights"
 #: Per image, stored branch and chosen latent grid ``H``x``W``: the head-, call- and
 #: layer-averaged self-attention (``attn1``) matrix ``(H*W, H*W)`` (format 2.1; rows sum to 1).
 SELF_ATTENTION_GROUP = "self_attention"
 #: Extra per-layer arrays a layout may name (``StoreLayout.layer_arrays``), shaped as the queries.
-LAYER_ARRAYS = (IMAGE_KEYS, IMAGE_VALUES)
+LAYER_ARRAYS = (IMAGE_KEYS, IMAGE_VALUES, IMAGE_OUTPUTS)
 #: Real-image stores (``layout.extra["real_images"]`` names the method): per image, the source
 #: file's record (JSON: path, SHA-256, method and parameters; written when the slot is reserved),
 #: the decoded reconstruction and its error against the source. ``images`` holds the source.
