@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ovstore.errors import InvalidInputError
-from ovstore.label.self_attention import (
+from ovstore.analyze.self_attention import (
     Refinement, entropy_reduced, iseg, ovam, parse_refinement, propagate, refine_maps, resample,
 )
 

@@ -3,7 +3,7 @@
 Loads only a tokenizer and a text encoder plus the stored key projections; never a UNet.
 """
 
-from .config import MapConfig
+from .config import SPACES, MapConfig
 from .context import (
     ContextRequest, ContextResult, check_context_request, compute_context_maps, context_map_config, per_image,
     write_context_maps,
@@ -22,6 +22,7 @@ from .engine import (
 from .export import overlay_dir, overlay_files, save_maps, write_context_maps_zarr, write_maps_zarr, write_overlays
 from .jobs import write_maps_job
 from .maps import MapPlan, compute_maps, iter_image_maps, iter_map_blocks, split_by_prompt
+from .self_attention import Refinement, parse_refinement
 from .text import (
     Attribution, TextEncoder, check_recorded_encoder, load_text_encoder, start_of_text_row, word_in_context,
     words_in_context,
@@ -34,6 +35,8 @@ __all__ = [
     "ContextResult",
     "MapConfig",
     "MapPlan",
+    "Refinement",
+    "SPACES",
     "PreparedQueries",
     "TextEncoder",
     "TokenBuckets",
@@ -51,6 +54,7 @@ __all__ = [
     "layer_token_maps",
     "load_text_encoder",
     "normalize_maps",
+    "parse_refinement",
     "prepare_queries",
     "resize_maps",
     "overlay_dir",

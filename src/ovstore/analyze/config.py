@@ -55,7 +55,7 @@ class MapConfig:
         evaluated in blocks of this size, so memory stays bounded whatever their number.
     refine
         ``None``, or a self-attention refinement (``"self-attention:propagate,k=2"`` or an
-        ``ovstore.label.self_attention.Refinement``) applied to each image's maps with its stored
+        ``ovstore.analyze.self_attention.Refinement``) applied to each image's maps with its stored
         self-attention matrix, after the layer sum and before resizing and normalising; the
         store must be captured with ``--self-attention``.
     space
@@ -84,7 +84,7 @@ class MapConfig:
         if self.space not in SPACES:
             raise InvalidInputError(f"--space {self.space!r} is not one of {', '.join(SPACES)}")
         if self.refine is not None:
-            from ..label.self_attention import parse_refinement
+            from .self_attention import parse_refinement
 
             object.__setattr__(self, "refine", parse_refinement(self.refine))
         if self.activation not in ACTIVATIONS:

@@ -103,7 +103,7 @@ class LabelConfig:
         its vocabulary; those of classes not labelled are dropped.
     refine
         A self-attention refinement of the class maps (``"self-attention:propagate,k=2"``, see
-        :mod:`ovstore.label.self_attention`), applied to each class map at the self-attention
+        :mod:`ovstore.analyze.self_attention`), applied to each class map at the self-attention
         grid before it is resized and normalised, so thresholds, adaptive thresholds and DenseCRF
         all see the refined maps; ``None``: none. The store must hold self-attention
         (``ovstore capture --self-attention``).
@@ -134,7 +134,7 @@ class LabelConfig:
     space: str = "attention"
 
     def __post_init__(self) -> None:
-        from .self_attention import parse_refinement
+        from ..analyze import parse_refinement
 
         object.__setattr__(self, "refine", parse_refinement(self.refine))
         sources = dict(self.sources)
@@ -181,7 +181,7 @@ class LabelConfig:
                 raise InvalidInputError(f"{name!r} has a token or threshold but is not in --classes")
         if self.normalize not in NORMALIZATIONS:
             raise InvalidInputError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
-        from ..analyze.config import SPACES
+        from ..analyze import SPACES
 
         if self.space not in SPACES:
             raise InvalidInputError(f"--space {self.space!r} is not one of {', '.join(SPACES)}")
