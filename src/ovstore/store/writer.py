@@ -441,6 +441,17 @@ def _remove_stale_creations(path: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _remove_settled(tmp: Path, settle: float = 0.1, limit: float = 3.0) -> None:
+    """Remove a half-built store and make sure it stays removed: when one of zarr's concurrent
+    writes fails, its siblings may still land a moment later and recreate folders."""
+    deadline = time.monotonic() + limit
+    while True:
+        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(settle)
+        if not os.path.lexists(tmp) or time.monotonic() > deadline:
+            return
+
+
 def _create_atomically(path: Path, layout: StoreLayout, key_projections, hint: str, weights=None) -> None:
     parent = path.parent
     tmp = parent / f"{_creation_prefix(path)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -451,7 +462,7 @@ def _create_atomically(path: Path, layout: StoreLayout, key_projections, hint: s
         renaming = True
         os.rename(tmp, path)  # atomic; replaces an empty directory, fails on a non-empty one
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_settled(tmp)
         if renaming and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise _Raced() from exc
         raise StoreError(
@@ -459,7 +470,7 @@ def _create_atomically(path: Path, layout: StoreLayout, key_projections, hint: s
             "or choose another --out, then run the same command again"
         ) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_settled(tmp)
         raise
 
 
