@@ -294,26 +294,10 @@ def _client(scheduler: Any, workers: int | None) -> tuple[Any, Callable[[], None
 
 def _assemble(out: Path, classes: Sequence[str]) -> Path:
     """COCO JSON and image lists from every finished record in ``out``."""
-    from ..label import write_json_atomic, write_text_atomic
+    from ..label import write_coco_from_records
 
-    paths = _paths(out)
-    finished = sorted(int(p.stem) for p in paths["records"].glob("*.json") if p.stem.isdigit())
-    coco_images, annotations = [], []
-    for image in finished:
-        record = json.loads((paths["records"] / f"{image:05d}.json").read_text())
-        coco_images.append(record["image"])
-        for ann in record["annotations"]:
-            annotations.append({**ann, "id": len(annotations) + 1})
-    coco = {"info": {"description": "semantic segmentation labelled by an ovstore grounding head",
-                     "version": __version__},
-            "licenses": [], "images": coco_images, "annotations": annotations,
-            "categories": [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(classes)]}
-    path = out / "annotations.json"
-    write_json_atomic(path, coco)
-    listing = "".join(f"{i:05d}\n" for i in finished)
-    for name in ("default.txt", "train.txt"):
-        write_text_atomic(paths["sets"] / name, listing)
-    return path
+    return write_coco_from_records(out, classes, {
+        "description": "semantic segmentation labelled by an ovstore grounding head", "version": __version__})
 
 
 def head_maps_path(maps_out: str | Path) -> Path:

@@ -380,25 +380,6 @@ def _maps_array(path: Path, store: Store, config: LabelConfig) -> None:
 
 def _assemble(out: Path, config: LabelConfig, damaged: Sequence[int] = ()) -> Path:
     """COCO JSON and image lists from every finished image's record in ``out``."""
-    paths = _paths(out)
-    finished = sorted(int(p.stem) for p in paths["records"].glob("*.json") if p.stem.isdigit())
-    coco_images, annotations = [], []
-    for image in finished:
-        record = json.loads((paths["records"] / f"{image:05d}.json").read_text())
-        coco_images.append(record["image"])
-        for ann in record["annotations"]:
-            annotations.append({**ann, "id": len(annotations) + 1})
-    coco = {
-        "info": {"description": "semantic segmentation labelled by ovstore (OVAM maps)", "version": __version__,
-                 "skipped_damaged_images": [int(i) for i in damaged], "settings": config.provenance()},
-        "licenses": [],
-        "images": coco_images,
-        "annotations": annotations,
-        "categories": [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(config.classes)],
-    }
-    path = out / "annotations.json"
-    voc.write_json_atomic(path, coco)
-    listing = "".join(f"{i:05d}\n" for i in finished)
-    for name in ("default.txt", "train.txt"):
-        voc.write_text_atomic(paths["sets"] / name, listing)
-    return path
+    return voc.write_coco_from_records(out, config.classes, {
+        "description": "semantic segmentation labelled by ovstore (OVAM maps)", "version": __version__,
+        "skipped_damaged_images": [int(i) for i in damaged], "settings": config.provenance()})

@@ -13,7 +13,7 @@ from ..errors import InvalidInputError
 from ..outputs import temporary_path, write_json_atomic, write_text_atomic
 
 __all__ = ["voc_palette", "write_labelmap", "write_label_png", "write_label_tree", "write_jpeg", "rle_annotations",
-           "write_json_atomic", "write_text_atomic", "read_labelmap", "remove_partials"]
+           "write_json_atomic", "write_text_atomic", "read_labelmap", "remove_partials", "write_coco_from_records"]
 
 
 def voc_palette(n: int = 256) -> list[int]:
@@ -135,3 +135,26 @@ def rle_annotations(labels: np.ndarray, image_id: int, n_classes: int) -> list[d
             "iscrowd": 0,
         })
     return out
+
+
+def write_coco_from_records(out: Path, classes: Sequence[str], info: Mapping[str, Any]) -> Path:
+    """``annotations.json`` (COCO) and the image lists of a VOC tree from every finished image's
+    record in ``out/records`` (``{"image": ..., "annotations": [...]}`` each, written last by the
+    labeller); annotation ids are numbered across images. Returns the COCO file's path."""
+    import json
+
+    finished = sorted(int(p.stem) for p in (out / "records").glob("*.json") if p.stem.isdigit())
+    coco_images, annotations = [], []
+    for image in finished:
+        record = json.loads((out / "records" / f"{image:05d}.json").read_text())
+        coco_images.append(record["image"])
+        for ann in record["annotations"]:
+            annotations.append({**ann, "id": len(annotations) + 1})
+    coco = {"info": dict(info), "licenses": [], "images": coco_images, "annotations": annotations,
+            "categories": [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(classes)]}
+    path = out / "annotations.json"
+    write_json_atomic(path, coco)
+    listing = "".join(f"{i:05d}\n" for i in finished)
+    for name in ("default.txt", "train.txt"):
+        write_text_atomic(out / "ImageSets" / "Segmentation" / name, listing)
+    return path
