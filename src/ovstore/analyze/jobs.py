@@ -161,13 +161,10 @@ def map_partition(store_path: str, data_path: str, *, attributions: Sequence[Att
 
     plan = _plan(store_path, config, device)
     array = zarr.open_array(str(Path(data_path) / "ovam_maps"), mode="r+")
-    total = int(array.shape[1])
     rows = dict(zip(images, positions))
     for block in iter_map_blocks(plan, list(images), list(attributions),
                                  block_budget=write_block_budget(plan)):
         array[rows[block.image], block.tokens] = block.maps.detach().cpu().numpy()
-    if total == 0:
-        return list(images)
     write_json_atomic(Path(job) / _DONE / f"{index:06d}.json", {"images": [int(i) for i in images]})
     return list(images)
 
