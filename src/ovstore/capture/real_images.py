@@ -40,7 +40,7 @@ from .config import CaptureConfig, store_settings
 from .self_attention import SelfAttentionRecorder
 from .runner import (
     CaptureResult, _BackgroundWriter, _batches, _context_ids, _key_projections, _stored_weights, check_capture_memory,
-    check_requests, family_options, make_recorder, match_requests, plan_capture,
+    check_requests, copied_event, family_options, make_recorder, match_requests, plan_capture,
 )
 
 __all__ = [
@@ -484,12 +484,7 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
             decoded = np.round(np.clip(output.images, 0, 1) * 255).astype(np.uint8)
             extras = [{"reconstruction": (decoded[k], *reconstruction_error(decoded[k], sources[k]))}
                       for k in range(len(chunk))]
-            copied = None
-            device = getattr(pipe, "device", None)
-            if device is not None and getattr(device, "type", "") == "cuda":
-                copied = torch.cuda.Event()
-                copied.record(torch.cuda.current_stream(device))
-            background.put(([s for s, _ in chunk], sources, batch, recorder.branch_labels, copied, extras))
+            background.put(([s for s, _ in chunk], sources, batch, recorder.branch_labels, copied_event(pipe), extras))
     except BaseException:
         background.queue.put(None)
         background.thread.join()

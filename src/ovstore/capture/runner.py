@@ -416,19 +416,25 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
                         "were expected from its scheduler; this scheduler is not supported"
                     )
                 images = np.round(np.clip(output.images, 0, 1) * 255).astype(np.uint8)
-                copied = None
-                device = getattr(pipe, "device", None)
-                if device is not None and getattr(device, "type", "") == "cuda":
-                    # queries were copied with non_blocking=True: the writer thread waits for
-                    # this event (recorded after every copy of the batch) before reading them
-                    copied = torch.cuda.Event()
-                    copied.record(torch.cuda.current_stream(device))
-                background.put(([s for s, _ in chunk], images, batch, recorder.branch_labels, copied))
+                background.put(([s for s, _ in chunk], images, batch, recorder.branch_labels, copied_event(pipe)))
     except BaseException:
         background.queue.put(None)
         background.thread.join()
         raise
     background.close()
+
+
+def copied_event(pipe: Any) -> Any:
+    """On CUDA, an event recorded after the batch's queries were copied to the host with
+    ``non_blocking=True``: the writer thread waits for it before reading them. ``None`` on CPU."""
+    import torch
+
+    device = getattr(pipe, "device", None)
+    if device is None or getattr(device, "type", "") != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def make_recorder(pipe: Any, layers: list, layout: StoreLayout) -> QueryRecorder:
