@@ -118,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-lr-scale", type=float, default=1.0, help="text encoder lr = this x --lr")
     p.add_argument("--ground-weight", type=float, default=0.0,
                    help="weight of the grounding term (attention share of a word outside its object)")
+    p.add_argument("--pixel-weight", type=float, default=0.0,
+                   help="weight of the pixel grounding term (TokenCompose's L_pixel: binary cross-entropy of a "
+                        "word's per-pixel attention against its object's mask), which asks for the whole object, "
+                        "not only its core")
     # bookkeeping
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
@@ -358,20 +362,28 @@ class Grounder:
 
     def loss(self, targets: list) -> torch.Tensor:
         """Mean over layers and (sample, token) targets of 1 - (attention inside the mask) / (all of it)."""
+        return self.losses(targets)[0]
+
+    def losses(self, targets: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token term (as :meth:`loss`) and the pixel term: mean over layers, targets and pixels
+        of the binary cross-entropy of the word's attention probability against its object's mask
+        (area-pooled to the layer's resolution)."""
         self.emb = None
         probs, self.probs = self.probs, []
         if not targets or not probs:
-            return torch.zeros((), device=probs[0].device if probs else "cpu")
+            zero = torch.zeros((), device=probs[0].device if probs else "cpu")
+            return zero, zero
         b_idx = torch.tensor([b for b, _, _ in targets])
         t_idx = torch.tensor([t for _, t, _ in targets])
         masks = torch.from_numpy(np.stack([m for _, _, m in targets]).astype(np.float32))[:, None]
-        terms = []
+        terms, pixel = [], []
         for p in probs:
             side = int(round(p.shape[1] ** 0.5))
             m = torch.nn.functional.adaptive_avg_pool2d(masks, side).flatten(1).to(p.device)  # (K, hw)
             a = p[b_idx.to(p.device), :, t_idx.to(p.device)]  # (K, hw)
             terms.append(1 - (a * m).sum(1) / a.sum(1).clamp_min(1e-8))
-        return torch.stack(terms).mean()
+            pixel.append(torch.nn.functional.binary_cross_entropy(a.clamp(1e-6, 1 - 1e-6), m))
+        return torch.stack(terms).mean(), torch.stack(pixel).mean()
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -497,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     live_params = list(unet.parameters()) + list(text.parameters())
     alphas = pipe.scheduler.alphas_cumprod.float().to(device)
-    grounder = Grounder(unet) if args.ground_weight > 0 else None
+    grounder = Grounder(unet) if args.ground_weight > 0 or args.pixel_weight > 0 else None
     tok = pipe.tokenizer
     token_cache: dict[str, torch.Tensor] = {}
 
@@ -569,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     unet.train()
     text.train()
     step_done = start
-    window_loss, window_ground, window_n, t_window = 0.0, 0.0, 0, time.time()
+    window_loss, window_ground, window_pixel, window_n, t_window = 0.0, 0.0, 0.0, 0, time.time()
     for step in range(start, args.steps):
         t_step = time.time()
         scenes = batch_scenes(args.seed, 2, step, args.batch, args.image_size)
@@ -607,8 +619,9 @@ def main(argv: list[str] | None = None) -> None:
         loss = per.mean()
         ground = None
         if grounder is not None:
-            ground = grounder.loss(grounding_targets(words, scenes, tok, keep))
-            loss = loss + args.ground_weight * ground
+            ground, pixel = grounder.losses(grounding_targets(words, scenes, tok, keep))
+            loss = loss + args.ground_weight * ground + args.pixel_weight * pixel
+            window_pixel += pixel.item()
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -632,11 +645,14 @@ def main(argv: list[str] | None = None) -> None:
             entry = {"step": step_done, "loss": window_loss / window_n, "lr": lr, "steps_per_s": rate}
             if grounder is not None:
                 entry["ground"] = window_ground / window_n
+            if args.pixel_weight > 0:
+                entry["pixel"] = window_pixel / window_n
             history.append(entry)
             log(f"step {step_done} loss {window_loss / window_n:.4f} "
                 + (f"ground {window_ground / window_n:.4f} " if grounder is not None else "")
+                + (f"pixel {window_pixel / window_n:.4f} " if args.pixel_weight > 0 else "")
                 + f"lr {lr:.2e} {rate:.2f} steps/s elapsed {elapsed / 60:.1f} min")
-            window_loss, window_ground, window_n = 0.0, 0.0, 0
+            window_loss, window_ground, window_pixel, window_n = 0.0, 0.0, 0.0, 0
         probe_now = step_done % args.probe_every == 0 or step_done == args.steps
         if step_done % args.ckpt_every == 0 or step_done == args.steps or probe_now:
             checkpoint()

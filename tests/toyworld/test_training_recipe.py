@@ -99,3 +99,33 @@ def test_unpadded_context_hides_the_padding_from_unet_and_grounding(train):
     assert not torch.allclose(out, out3, atol=1e-3)  # unmasked they are
     assert probs and all(float(p[~keep[:, None, :].expand_as(p)].abs().max()) < 1e-6 for p in probs)
     assert all(torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5) for p in probs)
+
+
+def test_pixel_grounding_term_is_the_bce_of_a_words_attention_against_its_mask(train):
+    """``--pixel-weight``: TokenCompose's L_pixel, per layer the binary cross-entropy of the
+    target token's attention probability at each pixel against the mask pooled to that grid."""
+    from ovstore.toyworld.model import build_toy_pipeline
+
+    pipe = build_toy_pipeline(seed=0, unet_channels=(16, 16, 16))
+    grounder = train.Grounder(pipe.unet)
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:6, 1:5] = True
+    target = [(0, 2, mask)]
+    pooled = torch.from_numpy(mask.astype(np.float32))[None, None]
+    side4 = torch.nn.functional.adaptive_avg_pool2d(pooled, 4).flatten()
+    gen = torch.Generator().manual_seed(0)
+    probs = [torch.softmax(torch.randn(1, 64, 5, generator=gen), -1), torch.softmax(torch.randn(1, 16, 5, generator=gen), -1)]
+    grounder.probs = [p.clone() for p in probs]
+    token, pixel = grounder.losses(target)
+    expected = torch.stack([
+        torch.nn.functional.binary_cross_entropy(probs[0][0, :, 2], pooled.flatten()),
+        torch.nn.functional.binary_cross_entropy(probs[1][0, :, 2], side4)]).mean()
+    torch.testing.assert_close(pixel, expected, rtol=1e-5, atol=1e-6)
+    outside = [1 - (p[0, :, 2] * m).sum() / p[0, :, 2].sum() for p, m in zip(probs, (pooled.flatten(), side4))]
+    torch.testing.assert_close(token, torch.stack(outside).mean(), rtol=1e-5, atol=1e-6)
+    # attention that is the mask scores lower than attention spread evenly
+    exact = torch.zeros(1, 64, 5)
+    exact[0, :, 2] = pooled.flatten().clamp(0.02, 0.98)
+    exact[0, :, 0] = 1 - exact[0, :, 2]
+    grounder.probs = [exact]
+    assert grounder.losses(target)[1] < pixel
