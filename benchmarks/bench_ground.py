@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--more-per-count", type=int, default=30)
     parser.add_argument("--seen", default="circle,square")
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--width", type=int, default=32, help="the heads' --width")
     parser.add_argument("--token-epochs", type=int, default=300)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -161,7 +162,7 @@ def main() -> None:
               f"{args.token_epochs} epochs, {t_tokens:.0f} s; threshold {tok_t} chosen on the training set")
 
     # the head on exact masks of the seen classes
-    config = TrainConfig(epochs=args.epochs, val_fraction=0.2, patience=8)
+    config = TrainConfig(epochs=args.epochs, val_fraction=0.2, patience=8, width=args.width)
     rss0 = peak_mb()
     t0 = time.perf_counter()
     seen_words = {c: w for c, w in fields.get("class_words", {}).items() if c in seen}  # nothing of the unseen
@@ -188,6 +189,12 @@ def main() -> None:
                         f"{h['epochs_run']} epochs, {t_train:.0f} s; prompt classes only",
                         prompt_classes_only=True, class_words=words)
     head_row("head, exact masks, all classes", exact_head.path, "no prompt restriction", class_words=words)
+    featureless = train_head([train, more], [exact, exact_more], work / "head-no-image.safetensors", classes=seen,
+                             config=replace(config, image=False), class_words=seen_words, text_encoder=encoder,
+                             overwrite=True)
+    head_row("head, exact masks, without the image (--no-image)", featureless.path,
+             f"attention features only; {featureless.head.training['epochs_run']} epochs; prompt classes only",
+             prompt_classes_only=True, class_words=words)
     template_head = train_head([train, more], [exact, exact_more], work / "head-template.safetensors", classes=seen,
                                config=replace(config, text="template"), text_encoder=encoder, overwrite=True)
     head_row("head, exact masks, template text", template_head.path,

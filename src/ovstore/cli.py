@@ -329,7 +329,8 @@ def images(
 
 _REFINE_HELP = ("Refine the maps with each image's stored self-attention (capture with --self-attention RES): "
                 "self-attention (= :propagate,k=1, SA^k·map as DiffSegmenter/Dataset Diffusion), "
-                "self-attention:propagate,k=2, self-attention:ovam,min_sa=0.85 (OVAM's weighting: map/max times the "
+                "self-attention:propagate,k=2,mix=0.5 (mix<1: blended with the unpropagated map, both ÷ max), "
+                "self-attention:ovam,min_sa=0.85 (OVAM's weighting: map/max times the "
                 "rescaled attention each pixel receives), self-attention:iseg,iterations=3,step=0 (iSeg's "
                 "entropy-reduced iteration); res=R picks a stored grid (default the finest). Maps are resampled to the "
                 "self-attention grid and back.")
@@ -727,6 +728,7 @@ def ground_train(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
     batch_size: Annotated[int, typer.Option(help="(image, class) examples per step.")] = 16,
     width: Annotated[int, typer.Option(help="Channels of the head's features.")] = 32,
+    image: Annotated[bool, typer.Option("--image/--no-image", help="Also read the stored image, so masks follow object edges at the image's resolution, not the attention grid's (--no-image: attention features only).")] = True,
     text: Annotated[str, typer.Option(help="Class text: prompt (the class's words as they stand in each image's own prompt, else the template) or template.")] = "prompt",
     class_words: Annotated[Optional[list[str]], typer.Option("--class-words", help="CLASS=WORD,WORD: other words naming a class in prompts (repeatable).")] = None,
     template: Annotated[str, typer.Option(help="Sentence the class word is encoded in; {} is the word.")] = "a photograph of a {}",
@@ -748,7 +750,8 @@ def ground_train(
 
     check_int(cache_mb, "--cache-mb", 0, 2**30)
     config = TrainConfig(epochs=epochs, val_fraction=val_fraction, patience=patience, lr=lr, batch_size=batch_size,
-                         width=width, seed=seed, template=template, text=text, cache_bytes=cache_mb * 2**20)
+                         width=width, seed=seed, template=template, text=text, image=image,
+                         cache_bytes=cache_mb * 2**20)
     words = parse_class_words(class_words) if class_words else None
     _quiet_libraries()
     with tqdm(total=epochs, desc="training", unit="epoch", disable=not console.is_terminal) as bar:

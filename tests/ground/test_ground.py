@@ -43,11 +43,12 @@ def encoder(toy):
 
 @pytest.fixture(scope="module")
 def overfit(toy, encoder):
-    """A head trained on every image (no validation), full batches, until it fits."""
+    """A head of attention features only (``image=False``) trained on every image (no
+    validation), full batches, until it fits."""
     store, gt, root = toy
     losses = []
     result = train_head([store], [gt], root / "overfit.safetensors", classes=["circle", "square"],
-                        config=TrainConfig(epochs=150, val_fraction=0.0, patience=1000, batch_size=64),
+                        config=TrainConfig(epochs=150, val_fraction=0.0, patience=1000, batch_size=64, image=False),
                         text_encoder=encoder, progress=lambda r: losses.append(r.train_loss))
     return result, losses
 
@@ -90,6 +91,43 @@ def test_save_load_round_trip_gives_identical_outputs(overfit, toy, encoder):
         inside = a[:, c][labels == c + 1]
         outside = a[:, c][(labels != c + 1) & (labels != 255)]
         assert inside.mean() > 0.6 and outside.mean() < 0.1
+
+
+def test_a_head_that_reads_the_image_fits_round_trips_and_depends_on_the_pixels(toy, encoder, tmp_path):
+    """``TrainConfig(image=True)``: the stored image is an input at full resolution; the head
+    file records it, and a head file without the field (written before) reads as image-free."""
+    from ovstore.ground.model import GroundHead, HeadSpec
+
+    store, gt, _ = toy
+    losses = []
+    result = train_head([store], [gt], tmp_path / "image.safetensors", classes=["circle", "square"],
+                        config=TrainConfig(epochs=150, val_fraction=0.0, patience=1000, batch_size=64, image=True),
+                        text_encoder=encoder, progress=lambda r: losses.append(r.train_loss))
+    assert result.head.spec.image_channels == 3
+    assert losses[-1] < 0.3 * losses[0] and result.head.training["train_iou"] > 0.8
+    loaded = load_head(result.path)
+    assert loaded.spec == result.head.spec
+    a = ground_maps(store, loaded, SHAPES, text_encoder=encoder)
+    np.testing.assert_array_equal(a, ground_maps(store, result.head, SHAPES, text_encoder=encoder))
+    # the pixels matter: the same features with the image's colours inverted give other masks
+    selection = head_selection(loaded, store)
+    reader = FeatureReader(store, selection, 0, image=True)
+    feats = [torch.from_numpy(f)[None] for f in reader(0)]
+    assert feats[-1].shape == (1, 3, 32, 32) and -1.0 <= float(feats[-1].min()) and float(feats[-1].max()) <= 1.0
+    module = loaded.build("cpu")
+    module.attach_keys(reader.projections())
+    rows = torch.stack([encoder_rows for encoder_rows in [
+        __import__("ovstore.ground.data", fromlist=["class_rows"]).class_rows(encoder, ["circle"])["circle"]]])
+    with torch.no_grad():
+        plain = module(feats, rows)
+        inverted = module([*feats[:-1], -feats[-1]], rows)
+    assert float((plain - inverted).abs().max()) > 0.5
+    with pytest.raises(ValueError, match="and the image"):
+        module(feats[:-1], rows)
+    old = loaded.spec.to_json()
+    del old["image_channels"]
+    assert HeadSpec.from_json(old).image_channels == 0
+    assert GroundHead(HeadSpec.from_json(old)).parameter_count() < module.parameter_count()
 
 
 def test_class_text_from_the_prompt_or_the_template(overfit, encoder):

@@ -72,7 +72,7 @@ def ground_maps(store: Store | str | Path, head: HeadFile | str | Path, classes:
     for c, extra in (class_words or {}).items():
         words[c] = list(dict.fromkeys([*words.get(c, []), *extra]))
     text = ClassText(text_encoder, names, head.template, head.text, words)
-    reader = FeatureReader(store, selection, cache_bytes)
+    reader = FeatureReader(store, selection, cache_bytes, image=bool(head.spec.image_channels))
     module = head.build(str(dev))
     module.attach_keys(reader.projections())
     out = np.empty((len(chosen), len(names), *head.spec.image_size), dtype=np.float32)

@@ -69,19 +69,24 @@ def select_layers(store: Store, layers: LayerSelection | None = None, calls: str
 
 class FeatureReader:
     """One store's per-layer features ``(heads·head_dim, h, w)`` float32 per image (queries
-    averaged over the selected calls), read lazily, cached up to ``cache_bytes``."""
+    averaged over the selected calls), then with ``image=True`` the stored image ``(3, H, W)``
+    scaled to [-1, 1]; read lazily, cached up to ``cache_bytes``."""
 
-    def __init__(self, store: Store, selection: Selection, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(self, store: Store, selection: Selection, cache_bytes: int = DEFAULT_CACHE_BYTES, *,
+                 image: bool = False) -> None:
         self.store = store
         self.selection = selection
         self.cache_bytes = int(cache_bytes)
+        self.image = bool(image)
         self._cache: OrderedDict[int, list[np.ndarray]] = OrderedDict()
         self._held = 0
         self.reads = 0  # images read from the store (a cache miss each)
 
     @property
     def bytes_per_image(self) -> int:
-        return sum(4 * l.channels * l.height * l.width for l in self.selection.layers)
+        layout = self.store.layout
+        pixels = 4 * 3 * layout.height * layout.width if self.image else 0
+        return sum(4 * l.channels * l.height * l.width for l in self.selection.layers) + pixels
 
     def __call__(self, image: int) -> list[np.ndarray]:
         cached = self._cache.get(image)
@@ -110,6 +115,9 @@ class FeatureReader:
                                         "hold NaN or Inf; `ovstore verify` lists damaged images, leave it out")
             out.append(np.ascontiguousarray(mean.transpose(0, 3, 1, 2).reshape(layer.channels, layer.height,
                                                                                 layer.width)))
+        if self.image:
+            rgb = self.store.image(image).astype(np.float32) / 127.5 - 1.0  # (H, W, 3) uint8 -> [-1, 1]
+            out.append(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         return out
 
     def projections(self) -> list[tuple[np.ndarray, np.ndarray | None]]:

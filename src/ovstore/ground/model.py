@@ -16,7 +16,12 @@ store holds (each layer's ``to_q`` output, a linear image of that layer's featur
   level; these ``layers·heads`` maps are what lets a word the head never saw in training find
   its object;
 * **fusion**: FiLM-modulated visual features beside a 1×1 projection of the attention cue,
-  a 3×3 conv and a 1×1 conv → one logit map, upsampled to the image size.
+  a 3×3 conv and a 1×1 conv → one logit map, upsampled to the image size;
+* **image** (``image_channels=3``, optional): the stored image itself (every store keeps it; a
+  real-image store its source) through two 3×3 convs at full resolution, beside the fused
+  features upsampled to it, then a 3×3 conv before the logit: the attention layers' grids are a
+  half to an eighth of the image's (16×16 for a 32×32 toy image, 64×64 for SD's 512²), and the
+  pixels say where an object's edge lies, as DenseCRF's colour kernel does, but learned.
 
 About 86 k parameters on the toy-world model at ``width=32``, the training default (``parameter_count``);
 most of them in the 3×3 convs, so SD's wider layers add only their 1×1 projections.
@@ -75,15 +80,17 @@ class HeadSpec:
     text_dim: int
     image_size: tuple[int, int]
     width: int = 32
+    image_channels: int = 0  # 3: the stored RGB image is an input too; 0: attention features only
 
     def to_json(self) -> dict[str, Any]:
         return {"layers": [l.to_json() for l in self.layers], "text_dim": self.text_dim,
-                "image_size": list(self.image_size), "width": self.width}
+                "image_size": list(self.image_size), "width": self.width, "image_channels": self.image_channels}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HeadSpec:
         return cls(layers=tuple(LayerSpec.from_json(l) for l in data["layers"]), text_dim=int(data["text_dim"]),
-                   image_size=(int(data["image_size"][0]), int(data["image_size"][1])), width=int(data["width"]))
+                   image_size=(int(data["image_size"][0]), int(data["image_size"][1])), width=int(data["width"]),
+                   image_channels=int(data.get("image_channels", 0)))  # heads written before images were read: 0
 
     @property
     def resolutions(self) -> list[tuple[int, int]]:
@@ -95,8 +102,9 @@ class GroundHead(nn.Module):
     """See the module docstring. ``forward(features, text)``:
 
     ``features``: one tensor per layer of ``spec.layers``, ``(batch, heads·head_dim, h, w)``
-    (queries averaged over calls); ``text``: ``(batch, 2, text_dim)``, rows [start-of-text,
-    pooled class word]. Returns mask logits ``(batch, H, W)`` at ``spec.image_size``.
+    (queries averaged over calls), then, when ``spec.image_channels``, the image ``(batch, 3, H, W)``
+    scaled to [-1, 1]; ``text``: ``(batch, 2, text_dim)``, rows [start-of-text, pooled class
+    word]. Returns mask logits ``(batch, H, W)`` at ``spec.image_size``.
     The stored key projections must be attached (:meth:`attach_keys`) before a forward.
     """
 
@@ -113,6 +121,10 @@ class GroundHead(nn.Module):
         self.cue = nn.Conv2d(2 * n_cues, d // 2, 1)
         self.mix = nn.Conv2d(d + d // 2, d, 3, padding=1)
         self.out = nn.Conv2d(d, 1, 1)
+        if spec.image_channels:
+            self.stem = nn.Sequential(nn.Conv2d(spec.image_channels, d // 2, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(d // 2, d // 2, 3, padding=1))
+            self.edges = nn.Conv2d(d + d // 2, d, 3, padding=1)
         self._keys: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     def attach_keys(self, projections: Sequence[tuple[Any, Any]]) -> None:
@@ -144,6 +156,12 @@ class GroundHead(nn.Module):
         return torch.cat(cues, dim=1)
 
     def forward(self, features: Sequence[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+        n_layers = len(self.spec.layers)
+        if len(features) != n_layers + (1 if self.spec.image_channels else 0):
+            raise ValueError(f"the head reads {n_layers} layer(s)" + (" and the image" if self.spec.image_channels
+                                                                         else "") + f", got {len(features)} tensors")
+        image = features[n_layers] if self.spec.image_channels else None
+        features = features[:n_layers]
         by_res: dict[tuple[int, int], torch.Tensor] = {}
         for spec, x, proj in zip(self.spec.layers, features, self.project):
             y = proj(F.group_norm(x, 1))
@@ -159,7 +177,11 @@ class GroundHead(nn.Module):
         # level (how strongly the word is attended at all), scaled to order one
         cue = self.cue(torch.cat([F.instance_norm(raw), raw / _CUE_SCALE], dim=1))
         mixed = F.gelu(self.mix(torch.cat([F.gelu(visual), cue], dim=1)))
-        return _resize(self.out(mixed), self.spec.image_size)[:, 0]
+        if image is None:
+            return _resize(self.out(mixed), self.spec.image_size)[:, 0]
+        pixels = F.gelu(self.stem(image))
+        mixed = F.gelu(self.edges(torch.cat([_resize(mixed, self.spec.image_size), pixels], dim=1)))
+        return self.out(mixed)[:, 0]
 
 
 #: Typical magnitude of a score difference (scaled q·k of word minus start-of-text).

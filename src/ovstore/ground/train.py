@@ -45,7 +45,9 @@ class TrainConfig:
     """Training settings. ``negatives``: absent classes of an image as empty targets; ``flip``:
     mirror half of the training examples left-right (features and masks alike); ``text``: a class
     word's rows from its ``template`` sentence, or from each image's own ``prompt``
-    (:class:`~ovstore.ground.data.ClassText`)."""
+    (:class:`~ovstore.ground.data.ClassText`); ``image``: the stored image is an input too
+    (:class:`~ovstore.ground.model.GroundHead`), so the mask can follow the object's edges at the
+    image's resolution rather than the attention grid's."""
 
     epochs: int = 30
     val_fraction: float = 0.2
@@ -59,6 +61,7 @@ class TrainConfig:
     negatives: bool = True
     flip: bool = True
     text: str = "prompt"
+    image: bool = True
     cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
@@ -247,7 +250,7 @@ def train_head(
                     examples.append(_Example(k, image, c, folder.names.index(c)))
     keys = sorted({(e.store, e.image) for e in examples})
     train_keys, val_keys = _split(keys, config.val_fraction, config.seed)
-    readers = [FeatureReader(s, selection, config.cache_bytes) for s in opened]
+    readers = [FeatureReader(s, selection, config.cache_bytes, image=config.image) for s in opened]
     if text_encoder is None:
         from ..analyze import check_recorded_encoder, load_text_encoder
 
@@ -256,7 +259,8 @@ def train_head(
             check_recorded_encoder(text_encoder, identity, first.path)
     words = {c: list(w) for c, w in (class_words or {}).items()}
     text = ClassText(text_encoder, chosen, config.template, config.text, words)
-    spec = HeadSpec(selection.layers, int(text.template_rows[chosen[0]].shape[-1]), size, config.width)
+    spec = HeadSpec(selection.layers, int(text.template_rows[chosen[0]].shape[-1]), size, config.width,
+                    image_channels=3 if config.image else 0)
     batches = _Batches(readers, folders, text, size, dev)
     # empty targets: kept as negatives, or dropped
     train_ex = [e for e in examples if (e.store, e.image) in train_keys]
