@@ -42,7 +42,7 @@ CLASSES = ("circle", "square", "triangle")
 LABEL_GRID = (0.01, 0.02, 0.03, 0.04) + tuple(round(0.05 * k, 2) for k in range(1, 19))  # 0.01 .. 0.9
 #: refinement candidates per method; the parameter of each is chosen on the calibration set
 CANDIDATES = {
-    "propagate": [f"self-attention:propagate,k={k}" for k in (1, 2, 4)],
+    "propagate": [f"self-attention:propagate,k={k},mix={m}" for k in (1, 2, 4) for m in (0.25, 0.5, 0.75, 1)],
     "ovam": [f"self-attention:ovam,min_sa={m}" for m in (0.0, 0.5, 0.85)],
     "iseg": [f"self-attention:iseg,iterations={n}" for n in (1, 2, 4)],
 }

@@ -42,6 +42,20 @@ def test_propagate_is_sa_to_the_k_times_the_map():
     assert isinstance(out, torch.Tensor) and torch.allclose(out, torch.ones(3, 4), atol=1e-5)
 
 
+def test_propagation_with_restart_blends_the_max_normalised_maps():
+    sa = _stochastic(12, 5)
+    maps = np.random.default_rng(4).random((2, 3, 4)).astype(np.float32) * np.array([1.0, 7.0])[:, None, None]
+    for k in (1, 2):
+        full = propagate(maps, sa, k=k)
+        np.testing.assert_array_equal(propagate(maps, sa, k=k, mix=1.0), full)  # 1: SA^k·CA as before
+        for mix in (0.0, 0.5):
+            got = propagate(maps, sa, k=k, mix=mix)
+            for c in range(2):
+                expected = (1 - mix) * maps[c] / maps[c].max() + mix * full[c] / full[c].max()
+                np.testing.assert_allclose(got[c], expected, rtol=1e-5, atol=1e-6)
+    assert np.isclose(propagate(maps, sa, mix=0.5).max(), 1.0, atol=0.5) and propagate(maps, sa, mix=0.5).max() <= 1
+
+
 def test_ovam_weighting_equals_the_papers_recipe():
     sa = _stochastic(12, 2)
     maps = np.random.default_rng(3).random((2, 3, 4)).astype(np.float32)
@@ -98,7 +112,8 @@ def test_refine_maps_resamples_to_the_self_attention_grid_and_back():
 def test_parse_refinement():
     assert parse_refinement(None) is None and parse_refinement("none") is None
     plain = parse_refinement("self-attention")
-    assert plain.method == "propagate" and dict(plain.params) == {"k": 1}
+    assert plain.method == "propagate" and dict(plain.params) == {"k": 1, "mix": 1.0}
+    assert parse_refinement("self-attention:propagate,k=2,mix=0.5").spec == "self-attention:propagate,k=2,mix=0.5"
     r = parse_refinement("self-attention:iseg,iterations=5,res=16")
     assert r.describe() == {"method": "iseg", "iterations": 5, "step": 0.0, "resolution": 16}
     assert parse_refinement(r.spec) == r and parse_refinement("self-attention:ovam,min_sa=0.9").params == (
@@ -112,6 +127,7 @@ def test_parse_refinement():
     ("self-attention:propagate,k=0", "whole number 1..100"),
     ("self-attention:propagate,k=x", "not a number"),
     ("self-attention:ovam,min_sa=2", "min_sa must lie in"),
+    ("self-attention:propagate,mix=1.5", "mix must lie in"),
 ])
 def test_bad_refine_options_are_one_line_errors(text, message):
     with pytest.raises(InvalidInputError, match=message) as info:
@@ -180,7 +196,7 @@ def test_cli_maps_with_refine_writes_refined_maps_and_records_it(sa_store, tmp_p
 
     ds = xr.open_zarr(out, consolidated=False)
     maps = ds["ovam_maps"]
-    assert ds.attrs["refine"] == "self-attention:propagate,k=2"
+    assert ds.attrs["refine"] == "self-attention:propagate,k=2,mix=1"
     assert float(maps.max()) == pytest.approx(1.0, abs=1e-3)
     help_text = runner.invoke(app, ["maps", "--help"], env={"COLUMNS": "200"}).output
     assert "--refine" in help_text and "propagate" in help_text and "iseg" in help_text

@@ -7,7 +7,8 @@ attends every key pixel; rows sum to 1), as stored by ``ovstore capture --self-a
 * :func:`ovam` — OVAM's weighting: the map divided by its maximum, times a self-attention map
   rescaled to ``[min_sa, 1]``;
 * :func:`propagate` — ``SA^k · CA`` (DiffSegmenter, Dataset Diffusion): every pixel takes the
-  map of the pixels it attends;
+  map of the pixels it attends; with ``mix < 1`` the propagated map is blended with the map it
+  came from (both divided by their maximum), propagation with restart as in label propagation;
 * :func:`iseg` — iSeg's iterative propagation through an entropy-reduced ``SA``.
 
 :func:`refine_maps` brings maps of any grid to the self-attention grid (bilinear, area when
@@ -31,11 +32,12 @@ __all__ = ["METHODS", "Refinement", "entropy_reduced", "iseg", "ovam", "parse_re
 
 #: The refinement methods, by name.
 METHODS = ("propagate", "ovam", "iseg")
-#: Each method's parameters and their defaults (``k``: propagation steps; ``min_sa``: floor of
+#: Each method's parameters and their defaults (``k``: propagation steps; ``mix``: the propagated
+#: map's share when blended with the unpropagated one, 1 = ``SA^k · CA`` alone; ``min_sa``: floor of
 #: OVAM's rescaled map, 0.85 as OVAM's VOC-sim evaluation; ``iterations``/``step``: iSeg's
 #: refinement rounds and entropy-descent step, ``0`` meaning ``1 / (N (ln N - 1))``).
 PARAMETERS: dict[str, dict[str, float]] = {
-    "propagate": {"k": 1},
+    "propagate": {"k": 1, "mix": 1.0},
     "ovam": {"min_sa": 0.85},
     "iseg": {"iterations": 3, "step": 0.0},
 }
@@ -57,16 +59,29 @@ def _check(maps: torch.Tensor, sa: torch.Tensor) -> None:
                                 f"{maps.shape[-1]} need ({pixels}, {pixels}); resample the maps to its grid")
 
 
-def propagate(maps: Any, sa: Any, k: int = 1) -> Any:
+def propagate(maps: Any, sa: Any, k: int = 1, mix: float = 1.0) -> Any:
     """``SA^k · CA``: each pixel's value becomes the attention-weighted mean of the map over the
     pixels it attends, ``k`` times (DiffSegmenter's and Dataset Diffusion's refinement).
-    ``maps`` ``(..., h, w)``, ``sa`` ``(h*w, h*w)``; numpy in, numpy out (torch likewise)."""
+
+    ``mix < 1`` returns ``(1 - mix)·CA/max(CA) + mix·P/max(P)`` with ``P = SA^k · CA``: a
+    propagation that restarts from the map (as label propagation does), which keeps the map's
+    peaks where a near-uniform ``SA`` would blur them, and fills the object around them; the
+    result is on the scale of a max-normalised map. ``maps`` ``(..., h, w)``, ``sa``
+    ``(h*w, h*w)``; numpy in, numpy out (torch likewise)."""
     m, a = _torch(maps), _torch(sa)
     _check(m, a)
     flat = m.reshape(-1, a.shape[0]).T  # (pixel, map)
     for _ in range(int(k)):
         flat = a @ flat
-    return _like(flat.T.reshape(m.shape), maps)
+    out = flat.T.reshape(m.shape)
+    if float(mix) < 1.0:
+        out = (1.0 - float(mix)) * _peak_normalised(m) + float(mix) * _peak_normalised(out)
+    return _like(out, maps)
+
+
+def _peak_normalised(m: torch.Tensor) -> torch.Tensor:
+    peak = m.amax(dim=(-2, -1), keepdim=True)
+    return m / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 def ovam(maps: Any, sa: Any, min_sa: float = 0.85) -> Any:
@@ -169,9 +184,9 @@ def refine_maps(maps: Any, sa: Any, grid: tuple[int, int], refinement: Refinemen
     """``maps`` ``(..., h, w)`` refined by ``refinement`` with ``sa`` of ``grid``, back at ``(h, w)``."""
     m = _torch(maps)
     on_grid = resample(m, grid)
-    params = dict(refinement.params)
+    params = {**PARAMETERS[refinement.method], **dict(refinement.params)}  # a Refinement built by hand may omit some
     if refinement.method == "propagate":
-        out = propagate(on_grid, sa, k=int(params["k"]))
+        out = propagate(on_grid, sa, k=int(params["k"]), mix=params["mix"])
     elif refinement.method == "ovam":
         out = ovam(on_grid, sa, min_sa=params["min_sa"])
     else:
@@ -218,6 +233,9 @@ def parse_refinement(text: str | Refinement | None) -> Refinement | None:
             continue
         if name in _INTEGER and (not float(number).is_integer() or not 1 <= number <= 100):
             raise InvalidInputError(f"--refine {raw!r}: {name} must be a whole number 1..100")
+        if name == "mix" and not 0 <= number <= 1:
+            raise InvalidInputError(f"--refine {raw!r}: mix must lie in [0, 1] (the propagated map's share; 1: "
+                                    "SA^k·map alone)")
         if name == "min_sa" and not 0 <= number <= 1:
             raise InvalidInputError(f"--refine {raw!r}: min_sa must lie in [0, 1] (the floor of the rescaled map)")
         if name == "step" and number < 0:
