@@ -33,7 +33,7 @@ def class_norm_maps(store, images, config, text_encoder=None):
 DEFAULTS = Path(q.__file__).resolve().parents[1] / "data" / "toy-shapes" / "ovstore_defaults.json"
 CLASSES = ("circle", "square", "triangle")
 #: The reference protocol's threshold, chosen on the benchmark's calibration set.
-BARE_THRESHOLD = 0.08
+BARE_THRESHOLD = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ def test_prompt_words_find_their_own_objects(toy):
     store, images, truth = toy
     s = q.prompt_word_quality(store, images, truth)
     assert len(s.instances["map"]) >= 60 and s.rate("binding")[1] >= 20 and s.rate("inside")[1] >= 25
-    # benchmark: top-k 0.706 over 96 images, 0.699 .. 0.741 over its 4 test-sized subsets (this set: 0.645);
-    # flat 0.10, object oracle 0.54; binding 0.977 .. 1.000 (0.987 here); inside 0.972 .. 1.000 (1.00 here)
-    assert s.miou() >= 0.58, s.miou()
+    # benchmark: top-k 0.716 over 96 images, 0.678 .. 0.768 over its 4 test-sized subsets (this set: 0.648);
+    # flat 0.09, object oracle 0.53; binding 0.957 .. 1.000 (0.973 here); inside 1.000 (1.00 here)
+    assert s.miou() >= 0.60, s.miou()
     assert s.miou() >= 5 * s.miou("flat") and s.miou() > s.miou("objects")
     assert s.rate("binding")[0] >= 0.95  # flat and object oracle: 0.5
     assert s.rate("inside")[0] >= 0.95  # flat: 0.5
@@ -64,19 +64,19 @@ def test_bare_attribution_reference_protocol(toy):
     assert len(rows) >= 25
     iou = q.bare_iou(rows, BARE_THRESHOLD)
     base = q.bare_baselines(rows)
-    # benchmark, 1-3 objects: 0.470, subsets 0.452 .. 0.502 (this set: 0.489); flat 0.14, object oracle 0.60.
-    # Two-object images alone spread more at this size (0.421 .. 0.560).
-    assert iou >= 0.40, iou
-    assert iou >= 2.5 * base["flat"], (iou, base)
+    # benchmark, 1-3 objects: 0.527, subsets 0.502 .. 0.546 (this set: 0.573); flat 0.13, object oracle 0.61.
+    # Two-object images alone spread more at this size (0.516 .. 0.581).
+    assert iou >= 0.47, iou
+    assert iou >= 3.5 * base["flat"], (iou, base)
 
 
 def test_synonyms_and_hypernyms_not_in_the_prompt(toy):
     store, images, truth = toy
     s = q.open_vocabulary_quality(store, images, truth)["synonyms + hypernyms"]
     assert len(s.instances["map"]) >= 30
-    # benchmark: 0.591 (4.8x flat), subsets 0.564 .. 0.632 (this set: 0.594, 5.6x flat)
-    assert s.miou() >= 0.50, s.miou()
-    assert s.miou() >= 4 * s.miou("flat")
+    # benchmark: 0.585 (5.4x flat), subsets 0.539 .. 0.597 (this set: 0.602, 6.3x flat)
+    assert s.miou() >= 0.52, s.miou()
+    assert s.miou() >= 5 * s.miou("flat")
 
 
 def _label(store, images, truth, config, out: Path) -> float:
@@ -94,12 +94,12 @@ def test_label_with_the_models_defaults(toy, tmp_path):
     base = q.label_baselines(images, truth, config)
     package = LabelConfig(classes=CLASSES)
     package_miou = q.label_miou(class_norm_maps(store, images, package, None), images, truth, package)
-    # benchmark (maps from each image's prompt, class words): 0.774 over 93 images, subsets 0.739 .. 0.803
-    # (this set: 0.708); flat 0.12, object oracle 0.14; package defaults 0.257 (0.268 here)
+    # benchmark (maps from each image's prompt, class words): 0.821 over 93 images, subsets 0.774 .. 0.847
+    # (this set: 0.802); flat 0.14, object oracle 0.26; package defaults 0.281 (0.265 here)
     assert settings["label"].get("maps_from") == "prompt"
-    assert miou >= 0.62, miou
-    assert miou > base["flat"] + 0.45, (miou, base)
-    assert miou > package_miou + 0.35, (miou, package_miou)
+    assert miou >= 0.70, miou
+    assert miou > base["flat"] + 0.55, (miou, base)
+    assert miou > package_miou + 0.45, (miou, package_miou)
 
 
 def test_tokens_learned_on_one_image_localise_on_held_out_images(toy):
@@ -122,7 +122,7 @@ def test_tokens_learned_on_one_image_localise_on_held_out_images(toy):
             learned.add(token.name, maps.values[row, 1], truth[i].masks[token.name], truth[i].objects)
             plain.add(token.name, maps.values[row, word], truth[i].masks[token.name], truth[i].objects)
     assert len(learned.instances["map"]) >= 15
-    # benchmark (300 epochs): tokens 0.509 vs the word 0.506 on 120 held-out instances (flat 0.109); here
-    # (100 epochs) 0.451 vs 0.466. On this model the word is as good as a token from one image: no floor above it
+    # benchmark (300 epochs): tokens 0.461 vs the word 0.492 on 122 held-out instances (flat 0.093); here
+    # (100 epochs) 0.379 vs 0.452. On this model a token from one image is below the word: no floor above it
     assert learned.miou() >= 3 * learned.miou("flat"), (learned.miou(), learned.miou("flat"))
-    assert learned.miou() >= plain.miou() - 0.05, (learned.miou(), plain.miou())
+    assert learned.miou() >= plain.miou() - 0.10, (learned.miou(), plain.miou())
