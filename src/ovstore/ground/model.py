@@ -23,8 +23,9 @@ store holds (each layer's ``to_q`` output, a linear image of that layer's featur
   half to an eighth of the image's (16×16 for a 32×32 toy image, 64×64 for SD's 512²), and the
   pixels say where an object's edge lies, as DenseCRF's colour kernel does, but learned.
 
-About 86 k parameters on the toy-world model at ``width=32``, the training default (``parameter_count``);
-most of them in the 3×3 convs, so SD's wider layers add only their 1×1 projections.
+About 86 k parameters on the toy-world model at ``width=32``, the training default
+(``parameter_count``; 103 k with the image); most of them in the 3×3 convs, so SD's wider
+layers add only their 1×1 projections.
 """
 
 from __future__ import annotations
