@@ -24,7 +24,7 @@ from .._version import __version__
 from ..devices import check_device
 from ..errors import InvalidInputError
 from ..inputs import check_int
-from ..outputs import MARKER, held_lock, open_output, write_marker
+from ..outputs import held_lock, open_output
 from ..store import Store, open_store
 from .data import ClassText, FeatureReader, Selection
 from .headfile import HeadFile, check_head_store, load_head
@@ -114,11 +114,6 @@ class GroundResult:
     coco: Path
 
 
-def _paths(out: Path) -> dict[str, Path]:
-    return {"jpeg": out / "JPEGImages", "png": out / "SegmentationClass", "sets": out / "ImageSets" / "Segmentation",
-            "records": out / "records"}
-
-
 def image_labels(probs: np.ndarray, prompt: str, classes: Sequence[str], threshold: float,
                  prompt_classes_only: bool, class_words: Mapping[str, Sequence[str]] | None) -> tuple[np.ndarray,
                                                                                                       list[bool]]:
@@ -135,14 +130,14 @@ def ground_partition(store_path: str, head_path: str, out: str, classes: Sequenc
                      class_words: Mapping[str, Sequence[str]] | None = None, model: str | None = None,
                      device: str = "cpu") -> list[int]:
     """Label ``images`` and write their outputs (runs on a Dask worker, or in-process)."""
-    from ..label import rle_annotations, write_jpeg, write_json_atomic, write_label_png
+    from ..label import rle_annotations, voc_paths, write_jpeg, write_json_atomic, write_label_png
 
     store = open_store(store_path)
     head = _head(head_path, os.path.getmtime(head_path))
     encoder = _encoder(json.dumps(store.layout.model.to_json(), sort_keys=True), model)
     probs = ground_maps(store, head, classes, images=images, class_words=class_words, text_encoder=encoder,
                         device=device)
-    paths = _paths(Path(out))
+    paths = voc_paths(Path(out))
     h, w = head.spec.image_size
     for k, image in enumerate(images):
         stem = f"{image:05d}"
@@ -223,25 +218,11 @@ def apply_head(
 def _apply_locked(store: Store, out: Path, settings: dict[str, Any], chosen: list[int], *, scheduler: Any,
                   workers: int | None, partition_size: int, device: str,
                   progress: Callable[[int], None] | None) -> GroundResult:
-    from ..label import remove_partials, write_json_atomic, write_labelmap
+    from ..label import prepare_voc_output
 
-    paths = _paths(out)
-    if not (out / MARKER).exists():
-        out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, "ground apply")
-    for p in paths.values():
-        p.mkdir(parents=True, exist_ok=True)
-    settings_file = out / SETTINGS
-    if settings_file.exists():
-        if json.loads(settings_file.read_text()) != settings:
-            raise InvalidInputError(f"{out} holds a labelling with another head, classes or settings ({SETTINGS}); "
-                                    "re-run the same command to resume it, or choose a new --out")
-    else:
-        write_json_atomic(settings_file, settings)
-    for folder in (out, *paths.values(), paths["sets"].parent):
-        remove_partials(folder)
     names = settings["classes"]
-    write_labelmap(out / "labelmap.txt", names)
+    paths = prepare_voc_output(out, "ground apply", SETTINGS, settings, names,
+                               other="another head, classes or settings")
     done = [i for i in chosen if (paths["records"] / f"{i:05d}.json").exists()]
     todo = [i for i in chosen if i not in set(done)]
     for image in done if progress else ():

@@ -9,8 +9,8 @@ from .class_maps import ClassAttributions, class_attributions, prompt_word_colum
 from .dataset import LabelResult, image_labels, label_partition, label_store
 from .evaluate import EvaluationReport, evaluate_dirs, evaluate_masks, evaluation_classes, write_report
 from .voc import (
-    read_labelmap, remove_partials, rle_annotations, voc_palette, write_coco_from_records, write_jpeg,
-    write_json_atomic, write_label_png, write_labelmap, write_text_atomic,
+    prepare_voc_output, read_labelmap, remove_partials, rle_annotations, voc_palette, voc_paths,
+    write_coco_from_records, write_jpeg, write_json_atomic, write_label_png, write_labelmap, write_text_atomic,
 )
 from .cluster import connect_scheduler
 from .refine import (
@@ -47,6 +47,7 @@ __all__ = [
     "parse_class_thresholds",
     "parse_class_words",
     "parse_sweep",
+    "prepare_voc_output",
     "prompt_word_columns",
     "read_labelmap",
     "remove_partials",
@@ -54,6 +55,7 @@ __all__ = [
     "rle_annotations",
     "require_crf",
     "voc_palette",
+    "voc_paths",
     "write_coco_from_records",
     "write_jpeg",
     "write_json_atomic",

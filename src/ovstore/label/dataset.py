@@ -26,9 +26,9 @@ import numpy as np
 from .._version import __version__
 from ..analyze import check_recorded_encoder
 from ..devices import check_device
-from ..errors import InvalidInputError, OutputError, OvstoreError
+from ..errors import OutputError, OvstoreError
 from ..inputs import check_int
-from ..outputs import MARKER, held_lock, open_output, os_errors, write_marker
+from ..outputs import held_lock, open_output, os_errors
 from ..partial import RunInterrupted, progress_note
 from ..store import Store, analysis_defaults, open_store
 from . import voc
@@ -67,11 +67,6 @@ def _encoder(identity_json: str, model: str | None, device: str) -> Any:
     return load_text_encoder(ModelIdentity.from_json(json.loads(identity_json)), model=model, device=device)
 
 
-def _paths(out: Path) -> dict[str, Path]:
-    return {"jpeg": out / "JPEGImages", "png": out / "SegmentationClass", "sets": out / "ImageSets" / "Segmentation",
-            "records": out / "records"}
-
-
 def image_labels(norm: np.ndarray, rgb: np.ndarray, prompt: str,
                  config: LabelConfig) -> tuple[np.ndarray, list[float], list[bool]]:
     """One image's label mask from its normalised class maps ``(class, H, W)``, every refinement
@@ -108,7 +103,7 @@ def label_partition(store_path: str, out: str, config: LabelConfig, images: Sequ
     if not images:
         return [], damaged
     out_dir = Path(out)
-    paths = _paths(out_dir)
+    paths = voc.voc_paths(out_dir)
     identity = json.dumps(store.layout.model.to_json(), sort_keys=True)
     encoder = _encoder(identity, model, device)
     size = (store.layout.height, store.layout.width)
@@ -166,19 +161,6 @@ def _model_defaults_file(store: Store, config: LabelConfig) -> str | None:
     if "model" not in config.sources.values():
         return None
     return analysis_defaults(store).file
-
-
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    path = out / SETTINGS
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing != settings:
-            raise InvalidInputError(
-                f"{out} holds a labelling with other settings ({path.name}); re-run the same command to "
-                "resume it, or choose a new --out"
-            )
-    else:
-        voc.write_json_atomic(path, settings)
 
 
 def label_store(
@@ -302,17 +284,8 @@ def _label_locked(opened: Store, store_path: Path, out: Path, config: LabelConfi
                   workers: int | None, partition_size: int, write_maps: bool, model: str | None, device: str,
                   progress: Callable[[int], None] | None, skip_damaged: bool) -> LabelResult:
     """The labelling run proper, while ``out`` is locked; fills ``finished``/``damaged``/``todo``."""
-    paths = _paths(out)
-    if not (out / MARKER).exists():
-        out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, "label")
-    for p in paths.values():
-        p.mkdir(parents=True, exist_ok=True)
     settings = {"store": str(store_path), "config": config.describe(), "model": model}
-    _check_settings(out, settings)
-    for folder in (out, *paths.values(), paths["sets"].parent):
-        voc.remove_partials(folder)  # left by a killed run; nothing else writes here now
-    voc.write_labelmap(out / "labelmap.txt", config.classes)
+    paths = voc.prepare_voc_output(out, "label", SETTINGS, settings, config.classes, other="other settings")
     maps_path = str(out / MAPS) if write_maps else None
     if write_maps:
         _maps_array(out / MAPS, opened, config)

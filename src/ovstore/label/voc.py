@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..outputs import temporary_path, write_json_atomic, write_text_atomic
+from ..outputs import MARKER, temporary_path, write_json_atomic, write_marker, write_text_atomic
 
 __all__ = ["voc_palette", "write_labelmap", "write_label_png", "write_label_tree", "write_jpeg", "rle_annotations",
-           "write_json_atomic", "write_text_atomic", "read_labelmap", "remove_partials", "write_coco_from_records"]
+           "write_json_atomic", "write_text_atomic", "read_labelmap", "remove_partials", "write_coco_from_records",
+           "voc_paths", "prepare_voc_output"]
 
 
 def voc_palette(n: int = 256) -> list[int]:
@@ -158,3 +160,35 @@ def write_coco_from_records(out: Path, classes: Sequence[str], info: Mapping[str
     for name in ("default.txt", "train.txt"):
         write_text_atomic(out / "ImageSets" / "Segmentation" / name, listing)
     return path
+
+
+def voc_paths(out: Path) -> dict[str, Path]:
+    """The folders of a labelling output: the VOC tree's images, label PNGs and image sets, and
+    the per-image records that say which images are finished."""
+    return {"jpeg": out / "JPEGImages", "png": out / "SegmentationClass", "sets": out / "ImageSets" / "Segmentation",
+            "records": out / "records"}
+
+
+def prepare_voc_output(out: Path, command: str, settings_file: str, settings: Mapping[str, Any],
+                       classes: Sequence[str], *, other: str) -> dict[str, Path]:
+    """Create a labelling output ``out`` of ``ovstore COMMAND``, or reopen one to resume: its
+    marker and folders, ``settings`` recorded in ``settings_file`` (a folder holding other
+    settings, described by ``other``, is refused), the temporaries of a killed run removed and
+    ``labelmap.txt`` written. Call it with ``out`` locked. Returns :func:`voc_paths`."""
+    paths = voc_paths(out)
+    if not (out / MARKER).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, command)
+    for p in paths.values():
+        p.mkdir(parents=True, exist_ok=True)
+    recorded = out / settings_file
+    if recorded.exists():
+        if json.loads(recorded.read_text()) != settings:
+            raise InvalidInputError(f"{out} holds a labelling with {other} ({settings_file}); re-run the same "
+                                    "command to resume it, or choose a new --out")
+    else:
+        write_json_atomic(recorded, settings)
+    for folder in (out, *paths.values(), paths["sets"].parent):
+        remove_partials(folder)  # left by a killed run; nothing else writes here now
+    write_labelmap(out / "labelmap.txt", classes)
+    return paths
