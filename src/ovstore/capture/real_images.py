@@ -20,7 +20,6 @@ the source (resized as asked), so maps, labels and their VOC/COCO output show th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -34,13 +33,13 @@ import numpy as np
 
 from ..errors import InvalidInputError, StoreFormatError
 from ..families import family_for_pipeline
-from ..inputs import check_float, check_seed, read_lines
+from ..inputs import check_float, read_lines
 from ..store import REAL_IMAGES, ImageRecord, StoreLayout, StoreWriter, open_store
 from .config import CaptureConfig, store_settings
-from .self_attention import SelfAttentionRecorder
+from .requests import line_options
 from .runner import (
     CaptureResult, _BackgroundWriter, _batches, _context_ids, _key_projections, _stored_weights, check_capture_memory,
-    check_requests, copied_event, family_options, make_recorder, match_requests, plan_capture,
+    check_requests, copied_event, family_options, make_recorders, match_requests, plan_capture,
 )
 
 __all__ = [
@@ -163,12 +162,7 @@ def read_images_file(path: str | Path) -> list[ImageLine]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInputError(f"{where}: \"prompt\" is missing or empty; give every image its caption "
                                     "(what the image shows)")
-        negative = obj.get("negative_prompt")
-        if negative is not None and not isinstance(negative, str):
-            raise InvalidInputError(f"{where}: \"negative_prompt\" must be a string")
-        seed = obj.get("seed")
-        if seed is not None:
-            check_seed(seed, f"{where}: \"seed\"")
+        negative, seed = line_options(obj, where)
         source = (path.parent / image).expanduser().resolve()
         key = (str(source), prompt, negative, seed)
         if key in seen:
@@ -438,11 +432,8 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
 
     layout = writer.store.layout
     family = family_for_pipeline(pipe)
-    recorder = make_recorder(pipe, layers, layout)
+    recorder, attn1 = make_recorders(pipe, layers, layout)
     options = family_options(family, config)
-    attn1 = (SelfAttentionRecorder(recorder, family.self_attention_layers(pipe, layout.latent_height,
-                                                                         layout.latent_width), layout.self_attention)
-             if layout.self_attention else contextlib.nullcontext())
     if method.method == "strength":
         img2img, (inverse, regenerate) = family.image_to_image(pipe), (None, None)
     else:

@@ -50,13 +50,19 @@ def _parse_json_line(text: str, path: Path, number: int) -> PromptSpec:
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidInputError(f"{where}: \"prompt\" must be a non-empty string")
+    return (prompt, *line_options(obj, where))
+
+
+def line_options(obj: dict, where: str) -> tuple[str | None, int | None]:
+    """A JSON line's optional ``negative_prompt`` and ``seed`` (prompts and images files alike),
+    checked; ``where`` names the line in errors."""
     negative = obj.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise InvalidInputError(f"{where}: \"negative_prompt\" must be a string")
     seed = obj.get("seed")
     if seed is not None:
         check_seed(seed, f"{where}: \"seed\"")
-    return (prompt, negative, seed)
+    return negative, seed
 
 
 def build_requests(

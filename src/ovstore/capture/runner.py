@@ -376,11 +376,8 @@ def _generate(pipe: Any, layers: list, writer: StoreWriter, work: list[tuple[int
 
     layout = writer.store.layout
     family = family_for_pipeline(pipe)
-    recorder = make_recorder(pipe, layers, layout)
+    recorder, attn1 = make_recorders(pipe, layers, layout)
     options = family_options(family, config)
-    attn1 = (SelfAttentionRecorder(recorder, family.self_attention_layers(pipe, layout.latent_height,
-                                                                         layout.latent_width), layout.self_attention)
-             if layout.self_attention else contextlib.nullcontext())
     background = _BackgroundWriter(writer, progress)
     try:
         with recorder, attn1:
@@ -445,6 +442,18 @@ def make_recorder(pipe: Any, layers: list, layout: StoreLayout) -> QueryRecorder
                          dtype=layout.query_dtype, family=family,
                          context_dtype=layout.context.dtype if layout.context is not None else None,
                          call_order=family.call_order(layout.extra), arrays=layout.layer_arrays)
+
+
+def make_recorders(pipe: Any, layers: list, layout: StoreLayout) -> tuple[QueryRecorder, Any]:
+    """:func:`make_recorder` and, beside it, the ``attn1`` recorder of the self-attention grids
+    ``layout`` keeps (a null context when it keeps none); enter both around the denoising."""
+    recorder = make_recorder(pipe, layers, layout)
+    if not layout.self_attention:
+        return recorder, contextlib.nullcontext()
+    family = family_for_pipeline(pipe)
+    attn1 = SelfAttentionRecorder(recorder, family.self_attention_layers(pipe, layout.latent_height,
+                                                                        layout.latent_width), layout.self_attention)
+    return recorder, attn1
 
 
 def _context_ids(pipe: Any, family: ModelFamily, records: Sequence[ImageRecord],
