@@ -100,8 +100,7 @@ def ovam(maps: Any, sa: Any, min_sa: float = 0.85) -> Any:
     span = received.max() - received.min()
     scaled = (received - received.min()) / span if span > 0 else torch.ones_like(received)
     weight = (scaled * (1 - float(min_sa)) + float(min_sa)).reshape(m.shape[-2:])
-    peak = m.amax(dim=(-2, -1), keepdim=True)
-    return _like(m / torch.where(peak > 0, peak, torch.ones_like(peak)) * weight, maps)
+    return _like(_peak_normalised(m) * weight, maps)
 
 
 def entropy_reduced(sa: Any, step: float = 0.0) -> Any:
