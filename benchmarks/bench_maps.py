@@ -15,6 +15,10 @@ this machine, measured in the same run:
 - SD-1.5-shaped store: the Q·Kᵀ and text-encoder FLOPs at the throughput of a large
   float32 matrix product (``torch.mm`` 2048³).
 
+``--sd15-few`` times the few-prompt case: one image, 1 and 5 prompts, ``compute_maps`` from an
+open store (cold, and warm through the query cache) beside the baseline with the image's
+queries in memory.
+
 ``--e2e N`` times whole processes (start-up included): ``ovstore maps`` with N prompts vs
 this file run as a reference-style script on the same prompts. Run:
 
@@ -181,7 +185,7 @@ def work(store, encoder, texts: list[str]) -> tuple[int, float, float]:
 def table(label: str, store, encoder, counts: list[int], baseline_max: int, bound: str) -> None:
     from ovstore.analyze import compute_maps
 
-    compute_maps(store, prompts(4), text_encoder=encoder, device=str(DEVICE))  # warm-up
+    compute_maps(store, prompts(4), text_encoder=encoder, device=str(DEVICE), cache=False)  # warm-up
     reference_style(store, encoder, prompts(2))
     gflops = gemm_gflops()
     exp_s = exp_seconds_per_element()
@@ -193,7 +197,8 @@ def table(label: str, store, encoder, counts: list[int], baseline_max: int, boun
     base_rate = None
     for n in counts:
         texts = prompts(n, seed=n)
-        ours, t_ours = _timed(lambda: compute_maps(store, texts, text_encoder=encoder, device=str(DEVICE)).values[0])
+        ours, t_ours = _timed(lambda: compute_maps(store, texts, text_encoder=encoder, device=str(DEVICE),
+                                                   cache=False).values[0])  # queries read from the store each time
         scores, qk, text = work(store, encoder, texts)
         exp_limit, mm_limit = scores * exp_s, (qk + text) / (gflops * 1e9)
         limit = exp_limit + mm_limit if bound == "exp + matmul bound s" else mm_limit
@@ -212,6 +217,69 @@ def table(label: str, store, encoder, counts: list[int], baseline_max: int, boun
         print(f"| {n} | {t_ours:.3f} | {n / t_ours:.1f} | {base_cols} | {speed} | {limit:.3f} | "
               f"{t_ours / limit:.2f} | {diff} |")
     print(f"\n(parentheses: baseline extrapolated from its measured rate at {baseline_max} prompts)")
+
+
+def few_prompts(store_path: Path, encoder, counts: tuple[int, ...] = (1, 5), repeats: int = 7) -> None:
+    """A user re-analysing one image for a handful of words, side by side: the baseline with
+    the image's queries already in memory as float32 (as the published implementation holds
+    them right after generating), against ``compute_maps`` from an open store, cold (a store
+    object just opened: the queries and key projections read from disk) and warm (the same
+    open store again, new words: the prepared queries come from the process-wide cache).
+    Cold is the median of ``repeats`` fresh opens, warm and baseline the medians of three new
+    prompts after each, alternating; every side encodes its prompts."""
+    from ovstore.analyze import compute_maps, shared_query_cache
+    from ovstore.store import open_store
+
+    store = open_store(store_path)
+    layers = [l for l in store.layers if l.block != "mid"]
+    in_ram = {l.name: torch.from_numpy(store.queries(l.name, 0)).to(DEVICE).float()
+              .reshape(-1, l.heads, l.height * l.width, l.head_dim) for l in layers}
+    weights = {l.name: torch.from_numpy(store.key_projection(l.name)[0]).to(DEVICE).float() for l in layers}
+    target = max((l.height, l.width) for l in layers)
+
+    def baseline(texts: list[str]) -> np.ndarray:  # reference_style's loop, the queries already in memory
+        out = []
+        for text in texts:
+            ids = encoder.tokenizer(text, padding=False, return_tensors="pt")["input_ids"].to(DEVICE)
+            with torch.no_grad():
+                emb, total = last_hidden_state(encoder, ids), 0
+                for l in layers:
+                    k = F.linear(emb, weights[l.name]).view(-1, l.heads, l.head_dim).permute(1, 2, 0)
+                    per_call = [torch.bmm(q, k).mul_(l.scale).permute(0, 2, 1).reshape(l.heads, -1, l.height, l.width)
+                                for q in in_ram[l.name]]
+                    maps = torch.stack(per_call).softmax(dim=-3).sum(0).sum(0)
+                    if (l.height, l.width) != target:
+                        maps = F.interpolate(maps[None], size=target, mode="bilinear", align_corners=False)[0]
+                    total = total + maps
+                out.append(total.cpu().numpy())
+        return np.concatenate(out)
+
+    baseline(prompts(1, seed=99))
+    megabytes = sum(v.numel() for v in in_ram.values()) * 2 / 1e6
+    print(f"\nA handful of words on one SD-1.5-shaped image ({store.layout.n_steps} stored calls, {megabytes:.0f} MB "
+          f"of float16 queries), medians of {repeats} cold and {3 * repeats} warm calls, each with new prompts:\n")
+    print("| prompts | baseline, queries in memory ms | ovstore cold (store just opened) ms | ovstore warm (same open "
+          "store) ms | warm ÷ baseline | max abs diff |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n in counts:
+        t_base, t_cold, t_warm, diff = [], [], [], 0.0
+        for r in range(repeats):
+            texts = prompts(n, seed=1000 * n + r)
+            shared_query_cache().resize(0)  # cold: nothing of this image in memory ...
+            shared_query_cache().resize(2**30)
+            fresh = open_store(store_path)  # ... and a store object of its own (key projections unread)
+            _, t = _timed(lambda: compute_maps(fresh, texts, text_encoder=encoder, device=str(DEVICE)))
+            t_cold.append(t)
+            for w in range(3):  # new words on the open store, alternating with the baseline on the same words
+                warm_texts = prompts(n, seed=2000 * n + 10 * r + w)
+                ours, t = _timed(lambda: compute_maps(fresh, warm_texts, text_encoder=encoder, device=str(DEVICE)))
+                t_warm.append(t)
+                base, t = _timed(baseline, warm_texts)
+                t_base.append(t)
+                diff = max(diff, float(np.abs(ours.values[0] - base).max()))
+        med = lambda xs: 1e3 * float(np.median(xs))  # noqa: E731
+        print(f"| {n} | {med(t_base):.0f} | {med(t_cold):.0f} | {med(t_warm):.0f} | "
+              f"{med(t_warm) / med(t_base):.2f} | {diff:.1e} |")
 
 
 def end_to_end(store_path: Path, n: int, threads: int, repeats: int = 1) -> None:
@@ -249,6 +317,8 @@ def main() -> None:
     parser.add_argument("--sd15-calls", type=int, default=10)
     parser.add_argument("--sd15-counts", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--sd15-baseline-max", type=int, default=10)
+    parser.add_argument("--sd15-few", action="store_true", help="only the few-prompt case on an SD-1.5-shaped "
+                        "store of 4 stored calls: cold and warm, beside the baseline with its queries in memory")
     parser.add_argument("--e2e", type=int, default=0, help="end-to-end process timing with this many prompts")
     parser.add_argument("--e2e-repeats", type=int, default=1, help="end-to-end runs per side (the best is reported)")
     parser.add_argument("--e2e-images", type=int, default=1, help="stored images of the end-to-end store")
@@ -270,6 +340,15 @@ def main() -> None:
     from ovstore.store import open_store
 
     tmp = Path(tempfile.mkdtemp()) / "bench.zarr"
+    if args.sd15_few:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from sd15_shaped import make_sd15_store, make_text_encoder_dir
+
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
+        path = make_sd15_store(tmp.parent / "sd15-4.zarr", make_text_encoder_dir(tmp.parent / "clip-l"), n_calls=4)
+        few_prompts(path, load_text_encoder(open_store(path).layout.model, device=str(DEVICE)))
+        return
     pipe, identity = load_pipeline(str(TINY))
     capture(pipe, identity, build_requests([("a photo of a cat on a sofa", None, 0)], num_inference_steps=10),
             tmp, config=CaptureConfig(num_inference_steps=10, dtype="float16"))

@@ -471,7 +471,7 @@ def maps(
                                     skipped_damaged=damaged)
                 result = xr.open_zarr(out, consolidated=False)["ovam_maps"]
             else:
-                result = compute_maps(s, attributions, **options)
+                result = compute_maps(s, attributions, **options, cache=False)  # one pass, then the process ends
                 save_maps(result, out, overwrite=overwrite, inputs=inputs)
         except StoreError as exc:
             if skip_damaged:

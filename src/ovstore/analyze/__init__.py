@@ -3,6 +3,7 @@
 Loads only a tokenizer and a text encoder plus the stored key projections; never a UNet.
 """
 
+from .cache import QueryCache, prepared_bytes, set_query_cache, shared_query_cache
 from .config import SPACES, MapConfig
 from .context import (
     ContextRequest, ContextResult, check_context_request, compute_context_maps, context_map_config, per_image,
@@ -38,6 +39,7 @@ __all__ = [
     "Refinement",
     "SPACES",
     "PreparedQueries",
+    "QueryCache",
     "TextEncoder",
     "TokenBuckets",
     "check_context_request",
@@ -56,11 +58,14 @@ __all__ = [
     "normalize_maps",
     "parse_refinement",
     "prepare_queries",
+    "prepared_bytes",
     "resize_maps",
     "overlay_dir",
     "overlay_files",
     "per_image",
     "save_maps",
+    "set_query_cache",
+    "shared_query_cache",
     "write_context_maps",
     "write_context_maps_zarr",
     "write_maps_job",

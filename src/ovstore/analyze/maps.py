@@ -11,6 +11,7 @@ to disk.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -27,6 +28,7 @@ from ..errors import InvalidInputError, StoreError
 from ..inputs import Line, check_memory
 from ..selection import resolve_indices
 from ..store import IMAGE_OUTPUTS, LayerInfo, Store, open_store
+from .cache import QueryCache, shared_query_cache, store_cache_key, stored_key_projection
 from .config import MapConfig
 from .engine import (
     PreparedQueries,
@@ -63,13 +65,26 @@ __all__ = [
 ]
 
 
+def _checked_projection(store: Store, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's stored ``to_k`` weight and bias as CPU tensors, refused when not finite."""
+    w, b = store.key_projection(layer)
+    if not (np.isfinite(w).all() and (b is None or np.isfinite(b).all())):  # every map would be NaN
+        raise StoreError(f"layer {layer}: the stored key projection holds NaN or Inf, so every map "
+                         f"would be NaN; `ovstore verify {store.path}` reports it; restore the store "
+                         "from a copy, or capture it again (not one image: --skip-damaged cannot help)")
+    return torch.from_numpy(w), torch.from_numpy(b)
+
+
 class MapPlan:
     """Everything resolved before the pass over images: layers, steps, branch and the
     stored key projections. Keys for any embedding follow from :meth:`keys`, so the same
     plan serves fixed prompts and token optimization."""
 
-    def __init__(self, store: Store, config: MapConfig, device: str = "cpu") -> None:
+    def __init__(self, store: Store, config: MapConfig, device: str = "cpu",
+                 query_cache: QueryCache | None = None) -> None:
         self.store = store
+        #: where :meth:`read` keeps prepared queries for the next call on the same image (None: read each time)
+        self.query_cache = query_cache
         self.config = config
         self.device = check_device(device)
         self.memory_budget = config.memory_budget or (2 * 2**20 if self.device.type == "cpu" else 256 * 2**20)
@@ -95,14 +110,8 @@ class MapPlan:
 
         #: the store's model family: it turns encoded rows into each layer's keys
         self.family = get_family(store.layout.model.family)
-        self.projections = {}
-        for info in self.layers:
-            w, b = store.key_projection(info.name)
-            if not (np.isfinite(w).all() and (b is None or np.isfinite(b).all())):  # every map would be NaN
-                raise StoreError(f"layer {info.name}: the stored key projection holds NaN or Inf, so every map "
-                                 f"would be NaN; `ovstore verify {store.path}` reports it; restore the store "
-                                 "from a copy, or capture it again (not one image: --skip-damaged cannot help)")
-            self.projections[info.name] = (torch.from_numpy(w).to(device), torch.from_numpy(b).to(device))
+        self.projections = {info.name: tuple(t.to(device) for t in stored_key_projection(
+            store, info.name, functools.partial(_checked_projection, store, info.name))) for info in self.layers}
         self.output_space = config.space == "output"
         if self.output_space:  # before the stored weights are read
             _check_output_space(store, self.family)
@@ -192,7 +201,16 @@ class MapPlan:
         return branches.index(branch)
 
     def read(self, image: int) -> dict[str, PreparedQueries]:
-        """One image's queries for the planned layers and steps, laid out for the engine.
+        """One image's queries for the planned layers and steps, laid out for the engine:
+        from :attr:`query_cache` when an earlier call left them there, else :meth:`read_store`."""
+        if self.query_cache is None:
+            return self.read_store(image)
+        key = (store_cache_key(self.store), int(image), str(self.device), self.branch, tuple(self.steps),
+               self.output_space, tuple(info.name for info in self.layers))
+        return self.query_cache.get(key, functools.partial(self.read_store, image))
+
+    def read_store(self, image: int) -> dict[str, PreparedQueries]:
+        """One image's queries for the planned layers and steps, read from the store and laid out.
 
         On CPU with several threads the layers are read and laid out in parallel
         (decompression and the layout copy release the GIL)."""
@@ -406,14 +424,15 @@ def _prefetched(plan: MapPlan, images: Sequence[int]) -> Iterator[tuple[int, int
 
 def prepare_run(store: Store | str | Path, attributions: Sequence[str | Attribution] | str, *,
                 images: Sequence[int] | None, config: MapConfig | None, text_encoder: TextEncoder | None,
-                model: str | None, device: str) -> tuple[Store, list[int], list[Attribution], MapPlan]:
+                model: str | None, device: str, query_cache: QueryCache | None = None,
+                ) -> tuple[Store, list[int], list[Attribution], MapPlan]:
     """What every map computation resolves first: the store, the images, the encoded
     attributions and the plan (all arguments checked before any work)."""
     check_device(device)
     store = store if isinstance(store, Store) else open_store(store)
     config = config or MapConfig()
     images = store.check_images(images)
-    plan = MapPlan(store, config, device=device)
+    plan = MapPlan(store, config, device=device, query_cache=query_cache)
     atts = prepare_attributions(store, attributions, text_encoder=text_encoder, model=model, device=device)
     height, width = plan.size
     check_memory(2 * 4 * height * width * max(a.n_tokens for a in atts),
@@ -431,6 +450,7 @@ def compute_maps(
     model: str | None = None,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    cache: bool = True,
 ) -> xr.DataArray:
     """OVAM attention maps of attribution prompts over stored images.
 
@@ -452,6 +472,12 @@ def compute_maps(
         ``"cpu"`` or ``"cuda"``.
     progress
         Called with each image index when its maps are done.
+    cache
+        Keep the images' prepared queries in the process-wide cache
+        (:func:`~ovstore.analyze.shared_query_cache`, 1 GiB by default), so that the next call on
+        the same open store and images skips reading them: a few words at a time on one image
+        cost their maps, not a read each. Passes that visit each image once (labelling, bulk
+        jobs) turn it off.
 
     Returns
     -------
@@ -470,7 +496,8 @@ def compute_maps(
     import xarray as xr
 
     store, images, atts, plan = prepare_run(store, attributions, images=images, config=config,
-                                            text_encoder=text_encoder, model=model, device=device)
+                                            text_encoder=text_encoder, model=model, device=device,
+                                            query_cache=shared_query_cache() if cache else None)
     total = sum(a.n_tokens for a in atts)
     check_memory(4 * len(images) * total * plan.size[0] * plan.size[1],
                  f"maps of {len(images)} images x {total} tokens at {plan.size[0]}x{plan.size[1]} held in memory",

@@ -82,7 +82,7 @@ def class_maps(store: Store, images: Sequence[int], attributions: ClassAttributi
     is linear, so only the class maps are brought to the image size (not every token of every
     template sentence)."""
     maps = compute_maps(store, list(attributions.attributions), images=images, config=MapConfig(space=space),
-                        device=device).values
+                        device=device, cache=False).values  # a labelling pass visits each image once
     out = np.stack([maps[:, list(cols)].sum(axis=1) for cols in attributions.columns], axis=1)
     out = refine_class_maps(store, images, torch.from_numpy(out), refine)
     return normalize_maps(resize_maps(out, size).numpy(), normalize)
@@ -157,7 +157,7 @@ def prompt_class_maps(store: Store, images: Sequence[int], config: LabelConfig, 
     word_classes = [(c, name) for c, name in enumerate(config.classes) if name not in config.tokens]
     for prompt, rows in by_prompt.items():
         maps = compute_maps(store, [prompt], images=[images[k] for k in rows], config=MapConfig(space=config.space),
-                            device=device, text_encoder=encoder)  # the labelling's encoder, loaded once
+                            device=device, text_encoder=encoder, cache=False)  # the labelling's encoder, loaded once
         tokens = [str(t) for t in maps["token_str"].values]
         values = maps.values
         for c, name in word_classes:

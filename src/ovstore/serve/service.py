@@ -92,11 +92,8 @@ class _CachedPlan(MapPlan):
 
     cache: QueryCache
 
-    def read(self, image: int):  # noqa: D102 - MapPlan.read, through the cache
+    def read(self, image: int):  # noqa: D102 - MapPlan.read, through the viewer's own cache
         return self.cache.get(image)
-
-    def read_store(self, image: int):
-        return MapPlan.read(self, image)
 
 
 @dataclass(frozen=True)

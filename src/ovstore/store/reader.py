@@ -167,6 +167,7 @@ class Store:
         self.meta = meta
         self.layout = layout if layout is not None else StoreLayout.from_json(meta["layout"])
         self._known_complete: set[int] = set()
+        self._records: dict[int, ImageRecord] = {}
         self._query_arrays: dict[str, zarr.Array] = {}
 
     def __repr__(self) -> str:
@@ -283,11 +284,14 @@ class Store:
     def record(self, image: int) -> ImageRecord:
         """The generation request of a slot (prompt, negative prompt, seed, guidance, steps)."""
         image = int(image)
+        known = self._records.get(image)
+        if known is not None:
+            return known
         if not 0 <= image < self.n_images:
             raise IncompleteImageError(f"image {image} is out of range: store {self.path} has {self.n_images} images")
         must = self.fully_checksummed
         get = lambda name: self.read(name, image, what=f"record {name}", must_exist=must)[()]  # noqa: E731
-        return ImageRecord(
+        record = ImageRecord(
             prompt=str(get(fmt.PROMPT)),
             negative_prompt=str(get(fmt.NEGATIVE_PROMPT)),
             seed=int(get(fmt.SEED)),
@@ -295,6 +299,9 @@ class Store:
             num_inference_steps=int(get(fmt.NUM_INFERENCE_STEPS)),
             source=str(get(fmt.SOURCE)) if self.is_real_images else "",
         )
+        if image in self._known_complete:  # written at reservation, before the slot completed: final
+            self._records[image] = record
+        return record
 
     def records(self) -> list[ImageRecord]:
         """Every slot's generation request, read array by array (faster than :meth:`record`)."""

@@ -1,0 +1,100 @@
+"""The process-wide cache of prepared queries: a second `compute_maps` on the same open store
+and image reads nothing from the store and gives the same maps; another store object, other
+layers or steps, or `cache=False` read again; a collected store's entries are dropped."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Counts of queries and key projections read from stores, by (image or layer)."""
+    from ovstore.store.reader import Store
+
+    reads = {"queries": 0, "projections": 0}
+    queries, projection = Store.queries, Store.key_projection
+
+    def counted_queries(self, *args, **kwargs):
+        reads["queries"] += 1
+        return queries(self, *args, **kwargs)
+
+    def counted_projection(self, *args, **kwargs):
+        reads["projections"] += 1
+        return projection(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "queries", counted_queries)
+    monkeypatch.setattr(Store, "key_projection", counted_projection)
+    return reads
+
+
+@pytest.fixture
+def fresh_cache():
+    from ovstore.analyze import set_query_cache
+
+    set_query_cache(0)
+    set_query_cache(256)
+    yield
+    set_query_cache(0)
+    set_query_cache(1024)
+
+
+def test_a_second_call_on_the_same_store_reads_nothing_and_equals_the_first(multi_store, counting, fresh_cache):
+    from ovstore.analyze import MapConfig, compute_maps, shared_query_cache
+    from ovstore.store import open_store
+
+    torch.set_num_threads(1)
+    store = open_store(multi_store)
+    first = compute_maps(store, ["a cat on a sofa"], images=[0, 2])
+    n_layers = len(first.attrs["layers"])
+    assert counting == {"queries": 2 * n_layers, "projections": n_layers}
+    again = compute_maps(store, ["furniture", "a cat on a sofa"], images=[2, 0])
+    assert counting == {"queries": 2 * n_layers, "projections": n_layers}  # nothing read
+    assert shared_query_cache().hits >= 2
+    np.testing.assert_array_equal(again.values[[1, 0]][:, -first.sizes["token"]:], first.values)
+    uncached = compute_maps(store, ["a cat on a sofa"], images=[0, 2], cache=False)
+    assert counting["queries"] == 4 * n_layers
+    np.testing.assert_array_equal(uncached.values, first.values)
+    # other steps are other prepared queries: read, and not mistaken for the cached ones
+    steps = compute_maps(store, ["a cat on a sofa"], images=[0], config=MapConfig(steps="0:2"))
+    assert counting["queries"] == 5 * n_layers
+    assert not np.array_equal(steps.values[0], first.values[0])
+
+
+def test_another_store_object_reads_again_and_a_collected_one_leaves_nothing(multi_store, counting, fresh_cache):
+    from ovstore.analyze import compute_maps, shared_query_cache
+    from ovstore.store import open_store
+
+    torch.set_num_threads(1)
+    one = open_store(multi_store)
+    maps = compute_maps(one, ["a red car"], images=[1]).values
+    n_layers = counting["projections"]
+    other = open_store(multi_store)  # re-opened (the store may have been replaced on disk): read afresh
+    np.testing.assert_array_equal(compute_maps(other, ["a red car"], images=[1]).values, maps)
+    assert counting == {"queries": 2 * n_layers, "projections": 2 * n_layers}
+    assert len(shared_query_cache()) == 2
+    del one, other
+    gc.collect()
+    assert len(shared_query_cache()) == 0
+
+
+def test_a_cache_of_zero_bytes_keeps_nothing(multi_store, counting):
+    from ovstore.analyze import compute_maps, set_query_cache, shared_query_cache
+    from ovstore.store import open_store
+
+    torch.set_num_threads(1)
+    set_query_cache(0)
+    try:
+        store = open_store(multi_store)
+        compute_maps(store, ["a red car"], images=[1])
+        compute_maps(store, ["a red car"], images=[1])
+        assert counting["queries"] == 2 * counting["projections"]  # each call read the image again
+        assert len(shared_query_cache()) == 0
+    finally:
+        set_query_cache(1024)
+    with pytest.raises(ValueError, match=">= 0 MiB"):
+        set_query_cache(-1)
