@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--model", default=None, help="pipeline to evaluate (default: the embedded toy-world model)")
     parser.add_argument("--work", type=Path, default=None, help="stores and datasets (default: a temp dir)")
+    parser.add_argument("--maps-only", action="store_true", help="sections (a)-(c) only: prompt words, the bare "
+                        "attribution and words not in the prompt (a checkpoint's figures in minutes)")
     parser.add_argument("--write-defaults", action="store_true", help="write the chosen label settings to "
                         "src/ovstore/data/toy-shapes/ovstore_defaults.json")
     args = parser.parse_args()
@@ -210,6 +212,10 @@ def main() -> None:
               f"{fmt(s.miou())} | {fmt(s.miou('flat'))} | {s.miou() / s.miou('flat'):.1f}× | "
               f"{fmt(s.miou('objects'))} | {fmt(b)} ({nb}) | {len(s.instances['map'])} | "
               f"{spread([o[name].miou() for o in ov_parts])} |")
+
+    if args.maps_only:  # a checkpoint's map figures, before the labelling grid and the tokens
+        print(f"\n(--maps-only: labelling and tokens skipped; {time.perf_counter() - t_start:.0f} s)")
+        return
 
     # (d) label settings chosen on the calibration set
     print("\n(d) `ovstore label --classes circle,square,triangle`: settings chosen on the calibration set\n")
