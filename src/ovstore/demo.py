@@ -7,7 +7,6 @@ others, labels the images, and writes a Markdown report with the pictures.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import numpy as np
 
 from .devices import check_device
 from .errors import InvalidInputError, StoreError
-from .outputs import Output, held_lock, open_output, os_errors, read_marker, temporary_path, write_marker
+from .outputs import (Output, held_lock, open_output, os_errors, read_marker, write_atomically, write_marker,
+                      write_text_atomic)
 from .partial import find_damaged
 
 __all__ = ["CAPTIONS", "open_vocabulary", "run_demo"]
@@ -111,12 +111,7 @@ def open_vocabulary(caption: str) -> tuple[str, str]:
 
 
 def _write_report(path: Path, lines: list[str]) -> None:
-    tmp = temporary_path(path)
-    try:
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _run_demo(out: Path, *, device: str, steps: int, guidance: float, epochs: int,
@@ -302,15 +297,9 @@ def _run_demo(out: Path, *, device: str, steps: int, guidance: float, epochs: in
 
 def _save(sheet, path: Path) -> None:
     """A picture written whole: a temporary beside it, renamed into place."""
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            from PIL import Image
+    from PIL import Image
 
-            Image.fromarray(sheet.pixels).save(f, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: Image.fromarray(sheet.pixels).save(tmp, format="PNG"))
 
 
 def _map_config(size: tuple[int, int]):

@@ -42,7 +42,8 @@ from .errors import InvalidInputError, OutputError
 
 __all__ = ["MARKER", "Output", "describe_os_error", "fix_for", "write_error", "os_errors", "open_output",
            "temporary_path", "zarr_marker", "is_capture_store", "remove_stale_temporaries", "held_lock", "write_marker",
-           "publish_file_atomically", "pid_alive"]
+           "publish_file_atomically", "pid_alive", "write_atomically", "write_text_atomic",
+           "write_json_atomic"]
 
 MARKER = ".ovstore-output.json"
 PARTIAL = ".partial"
@@ -127,15 +128,23 @@ def write_marker(folder: Path, command: str, **extra: object) -> None:
     (folder / MARKER).write_text(json.dumps(info, indent=1, sort_keys=True), encoding="utf-8")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a hidden temporary renamed over it: readers see the
-    old file or the new one, never a part."""
+def write_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` into a hidden temporary beside ``path`` (:func:`temporary_path`), then
+    rename it over ``path``: readers and a killed writer leave the old file or the new one,
+    never a part (the temporary is removed on any error)."""
+    path = Path(path)
     tmp = temporary_path(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a hidden temporary renamed over it: readers see the
+    old file or the new one, never a part."""
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

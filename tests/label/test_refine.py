@@ -129,8 +129,10 @@ def test_class_names_that_labelmap_txt_cannot_hold():
 
 
 def test_temporaries_never_match_image_globs(tmp_path):
+    from ovstore.outputs import temporary_path  # where write_label_png and write_jpeg build their files
+
     target = tmp_path / "00001.png"
-    tmp = voc._tmp(target)
+    tmp = temporary_path(target)
     assert tmp.parent == tmp_path and tmp.name.startswith(".00001.png.") and tmp.suffix == ".partial"
     tmp.write_bytes(b"half")
     (tmp_path / ".00002.png.partial.png").write_bytes(b"old-style")  # left by older versions

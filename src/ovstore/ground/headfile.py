@@ -4,14 +4,13 @@ classes seen and training provenance as JSON metadata; refused on another model'
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._version import __version__
 from ..errors import InvalidInputError, OutputError
-from ..outputs import describe_os_error, temporary_path
+from ..outputs import describe_os_error, write_atomically
 from ..store import Store
 from .model import GroundHead, HeadSpec
 
@@ -71,17 +70,13 @@ def save_head(head: HeadFile, path: str | Path, *, overwrite: bool = False) -> P
 
     path = Path(path)
     check_head_output(path, overwrite=overwrite)
-    tmp = temporary_path(path)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state.items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state.items()}, str(tmp),
-                  metadata=head.metadata())
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=head.metadata()))
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {describe_os_error(exc)}; the training checkpoint beside it is "
                           "kept, free space and run the same command again") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

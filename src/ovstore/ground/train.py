@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from ..devices import check_device
 from ..errors import InvalidInputError
 from ..inputs import check_int
-from ..outputs import temporary_path
+from ..outputs import write_atomically
 from ..selection import LayerSelection
 from ..store import Store, open_store
 from .data import DEFAULT_CACHE_BYTES, DEFAULT_TEMPLATE, TEXT_SOURCES, ClassText, FeatureReader, LabelFolder, \
@@ -365,10 +364,5 @@ def train_head(
 
 
 def _save_checkpoint(path: Path, data: dict[str, Any]) -> None:
-    tmp = temporary_path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: torch.save(data, tmp))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..outputs import MARKER, temporary_path, write_json_atomic, write_marker, write_text_atomic
+from ..outputs import MARKER, write_atomically, write_json_atomic, write_marker, write_text_atomic
 
 __all__ = ["voc_palette", "write_labelmap", "write_label_png", "write_label_tree", "write_jpeg", "rle_annotations",
            "write_json_atomic", "write_text_atomic", "read_labelmap", "remove_partials", "write_coco_from_records",
@@ -58,15 +58,6 @@ def read_labelmap(path: Path) -> list[str]:
 PARTIAL = ".partial"
 
 
-def _tmp(path: Path) -> Path:
-    """A temporary beside ``path`` (same filesystem, so the final rename is atomic).
-
-    Hidden, unique per writer, and ending in ``.partial`` (:func:`ovstore.outputs.temporary_path`),
-    so ``*.png``/``*.jpg`` globs and loaders listing the folder never see it.
-    """
-    return temporary_path(path)
-
-
 def remove_partials(folder: Path) -> list[Path]:
     """Delete temporaries left in ``folder`` by a killed writer (this and older versions)."""
     removed = []
@@ -84,12 +75,7 @@ def write_label_png(path: Path, labels: np.ndarray) -> None:
 
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
     image.putpalette(voc_palette())
-    tmp = _tmp(path)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def write_label_tree(root: Path, classes: Sequence[str], labels: Mapping[int, np.ndarray]) -> Path:
@@ -110,12 +96,7 @@ def write_label_tree(root: Path, classes: Sequence[str], labels: Mapping[int, np
 def write_jpeg(path: Path, rgb: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = _tmp(path)
-    try:
-        Image.fromarray(rgb).save(tmp, format="JPEG", quality=95)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="JPEG", quality=95))
 
 
 def rle_annotations(labels: np.ndarray, image_id: int, n_classes: int) -> list[dict[str, Any]]:
