@@ -179,8 +179,8 @@ def layer_keys(embedding: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 #: summed over 77 tokens, so the softmax may skip subtracting the row maximum.
 _SAFE_EXP = 80.0
 _LOG2_E = 1.4426950408889634
-#: at most this many attribution tokens are "a few prompts" for the tiling of ordered_token_maps
-_FEW_TOKENS = 64
+#: bytes of scores (and of queries) one pass of the engine takes on CPU (``MapConfig.memory_budget``)
+CPU_MEMORY_BUDGET = 8 * 2**20
 
 
 def _activate(scores: torch.Tensor, activation: str) -> torch.Tensor:
@@ -253,7 +253,7 @@ def layer_token_maps(
     buckets: TokenBuckets,
     *,
     activation: str = "token_softmax",
-    memory_budget: int = 2 * 2**20,
+    memory_budget: int = CPU_MEMORY_BUDGET,
 ) -> torch.Tensor:
     """Maps of every token for one layer, summed over steps and heads.
 
@@ -284,7 +284,7 @@ def layer_token_maps(
 
 
 def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: TokenBuckets, *,
-                       activation: str = "token_softmax", memory_budget: int = 2 * 2**20) -> torch.Tensor:
+                       activation: str = "token_softmax", memory_budget: int = CPU_MEMORY_BUDGET) -> torch.Tensor:
     """:func:`layer_token_maps` with keys and maps in engine order (``buckets.order``).
 
     Sums over layers are linear, so a caller combining layers can stay in engine order and
@@ -298,11 +298,7 @@ def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: To
         ordered = torch.zeros((buckets.total, pixels), dtype=torch.float32, device=keys.device)
         k_norm = keys.norm(dim=2).amax(dim=0)  # (token,)
         keys_log2e = keys * _LOG2_E if activation == "token_softmax" else None
-        # a query tile stays in cache while many prompt chunks meet it; a few prompts are one chunk,
-        # which reuses nothing, so their tiles are wider (fewer, larger operations: a handful of
-        # words on an SD-1.5 image is 15 % faster with 4x the budget, measured in bench_maps --sd15-few)
-        few = buckets.total <= _FEW_TOKENS
-        tiles = _width_tiles(steps, pixels, max(1, (4 if few else 1) * memory_budget // (4 * heads * channels)))
+        tiles = _width_tiles(steps, pixels, max(1, memory_budget // (4 * heads * channels)))
         widest = max(k * (b - a) for _, a, b, k in tiles)
         columns = max(buckets.longest, memory_budget // (heads * widest * 4))
         buffer = torch.empty(heads * min(columns, buckets.total) * widest, dtype=torch.float32, device=keys.device)

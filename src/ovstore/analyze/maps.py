@@ -31,6 +31,7 @@ from ..store import IMAGE_OUTPUTS, LayerInfo, Store, open_store
 from .cache import QueryCache, shared_query_cache, store_cache_key, stored_key_projection
 from .config import MapConfig
 from .engine import (
+    CPU_MEMORY_BUDGET,
     PreparedQueries,
     TokenBuckets,
     normalize_maps,
@@ -87,7 +88,7 @@ class MapPlan:
         self.query_cache = query_cache
         self.config = config
         self.device = check_device(device)
-        self.memory_budget = config.memory_budget or (2 * 2**20 if self.device.type == "cpu" else 256 * 2**20)
+        self.memory_budget = config.memory_budget or (CPU_MEMORY_BUDGET if self.device.type == "cpu" else 256 * 2**20)
         #: CPU layers evaluated in parallel, one per torch thread of the caller (each worker's
         #: operations single-threaded: small operations scale far better this way)
         self.workers = max(1, torch.get_num_threads()) if self.device.type == "cpu" else 1
