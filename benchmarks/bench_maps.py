@@ -158,13 +158,16 @@ def exp_seconds_per_element(n: int = 1 << 18, repeats: int = 200) -> float:
         n = 1 << 26
     x = torch.rand(n, device=DEVICE)
     out = torch.empty_like(x)
-    torch.exp2(x, out=out)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        torch.exp2(x, out=out)
-    _sync()
-    return (time.perf_counter() - t0) / (n * repeats)
+    rates = []
+    for fn in (torch.exp2, torch.exp):  # the faster of the two on this machine bounds any exact method
+        fn(x, out=out)
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn(x, out=out)
+        _sync()
+        rates.append((time.perf_counter() - t0) / (n * repeats))
+    return min(rates)
 
 
 def work(store, encoder, texts: list[str]) -> tuple[int, float, float]:
@@ -190,7 +193,8 @@ def table(label: str, store, encoder, counts: list[int], baseline_max: int, boun
     gflops = gemm_gflops()
     exp_s = exp_seconds_per_element()
     print(f"\n{label}\n")
-    print(f"measured in this run: float32 matrix product {gflops:.0f} GFLOP/s; exp2 {exp_s * 1e9:.2f} ns/element\n")
+    print(f"measured in this run: float32 matrix product {gflops:.0f} GFLOP/s; exp or exp2, the faster, "
+          f"{exp_s * 1e9:.2f} ns/element\n")
     print(f"| prompts | ovstore s | ovstore prompts/s | baseline s | baseline prompts/s | speed-up | {bound} | "
           "ovstore ÷ bound | max abs diff |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
