@@ -42,7 +42,22 @@ def softmax_sum(q, keys, offsets, P, out, buf, ibuf):
                     row = buf[j]
                     for xx in range(BX):
                         row[xx] = 0.0
-                    for c in range(C):
+                    # eight channels per pass: one load and store of the score row per eight products
+                    for c0 in range(0, C - 7, 8):
+                        k = keys[h, t0 + j, c0:c0 + 8]
+                        q0 = q[h, c0, x0:x0 + BX]
+                        q1 = q[h, c0 + 1, x0:x0 + BX]
+                        q2 = q[h, c0 + 2, x0:x0 + BX]
+                        q3 = q[h, c0 + 3, x0:x0 + BX]
+                        q4 = q[h, c0 + 4, x0:x0 + BX]
+                        q5 = q[h, c0 + 5, x0:x0 + BX]
+                        q6 = q[h, c0 + 6, x0:x0 + BX]
+                        q7 = q[h, c0 + 7, x0:x0 + BX]
+                        k0, k1, k2, k3, k4, k5, k6, k7 = k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]
+                        for xx in range(BX):
+                            row[xx] += (k0 * q0[xx] + k1 * q1[xx] + k2 * q2[xx] + k3 * q3[xx]
+                                        + k4 * q4[xx] + k5 * q5[xx] + k6 * q6[xx] + k7 * q7[xx])
+                    for c in range(C - C % 8, C):
                         kc = keys[h, t0 + j, c]
                         qs = q[h, c, x0:x0 + BX]
                         for xx in range(BX):
