@@ -186,8 +186,12 @@ def main() -> None:
 
     words = {c: list(w) for c, w in fields.get("class_words", {}).items()}
     head_iou = head_row("head, exact masks (seen only)", exact_head.path,
-                        f"{h['epochs_run']} epochs, {t_train:.0f} s; prompt classes only",
+                        f"{h['epochs_run']} epochs, {t_train:.0f} s; threshold {h['validation_threshold']} chosen on the "
+                        "validation split; prompt classes only",
                         prompt_classes_only=True, class_words=words)
+    head_row("head, exact masks (seen only), threshold 0.5", exact_head.path,
+             f"the fixed threshold of earlier runs (calibrated: {h['validation_threshold']}); prompt classes only",
+             prompt_classes_only=True, class_words=words, threshold=0.5)
     head_row("head, exact masks, all classes", exact_head.path, "no prompt restriction", class_words=words)
     featureless = train_head([train, more], [exact, exact_more], work / "head-no-image.safetensors", classes=seen,
                              config=replace(config, image=False), class_words=seen_words, text_encoder=encoder,

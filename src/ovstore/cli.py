@@ -777,7 +777,7 @@ def ground_apply(
     head: Annotated[Path, typer.Option("--head", help="Head file from `ovstore ground train`.")],
     classes: Annotated[str, typer.Option(help="Comma-separated class words, seen in training or not, numbered from 1 in this order.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset folder (VOC tree + COCO JSON, as `ovstore label`).")],
-    threshold: Annotated[float, typer.Option(help="Probability a pixel's most probable class must pass.")] = 0.5,
+    threshold: Annotated[Optional[float], typer.Option(help="Probability a pixel's most probable class must pass; default: the one chosen on the head's validation split at training (0.5 for heads without one).")] = None,
     prompt_classes_only: Annotated[bool, typer.Option("--prompt-classes-only/--all-classes", help="Only label classes named in each image's prompt, by name or --class-words.")] = False,
     class_words: Annotated[Optional[list[str]], typer.Option("--class-words", help="CLASS=WORD,WORD: other words naming a class in prompts (repeatable).")] = None,
     image: Annotated[Optional[list[int]], typer.Option("--image", "-i", help="Image index (repeatable); default: every complete image.")] = None,

@@ -70,6 +70,13 @@ def test_a_head_overfits_a_tiny_store(overfit, toy):
     assert training["stores"] == [str(store.path.resolve())]
     assert training["mask_sources"] == ["masks"]
     assert not checkpoint_path(result.path).exists()  # removed once the head is written
+    # the threshold `ground apply` takes by default: the best of the sweep (training split: no validation here)
+    from ovstore.ground.train import THRESHOLD_GRID
+
+    sweep = {float(t): v for t, v in training["threshold_sweep"].items()}
+    assert sorted(sweep) == list(THRESHOLD_GRID) and training["threshold_split"] == "training"
+    assert training["validation_threshold"] == max(sweep, key=sweep.get)
+    assert sweep[0.5] == pytest.approx(training["train_iou"], abs=1e-6)  # the sweep's 0.5 is the recorded IoU
 
 
 def test_save_load_round_trip_gives_identical_outputs(overfit, toy, encoder):
@@ -217,6 +224,12 @@ def test_apply_on_dask_equals_in_process_and_evaluates(overfit, toy, tmp_path):
     assert report.iou[1] > 0.7 and report.iou[2] > 0.5  # seen classes, on the training images (triangle competes)
     again = apply_head(store, result.path, SHAPES, tmp_path / "sync", scheduler="synchronous")  # resumes: all done
     assert again.labelled == () and again.skipped == inproc.labelled
+    # no --threshold: the head's calibrated one, recorded with the output's settings
+    settings = json.loads((tmp_path / "sync" / "ovstore-ground.json").read_text())
+    assert settings["threshold"] == result.head.training["validation_threshold"]
+    fixed = apply_head(store, result.path, SHAPES, tmp_path / "fixed", scheduler="synchronous", threshold=0.5)
+    assert json.loads((tmp_path / "fixed" / "ovstore-ground.json").read_text())["threshold"] == 0.5
+    assert fixed.labelled == inproc.labelled
     with pytest.raises(InvalidInputError, match="another head, classes or settings"):
         apply_head(store, result.path, ("circle",), tmp_path / "sync", scheduler="synchronous")
 

@@ -164,7 +164,7 @@ def apply_head(
     classes: Sequence[str],
     out: str | Path,
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     prompt_classes_only: bool = False,
     class_words: Mapping[str, Sequence[str]] | None = None,
     images: Sequence[int] | None = None,
@@ -181,17 +181,21 @@ def apply_head(
     ``scheduler``: ``"synchronous"`` (in-process), ``None`` (a LocalCluster of ``workers``
     processes), a scheduler address or a ``distributed.Client``, as :func:`ovstore.label.label_store`.
     ``prompt_classes_only``: only classes each image's prompt names (by name or ``class_words``).
+    ``threshold``: the probability a pixel's class must pass; ``None`` takes the one chosen on the
+    head's validation split when it was trained (``validation_threshold``; 0.5 for older heads).
     """
     check_device(device)
     check_int(partition_size, "--partition-size", 1, 1_000_000)
     if workers is not None:
         check_int(workers, "--workers", 1, 4096)
-    if not (0.0 < float(threshold) < 1.0):
+    if threshold is not None and not (0.0 < float(threshold) < 1.0):
         raise InvalidInputError(f"--threshold {threshold}: give a probability between 0 and 1, e.g. 0.5")
     names = _check_classes(classes)
     opened = store if isinstance(store, Store) else open_store(store)
     head_path = Path(head).resolve()
     loaded = load_head(head_path)
+    if threshold is None:
+        threshold = float(loaded.training.get("validation_threshold", 0.5))
     head_selection(loaded, opened)  # another model's store: refused before anything is written
     target = open_output(out, "ground apply", kind="dir", inputs=[opened.path, head_path], resume=True)
     out = target.path

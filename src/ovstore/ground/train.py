@@ -184,6 +184,30 @@ def _evaluate(head: GroundHead, batches: _Batches, examples: Sequence[_Example],
     return sum(losses) / len(examples), inter / union if union else float("nan")
 
 
+#: thresholds tried on the validation split for the one ``ground apply`` uses by default
+THRESHOLD_GRID = tuple(round(0.1 + 0.05 * k, 2) for k in range(17))  # 0.1 .. 0.9
+
+
+def _threshold_sweep(head: GroundHead, batches: _Batches, examples: Sequence[_Example], batch_size: int,
+                     grid: Sequence[float] = THRESHOLD_GRID) -> dict[float, float]:
+    """IoU (I and U summed) of ``sigmoid > t`` over ``examples`` for every ``t`` of ``grid``."""
+    logits_at = torch.logit(torch.tensor(list(grid), dtype=torch.float32))
+    inter = torch.zeros(len(grid), dtype=torch.float64)
+    union = torch.zeros(len(grid), dtype=torch.float64)
+    head.eval()
+    with torch.no_grad():
+        for k in range(0, len(examples), batch_size):
+            features, text, target, valid = batches(examples[k:k + batch_size])
+            logits = head(features, text)
+            truth = (target > 0.5) & valid
+            for i, cut in enumerate(logits_at):
+                pred = (logits > cut) & valid
+                inter[i] += float((pred & truth).sum())
+                union[i] += float((pred | truth).sum())
+    head.train()
+    return {t: float(inter[i] / union[i]) if union[i] else float("nan") for i, t in enumerate(grid)}
+
+
 def train_head(
     stores: Sequence[Store | str | Path],
     labels: Sequence[str | Path],
@@ -349,6 +373,10 @@ def train_head(
     best_state = state["best_state"] or {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
     train_eval = _evaluate(head, batches, train_ex, config.batch_size)
+    # the probability `ground apply` thresholds at by default: the best on the validation split
+    # (on the training split when there is none), the way label thresholds are calibrated
+    sweep = _threshold_sweep(head, batches, val_ex or train_ex, config.batch_size)
+    chosen_t = max((t for t in sweep if sweep[t] == sweep[t]), key=lambda t: sweep[t], default=0.5)
     result = HeadFile(
         spec=spec, state=best_state, model=identity.to_json(), calls=selection.calls, branch=selection.branch_name,
         template=config.template, classes_seen=tuple(chosen), text=config.text, class_words=words,
@@ -356,6 +384,8 @@ def train_head(
                   "parameters": head.parameter_count(), "epochs_run": int(state["epoch"]),
                   "best_epoch": int(state["best_epoch"]), "best_validation_loss": float(state["best_loss"]),
                   "best_validation_iou": float(state["best_iou"]), "train_iou": float(train_eval[1]),
+                  "validation_threshold": float(chosen_t), "threshold_split": "validation" if val_ex else "training",
+                  "threshold_sweep": {f"{t:.2f}": v for t, v in sweep.items()},
                   "history": state["history"], "seconds": float(state["seconds"]),
                   "iou_protocol": "sigmoid > 0.5 per (image, class) pair, I and U summed, 255 ignored"})
     path = save_head(result, out, overwrite=True)  # checked before training; a head of this run may be replaced
