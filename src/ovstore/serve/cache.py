@@ -1,11 +1,12 @@
 """Pages of recently shown images, their prepared queries laid side by side: one engine pass
 per layer answers a page. The per-image cache they are built from is the analysis engine's
-:class:`~ovstore.analyze.QueryCache`."""
+:class:`~ovstore.analyze.QueryCache`, which the viewer's plan reads through."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from ..analyze import QueryCache, prepared_bytes
@@ -16,11 +17,13 @@ __all__ = ["PageBatches", "QueryCache", "prepared_bytes"]
 class PageBatches:
     """The prepared queries of whole pages of images laid side by side on the pixel axis, per
     layer ``(head, channel, step * image * pixel)``: one pass of the engine per layer answers a
-    page (the token softmax is per pixel, so images are just more pixels). Built from a
-    :class:`QueryCache`; the most recent ``max_pages`` pages of at most ``max_bytes`` in all."""
+    page (the token softmax is per pixel, so images are just more pixels). Built from
+    ``read(image)`` (a plan's cached reads, :meth:`~ovstore.analyze.MapPlan.read`); the most recent
+    ``max_pages`` pages of at most ``max_bytes`` in all."""
 
-    def __init__(self, cache: QueryCache, *, max_pages: int = 2, max_bytes: int = 512 * 2**20) -> None:
-        self.cache = cache
+    def __init__(self, read: Callable[[int], dict[str, Any]], *, max_pages: int = 2,
+                 max_bytes: int = 512 * 2**20) -> None:
+        self.read = read
         self.max_pages = int(max_pages)
         self.max_bytes = int(max_bytes)
         self._pages: OrderedDict[tuple[int, ...], tuple[dict[str, Any], int]] = OrderedDict()
@@ -38,7 +41,7 @@ class PageBatches:
             if entry is not None:
                 self._pages.move_to_end(images)
                 return entry[0]
-        per_image = [self.cache.get(i) for i in images]
+        per_image = [self.read(i) for i in images]
         size = sum(prepared_bytes(p) for p in per_image)
         if size > self.max_bytes:
             return None

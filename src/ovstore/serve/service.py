@@ -87,15 +87,6 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-class _CachedPlan(MapPlan):
-    """The analysis plan whose per-image reads come from the query cache."""
-
-    cache: QueryCache
-
-    def read(self, image: int):  # noqa: D102 - MapPlan.read, through the viewer's own cache
-        return self.cache.get(image)
-
-
 @dataclass(frozen=True)
 class MapResult:
     """Maps of one attribution over some images: ``maps`` is ``(image, token, h, w)`` float32,
@@ -126,10 +117,10 @@ class MapService:
         self.images = tuple(self.store.complete_images())
         if not self.images:
             raise InvalidInputError(f"store {self.store.path} has no complete image to show; capture some first")
-        self.plan = _CachedPlan(self.store, MapConfig(space=space), device=device)  # space: SD3/FLUX maps
-        self.cache = QueryCache(self.plan.read_store, max_images=cache_images, max_bytes=cache_bytes)
-        self.plan.cache = self.cache
-        self.pages = PageBatches(self.cache)
+        #: the viewer's own cache of prepared queries (``--cache-mb``), read through by every plan read
+        self.cache = QueryCache(max_images=cache_images, max_bytes=cache_bytes)
+        self.plan = MapPlan(self.store, MapConfig(space=space), device=device, query_cache=self.cache)  # space: SD3/FLUX
+        self.pages = PageBatches(self.plan.read)
         #: a page is computed in one engine pass per layer when the plan's settings are the
         #: defaults this batching reproduces (sums, no normalisation, keys shared by every image)
         config = self.plan.config
