@@ -163,12 +163,18 @@ def _split(keys: list[tuple[int, int]], fraction: float, seed: int) -> tuple[set
     return set(order[n_val:]), set(order[:n_val])
 
 
-def _evaluate(head: GroundHead, batches: _Batches, examples: Sequence[_Example], batch_size: int) -> tuple[float,
-                                                                                                           float]:
-    """Mean loss and IoU (sigmoid > 0.5; I and U summed) over ``examples``."""
+#: thresholds tried on the validation split for the one ``ground apply`` uses by default
+THRESHOLD_GRID = tuple(round(0.1 + 0.05 * k, 2) for k in range(17))  # 0.1 .. 0.9
+
+
+def _evaluate(head: GroundHead, batches: _Batches, examples: Sequence[_Example], batch_size: int,
+              thresholds: Sequence[float] = (0.5,)) -> tuple[float, dict[float, float]]:
+    """Mean loss over ``examples`` and, for each of ``thresholds``, the IoU of ``sigmoid > t``
+    (I and U summed)."""
     if not examples:
-        return float("nan"), float("nan")
-    losses, inter, union = [], 0.0, 0.0
+        return float("nan"), {t: float("nan") for t in thresholds}
+    cuts = torch.logit(torch.tensor(list(thresholds), dtype=torch.float64)).tolist()
+    losses, inter, union = [], [0.0] * len(cuts), [0.0] * len(cuts)
     head.eval()
     with torch.no_grad():
         for k in range(0, len(examples), batch_size):
@@ -176,36 +182,14 @@ def _evaluate(head: GroundHead, batches: _Batches, examples: Sequence[_Example],
             features, text, target, valid = batches(part)
             logits = head(features, text)
             losses.append(float(mask_loss(logits, target, valid)) * len(part))
-            pred = (logits > 0) & valid
             truth = (target > 0.5) & valid
-            inter += float((pred & truth).sum())
-            union += float((pred | truth).sum())
-    head.train()
-    return sum(losses) / len(examples), inter / union if union else float("nan")
-
-
-#: thresholds tried on the validation split for the one ``ground apply`` uses by default
-THRESHOLD_GRID = tuple(round(0.1 + 0.05 * k, 2) for k in range(17))  # 0.1 .. 0.9
-
-
-def _threshold_sweep(head: GroundHead, batches: _Batches, examples: Sequence[_Example], batch_size: int,
-                     grid: Sequence[float] = THRESHOLD_GRID) -> dict[float, float]:
-    """IoU (I and U summed) of ``sigmoid > t`` over ``examples`` for every ``t`` of ``grid``."""
-    logits_at = torch.logit(torch.tensor(list(grid), dtype=torch.float32))
-    inter = torch.zeros(len(grid), dtype=torch.float64)
-    union = torch.zeros(len(grid), dtype=torch.float64)
-    head.eval()
-    with torch.no_grad():
-        for k in range(0, len(examples), batch_size):
-            features, text, target, valid = batches(examples[k:k + batch_size])
-            logits = head(features, text)
-            truth = (target > 0.5) & valid
-            for i, cut in enumerate(logits_at):
+            for i, cut in enumerate(cuts):
                 pred = (logits > cut) & valid
                 inter[i] += float((pred & truth).sum())
                 union[i] += float((pred | truth).sum())
     head.train()
-    return {t: float(inter[i] / union[i]) if union[i] else float("nan") for i, t in enumerate(grid)}
+    return sum(losses) / len(examples), {t: i / u if u else float("nan")
+                                         for t, i, u in zip(thresholds, inter, union)}
 
 
 def train_head(
@@ -352,7 +336,8 @@ def train_head(
             optimizer.step()
             total += float(loss.detach()) * len(part)
         train_loss = total / len(train_ex)
-        val_loss, val_iou = _evaluate(head, batches, val_ex, config.batch_size)
+        val_loss, val_ious = _evaluate(head, batches, val_ex, config.batch_size)
+        val_iou = val_ious[0.5]
         watched = val_loss if val_ex else train_loss
         best = watched < state["best_loss"]
         if best:
@@ -372,10 +357,10 @@ def train_head(
 
     best_state = state["best_state"] or {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
-    train_eval = _evaluate(head, batches, train_ex, config.batch_size)
     # the probability `ground apply` thresholds at by default: the best on the validation split
     # (on the training split when there is none), the way label thresholds are calibrated
-    sweep = _threshold_sweep(head, batches, val_ex or train_ex, config.batch_size)
+    train_iou = _evaluate(head, batches, train_ex, config.batch_size, THRESHOLD_GRID)[1]
+    sweep = _evaluate(head, batches, val_ex, config.batch_size, THRESHOLD_GRID)[1] if val_ex else train_iou
     chosen_t = max((t for t in sweep if sweep[t] == sweep[t]), key=lambda t: sweep[t], default=0.5)
     result = HeadFile(
         spec=spec, state=best_state, model=identity.to_json(), calls=selection.calls, branch=selection.branch_name,
@@ -383,7 +368,7 @@ def train_head(
         training={**provenance, "hyperparameters": {k: v for k, v in asdict(config).items() if k != "cache_bytes"},
                   "parameters": head.parameter_count(), "epochs_run": int(state["epoch"]),
                   "best_epoch": int(state["best_epoch"]), "best_validation_loss": float(state["best_loss"]),
-                  "best_validation_iou": float(state["best_iou"]), "train_iou": float(train_eval[1]),
+                  "best_validation_iou": float(state["best_iou"]), "train_iou": float(train_iou[0.5]),
                   "validation_threshold": float(chosen_t), "threshold_split": "validation" if val_ex else "training",
                   "threshold_sweep": {f"{t:.2f}": v for t, v in sweep.items()},
                   "history": state["history"], "seconds": float(state["seconds"]),
