@@ -74,7 +74,18 @@ def last_hidden_state(encoder, ids: torch.Tensor) -> torch.Tensor:
     return encoder.model(ids)[0][0]
 
 
-def reference_style(store, encoder, texts: list[str], embed=last_hidden_state, images=(0,)) -> np.ndarray:
+def reference_inputs(store, images=(0,)) -> tuple[list[dict], dict]:
+    """What the published implementation holds in memory before evaluating prompts: each image's
+    queries per layer as float32 ``(call, head, pixel, dim)`` and each layer's ``to_k`` weight."""
+    layers = [l for l in store.layers if l.block != "mid"]
+    queries = [{l.name: torch.from_numpy(store.queries(l.name, i)).to(DEVICE).float()
+                .reshape(-1, l.heads, l.height * l.width, l.head_dim) for l in layers} for i in images]
+    weights = {l.name: torch.from_numpy(store.key_projection(l.name)[0]).to(DEVICE).float() for l in layers}
+    return queries, weights
+
+
+def reference_style(store, encoder, texts: list[str], embed=last_hidden_state, images=(0,),
+                    inputs: tuple[list[dict], dict] | None = None) -> np.ndarray:
     """One prompt at a time, with the published implementation's loop structure: per layer, the
     prompt's keys, then per stored UNet call one batched-over-heads score product laid out as
     ``(head, token, h, w)``; the calls stacked, one softmax over the tokens, sums over calls and
@@ -86,11 +97,10 @@ def reference_style(store, encoder, texts: list[str], embed=last_hidden_state, i
 
     With several ``images`` each prompt is encoded once and evaluated on every image (stronger than
     the published evaluator's string input, which encodes the prompt again for every generation);
-    the result is then ``(image, token, h, w)``."""
+    the result is then ``(image, token, h, w)``. ``inputs`` (from :func:`reference_inputs`) are
+    queries and weights already in memory; without them they are read from ``store`` first."""
     layers = [l for l in store.layers if l.block != "mid"]
-    queries = [{l.name: torch.from_numpy(store.queries(l.name, i)).to(DEVICE).float()
-                .reshape(-1, l.heads, l.height * l.width, l.head_dim) for l in layers} for i in images]
-    weights = {l.name: torch.from_numpy(store.key_projection(l.name)[0]).to(DEVICE).float() for l in layers}
+    queries, weights = inputs if inputs is not None else reference_inputs(store, images)
     target = max((l.height, l.width) for l in layers)
     out: list[list[np.ndarray]] = [[] for _ in images]
     for text in texts:
@@ -235,31 +245,13 @@ def few_prompts(store_path: Path, encoder, counts: tuple[int, ...] = (1, 5), rep
     from ovstore.store import open_store
 
     store = open_store(store_path)
-    layers = [l for l in store.layers if l.block != "mid"]
-    in_ram = {l.name: torch.from_numpy(store.queries(l.name, 0)).to(DEVICE).float()
-              .reshape(-1, l.heads, l.height * l.width, l.head_dim) for l in layers}
-    weights = {l.name: torch.from_numpy(store.key_projection(l.name)[0]).to(DEVICE).float() for l in layers}
-    target = max((l.height, l.width) for l in layers)
+    in_ram = reference_inputs(store)  # the image's queries already in memory, as after generating
 
-    def baseline(texts: list[str]) -> np.ndarray:  # reference_style's loop, the queries already in memory
-        out = []
-        for text in texts:
-            ids = encoder.tokenizer(text, padding=False, return_tensors="pt")["input_ids"].to(DEVICE)
-            with torch.no_grad():
-                emb, total = last_hidden_state(encoder, ids), 0
-                for l in layers:
-                    k = F.linear(emb, weights[l.name]).view(-1, l.heads, l.head_dim).permute(1, 2, 0)
-                    per_call = [torch.bmm(q, k).mul_(l.scale).permute(0, 2, 1).reshape(l.heads, -1, l.height, l.width)
-                                for q in in_ram[l.name]]
-                    maps = torch.stack(per_call).softmax(dim=-3).sum(0).sum(0)
-                    if (l.height, l.width) != target:
-                        maps = F.interpolate(maps[None], size=target, mode="bilinear", align_corners=False)[0]
-                    total = total + maps
-                out.append(total.cpu().numpy())
-        return np.concatenate(out)
+    def baseline(texts: list[str]) -> np.ndarray:
+        return reference_style(store, encoder, texts, inputs=in_ram)
 
     baseline(prompts(1, seed=99))
-    megabytes = sum(v.numel() for v in in_ram.values()) * 2 / 1e6
+    megabytes = sum(v.numel() for v in in_ram[0][0].values()) * 2 / 1e6
     print(f"\nA handful of words on one SD-1.5-shaped image ({store.layout.n_steps} stored calls, {megabytes:.0f} MB "
           f"of float16 queries), medians of {repeats} cold and {3 * repeats} warm calls, each with new prompts:\n")
     print("| prompts | baseline, queries in memory ms | ovstore cold (store just opened) ms | ovstore warm (same open "
