@@ -278,7 +278,7 @@ class MapPlan:
             per_layer = (f.result() for f in as_completed(futures))
         else:  # consumed one layer at a time: only one sum per resolution is kept
             per_layer = (layer_maps(info) for info in self.layers)
-        maps = upsample_sum(per_layer, self.target, reduction=cfg.layer_reduction)
+        maps = upsample_sum(per_layer, self.target, reduction=cfg.layer_reduction, owned=True)  # fresh engine maps
         maps = maps[buckets.inverse.to(maps.device)]
         if cfg.refine is not None:
             if image is None:
