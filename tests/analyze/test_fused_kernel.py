@@ -116,3 +116,21 @@ def test_off_or_unbuildable_falls_back(env, tmp_path):
     assert result.stdout.strip() == "ok"
     if "CC" in env:
         assert "could not be built" in result.stderr
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_out_adds_layers_in_place(kernel, monkeypatch):
+    """``ordered_token_maps(..., out=)`` adds to ``out`` (layers of one resolution summed with
+    no pass of their own), by the kernel or by torch's operations alike."""
+    if kernel and fused_kernel() is None:
+        pytest.skip("no C compiler")
+    if not kernel:
+        monkeypatch.setattr(engine, "fused_kernel", lambda: None)
+    first, keys, buckets = _case(3, 8, 2, 90, [2, 4, 4, 7], shared=1, seed=1)
+    second, _, _ = _case(3, 8, 2, 90, [2, 4, 4, 7], shared=1, seed=2)
+    one = engine.ordered_token_maps(first, keys, buckets)
+    two = engine.ordered_token_maps(second, keys, buckets)
+    total = one.clone()
+    result = engine.ordered_token_maps(second, keys, buckets, out=total)
+    assert result.data_ptr() == total.data_ptr()
+    assert torch.allclose(total, one + two, rtol=1e-6, atol=1e-6)

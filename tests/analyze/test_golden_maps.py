@@ -218,3 +218,16 @@ def test_layers_in_parallel_threads_equal_one_thread(golden_store, golden_encode
     finally:
         torch.set_num_threads(1)
     np.testing.assert_allclose(two.values, one.values, rtol=1e-6, atol=1e-6)
+
+
+def test_tokenization_matches_the_wrapper_even_when_it_was_left_padding(golden_store):
+    """The encoder tokenizes through the Rust tokenizer directly when it can: the same ids and
+    token strings as the transformers wrapper, and the wrapper's call (no padding) whenever a
+    caller left the shared tokenizer padding or truncating."""
+    encoder = load_text_encoder(open_store(golden_store).layout.model)
+    prompts = ["a photo of a cat, on a SOFA!!", "naïve café", "pointy", "a red circle and a blue square"]
+    wrapper = encoder.tokenizer(prompts, padding=False, truncation=False, add_special_tokens=True)["input_ids"]
+    expected = [(list(ids), encoder.tokenizer.convert_ids_to_tokens(ids)) for ids in wrapper]
+    assert encoder.tokenize_all(prompts) == expected
+    encoder.tokenizer(prompts, padding="max_length", truncation=True, max_length=encoder.max_length)
+    assert encoder.tokenize_all(prompts) == expected  # unpadded all the same

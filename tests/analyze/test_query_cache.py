@@ -98,3 +98,25 @@ def test_a_cache_of_zero_bytes_keeps_nothing(multi_store, counting):
         set_query_cache(1024)
     with pytest.raises(ValueError, match=">= 0 MiB"):
         set_query_cache(-1)
+
+
+def test_read_ahead_is_taken_once_and_only_for_its_image(multi_store, counting):
+    """`MapPlan.start_reading` (compute_maps reads the first image while the prompts are
+    encoded): the next read of that image takes it; a read of another image reads that one."""
+    from ovstore.analyze import MapConfig
+    from ovstore.analyze.maps import MapPlan
+    from ovstore.store import open_store
+
+    store = open_store(multi_store)
+    plan = MapPlan(store, MapConfig())
+    direct = {i: plan.read_store(i) for i in (0, 1)}
+    before = counting["queries"]
+    plan.start_reading(0)
+    early = plan.read(0)
+    assert counting["queries"] - before == len(plan.layers)  # read once, in the background
+    assert all(torch.equal(early[n].data, direct[0][n].data) for n in early)
+    plan.start_reading(0)
+    other = plan.read(1)
+    assert all(torch.equal(other[n].data, direct[1][n].data) for n in other)
+    again = plan.read(0)  # the abandoned read ahead is not reused
+    assert all(torch.equal(again[n].data, direct[0][n].data) for n in again)

@@ -286,28 +286,37 @@ def layer_token_maps(
 
 
 def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: TokenBuckets, *,
-                       activation: str = "token_softmax", memory_budget: int = CPU_MEMORY_BUDGET) -> torch.Tensor:
+                       activation: str = "token_softmax", memory_budget: int = CPU_MEMORY_BUDGET,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`layer_token_maps` with keys and maps in engine order (``buckets.order``).
 
     Sums over layers are linear, so a caller combining layers can stay in engine order and
-    restore the token order once, with ``buckets.inverse``.
+    restore the token order once, with ``buckets.inverse``; with ``out`` (``(token, pixel)``
+    float32, contiguous) the maps are added to it in place, so that layers of one resolution
+    are summed with no pass of their own.
     """
     q, steps, pixels = queries.data, queries.steps, queries.pixels
     heads, channels, _ = q.shape
     if torch.is_grad_enabled() and keys.requires_grad:
         ordered = _differentiable_maps(queries, keys, buckets, activation)
+        return ordered if out is None else out.add_(ordered)
     else:
         k_norm = keys.norm(dim=2).amax(dim=0)  # (token,)
         keys_log2e = (keys * _LOG2_E).contiguous() if activation == "token_softmax" else None
         groups = buckets.groups
-        if keys_log2e is not None and _fusable(q, keys_log2e):
-            # the kernel writes every pixel of its groups' rows; the others start from zero
-            ordered = torch.empty((buckets.total, pixels), dtype=torch.float32, device=keys.device)
-            groups = tuple(g for g in groups if not _fused_group(queries, keys_log2e, k_norm, buckets, g, ordered))
-            for _, start, stop in groups:
-                ordered[start:stop].zero_()
+        if keys_log2e is not None and _fusable(q, keys_log2e) and (out is None or out.is_contiguous()):
+            # the kernel writes (or adds to) every pixel of its groups' rows; the others start from zero
+            ordered = out if out is not None else torch.empty((buckets.total, pixels), dtype=torch.float32,
+                                                              device=keys.device)
+            groups = tuple(g for g in groups
+                           if not _fused_group(queries, keys_log2e, k_norm, buckets, g, ordered, out is not None))
+            if out is None:
+                for _, start, stop in groups:
+                    ordered[start:stop].zero_()
             if not groups:
                 return ordered
+        elif out is not None:
+            ordered = out
         else:
             ordered = torch.zeros((buckets.total, pixels), dtype=torch.float32, device=keys.device)
         tiles = _width_tiles(steps, pixels, max(1, memory_budget // (4 * heads * channels)))
@@ -357,14 +366,14 @@ def _fusable(q: torch.Tensor, keys_log2e: torch.Tensor) -> bool:
 
 
 def _fused_group(queries: PreparedQueries, keys_log2e: torch.Tensor, k_norm: torch.Tensor, buckets: TokenBuckets,
-                 group: tuple[int, int, int], ordered: torch.Tensor) -> bool:
+                 group: tuple[int, int, int], ordered: torch.Tensor, accumulate: bool) -> bool:
     """One group of prompts through the fused kernel, when every score is bounded; False: not
     taken (torch's operations compute it)."""
     n_tokens, start, stop = group
     if queries.max_norm * float(k_norm[start:stop].amax()) >= _SAFE_EXP:
         return False
     return fused_maps(keys_log2e, start, stop, n_tokens, buckets.shared_prefix(start, stop, n_tokens), queries.data,
-                      queries.steps, queries.pixels, ordered, threads=torch.get_num_threads(), accumulate=False)
+                      queries.steps, queries.pixels, ordered, threads=torch.get_num_threads(), accumulate=accumulate)
 
 
 def _add_step_head_sum(target: torch.Tensor, scores: torch.Tensor, steps: int) -> None:

@@ -84,6 +84,7 @@ class MapPlan:
     def __init__(self, store: Store, config: MapConfig, device: str = "cpu",
                  query_cache: QueryCache | None = None) -> None:
         self.store = store
+        self._early: tuple[int, Any] | None = None  # a read begun ahead (start_reading): (image, future)
         #: where :meth:`read` keeps prepared queries for the next call on the same image (None: read each time)
         self.query_cache = query_cache
         self.config = config
@@ -201,9 +202,22 @@ class MapPlan:
             )
         return branches.index(branch)
 
+    def start_reading(self, image: int) -> None:
+        """Begin :meth:`read` of ``image`` in a background thread (the first image of a run, while
+        its prompts are encoded); the next :meth:`read` of it takes the result."""
+        self._early = (int(image), _read_pool().submit(self._read, image))
+
     def read(self, image: int) -> dict[str, PreparedQueries]:
         """One image's queries for the planned layers and steps, laid out for the engine:
         from :attr:`query_cache` when an earlier call left them there, else :meth:`read_store`."""
+        early, self._early = self._early, None
+        if early is not None:
+            if early[0] == int(image):
+                return early[1].result()
+            early[1].cancel()
+        return self._read(image)
+
+    def _read(self, image: int) -> dict[str, PreparedQueries]:
         if self.query_cache is None:
             return self.read_store(image)
         key = (store_cache_key(self.store), int(image), str(self.device), self.branch, tuple(self.steps),
@@ -276,6 +290,16 @@ class MapPlan:
             costly_first = sorted(self.layers, key=lambda l: -l.height * l.width * l.heads * (l.head_dim + 8))
             futures = [pool.submit(in_worker, info) for info in costly_first]
             per_layer = (f.result() for f in as_completed(futures))
+        elif (cfg.head_reduction, cfg.step_reduction, cfg.layer_reduction) == ("sum", "sum", "sum") and all(
+                keys[info.name].dim() == 3 for info in self.layers):
+            # one layer at a time, each added by the engine into its resolution's sum (no pass of its own)
+            sums: dict[tuple[int, int], torch.Tensor] = {}
+            for info in self.layers:
+                size = (info.height, info.width)
+                q, k = queries[info.name], keys[info.name]
+                sums[size] = ordered_token_maps(q, k, buckets, activation=cfg.activation,
+                                                memory_budget=self.memory_budget, out=sums.get(size))
+            per_layer = ((next(i for i in self.layers if (i.height, i.width) == size), m) for size, m in sums.items())
         else:  # consumed one layer at a time: only one sum per resolution is kept
             per_layer = (layer_maps(info) for info in self.layers)
         maps = upsample_sum(per_layer, self.target, reduction=cfg.layer_reduction, owned=True)  # fresh engine maps
@@ -298,6 +322,16 @@ def _check_output_space(store: Store, family: Any) -> None:
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+_READ_POOL: list[ThreadPoolExecutor] = []
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    """One lasting thread for reads begun ahead of their use (:meth:`MapPlan.start_reading`)."""
+    if not _READ_POOL:
+        _READ_POOL.append(ThreadPoolExecutor(1, thread_name_prefix="ovstore-early-read"))
+    return _READ_POOL[0]
 
 
 def _layer_pool(workers: int) -> ThreadPoolExecutor:
@@ -426,14 +460,18 @@ def _prefetched(plan: MapPlan, images: Sequence[int]) -> Iterator[tuple[int, int
 def prepare_run(store: Store | str | Path, attributions: Sequence[str | Attribution] | str, *,
                 images: Sequence[int] | None, config: MapConfig | None, text_encoder: TextEncoder | None,
                 model: str | None, device: str, query_cache: QueryCache | None = None,
-                ) -> tuple[Store, list[int], list[Attribution], MapPlan]:
+                read_ahead: bool = False) -> tuple[Store, list[int], list[Attribution], MapPlan]:
     """What every map computation resolves first: the store, the images, the encoded
-    attributions and the plan (all arguments checked before any work)."""
+    attributions and the plan (all arguments checked before any work). ``read_ahead``: the
+    plan will read the images here, so the first one's queries are read while the prompts are
+    encoded."""
     check_device(device)
     store = store if isinstance(store, Store) else open_store(store)
     config = config or MapConfig()
     images = store.check_images(images)
     plan = MapPlan(store, config, device=device, query_cache=query_cache)
+    if read_ahead and images:
+        plan.start_reading(images[0])
     atts = prepare_attributions(store, attributions, text_encoder=text_encoder, model=model, device=device)
     height, width = plan.size
     check_memory(2 * 4 * height * width * max(a.n_tokens for a in atts),
@@ -498,7 +536,7 @@ def compute_maps(
 
     store, images, atts, plan = prepare_run(store, attributions, images=images, config=config,
                                             text_encoder=text_encoder, model=model, device=device,
-                                            query_cache=shared_query_cache() if cache else None)
+                                            query_cache=shared_query_cache() if cache else None, read_ahead=True)
     total = sum(a.n_tokens for a in atts)
     check_memory(4 * len(images) * total * plan.size[0] * plan.size[1],
                  f"maps of {len(images)} images x {total} tokens at {plan.size[0]}x{plan.size[1]} held in memory",

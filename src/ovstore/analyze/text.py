@@ -120,7 +120,17 @@ class TextEncoder:
         for prompt in prompts:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InvalidInputError("an attribution prompt is empty; give at least one word")
-        batch = self.tokenizer(list(prompts), padding=False, truncation=False, add_special_tokens=True)["input_ids"]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            # the Rust tokenizer directly: ids and token strings in one call, without the wrapper's
+            # per-prompt conversions (the same ids; a wrapper left padding or truncating is not used)
+            encodings = backend.encode_batch(list(prompts), add_special_tokens=True)
+            batch = [list(e.ids) for e in encodings]
+            strings: list[list[str]] | None = [list(e.tokens) for e in encodings]
+        else:
+            batch = self.tokenizer(list(prompts), padding=False, truncation=False,
+                                   add_special_tokens=True)["input_ids"]
+            strings = None
         for k, (tokenizer, _) in enumerate(self.components[1:], start=2):
             other = tokenizer(list(prompts), padding=False, truncation=False, add_special_tokens=True)["input_ids"]
             for prompt, a, b in zip(prompts, batch, other):
@@ -129,13 +139,13 @@ class TextEncoder:
                         f"attribution prompt {prompt[:40]!r} is tokenized differently by the model's tokenizer 1 and "
                         f"tokenizer {k} ({len(a)} vs {len(b)} tokens); its rows cannot be joined: rephrase it")
         out = []
-        for prompt, ids in zip(prompts, batch):
+        for k, (prompt, ids) in enumerate(zip(prompts, batch)):
             if len(ids) > self.max_length:
                 raise InvalidInputError(
                     f"attribution prompt {prompt[:40]!r}... has {len(ids)} tokens; the text encoder "
                     f"takes at most {self.max_length} (start and end included). Shorten or split it."
                 )
-            out.append((list(ids), self.tokenizer.convert_ids_to_tokens(ids)))
+            out.append((list(ids), strings[k] if strings is not None else self.tokenizer.convert_ids_to_tokens(ids)))
         return out
 
     def encode(self, prompts: Sequence[str], *, batch_size: int = 256) -> list[Attribution]:
