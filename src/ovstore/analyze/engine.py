@@ -4,7 +4,9 @@ For one image and layer, queries ``Q`` (step, head, pixel, channel) meet the key
 attribution token at once in one matrix product per head. Prompts with the same token
 count form a bucket whose scores reshape to ``(..., prompts, tokens)``, so the per-prompt
 softmax is one vectorised call with no padding and no mask. Prompts are processed in
-chunks sized to a memory budget. Nothing here knows about stores or files.
+chunks sized to a memory budget. On CPU the bounded softmax of a whole group goes through
+the fused kernel of :mod:`ovstore.analyze.kernel` when it is available (the same maps, no
+score written to memory). Nothing here knows about stores or files.
 """
 
 from __future__ import annotations
