@@ -134,3 +134,23 @@ def test_out_adds_layers_in_place(kernel, monkeypatch):
     result = engine.ordered_token_maps(second, keys, buckets, out=total)
     assert result.data_ptr() == total.data_ptr()
     assert torch.allclose(total, one + two, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_narrow_build_equals_direct(tmp_path, monkeypatch):
+    """The build for CPUs without AVX-512 (two vectors a block, ``-DNV=2``) gives the same maps."""
+    import shutil
+    from importlib import resources
+
+    from ovstore.analyze import kernel
+
+    source = tmp_path / "fused_maps.c"
+    source.write_bytes(resources.files("ovstore.analyze").joinpath("_fused_maps.c").read_bytes())
+    built = tmp_path / "narrow.so"
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    subprocess.run([compiler, "-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-DNV=2", str(source), "-o",
+                    str(built)], check=True, capture_output=True, timeout=120)
+    monkeypatch.setattr(kernel, "_loaded", kernel._load(built))
+    queries, keys, buckets = _case(3, 8, 2, 100, [2, 3, 5, 5, 5, 9, 13], shared=1)
+    fused = engine.ordered_token_maps(queries, keys, buckets)
+    assert torch.allclose(fused.double(), _direct_maps(queries, keys, buckets), rtol=2e-6, atol=1e-6)
