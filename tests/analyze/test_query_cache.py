@@ -5,6 +5,7 @@ layers or steps, or `cache=False` read again; a collected store's entries are dr
 from __future__ import annotations
 
 import gc
+import os
 
 import numpy as np
 import pytest
@@ -120,3 +121,36 @@ def test_read_ahead_is_taken_once_and_only_for_its_image(multi_store, counting):
     assert all(torch.equal(other[n].data, direct[1][n].data) for n in other)
     again = plan.read(0)  # the abandoned read ahead is not reused
     assert all(torch.equal(again[n].data, direct[0][n].data) for n in again)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_computes_maps(multi_store):
+    """The read-ahead and kernel thread pools made before a fork are not used in the child (their
+    threads do not exist there): maps in a forked child finish and equal the parent's."""
+    import time
+
+    from ovstore.analyze import compute_maps, kernel
+
+    expected = compute_maps(multi_store, ["a cat", "sofa"], images=[0], cache=False).values
+    kernel._workers()  # the kernel's pool exists too
+    out = os.path.join(os.path.dirname(multi_store), f"forked-{os.getpid()}.npy")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            np.save(out, compute_maps(multi_store, ["a cat", "sofa"], images=[0], cache=False).values)
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    np.testing.assert_array_equal(np.load(out), expected)

@@ -126,6 +126,15 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _after_fork() -> None:
+    """In a forked child the pool's threads do not exist and a lock may be held by one of them."""
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def _workers() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -332,6 +333,15 @@ def _read_pool() -> ThreadPoolExecutor:
     if not _READ_POOL:
         _READ_POOL.append(ThreadPoolExecutor(1, thread_name_prefix="ovstore-early-read"))
     return _READ_POOL[0]
+
+
+def _forget_pools() -> None:
+    """In a forked child the pools' threads do not exist: new pools are made on first use."""
+    _READ_POOL.clear()
+    _POOLS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _layer_pool(workers: int) -> ThreadPoolExecutor:
