@@ -101,6 +101,19 @@ def test_unbounded_scores_take_torch(monkeypatch):
     assert torch.allclose(maps.double(), _direct_maps(queries, keys, buckets), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+def test_an_unusable_cache_folder_builds_in_a_temporary_one(tmp_path):
+    """A kernel cache that cannot be written (here: a path below a file) is not the end: the
+    kernel is built in a temporary folder instead."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = "from ovstore.analyze import kernel; assert kernel.fused_kernel() is not None; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OVSTORE_KERNEL_CACHE": str(blocker / "kernels")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 @pytest.mark.parametrize("env", [{"OVSTORE_FUSED_KERNEL": "0"}, {"CC": "/bin/false"}])
 def test_off_or_unbuildable_falls_back(env, tmp_path):
     """Turned off, or with a compiler that fails (and an empty kernel cache), the engine still

@@ -5,7 +5,8 @@ token sum, the normalisation, the head sum); ``_fused_maps.c`` makes none: a blo
 of a few prompts stays in L1 from the product to the summed map. It is plain C (GCC/Clang
 vector extensions), compiled with the system's C compiler on first use for the machine it runs
 on (``-march=native``) and cached under ``$OVSTORE_KERNEL_CACHE`` (default
-``~/.cache/ovstore/kernels``), keyed by the source, the compiler and the CPU. Where no compiler
+``~/.cache/ovstore/kernels``; a temporary folder where that cannot be written), keyed by the
+source, the compiler and the CPU. Where no compiler
 works the engine keeps torch's operations (same maps within float32 rounding);
 ``OVSTORE_FUSED_KERNEL=0`` turns the kernel off.
 """
@@ -104,16 +105,24 @@ def fused_kernel() -> ctypes.CDLL | None:
             version = ""
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), version.encode(), _cpu_signature().encode(),
                                          " ".join(_flags()).encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"fused_maps-{key}.so"
-        try:
-            if not target.exists():
-                _compile(source, compiler, target)
-            lib = _load(target)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            log.warning("the fused maps kernel could not be built (%s): the engine uses torch's operations", exc)
-            return None
-        _loaded = lib
-        return lib
+        error: Exception | None = None
+        # the user's cache, else (a read-only home, as on some cluster workers) a temporary folder
+        for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"ovstore-kernels-{os.getuid()}"):
+            target = folder / f"fused_maps-{key}.so"
+            try:
+                if not target.exists():
+                    _compile(source, compiler, target)
+                lib = _load(target)
+            except RuntimeError as exc:  # the compiler refused: another folder will not help
+                error = exc
+                break
+            except (OSError, subprocess.SubprocessError) as exc:
+                error = exc
+                continue
+            _loaded = lib
+            return lib
+        log.warning("the fused maps kernel could not be built (%s): the engine uses torch's operations", error)
+        return None
 
 
 def _load(path: Path) -> ctypes.CDLL:
