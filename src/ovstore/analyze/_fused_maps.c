@@ -65,6 +65,21 @@ static inline void add_store(float *dst, vf v, int64_t n, int accumulate) {
     else if (n > 0) memcpy(dst, &v, (size_t)n * sizeof(float));
 }
 
+/* The scores of one key row `k` against a block's queries (`channels` rows of BLOCK pixels,
+ * `q_channel` apart), into `sc`. */
+static inline __attribute__((always_inline)) void row_scores(const float *k, const float *qh, int64_t q_channel,
+                                                             int64_t channels, vf sc[NV]) {
+    for (int v = 0; v < NV; v++) sc[v] = splat(0.0f);
+    for (int64_t c = 0; c < channels; c++) {
+        vf kc = splat(k[c]);
+        for (int v = 0; v < NV; v++) {
+            vf qq;
+            memcpy(&qq, qh + c * q_channel + v * LANES, sizeof qq);
+            sc[v] += kc * qq;
+        }
+    }
+}
+
 /* One block of BLOCK pixels of prompts [p0, p0 + pc): every trip count is a constant, so the
  * score, exp2 and accumulation loops are unrolled over the block's vectors. `qb` points at the
  * block's first pixel of head 0, step 0. */
@@ -79,17 +94,8 @@ static void block_maps(const float *keys, int64_t key_head, const float *qb, int
             vf common_sum[NV];
             for (int v = 0; v < NV; v++) common_sum[v] = splat(0.0f);
             for (int64_t t = 0; t < shared; t++) {
-                const float *k = kh + (p0 * n + t) * channels;
                 vf sc[NV];
-                for (int v = 0; v < NV; v++) sc[v] = splat(0.0f);
-                for (int64_t c = 0; c < channels; c++) {
-                    vf kc = splat(k[c]);
-                    for (int v = 0; v < NV; v++) {
-                        vf qq;
-                        memcpy(&qq, qh + c * q_channel + v * LANES, sizeof qq);
-                        sc[v] += kc * qq;
-                    }
-                }
+                row_scores(kh + (p0 * n + t) * channels, qh, q_channel, channels, sc);
                 for (int v = 0; v < NV; v++) {
                     common[t * NV + v] = exp2v(sc[v]);
                     common_sum[v] += common[t * NV + v];
@@ -145,17 +151,8 @@ static void block_maps(const float *keys, int64_t key_head, const float *qb, int
                     }
                 }
                 for (; t < n; t++) {
-                    const float *k = kh + ((p0 + p) * n + t) * channels;
                     vf sc[NV];
-                    for (int v = 0; v < NV; v++) sc[v] = splat(0.0f);
-                    for (int64_t c = 0; c < channels; c++) {
-                        vf kc = splat(k[c]);
-                        for (int v = 0; v < NV; v++) {
-                            vf qq;
-                            memcpy(&qq, qh + c * q_channel + v * LANES, sizeof qq);
-                            sc[v] += kc * qq;
-                        }
-                    }
+                    row_scores(kh + ((p0 + p) * n + t) * channels, qh, q_channel, channels, sc);
                     for (int v = 0; v < NV; v++) {
                         vf e = exp2v(sc[v]);
                         own[t * NV + v] = e;
