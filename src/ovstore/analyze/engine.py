@@ -302,61 +302,59 @@ def ordered_token_maps(queries: PreparedQueries, keys: torch.Tensor, buckets: To
     if torch.is_grad_enabled() and keys.requires_grad:
         ordered = _differentiable_maps(queries, keys, buckets, activation)
         return ordered if out is None else out.add_(ordered)
-    else:
-        k_norm = keys.norm(dim=2).amax(dim=0)  # (token,)
-        keys_log2e = (keys * _LOG2_E).contiguous() if activation == "token_softmax" else None
-        groups = buckets.groups
-        if keys_log2e is not None and _fusable(q, keys_log2e) and (out is None or out.is_contiguous()):
-            # the kernel writes (or adds to) every pixel of its groups' rows; the others start from zero
-            ordered = out if out is not None else torch.empty((buckets.total, pixels), dtype=torch.float32,
-                                                              device=keys.device)
-            groups = tuple(g for g in groups
-                           if not _fused_group(queries, keys_log2e, k_norm, buckets, g, ordered, out is not None))
-            if out is None:
-                for _, start, stop in groups:
-                    ordered[start:stop].zero_()
-            if not groups:
-                return ordered
-        elif out is not None:
-            ordered = out
-        else:
-            ordered = torch.zeros((buckets.total, pixels), dtype=torch.float32, device=keys.device)
-        tiles = _width_tiles(steps, pixels, max(1, memory_budget // (4 * heads * channels)))
-        widest = max(k * (b - a) for _, a, b, k in tiles)
-        columns = max(buckets.longest, memory_budget // (heads * widest * 4))
-        buffer = torch.empty(heads * min(columns, buckets.total) * widest, dtype=torch.float32, device=keys.device)
-        # a beginning shared by every prompt of a group ("a photograph of a ...") is computed once
-        # per tile for the whole group; one shared row (the start of text alone) gains nothing
-        shared = {}
-        if keys_log2e is not None:
-            for n_tokens, start, stop in groups:
-                prefix = buckets.shared_prefix(start, stop, n_tokens)
-                if prefix >= 2 and queries.max_norm * float(k_norm[start:stop].amax()) < _SAFE_EXP:
-                    shared[start] = prefix
-        for step, a, b, k in tiles:  # k whole steps, or pixels a:b of one step
-            q_tile = q[:, :, step * pixels + a:(step + k - 1) * pixels + b]
-            width = q_tile.shape[-1]
-            for n_tokens, start, stop in groups:
-                chunk = max(1, columns // n_tokens) * n_tokens
-                common = None
-                if start in shared:  # exponentials of the shared rows (head, shared, width), and their sum
-                    common = torch.bmm(keys_log2e[:, start:start + shared[start]], q_tile).exp2_()
-                    common = (common, common.sum(dim=1, keepdim=True))
-                for c0 in range(start, stop, chunk):
-                    c1 = min(stop, c0 + chunk)
-                    if common is not None:
-                        _shared_prefix_softmax(keys_log2e[:, c0:c1], q_tile, common, buffer, n_tokens, k,
-                                               ordered[c0:c1].view(-1, n_tokens, pixels)[:, :, a:b])
-                        continue
-                    bounded = queries.max_norm * float(k_norm[c0:c1].amax()) < _SAFE_EXP
-                    scores = buffer[:heads * (c1 - c0) * width].view(heads, c1 - c0, width)
-                    target = ordered[c0:c1, a:b]
-                    if k == 1 and bounded and keys_log2e is not None:
-                        _softmax_into(keys_log2e[:, c0:c1], q_tile, scores, n_tokens, target)
-                        continue
-                    _activate_inplace(keys[:, c0:c1], None if keys_log2e is None else keys_log2e[:, c0:c1],
-                                      q_tile, scores, n_tokens, activation, bounded)
-                    _add_step_head_sum(target, scores, k)
+    k_norm = keys.norm(dim=2).amax(dim=0)  # (token,)
+    keys_log2e = (keys * _LOG2_E).contiguous() if activation == "token_softmax" else None
+    fused = keys_log2e is not None and _fusable(q, keys_log2e) and (out is None or out.is_contiguous())
+    if out is not None:
+        ordered = out
+    else:  # the kernel writes every pixel of its groups' rows: only torch's need zeros to add to
+        ordered = (torch.empty if fused else torch.zeros)((buckets.total, pixels), dtype=torch.float32,
+                                                           device=keys.device)
+    groups = buckets.groups
+    if fused:
+        groups = tuple(g for g in groups
+                       if not _fused_group(queries, keys_log2e, k_norm, buckets, g, ordered, out is not None))
+        if out is None:
+            for _, start, stop in groups:
+                ordered[start:stop].zero_()
+        if not groups:
+            return ordered
+    tiles = _width_tiles(steps, pixels, max(1, memory_budget // (4 * heads * channels)))
+    widest = max(k * (b - a) for _, a, b, k in tiles)
+    columns = max(buckets.longest, memory_budget // (heads * widest * 4))
+    buffer = torch.empty(heads * min(columns, buckets.total) * widest, dtype=torch.float32, device=keys.device)
+    # a beginning shared by every prompt of a group ("a photograph of a ...") is computed once
+    # per tile for the whole group; one shared row (the start of text alone) gains nothing
+    shared = {}
+    if keys_log2e is not None:
+        for n_tokens, start, stop in groups:
+            prefix = buckets.shared_prefix(start, stop, n_tokens)
+            if prefix >= 2 and queries.max_norm * float(k_norm[start:stop].amax()) < _SAFE_EXP:
+                shared[start] = prefix
+    for step, a, b, k in tiles:  # k whole steps, or pixels a:b of one step
+        q_tile = q[:, :, step * pixels + a:(step + k - 1) * pixels + b]
+        width = q_tile.shape[-1]
+        for n_tokens, start, stop in groups:
+            chunk = max(1, columns // n_tokens) * n_tokens
+            common = None
+            if start in shared:  # exponentials of the shared rows (head, shared, width), and their sum
+                common = torch.bmm(keys_log2e[:, start:start + shared[start]], q_tile).exp2_()
+                common = (common, common.sum(dim=1, keepdim=True))
+            for c0 in range(start, stop, chunk):
+                c1 = min(stop, c0 + chunk)
+                if common is not None:
+                    _shared_prefix_softmax(keys_log2e[:, c0:c1], q_tile, common, buffer, n_tokens, k,
+                                           ordered[c0:c1].view(-1, n_tokens, pixels)[:, :, a:b])
+                    continue
+                bounded = queries.max_norm * float(k_norm[c0:c1].amax()) < _SAFE_EXP
+                scores = buffer[:heads * (c1 - c0) * width].view(heads, c1 - c0, width)
+                target = ordered[c0:c1, a:b]
+                if k == 1 and bounded and keys_log2e is not None:
+                    _softmax_into(keys_log2e[:, c0:c1], q_tile, scores, n_tokens, target)
+                    continue
+                _activate_inplace(keys[:, c0:c1], None if keys_log2e is None else keys_log2e[:, c0:c1],
+                                  q_tile, scores, n_tokens, activation, bounded)
+                _add_step_head_sum(target, scores, k)
     return ordered
 
 

@@ -61,18 +61,19 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _flags() -> tuple[str, ...]:
-    flags = set(_cpu_signature().split())
-    return (*_FLAGS, "-DNV=4" if any(f in flags for f in _WIDE_CPU_FLAGS) else "-DNV=2")
+def _flags(cpu: str) -> tuple[str, ...]:
+    """The compiler flags for the CPU of signature ``cpu`` (:func:`_cpu_signature`)."""
+    features = set(cpu.split())
+    return (*_FLAGS, "-DNV=4" if any(f in features for f in _WIDE_CPU_FLAGS) else "-DNV=2")
 
 
-def _compile(source: bytes, compiler: str, target: Path) -> None:
+def _compile(source: bytes, compiler: str, flags: tuple[str, ...], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "fused_maps.c"
         src.write_bytes(source)
         built = Path(tmp) / target.name
-        for flags in (_flags(), tuple(f for f in _flags() if f != "-march=native")):
+        for flags in (flags, tuple(f for f in flags if f != "-march=native")):
             result = subprocess.run([compiler, *flags, str(src), "-o", str(built)], capture_output=True, text=True,
                                     timeout=120)
             if result.returncode == 0:
@@ -103,15 +104,17 @@ def fused_kernel() -> ctypes.CDLL | None:
             version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             version = ""
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), version.encode(), _cpu_signature().encode(),
-                                         " ".join(_flags()).encode()])).hexdigest()[:16]
+        cpu = _cpu_signature()
+        flags = _flags(cpu)
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), version.encode(), cpu.encode(),
+                                         " ".join(flags).encode()])).hexdigest()[:16]
         error: Exception | None = None
         # the user's cache, else (a read-only home, as on some cluster workers) a temporary folder
         for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"ovstore-kernels-{os.getuid()}"):
             target = folder / f"fused_maps-{key}.so"
             try:
                 if not target.exists():
-                    _compile(source, compiler, target)
+                    _compile(source, compiler, flags, target)
                 lib = _load(target)
             except RuntimeError as exc:  # the compiler refused: another folder will not help
                 error = exc
@@ -157,9 +160,11 @@ def fused_maps(keys_log2e: torch.Tensor, start: int, stop: int, n_tokens: int, s
                steps: int, pixels: int, out: torch.Tensor, threads: int = 1, accumulate: bool = True) -> bool:
     """Add (or with ``accumulate=False`` write) the step- and head-summed token softmax maps of
     prompts in engine columns ``start:stop`` (``n_tokens`` each, the first ``shared`` rows
-    common to all) into ``out[start:stop]`` ``(token, pixel)``. ``keys_log2e`` ``(head, token, channel)`` and ``q``
-    ``(head, channel, step*pixel)`` are contiguous float32 CPU tensors and every score is
-    bounded. Returns False (nothing done) where the kernel is unavailable."""
+    common to all) into ``out[start:stop]`` ``(token, pixel)``. ``keys_log2e``
+    ``(head, token, channel)`` and ``out`` are contiguous float32 CPU tensors, ``q``
+    ``(head, channel, step*pixel)`` float32 with contiguous rows (a slice of the steps of prepared
+    queries will do), and every score is bounded. Returns False (nothing done) where the kernel
+    is unavailable."""
     lib = fused_kernel()
     if lib is None or n_tokens > MAX_TOKENS:
         return False

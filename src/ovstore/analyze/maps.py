@@ -294,13 +294,14 @@ class MapPlan:
         elif (cfg.head_reduction, cfg.step_reduction, cfg.layer_reduction) == ("sum", "sum", "sum") and all(
                 keys[info.name].dim() == 3 for info in self.layers):
             # one layer at a time, each added by the engine into its resolution's sum (no pass of its own)
-            sums: dict[tuple[int, int], torch.Tensor] = {}
+            sums: dict[tuple[int, int], tuple[LayerInfo, torch.Tensor]] = {}  # per resolution: a layer, the sum
             for info in self.layers:
                 size = (info.height, info.width)
-                q, k = queries[info.name], keys[info.name]
-                sums[size] = ordered_token_maps(q, k, buckets, activation=cfg.activation,
-                                                memory_budget=self.memory_budget, out=sums.get(size))
-            per_layer = ((next(i for i in self.layers if (i.height, i.width) == size), m) for size, m in sums.items())
+                first, total = sums.get(size, (info, None))
+                sums[size] = first, ordered_token_maps(queries[info.name], keys[info.name], buckets,
+                                                       activation=cfg.activation, memory_budget=self.memory_budget,
+                                                       out=total)
+            per_layer = iter(sums.values())
         else:  # consumed one layer at a time: only one sum per resolution is kept
             per_layer = (layer_maps(info) for info in self.layers)
         maps = upsample_sum(per_layer, self.target, reduction=cfg.layer_reduction, owned=True)  # fresh engine maps
