@@ -14,7 +14,7 @@ Ground truth is recovered from the generated images (``recover_masks``), not tak
 world renderer: the model draws objects where it likes. Run (re-runnable after the weights change;
 stores are captured again when missing):
 
-    python benchmarks/bench_toyworld.py [--per-count 50] [--calibration-per-count 20] [--work DIR]
+    python benchmarks/bench_toyworld.py [--per-count 100] [--calibration-per-count 20] [--work DIR]
         [--write-defaults]
 
 ``--write-defaults`` writes the label settings chosen on the calibration set to
@@ -105,7 +105,7 @@ def class_norm_maps(store, images, config, text_encoder=None):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-count", type=int, default=50)
+    parser.add_argument("--per-count", type=int, default=100)
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--calibration-per-count", type=int, default=20)
     parser.add_argument("--calibration-seed", type=int, default=7)
