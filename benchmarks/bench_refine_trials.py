@@ -16,6 +16,10 @@ matrix the refinement reads (``Store.self_attention``, patched in this process o
 - ``query affinity``: softmax over the stored cross-attention *queries* of the grid's layers
   (cosine / tau, or q.q / sqrt(d) / tau), averaged over heads, calls and layers: no ``attn1`` at all.
 
+``--blocks up_blocks`` (or ``down_blocks``): the stores are captured with the matrix averaged over
+the ``attn1`` layers of those blocks only (the capture's layer list patched in this process; give
+a ``--work`` of its own, since stores are reused).
+
 ``--real``: rendered scenes captured as real images (``--images-file``, ``--strength 0.5``, exact
 masks from the renderer, ``bench_real_images.py``'s sets and truth), every refinement method of
 ``bench_refine.py`` with the stored matrix, with and without DenseCRF.
@@ -84,6 +88,8 @@ def main() -> None:
     parser.add_argument("--per-count", type=int, default=20)
     parser.add_argument("--calibration-per-count", type=int, default=10)
     parser.add_argument("--real", action="store_true", help="also the refinements on real renders")
+    parser.add_argument("--blocks", default=None, help="capture the matrix of these blocks' attn1 layers only "
+                        "(up_blocks, down_blocks)")
     parser.add_argument("--work", type=Path, default=None, help="stores (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -97,6 +103,12 @@ def main() -> None:
     from ovstore.store import analysis_defaults, open_store
     from ovstore.toyworld import quality as q
 
+    if args.blocks:
+        from ovstore.families.unet import UNetFamily
+
+        every_layer = UNetFamily.self_attention_layers
+        UNetFamily.self_attention_layers = lambda self, pipe, h, w: [
+            layer for layer in every_layer(self, pipe, h, w) if layer[0].startswith(args.blocks)]
     t_start = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
