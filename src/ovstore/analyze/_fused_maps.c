@@ -23,9 +23,6 @@ typedef int32_t vi __attribute__((vector_size(64)));
 #ifndef NV
 #define NV 4                /* vectors per block: 64 pixels */
 #endif
-#ifndef TB
-#define TB 2                /* tokens whose scores are computed together */
-#endif
 #define BLOCK (LANES * NV)
 #define MAX_TOKENS 512
 #ifndef ACC_FLOATS
@@ -65,18 +62,28 @@ static inline void add_store(float *dst, vf v, int64_t n, int accumulate) {
     else if (n > 0) memcpy(dst, &v, (size_t)n * sizeof(float));
 }
 
-/* The scores of one key row `k` against a block's queries (`channels` rows of BLOCK pixels,
- * `q_channel` apart), into `sc`. */
-static inline __attribute__((always_inline)) void row_scores(const float *k, const float *qh, int64_t q_channel,
-                                                             int64_t channels, vf sc[NV]) {
-    for (int v = 0; v < NV; v++) sc[v] = splat(0.0f);
+/* The exponentials of the scores of `nt` consecutive key rows (`k`, `channels` apart; nt is 1, 2
+ * or 4, a constant at each call, so every loop unrolls and the scores stay in registers) against
+ * a block's queries (`channels` rows of BLOCK pixels, `q_channel` apart): each query vector is
+ * loaded once for all of them. Written to `e[j * NV + v]` and added to `sum`. */
+static inline __attribute__((always_inline)) void exp_scores(const float *k, int64_t channels, const float *qh,
+                                                             int64_t q_channel, const int nt, vf *e, vf sum[NV]) {
+    vf sc[4][NV];
+    for (int j = 0; j < nt; j++)
+        for (int v = 0; v < NV; v++) sc[j][v] = splat(0.0f);
     for (int64_t c = 0; c < channels; c++) {
-        vf kc = splat(k[c]);
+        vf kc[4];
+        for (int j = 0; j < nt; j++) kc[j] = splat(k[j * channels + c]);
         for (int v = 0; v < NV; v++) {
             vf qq;
             memcpy(&qq, qh + c * q_channel + v * LANES, sizeof qq);
-            sc[v] += kc * qq;
+            for (int j = 0; j < nt; j++) sc[j][v] += kc[j] * qq;
         }
+    }
+    for (int v = 0; v < NV; v++) {
+        vf x[4];
+        for (int j = 0; j < nt; j++) e[j * NV + v] = x[j] = exp2v(sc[j][v]);
+        sum[v] += nt == 4 ? (x[0] + x[1]) + (x[2] + x[3]) : nt == 2 ? x[0] + x[1] : x[0];
     }
 }
 
@@ -93,72 +100,19 @@ static void block_maps(const float *keys, int64_t key_head, const float *qb, int
             const float *kh = keys + h * key_head;
             vf common_sum[NV];
             for (int v = 0; v < NV; v++) common_sum[v] = splat(0.0f);
-            for (int64_t t = 0; t < shared; t++) {
-                vf sc[NV];
-                row_scores(kh + (p0 * n + t) * channels, qh, q_channel, channels, sc);
-                for (int v = 0; v < NV; v++) {
-                    common[t * NV + v] = exp2v(sc[v]);
-                    common_sum[v] += common[t * NV + v];
-                }
-            }
+            for (int64_t t = 0; t < shared; t++)
+                exp_scores(kh + (p0 * n + t) * channels, channels, qh, q_channel, 1, common + t * NV, common_sum);
             for (int64_t p = 0; p < pc; p++) {
                 vf z[NV];
                 for (int v = 0; v < NV; v++) z[v] = common_sum[v];
+                const float *kp = kh + (p0 + p) * n * channels;
                 int64_t t = shared;
-                for (; t + 4 <= n; t += 4) {  /* four tokens at once: each query vector loaded once for them */
-                    const float *k0 = kh + ((p0 + p) * n + t) * channels, *k1 = k0 + channels, *k2 = k1 + channels,
-                                *k3 = k2 + channels;
-                    vf sa[NV], sb[NV], sc[NV], sd[NV];
-                    for (int v = 0; v < NV; v++) sa[v] = sb[v] = sc[v] = sd[v] = (vf){};
-                    for (int64_t c = 0; c < channels; c++) {
-                        vf ka = splat(k0[c]), kb = splat(k1[c]), kc = splat(k2[c]), kd = splat(k3[c]);
-                        for (int v = 0; v < NV; v++) {
-                            vf qq;
-                            memcpy(&qq, qh + c * q_channel + v * LANES, sizeof qq);
-                            sa[v] += ka * qq;
-                            sb[v] += kb * qq;
-                            sc[v] += kc * qq;
-                            sd[v] += kd * qq;
-                        }
-                    }
-                    for (int v = 0; v < NV; v++) {
-                        vf ea = exp2v(sa[v]), eb = exp2v(sb[v]), ec = exp2v(sc[v]), ed = exp2v(sd[v]);
-                        own[t * NV + v] = ea;
-                        own[(t + 1) * NV + v] = eb;
-                        own[(t + 2) * NV + v] = ec;
-                        own[(t + 3) * NV + v] = ed;
-                        z[v] += (ea + eb) + (ec + ed);
-                    }
-                }
-                for (; t + 2 <= n; t += 2) {  /* two tokens at once: each query vector loaded once for both */
-                    const float *k0 = kh + ((p0 + p) * n + t) * channels, *k1 = k0 + channels;
-                    vf sa[NV], sb[NV];
-                    for (int v = 0; v < NV; v++) sa[v] = sb[v] = (vf){};
-                    for (int64_t c = 0; c < channels; c++) {
-                        vf ka = splat(k0[c]), kb = splat(k1[c]);
-                        for (int v = 0; v < NV; v++) {
-                            vf qq;
-                            memcpy(&qq, qh + c * q_channel + v * LANES, sizeof qq);
-                            sa[v] += ka * qq;
-                            sb[v] += kb * qq;
-                        }
-                    }
-                    for (int v = 0; v < NV; v++) {
-                        vf ea = exp2v(sa[v]), eb = exp2v(sb[v]);
-                        own[t * NV + v] = ea;
-                        own[(t + 1) * NV + v] = eb;
-                        z[v] += ea + eb;
-                    }
-                }
-                for (; t < n; t++) {
-                    vf sc[NV];
-                    row_scores(kh + ((p0 + p) * n + t) * channels, qh, q_channel, channels, sc);
-                    for (int v = 0; v < NV; v++) {
-                        vf e = exp2v(sc[v]);
-                        own[t * NV + v] = e;
-                        z[v] += e;
-                    }
-                }
+                for (; t + 4 <= n; t += 4)
+                    exp_scores(kp + t * channels, channels, qh, q_channel, 4, own + t * NV, z);
+                for (; t + 2 <= n; t += 2)
+                    exp_scores(kp + t * channels, channels, qh, q_channel, 2, own + t * NV, z);
+                for (; t < n; t++)
+                    exp_scores(kp + t * channels, channels, qh, q_channel, 1, own + t * NV, z);
                 vf inv[NV];
                 for (int v = 0; v < NV; v++) inv[v] = splat(1.0f) / z[v];
                 vf *a = acc + p * n * NV;
