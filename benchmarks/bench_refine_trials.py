@@ -135,8 +135,9 @@ def main() -> None:
             return q.label_miou(norm[which], sets[which][1], truths[which],
                                 dataclasses.replace(base, refine=spec, threshold=t, sources=base.sources))
 
-        t = max(refine.LABEL_GRID, key=lambda t: miou("cal", t))
-        return t, miou("cal", t), miou("ev", t)
+        calibration = {t: miou("cal", t) for t in refine.LABEL_GRID}
+        t = max(calibration, key=calibration.get)
+        return t, calibration[t], miou("ev", t)
 
     _, _, plain = scores(None)
     print(f"evaluation {len(sets['ev'][1])} images, calibration {len(sets['cal'][1])}; plain labels {plain:.3f}\n")

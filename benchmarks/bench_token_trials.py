@@ -48,13 +48,6 @@ CONTEXT = "A photograph of a {}"
 SHAPE_WORDS = ("circle", "ball", "disc", "square", "box", "block", "triangle", "wedge", "pyramid")
 
 
-def minmax(m: torch.Tensor) -> torch.Tensor:
-    """Min-max over the last two axes."""
-    flat = m.flatten(-2)
-    low, high = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
-    return (m - low) / (high - low).clamp_min(1e-12)
-
-
 class Trial:
     """The evaluation store, its truth and the differentiable forward pass of the reference recipe."""
 
@@ -74,7 +67,7 @@ class Trial:
               prior: float = 0.0, frozen_sot: bool = False, consistency: float = 0.0,
               span: tuple[str, ...] | None = None) -> torch.Tensor:
         """Rows (class, 2, hidden) learned on ``train`` with one variant of the recipe."""
-        from ovstore.analyze import MapConfig, MapPlan
+        from ovstore.analyze import MapConfig, MapPlan, normalize_maps
         from ovstore.optimize.trainer import _Forward, initial_rows
 
         union = sorted(set(train.values()))
@@ -85,7 +78,7 @@ class Trial:
         if consistency:
             unannotated = _Forward(MapPlan(self.cal, MapConfig()), self.cal.complete_images()[:24], self.size)
             with torch.no_grad():
-                target = minmax(unannotated(start)[:, :, 1])
+                target = normalize_maps(unannotated(start)[:, :, 1], "minmax")
         if span is not None:
             basis = torch.stack([initial_rows(self.encoder, w, CONTEXT)[1] for w in span])
             directions = basis[None] - start[:, 1:2]  # (class, word, hidden)
@@ -107,6 +100,8 @@ class Trial:
             optimizer.zero_grad(set_to_none=True)
             r = rows()
             maps = forward(r)
+            # the unannotated images' maps, once per epoch for every class
+            drifts = normalize_maps(unannotated(r)[:, :, 1], "minmax") - target if consistency else None
             losses = []
             for c in range(len(CLASSES)):
                 m, mask = maps[slot[train[CLASSES[c]]], c], masks[c]  # (2, H, W)
@@ -118,13 +113,13 @@ class Trial:
                         weight = weight / weight.sum()
                     value = F.cross_entropy(mm[None], mask.long()[None], weight=weight)
                 elif loss == "dice":
-                    t = minmax(m[1])
+                    t = normalize_maps(m[1], "minmax")
                     value = 1 - 2 * (t * mask).sum() / (t.sum() + mask.sum())
                 else:  # share
                     p = (m[1] / (m[0] + m[1]).clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6)
                     value = F.binary_cross_entropy(p, mask.float())
                 if consistency:
-                    value = value + consistency * ((minmax(unannotated(r)[:, c, 1]) - target[:, c]) ** 2).mean()
+                    value = value + consistency * (drifts[:, c] ** 2).mean()
                 if prior:
                     value = value + prior * ((r[c] - start[c]) ** 2).sum() / (start[c] ** 2).sum()
                 losses.append(value)
